@@ -1,0 +1,22 @@
+"""Test set-up. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here,
+at import time of the first conftest, when no CUDA device is present."""
+import os
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_cuda)
