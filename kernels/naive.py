@@ -1,0 +1,157 @@
+"""Pure-torch reference for every op of the model (spec section 3). Runs on CPU and CUDA.
+
+These are the oracles the Triton kernels are tested against, and the CPU path of the model.
+Shapes are for one sequence (no batch axis): T tokens, H heads, K key dim, V value dim.
+Recurrent math is fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---- norms ---------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """KimiRMSNorm: normalise in fp32, cast back to x's dtype, then scale by w."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return w.to(x.dtype) * y
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (fla's convention)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """KDA output norm: per-head RMSNorm of o [..., V] times w [V] times sigmoid(z); fp32 math."""
+    of = o.float()
+    y = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+    return y * torch.sigmoid(z.float())
+
+
+# ---- KDA pieces ----------------------------------------------------------------------------
+def short_conv(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor | None):
+    """Depthwise causal conv + SiLU. x [T, C] raw projections, w [C, W] (tap W-1 = current token),
+    tail [C, W-1] the previous W-1 raw inputs, oldest first (None = zeros).
+    Returns (y [T, C] fp32, new_tail [C, W-1] in x's dtype)."""
+    T, C = x.shape
+    W = w.shape[1]
+    if tail is None:
+        tail = x.new_zeros(C, W - 1)
+    full = torch.cat([tail.to(x.dtype).t(), x], 0).float()  # [W-1+T, C]
+    wf = w.float()
+    y = sum(full[j : j + T] * wf[:, j] for j in range(W))
+    new_tail = full[T:].t().to(x.dtype).contiguous()  # last W-1 raw inputs
+    return F.silu(y), new_tail
+
+
+def kda_gate(f: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Log-space decay g = a[h] * softplus(f + dt_bias), a = -exp(A_log) (<= 0).
+    f [T, H, K], a [H], dt_bias [H, K] -> g [T, H, K] fp32 (<= 0)."""
+    return a.float()[:, None] * F.softplus(f.float() + dt_bias.float())
+
+
+def kda_recurrent(q, k, v, g, beta, state=None, scale=None):
+    """Token-by-token delta rule with per-key-channel decay (spec 3.3e; fla naive_recurrent_kda).
+    q, k [T, H, K] (already L2-normalised), v [T, H, V], g [T, H, K] log decay, beta [T, H],
+    state [H, K, V] fp32 or None. q is multiplied by scale (default K^-0.5) here.
+    Returns (o [T, H, V] fp32, final state [H, K, V] fp32)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    S = torch.zeros(H, K, V, dtype=torch.float32, device=q.device) if state is None else state.float().clone()
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    o = torch.empty(T, H, V, dtype=torch.float32, device=q.device)
+    for t in range(T):
+        S = S * g[t].exp()[:, :, None]  # decay the key axis
+        u = v[t] - torch.einsum("hkv,hk->hv", S, k[t])  # error against the decayed state
+        S = S + beta[t][:, None, None] * k[t][:, :, None] * u[:, None, :]
+        o[t] = torch.einsum("hkv,hk->hv", S, q[t] * scale)
+    return o, S
+
+
+def kda_chunked(q, k, v, g, beta, state=None, scale=None, chunk: int = 64):
+    """Chunked (WY) form of kda_recurrent, same contract, any T (spec 3.3g). Exponentials are
+    only ever taken of non-positive differences of cumulative decays, so they never overflow."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    S = torch.zeros(H, K, V, dtype=torch.float32, device=q.device) if state is None else state.float().clone()
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    q = q * scale
+    o = torch.empty(T, H, V, dtype=torch.float32, device=q.device)
+    eye = torch.eye(chunk, device=q.device)
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        C = c1 - c0
+        qc, kc, vc, bc = (x[c0:c1].transpose(0, 1) for x in (q, k, v, beta))  # [H, C, .]
+        G = g[c0:c1].transpose(0, 1).cumsum(1)  # [H, C, K] cumulative log decay, non-increasing
+        D = (G[:, :, None, :] - G[:, None, :, :]).clamp(max=0).exp()  # [H, r, s, K], exp(G_r - G_s) for r >= s
+        kk = torch.einsum("hrd,hsd,hrsd->hrs", kc, kc, D)
+        qk = torch.einsum("hrd,hsd,hrsd->hrs", qc, kc, D)
+        strict = torch.tril(torch.ones(C, C, dtype=torch.bool, device=q.device), -1)
+        L = torch.where(strict, kk * bc[:, :, None], 0.0)
+        P = torch.where(strict | torch.eye(C, dtype=torch.bool, device=q.device), qk, 0.0)
+        Tm = torch.linalg.solve_triangular(eye[:C, :C] + L, torch.diag_embed(bc), upper=False)  # (I+L)^-1 diag(b)
+        W = Tm @ (G.exp() * kc)  # [H, C, K]
+        U = Tm @ vc  # [H, C, V]
+        Vn = U - W @ S  # new values
+        o[c0:c1] = ((qc * G.exp()) @ S + P @ Vn).transpose(0, 1)
+        Gl = G[:, -1:, :]  # [H, 1, K]
+        S = Gl.transpose(1, 2).exp() * S + ((Gl - G).exp() * kc).transpose(1, 2) @ Vn
+    return o, S
+
+
+# ---- MLA (no RoPE) -------------------------------------------------------------------------
+def mla_expanded(q, c, kpe, k_b, v_b, q_pos, scale):
+    """Decompressed multi-head form (spec 3.5a). q [T, H, Dn+Dr], c [S, R] normalised latents,
+    kpe [S, Dr] shared key part, k_b [H, R, Dn] (GGUF attn_k_b), v_b [H, Dv, R] (attn_v_b),
+    q_pos [T] absolute position of each query (query t sees keys 0..q_pos[t]).
+    Returns o [T, H, Dv] fp32."""
+    Dn = k_b.shape[-1]
+    qf, cf = q.float(), c.float()
+    k_nope = torch.einsum("sr,hrd->hsd", cf, k_b.float())  # [H, S, Dn]
+    vv = torch.einsum("sr,hdr->hsd", cf, v_b.float())  # [H, S, Dv]
+    s = torch.einsum("thd,hsd->hts", qf[..., :Dn], k_nope) + torch.einsum("thd,sd->hts", qf[..., Dn:], kpe.float())
+    mask = torch.arange(c.shape[0], device=q.device)[None, :] > q_pos[:, None]  # [T, S]
+    p = torch.softmax((s * scale).masked_fill(mask, float("-inf")), -1)
+    return torch.einsum("hts,hsd->thd", p, vv)
+
+
+def mla_absorbed(q, c, kpe, k_b, v_b, q_pos, scale):
+    """Absorbed/latent form over the 576-value cache (spec 3.5b); same contract as mla_expanded."""
+    Dn = k_b.shape[-1]
+    qf = q.float()
+    q_abs = torch.einsum("hrd,thd->thr", k_b.float(), qf[..., :Dn])  # [T, H, R]
+    s = torch.einsum("thr,sr->hts", q_abs, c.float()) + torch.einsum("thd,sd->hts", qf[..., Dn:], kpe.float())
+    mask = torch.arange(c.shape[0], device=q.device)[None, :] > q_pos[:, None]
+    p = torch.softmax((s * scale).masked_fill(mask, float("-inf")), -1)
+    ctx = torch.einsum("hts,sr->thr", p, c.float())  # [T, H, R]
+    return torch.einsum("hdr,thr->thd", v_b.float(), ctx)
+
+
+def mla_scale(qk_head_dim: int) -> float:
+    return 1.0 / math.sqrt(qk_head_dim)
+
+
+# ---- MoE -----------------------------------------------------------------------------------
+def route(x, w, bias, k: int, scale: float, biased_weights: bool = False, renormalize: bool = True):
+    """Sigmoid router (spec 3.4). x [T, D], w [E, D], bias [E] (selection only).
+    Returns (ids [T, k] int64, weights [T, k] fp32, already times the routed scaling factor).
+    biased_weights=True reproduces the HF remote code, whose weights include the bias."""
+    s = torch.sigmoid(x.float() @ w.float().t())  # [T, E]
+    biased = s + bias.float()
+    ids = torch.topk(biased, k, dim=-1).indices
+    wts = torch.gather(biased if biased_weights else s, 1, ids)
+    if renormalize:
+        wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
+    return ids, wts * scale
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """Dense SwiGLU MLP on dense weights ([F, D], [F, D], [D, F])."""
+    return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
