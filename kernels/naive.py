@@ -155,3 +155,29 @@ def route(x, w, bias, k: int, scale: float, biased_weights: bool = False, renorm
 def swiglu(x, w_gate, w_up, w_down):
     """Dense SwiGLU MLP on dense weights ([F, D], [F, D], [D, F])."""
     return (F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
+
+
+# ---- adapters with the Triton kernels' contracts (kernels/kda.py, kernels/mla.py) ----------
+def kda_decode_ref(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state,
+                   eps: float, scale=None):
+    """One KDA decode token, kernels.kda.kda_decode_step's contract, composed from the ops above.
+    Updates conv_tail (three [P_i, W-1]) and state [H, K, V] in place; returns out [H*V] fp32."""
+    H, K, V = state.shape
+    ys = []
+    for x, w, t in zip((q_raw, k_raw, v_raw), conv_w, conv_tail):
+        y, new_tail = short_conv(x[None], w, t)
+        t.copy_(new_tail)
+        ys.append(y[0])
+    q, k, v = l2norm(ys[0].view(1, H, K)), l2norm(ys[1].view(1, H, K)), ys[2].view(1, H, V)
+    g = kda_gate(f.view(1, H, K), a, dt_bias.view(H, K))
+    beta = torch.sigmoid(beta_logit.float()).view(1, H)
+    o, s = kda_recurrent(q, k, v, g, beta, state, scale)
+    state.copy_(s)
+    return gated_rms_norm(o[0], z.view(H, V), norm_w, eps).reshape(H * V)
+
+
+def mla_latent_attend(q_abs, q_pe, c, kpe, scale):
+    """Absorbed MLA for one query over S cached rows: q_abs [H, R], q_pe [H, Dr], c [S, R], kpe [S, Dr].
+    Returns ctx [H, R] fp32 = softmax((q_abs c^T + q_pe kpe^T) * scale) c (spec 3.5b)."""
+    s = (q_abs.float() @ c.float().t() + q_pe.float() @ kpe.float().t()) * scale
+    return torch.softmax(s, -1) @ c.float()
