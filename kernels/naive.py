@@ -181,3 +181,28 @@ def mla_latent_attend(q_abs, q_pe, c, kpe, scale):
     Returns ctx [H, R] fp32 = softmax((q_abs c^T + q_pe kpe^T) * scale) c (spec 3.5b)."""
     s = (q_abs.float() @ c.float().t() + q_pe.float() @ kpe.float().t()) * scale
     return torch.softmax(s, -1) @ c.float()
+
+
+# ---- quantized matmul / MoE references (for kernels/quant_matmul.py, kernels/moe.py) ----------
+def qlinear_ref(x, w_dense):
+    """x [..., K] @ w_dense [N, K]^T in fp32 (w_dense: the dequantized weight)."""
+    return x.float() @ w_dense.float().t()
+
+
+def moe_ref(x, topk_ids, topk_w, gate_w, up_w, down_w, shared=None):
+    """Routed SwiGLU experts on dense weights, fp32. x [T, D] (or [D]); topk_ids / topk_w [T, k];
+    gate_w, up_w [E, F, D], down_w [E, D, F]; shared: (gate [Fs, D], up [Fs, D], down [D, Fs]) or None,
+    added unweighted. Returns [T, D] (or [D]) fp32 = sum_j w_j * expert_{id_j}(x) (+ shared(x))."""
+    squeeze = x.dim() == 1
+    x = (x[None] if squeeze else x).float()
+    ids = topk_ids.reshape(x.shape[0], -1).long()
+    wts = topk_w.reshape(x.shape[0], -1).float()
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        t, j = (ids == e).nonzero(as_tuple=True)
+        h = F.silu(x[t] @ gate_w[e].float().t()) * (x[t] @ up_w[e].float().t())
+        out.index_add_(0, t, (h @ down_w[e].float().t()) * wts[t, j, None])
+    if shared is not None:
+        sg, su, sd = (w.float() for w in shared)
+        out += (F.silu(x @ sg.t()) * (x @ su.t())) @ sd.t()
+    return out[0] if squeeze else out
