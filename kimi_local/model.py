@@ -41,7 +41,7 @@ class KimiLinear:
         return KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=preallocate)
 
     # ---- top level ---------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: KimiCache, logits: str = "last") -> torch.Tensor | None:
         """ids [T] int64. logits: "last" -> [1, vocab] fp32, "all" -> [T, vocab], "none" -> None."""
         cfg, w = self.cfg, self.w

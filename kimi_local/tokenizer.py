@@ -239,13 +239,17 @@ def _drop_prefix(pieces: list[tuple[str, bool]], prefix: str) -> list[tuple[str,
 
 class StreamDecoder:
     """Token ids -> text, one token at a time. `push` returns only complete characters: bytes of a
-    UTF-8 sequence split across tokens are held back until it is complete."""
+    UTF-8 sequence split across tokens are held back until it is complete. With skip_special,
+    control and reserved tokens produce no text (what a user should see of a model's answer)."""
 
-    def __init__(self, tokenizer: KimiTokenizer):
+    def __init__(self, tokenizer: KimiTokenizer, skip_special: bool = True):
         self._token_bytes = tokenizer.token_bytes
+        self._skip = frozenset(tokenizer.special_ids.values()) if skip_special else frozenset()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        if token_id in self._skip:
+            return ""
         return self._utf8.decode(self._token_bytes(token_id))
 
     def flush(self) -> str:
@@ -392,8 +396,8 @@ class KimiTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
 
-    def decode_stream(self) -> StreamDecoder:
-        return StreamDecoder(self)
+    def decode_stream(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
 
     # ---- chat
 

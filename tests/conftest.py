@@ -20,3 +20,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random-weight checkpoint in the real HF layout (made once per test session)."""
+    from kimi_local.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    import kimi_local
+
+    return kimi_local.load(tiny_dir, device="cpu")

@@ -1,0 +1,198 @@
+"""`kimi-local` command line (typer). Thin: each command parses flags and calls into the package.
+
+Exit codes: 0 ok, 1 runtime error (bad model file, context overflow, ...), 2 usage error.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kimi_local.config import ModelError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Run Kimi-Linear-48B-A3B locally: convert checkpoints to GGUF, chat, pipe documents in.",
+)
+
+# ---- shared options ------------------------------------------------------------------------
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available).")
+TempOpt = typer.Option(0.6, "--temperature", "-t", min=0.0, help="Sampling temperature; 0 = greedy.")
+TopKOpt = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off).")
+TopPOpt = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off).")
+MinPOpt = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x the top probability.")
+RepOpt = typer.Option(1.0, "--repeat-penalty", min=0.01, help="Penalty for recently seen tokens (1 = off).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for reproducible sampling.")
+CtxOpt = typer.Option(None, "--ctx", min=1, help="Context limit in tokens (default: the model's).")
+
+
+def fail(msg: str, code: int = 1) -> None:
+    from kimi_local.ui import error
+
+    error(msg)
+    raise typer.Exit(code)
+
+
+def _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed):
+    from kimi_local.generate import SamplingParams
+
+    p = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    try:
+        p.validate()
+    except ValueError as e:
+        fail(str(e), 2)
+    return p
+
+
+def _read_document(file: Optional[Path]) -> Optional[str]:
+    """The document: --file, else piped stdin, else None. Invalid UTF-8 is replaced, with a warning."""
+    from kimi_local.ui import warn
+
+    if file is not None:
+        if not file.is_file():
+            fail(f"--file {file}: no such file", 2)
+        raw = file.read_bytes()
+    elif not sys.stdin.isatty():
+        raw = sys.stdin.buffer.read()
+    else:
+        return None
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text and "\ufffd".encode() not in raw:
+        warn("input is not valid UTF-8; invalid bytes were replaced with U+FFFD")
+    return text
+
+
+def load_model(model: Path, device: str, load_in_4bit: bool = False):
+    import kimi_local
+
+    try:
+        return kimi_local.load(model, device=device, load_in_4bit=load_in_4bit)
+    except ModelError as e:
+        fail(str(e))
+
+
+# ---- run -------------------------------------------------------------------------------------
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="HF model directory or .gguf file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The instruction. Piped stdin (or --file) is the document placed before it."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the document from this file instead of stdin."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Most tokens to generate."),
+    temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    repeat_penalty: float = RepOpt, seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt, ctx: Optional[int] = CtxOpt,
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="HF dirs only: quantize linear weights to NF4 with bitsandbytes while loading."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
+):
+    """Answer one prompt, streaming tokens to stdout and stats to stderr.
+
+    [dim]cat report.txt | kimi-local run model.gguf -p "Summarise this"[/]
+    """
+    from kimi_local.cache import ContextOverflow
+    from kimi_local.generate import Stats, generate
+    from kimi_local.ui import err_console, stats_line, token_progress
+
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    doc = _read_document(file)
+    if prompt is None and not doc:
+        fail("give a prompt with -p/--prompt, or pipe a document on stdin", 2)
+    text = "\n\n".join(x for x in (doc, prompt) if x)
+    m = load_model(model, device, load_in_4bit)
+    cache = m.new_cache(ctx)
+    ids = m.chat_ids(text, system)
+    room = cache.max_ctx - max(1, min(max_tokens, 16))
+    if len(ids) > room:
+        fail(f"the input is {len(ids)} tokens but the context limit is {cache.max_ctx}: "
+             f"{len(ids) - room} tokens too long (shorten it or raise --ctx)")
+    stats = Stats()
+    dec = m.tokenizer.decode_stream()
+    pieces = []
+    try:
+        with token_progress("prefill", len(ids)) as prog:
+            gen = generate(m.net, cache, ids, params, max_tokens, m.tokenizer.stop_ids, stats, progress=prog)
+            first = next(gen)  # the prefill runs here, under the progress bar
+        for tok in itertools.chain([first], gen):
+            if tok in m.tokenizer.stop_ids:
+                break
+            piece = dec.push(tok)
+            if piece:
+                pieces.append(piece)
+                if not json_out:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+    except ContextOverflow as e:
+        fail(str(e))
+    tail = dec.flush()
+    if tail:
+        pieces.append(tail)
+        if not json_out:
+            sys.stdout.write(tail)
+    if json_out:
+        print(json.dumps({
+            "text": "".join(pieces), "prompt_tokens": stats.prefill_tokens,
+            "completion_tokens": stats.decode_tokens, "prefill_s": round(stats.prefill_s, 4),
+            "decode_s": round(stats.decode_s, 4), "prefill_tok_s": round(stats.prefill_tps, 2),
+            "decode_tok_s": round(stats.decode_tps, 2),
+        }, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err_console.print(f"[dim]{stats_line(stats)}[/]")
+
+
+# ---- demo ------------------------------------------------------------------------------------
+@app.command()
+def demo(device: str = DeviceOpt, seed: int = typer.Option(0, "--seed", help="Seed of the tiny model.")):
+    """Make a tiny random-weight Kimi-Linear model (once, in the cache dir) and run a short chat
+    exchange and a piped-document run on it. The text is gibberish: the weights are random."""
+    import time
+
+    from rich.console import Console
+
+    from kimi_local.generate import SamplingParams, Stats, generate
+    from kimi_local.tiny import tiny_checkpoint_dir
+    from kimi_local.ui import stats_line
+
+    out = Console(highlight=False, soft_wrap=True)
+    t0 = time.perf_counter()
+    path = tiny_checkpoint_dir(seed)
+    out.print(f"[bold]tiny model[/] {path} ({time.perf_counter() - t0:.1f} s)")
+    m = load_model(path, device)
+    params = SamplingParams(temperature=0.8, top_k=40, seed=1)
+    cache = m.new_cache()
+    tok = m.tokenizer
+    turns = ["Hello! Who are you?", "Tell me about linear attention."]
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+    for k, user in enumerate(turns):
+        msgs.append({"role": "user", "content": user})
+        new = tok.encode_chat(msgs, add_generation_prompt=True) if k == 0 else \
+            tok.encode_chat_continuation(msgs[-1:], add_generation_prompt=True)
+        stats = Stats()
+        ids = [t for t in generate(m.net, cache, new, params, 24, tok.stop_ids, stats) if t not in tok.stop_ids]
+        dec = tok.decode_stream()
+        answer = "".join(dec.push(t) for t in ids) + dec.flush()
+        msgs.append({"role": "assistant", "content": answer})
+        out.print(f"[bold cyan]user>[/] {user}\n[bold green]kimi>[/] {answer!r}")
+        out.print(f"[dim]  {stats_line(stats)}; prefilled only the {len(new)} new tokens, "
+                  f"{cache.pos} in context[/]")
+    doc = "Kimi Linear is a hybrid linear attention architecture. " * 20
+    stats = Stats()
+    answer = "".join(m.stream(doc + "\n\nSummarise this.", max_tokens=24, params=params, stats=stats))
+    out.print(f"[bold cyan]piped document[/] ({len(doc)} chars) -> [bold green]{answer!r}[/]")
+    out.print(f"[dim]  {stats_line(stats)}[/]")
+    out.print("[bold]demo ok[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
