@@ -207,6 +207,19 @@ def _dq_tile(w, n, n_mask, gg, N, K, QT: tl.constexpr):
     return q, A, B
 
 
+@triton.jit
+def _dq_dot_rows(x, stride_xk, w, n, n_mask, N, K, QT: tl.constexpr, BR: tl.constexpr, G: tl.constexpr):
+    """[BR] fp32: rows `n` of the packed [N, K] matrix at `w` dotted with the vector x[k * stride_xk]."""
+    acc = tl.zeros([BR, G], tl.float32)
+    for g0 in range(0, tl.cdiv(K, 16), G):
+        gg = g0 + tl.arange(0, G)
+        q, A, B = _dq_tile(w, n, n_mask, gg, N, K, QT)
+        k_off = (gg * 16)[:, None] + tl.arange(0, 16)[None, :]  # [G, 16]
+        b_x = tl.load(x + k_off * stride_xk, mask=k_off < K, other=0.0).to(tl.float32)
+        acc += A * tl.sum(q * b_x[None, :, :], axis=2) - B * tl.sum(b_x, axis=1)[None, :]
+    return tl.sum(acc, axis=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Dequantize to bf16
 

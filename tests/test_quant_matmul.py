@@ -1,0 +1,238 @@
+"""Quantized matmul kernels (kernels/quant_matmul.py) vs dense fp32 references.
+
+CPU: Triton interpreter at tiny shapes, every type. CUDA (-m cuda): real shapes (lm_head [163840, 2304],
+KDA projections [4096, 2304], prefill GEMM), graph capture. The byte-layout oracle is gguf-py's
+dequantize when installed (CPU), else the project's pure-torch `quant.formats.dequantize`.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from kimi_local.kernels import quant_matmul as qm
+    from kimi_local.kernels.naive import qlinear_ref
+except ImportError:  # not pip-installed (device machine): import the source dirs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import quant_matmul as qm
+    from kernels.naive import qlinear_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+QUANT = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+# byte offsets of the fp16 scale fields in each ggml block
+FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
+
+
+def random_blocks(qtype, N, K, device="cpu", gen=None, scale=0.01):
+    """Random valid ggml rows uint8 [N, row_bytes]: random bytes, fp16 scale fields set to sane values."""
+    nb, ts = K // qm.QK[qtype], qm.TYPE_SIZE[qtype]
+    b = torch.randint(0, 256, (N, nb, ts), dtype=torch.uint8, generator=gen).to(device)
+    for o in FP16_FIELDS[qtype]:
+        v = (torch.rand(N, nb, 1, generator=gen) * scale + scale / 10).half().to(device)
+        b[..., o:o + 2] = v.view(torch.uint8)
+    return b.reshape(N, nb * ts)
+
+
+def oracle_dequant(raw, qtype):
+    """ggml rows -> fp32 [N, K] through an independent implementation."""
+    if raw.device.type == "cpu":
+        try:
+            import gguf
+
+            t = gguf.GGMLQuantizationType[qtype]
+            return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), t).copy()).float()
+        except ImportError:
+            pass
+    try:
+        from kimi_local.quant.formats import dequantize
+    except ImportError:
+        from quant.formats import dequantize
+    return dequantize(raw, qtype).float()
+
+
+def make_weight(qtype, N, K, device="cpu", gen=None):
+    """(packed, dense fp32 reference) for a random [N, K] weight."""
+    if qtype == "BF16":
+        w = torch.randn(N, K, generator=gen).bfloat16().to(device)
+        return qm.repack(w, "BF16"), w.float()
+    raw = random_blocks(qtype, N, K, device, gen)
+    return qm.repack(raw, qtype), oracle_dequant(raw, qtype).to(device)
+
+
+def rel_rmse(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check(y, ref, tol):
+    assert not torch.isnan(y).any(), "unwritten (NaN-poisoned) outputs"
+    e = rel_rmse(y, ref)
+    assert e < tol, f"relative RMSE {e:.3e} >= {tol}"
+    m = (y.double() - ref.double()).abs().max().item()
+    assert m <= 20 * tol * ref.abs().max().item() + 1e-6, f"max abs err {m:.3e}"
+
+
+# fp32 paths: fp32 FMA (and fp32 tl.dot in the interpreter); bf16 tensor-core dot on the GPU
+TOL_F32 = 1e-5
+TOL_DOT = 1e-5 if INTERPRET else 1e-2
+
+
+@pytest.mark.parametrize("qtype", QUANT)
+def test_repack_size(qtype):
+    K = 512
+    raw = random_blocks(qtype, 3, K)
+    p = qm.repack(raw, qtype)
+    assert p.dtype == torch.uint8 and p.shape == (3, qm.packed_row_bytes(qtype, K))
+    assert p.numel() <= 1.05 * raw.numel()
+    # leading (slot) dims are independent matrices
+    raw3 = torch.stack([raw, random_blocks(qtype, 3, K)])
+    assert torch.equal(qm.repack(raw3, qtype)[0], p)
+
+
+@pytest.mark.parametrize("qtype", QUANT + ["BF16"])
+def test_dequantize_gpu(qtype):
+    g = torch.Generator().manual_seed(1)
+    N, K = 7, 768 if qtype != "Q8_0" else 96
+    p, ref = make_weight(qtype, N, K, gen=g)
+    out = torch.full((N, K), float("nan"))
+    qm.dequantize_gpu(p, qtype, (N, K), out=out)
+    assert torch.equal(out, ref), "fp32 dequant must be exact"
+    ob = qm.dequantize_gpu(p, qtype, (N, K))
+    assert ob.dtype == torch.bfloat16
+    # the interpreter truncates fp32 -> bf16: allow one bf16 ulp
+    assert ((ob.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", QUANT + ["BF16"])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_qgemv(qtype, M):
+    g = torch.Generator().manual_seed(2 + M)
+    N, K = 13, 512
+    p, wd = make_weight(qtype, N, K, gen=g)
+    x = torch.randn(K, M, generator=g).t()  # non-contiguous [M, K]
+    out = torch.full((M, N), float("nan"))
+    qm.qgemv(x, p, qtype, N, out=out)
+    check(out, qlinear_ref(x, wd), TOL_F32)
+
+
+def test_qgemv_1d_bf16():
+    g = torch.Generator().manual_seed(3)
+    N, K = 21, 256
+    p, wd = make_weight("Q4_K", N, K, gen=g)
+    x = torch.randn(K, generator=g).bfloat16()
+    y = qm.qgemv(x, p, "Q4_K", N)
+    assert y.shape == (N,) and y.dtype == torch.bfloat16
+    check(y.float(), qlinear_ref(x, wd), 1e-2)
+
+
+@pytest.mark.parametrize("qtype", QUANT + ["BF16"])
+def test_qgemm_fused(qtype):
+    g = torch.Generator().manual_seed(4)
+    M, N, K = 19, 21, 512
+    p, wd = make_weight(qtype, N, K, gen=g)
+    x = torch.randn(K, M, generator=g).t()  # non-contiguous
+    out = torch.full((M, N), float("nan"))
+    qm.qgemm(x, p, qtype, N, out=out)
+    check(out, qlinear_ref(x, wd), TOL_DOT)
+
+
+@pytest.mark.parametrize("qtype", ["Q6_K", "Q3_K"])
+def test_qgemm_cublas_and_qlinear(qtype):
+    g = torch.Generator().manual_seed(5)
+    M, N, K = 17, 12, 256
+    p, wd = make_weight(qtype, N, K, gen=g)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    out = torch.full((M, N), float("nan"), dtype=torch.bfloat16)
+    qm.qgemm(x, p, qtype, N, out=out, method="cublas")
+    check(out.float(), qlinear_ref(x, wd), 1e-2)
+    x3 = torch.randn(2, 5, K, generator=g)  # [..., K]; 10 rows -> GEMM path
+    y = qm.qlinear(x3, p, qtype, N)
+    assert y.shape == (2, 5, N)
+    check(y, qlinear_ref(x3, wd), TOL_DOT)
+    y1 = qm.qlinear(x3[:, :1], p, qtype, N)  # 2 rows -> GEMV path
+    check(y1, qlinear_ref(x3[:, :1], wd), TOL_F32)
+
+
+def test_q8_0_k_not_multiple_of_256():
+    g = torch.Generator().manual_seed(6)
+    N, K = 9, 128 + 32  # f_b_proj has K = 128
+    p, wd = make_weight("Q8_0", N, K, gen=g)
+    x = torch.randn(2, K, generator=g)
+    check(qm.qgemv(x, p, "Q8_0", N), qlinear_ref(x, wd), TOL_F32)
+    xm = torch.randn(18, K, generator=g)
+    check(qm.qgemm(xm, p, "Q8_0", N), qlinear_ref(xm, wd), TOL_DOT)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU, real shapes
+
+
+def _gpu_weight(qtype, N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    raw = random_blocks(qtype, N, K, "cuda", g, scale=0.001)
+    return qm.repack(raw, qtype), raw
+
+
+def _gpu_dense(raw, qtype):
+    try:
+        from kimi_local.quant.formats import dequantize
+    except ImportError:
+        from quant.formats import dequantize
+    return dequantize(raw, qtype).float()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q4_K", 163840, 2304), ("Q8_0", 4096, 2304),
+                                       ("Q5_K", 4096, 2304), ("Q3_K", 2304, 4096), ("Q2_K", 1024, 2304),
+                                       ("Q8_0", 4096, 128)])
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_qgemv(qtype, N, K, M):
+    p, raw = _gpu_weight(qtype, N, K, 10)
+    wd = _gpu_dense(raw, qtype)
+    wq = qm.dequantize_gpu(p, qtype, (N, K), out=torch.empty(N, K, device="cuda"))
+    torch.testing.assert_close(wq, wd, rtol=1e-6, atol=1e-6 * wd.abs().max().item())  # FMA contraction
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.float32)
+    qm.qgemv(x, p, qtype, N, out=out)
+    torch.cuda.synchronize()
+    check(out, qlinear_ref(x, wd), 1e-5)
+    out.fill_(float("nan"))
+    qm.qgemv(x, p, qtype, N, out=out, method="dot")
+    check(out, qlinear_ref(x, wd), 1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("M", [512, 2048])
+def test_cuda_qgemm(qtype, M):
+    N, K = 4096, 2304
+    p, raw = _gpu_weight(qtype, N, K, 11)
+    wd = _gpu_dense(raw, qtype)
+    x = torch.randn(K, M, device="cuda", dtype=torch.bfloat16).t()  # non-contiguous
+    ref = qlinear_ref(x, wd)
+    for method in ["fused", "cublas"]:
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        qm.qgemm(x, p, qtype, N, out=out, method=method)
+        torch.cuda.synchronize()
+        check(out.float(), ref, 1e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_qgemv_graph_capture():
+    N, K = 4096, 2304
+    p, raw = _gpu_weight("Q4_K", N, K, 12)
+    wd = _gpu_dense(raw, "Q4_K")
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    qm.qgemv(x, p, "Q4_K", N, out=out)  # autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        qm.qgemv(x, p, "Q4_K", N, out=out)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out.float(), qlinear_ref(x, wd), 1e-2)
