@@ -32,10 +32,27 @@ def embed(w, ids: torch.Tensor, dtype) -> torch.Tensor:
     return w[ids].dequantize(dtype)
 
 
+class ResidentExperts:
+    """All routed experts resident: the slot of expert e is e. `kimi_local.offload` provides the
+    same interface over a smaller pool of slots filled from a host store."""
+
+    def __init__(self, weights: dict):
+        self.w = weights
+
+    def pools(self, layer: int):
+        """(gate [S, F, D], up [S, F, D], down [S, D, F]) stacks indexable by slot."""
+        b = f"blk.{layer}."
+        return tuple(self.w[b + f"ffn_{n}_exps.weight"] for n in ("gate", "up", "down"))
+
+    def prepare(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Make the experts in ids [T, k] resident; returns their slots (same shape)."""
+        return ids
+
+
 class KimiLinear:
     def __init__(self, cfg: KimiConfig, weights: dict, device="cpu", dtype=torch.float32):
         self.cfg, self.w, self.device, self.dtype = cfg, weights, torch.device(device), dtype
-        self.experts = weights  # anything indexable by name then expert id (offload.py swaps this)
+        self.experts = ResidentExperts(weights)
 
     def new_cache(self, max_ctx: int | None = None, preallocate: bool = False) -> KimiCache:
         return KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=preallocate)
@@ -115,12 +132,13 @@ class KimiLinear:
         ids, wts = naive.route(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"],
                                cfg.num_experts_per_token, cfg.routed_scaling_factor,
                                cfg.biased_router_weights, cfg.moe_renormalize)
+        slots = self.experts.prepare(i, ids, h)  # [T, k] pool slots of the chosen experts
+        gate, up, down = self.experts.pools(i)
         out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
-        gate, up, down = (self.experts[b + f"ffn_{n}_exps.weight"] for n in ("gate", "up", "down"))
-        for e in torch.unique(ids).tolist():
-            rows, slot = (ids == e).nonzero(as_tuple=True)
-            y = self._swiglu(h[rows], gate[e], up[e], down[e])
-            out.index_add_(0, rows, y.float() * wts[rows, slot, None])
+        for s in torch.unique(slots).tolist():
+            rows, j = (slots == s).nonzero(as_tuple=True)
+            y = self._swiglu(h[rows], gate[s], up[s], down[s])
+            out.index_add_(0, rows, y.float() * wts[rows, j, None])
         out = out.to(h.dtype)  # HF: routed sum in fp32, cast, then add the shared expert
         if cfg.num_shared_experts:
             out = out + self._swiglu(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
