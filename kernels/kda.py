@@ -1,0 +1,246 @@
+"""Triton kernels for Kimi Delta Attention (spec 3.3): the fused decode step, the causal short conv for
+prefill, and the chunked prefill through fla-core's chunk_kda (pure-torch fallback without fla).
+
+Layouts (kimi_local/cache.py): state [H, K, V] fp32 K-major, decay on the key axis; conv tails [P, W-1]
+per projection (last W-1 raw inputs, oldest first); channel c = h * d + j (head-major).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import naive
+
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), shared by all layers
+
+
+@triton.jit
+def _conv_window(x_ptr, t_ptr, w_ptr, ch, m, W: tl.constexpr, BW: tl.constexpr):
+    """Window [BC, BW] (tail columns 0..W-2 then the new raw input at W-1) and SiLU(conv) [BC] fp32."""
+    o_w = tl.arange(0, BW)
+    b_t = tl.load(t_ptr + ch[:, None] * (W - 1) + o_w[None, :], mask=m[:, None] & (o_w[None, :] < W - 1), other=0)
+    b_x = tl.load(x_ptr + ch, mask=m, other=0).to(tl.float32)
+    b_win = tl.where(o_w[None, :] == W - 1, b_x[:, None], b_t.to(tl.float32))
+    b_w = tl.load(w_ptr + ch[:, None] * W + o_w[None, :], mask=m[:, None] & (o_w[None, :] < W), other=0)
+    b_y = tl.sum(b_win * b_w.to(tl.float32), 1)
+    return b_win, b_y * tl.sigmoid(b_y)
+
+
+@triton.jit
+def _store_tail(t_ptr, b_win, ch, m, W: tl.constexpr, BW: tl.constexpr):
+    """New tail = window columns 1..W-1 (drop the oldest)."""
+    o_w = tl.arange(0, BW)
+    tl.store(t_ptr + ch[:, None] * (W - 1) + o_w[None, :] - 1, b_win.to(t_ptr.dtype.element_ty),
+             mask=m[:, None] & (o_w[None, :] >= 1) & (o_w[None, :] < W))
+
+
+@triton.jit
+def kda_decode_step_kernel(
+    q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V]
+    wq, wk, wv,  # conv weights [H*K, W], [H*K, W], [H*V, W]
+    tq, tk, tv,  # conv tails [H*K, W-1], [H*K, W-1], [H*V, W-1] (updated in place)
+    a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
+    state, out,  # [H, K, V] fp32 (updated in place), [H*V]
+    ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
+    scale, eps,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
+):
+    # grid (NV, H): one program per (V block, head); the K axis is whole in every program.
+    i_v, i_h = tl.program_id(0), tl.program_id(1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    ch_k = i_h * K + o_k
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    ch_v = i_h * V + o_v
+
+    # short conv + SiLU; every V block recomputes q/k of its head (needed whole for the L2 norm)
+    win_q, b_q = _conv_window(q_raw, tq, wq, ch_k, m_k, W, BW)
+    win_k, b_k = _conv_window(k_raw, tk, wk, ch_k, m_k, W, BW)
+    win_v, b_v = _conv_window(v_raw, tv, wv, ch_v, m_v, W, BW)
+    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
+    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+
+    # decay gate a * softplus(f + dt_bias) (softplus written overflow-free) and write strength
+    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
+    b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))
+    b_sp = tl.where(b_f > 20.0, b_f, b_sp)
+    b_decay = tl.exp(tl.load(a + i_h).to(tl.float32) * b_sp)  # [BK]
+    b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
+
+    # delta rule on the state block [BK, BV]: decay -> error -> write -> read
+    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.load(p_s, mask=m_s, other=0) * b_decay[:, None]
+    b_u = b_v - tl.sum(b_s * b_k[:, None], 0)
+    b_s += b_beta * b_k[:, None] * b_u[None, :]
+    b_o = tl.sum(b_s * b_q[:, None], 0)  # [BV]
+    tl.store(p_s, b_s, mask=m_s)
+
+    if NV == 1:
+        # whole head here: gated RMSNorm inline
+        b_ss = tl.sum(tl.where(m_v, b_o * b_o, 0.0), 0)
+        b_z = tl.load(z + ch_v, mask=m_v, other=0).to(tl.float32)
+        b_w = tl.load(norm_w + o_v, mask=m_v, other=0).to(tl.float32)
+        b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
+        tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
+        tl.debug_barrier()  # every thread has read the old tails
+        _store_tail(tq, win_q, ch_k, m_k, W, BW)
+        _store_tail(tk, win_k, ch_k, m_k, W, BW)
+        _store_tail(tv, win_v, ch_v, m_v, W, BW)
+    else:
+        # the last V block of the head to arrive normalises the whole head and writes the q/k tails
+        # (all other blocks have read them by then); o goes through the L2-resident workspace
+        tl.store(ws_o + ch_v, b_o, mask=m_v)
+        tl.debug_barrier()
+        _store_tail(tv, win_v, ch_v, m_v, W, BW)
+        n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
+        if n_arrived == NV - 1:
+            o_f = tl.arange(0, BVF)
+            m_f = o_f < V
+            b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")
+            b_ss = tl.sum(b_of * b_of, 0)
+            b_z = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)
+            b_w = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)
+            b_y = b_of * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
+            tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
+            _store_tail(tq, win_q, ch_k, m_k, W, BW)
+            _store_tail(tk, win_k, ch_k, m_k, W, BW)
+            tl.atomic_xchg(ws_cnt + i_h, 0)
+
+
+def _workspace(device, H: int, V: int):
+    key = (str(device), H, V)
+    if key not in _WS:
+        _WS[key] = (torch.empty(H * V, dtype=torch.float32, device=device),
+                    torch.zeros(H, dtype=torch.int32, device=device))
+    return _WS[key]
+
+
+def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
+                    eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
+                    workspace=None):
+    """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
+    for a given (device, H, V), no host sync).
+
+    q_raw, k_raw [H*K], v_raw [H*V]: projected inputs (pre-conv); f [H*K]: f_b_proj output (pre-gate);
+    beta_logit [H]: b_proj output; z [H*V]: g_b_proj output (output gate); conv_w: [3, P, W] or three
+    [P_i, W] tensors (q, k, v); conv_tail: [3, P, W-1] or three [P_i, W-1] tensors, updated in place;
+    a [H] = -exp(A_log); dt_bias [H*K]; norm_w [V]; state [H, K, V] fp32, updated in place;
+    out [H*V] (any float dtype) receives the gated-normed output. eps is the output norm's (rms_norm_eps).
+    BV: value-block width (V = one program per head; smaller = more programs, cross-block norm via
+    an arrival counter)."""
+    H, K, V = state.shape
+    wq, wk, wv = conv_w
+    tq, tk, tv = conv_tail
+    W = wq.shape[-1]
+    assert state.dtype == torch.float32 and state.is_contiguous()
+    for t in (q_raw, k_raw, v_raw, f, z, wq, wk, wv, tq, tk, tv, dt_bias, out):
+        assert t.is_contiguous()
+    assert wq.shape == (H * K, W) and wv.shape == (H * V, W) and tq.shape == (H * K, W - 1) and tv.shape == (H * V, W - 1)
+    scale = K**-0.5 if scale is None else scale
+    BK, BVF = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    BV = min(BVF, 32) if BV is None else BV
+    NV = triton.cdiv(V, BV)
+    ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
+    if num_warps is None:
+        num_warps = 1 if _INTERP else max(1, min(16, BK * BV // 1024))
+    kda_decode_step_kernel[(NV, H)](
+        q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+        ws_o, ws_cnt, scale, eps,
+        H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, BW=triton.next_power_of_2(W), NV=NV, num_warps=num_warps,
+    )
+    return out
+
+
+@triton.jit
+def causal_conv_prefill_kernel(
+    x, w, tail, out,  # [T, C] (row stride stride_x), [C, W], [C, W-1] (updated in place), [T, C]
+    T, C, stride_x, stride_o,
+    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
+):
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_t, m_c = o_t < T, o_c < C
+    b_acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(W):
+        o_s = o_t + j - (W - 1)  # source token; < 0 reads the old tail (only in block 0, BT >= W)
+        in_x = o_s >= 0
+        b_x = tl.load(x + o_s.to(tl.int64)[:, None] * stride_x + o_c[None, :],
+                      mask=(m_t & in_x)[:, None] & m_c[None, :], other=0).to(tl.float32)
+        b_t = tl.load(tail + o_c[None, :] * (W - 1) + (o_s + W - 1)[:, None],
+                      mask=(m_t & (o_s < 0))[:, None] & m_c[None, :], other=0).to(tl.float32)
+        b_w = tl.load(w + o_c * W + j, mask=m_c, other=0).to(tl.float32)
+        b_acc += (b_x + b_t) * b_w[None, :]
+    b_y = b_acc * tl.sigmoid(b_acc)
+    tl.store(out + o_t.to(tl.int64)[:, None] * stride_o + o_c[None, :], b_y.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_c[None, :])
+    if i_t == 0:
+        # the only program that read the old tail writes the new one: new[c, i] = [old tail ; x][T + i]
+        o_i = tl.arange(0, BW)
+        m_i = o_i < W - 1
+        o_s = T + o_i - (W - 1)
+        in_x = o_s >= 0
+        b_x = tl.load(x + o_s.to(tl.int64)[None, :] * stride_x + o_c[:, None], mask=m_c[:, None] & (m_i & in_x)[None, :], other=0)
+        b_t = tl.load(tail + o_c[:, None] * (W - 1) + (T + o_i)[None, :], mask=m_c[:, None] & (m_i & (o_s < 0))[None, :], other=0)
+        b_new = tl.where(in_x[None, :], b_x.to(tail.dtype.element_ty), b_t)
+        tl.debug_barrier()
+        tl.store(tail + o_c[:, None] * (W - 1) + o_i[None, :], b_new, mask=m_c[:, None] & m_i[None, :])
+
+
+def causal_conv_prefill(x, w, tail, out=None, BT: int = 64, BC: int = 64):
+    """SiLU(depthwise causal conv) over T tokens continuing from tail (naive.short_conv's contract).
+    x [T, C] (rows may be strided), w [C, W], tail [C, W-1] (updated in place to the last W-1 raw inputs),
+    out [T, C] (default fp32). Returns out."""
+    T, C = x.shape
+    W = w.shape[1]
+    assert x.stride(1) == 1 and w.is_contiguous() and tail.is_contiguous() and tail.shape == (C, W - 1)
+    out = torch.empty(T, C, dtype=torch.float32, device=x.device) if out is None else out
+    assert out.stride(1) == 1
+    BT = max(BT, triton.next_power_of_2(W))
+    if _INTERP:
+        BT, BC = min(BT, 16), min(BC, 16)
+    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
+    causal_conv_prefill_kernel[grid](x, w, tail, out, T, C, x.stride(0), out.stride(0),
+                                     W=W, BT=BT, BC=BC, BW=triton.next_power_of_2(W), num_warps=4)
+    return out
+
+
+def _fla_chunk_kda():
+    try:
+        from fla.ops.kda import chunk_kda
+    except Exception:  # fla-core absent (or without a usable Triton backend)
+        return None
+    return chunk_kda
+
+
+def kda_prefill(q, k, v, g, beta, state=None, scale=None, use_fla: bool | None = None):
+    """Chunked KDA over T tokens (naive.kda_chunked's contract): q, k [T, H, K] already L2-normalised
+    (q NOT yet scaled), v [T, H, V], g [T, H, K] log decay (post gate), beta [T, H] post-sigmoid,
+    state [H, K, V] fp32 (updated in place) or None (zero start). Returns (o [T, H, V], state):
+    o in q's dtype with fla, fp32 from the fallback. use_fla=None: fla's chunk_kda on CUDA when
+    importable, else the pure-torch chunked form."""
+    T, H, K = q.shape
+    chunk_kda = None
+    if use_fla is not False and q.is_cuda:
+        chunk_kda = _fla_chunk_kda()
+    if use_fla and chunk_kda is None:
+        raise RuntimeError("fla-core's chunk_kda is not available")
+    if chunk_kda is None:
+        o, s = naive.kda_chunked(q, k, v, g, beta, state, scale)
+    else:
+        h0 = None if state is None else state[None]
+        o, s = chunk_kda(q[None].contiguous(), k[None].contiguous(), v[None].contiguous(),
+                         g[None].float().contiguous(), beta[None].contiguous(), scale=scale,
+                         initial_state=h0, output_final_state=True)
+        o, s = o[0], s[0]
+    if state is None:
+        return o, s
+    state.copy_(s)
+    return o, state

@@ -1,0 +1,256 @@
+"""KDA Triton kernels (kernels/kda.py) vs the pure-torch references (kernels/naive.py).
+
+CPU: tiny odd shapes under TRITON_INTERPRET=1 (K != V catches transposes). GPU (@cuda): real shapes,
+CUDA-graph replay, and kda_prefill through fla-core's chunk_kda when fla is importable.
+"""
+import pytest
+import torch
+
+from kimi_local.kernels import kda, naive
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _layer(H, K, V, W, gen, dev=DEV, tail_dtype=torch.float32):
+    """Random per-layer parameters + conv tails, like the model's (a = -exp(A_log))."""
+    r = lambda *s: torch.randn(*s, generator=gen).to(dev)  # noqa: E731
+    conv_w = [r(H * K, W) * 0.5, r(H * K, W) * 0.5, r(H * V, W) * 0.5]
+    tails = [r(H * K, W - 1).to(tail_dtype), r(H * K, W - 1).to(tail_dtype), r(H * V, W - 1).to(tail_dtype)]
+    a = -torch.exp(r(H) * 0.5 - 1)
+    return conv_w, tails, a, r(H * K), r(V) * 0.2 + 1
+
+
+def _token(H, K, V, gen, dev=DEV, dtype=torch.float32):
+    r = lambda *s: torch.randn(*s, generator=gen).to(dev).to(dtype)  # noqa: E731
+    return r(H * K), r(H * K), r(H * V), r(H * K) * 2, r(H), r(H * V)  # q_raw k_raw v_raw f beta_logit z
+
+
+def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False):
+    gen = torch.Generator().manual_seed(seed)
+    conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, tail_dtype)
+    S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(dev)
+    S_ref, S = S0.clone(), S0.clone()
+    t_ref, t_k = [t.clone() for t in tails], [t.clone() for t in tails]
+    toks = [_token(H, K, V, gen, dev, in_dtype) for _ in range(n_steps)]
+    out = torch.empty(H * V, dtype=out_dtype, device=dev)
+    if graph:
+        bufs = [torch.empty_like(x) for x in toks[0]]
+        step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV)  # noqa: E731
+        for b, x in zip(bufs, toks[0]):
+            b.copy_(x)
+        s_save, t_save = S.clone(), [t.clone() for t in t_k]
+        step()  # compile + allocate the workspace outside the capture
+        torch.cuda.synchronize()
+        S.copy_(s_save)
+        for t, s in zip(t_k, t_save):
+            t.copy_(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+    errs = []
+    for tok in toks:
+        ref = naive.kda_decode_ref(*tok, conv_w, t_ref, a, dt_bias, norm_w, S_ref, 1e-5)
+        out.fill_(float("nan"))
+        if graph:
+            for b, x in zip(bufs, tok):
+                b.copy_(x)
+            g.replay()
+        else:
+            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV)
+        assert not out.isnan().any()
+        errs.append(rel(out, ref))
+    for t, tr in zip(t_k, t_ref):
+        assert torch.equal(t, tr)  # tails are copies of raw inputs: exact
+    return max(errs), rel(S, S_ref)
+
+
+@pytest.mark.parametrize("BV", [None, 4, 16])
+@pytest.mark.parametrize("H,K,V,W", [(3, 8, 12, 4), (2, 16, 8, 3)])
+def test_decode_step_matches_reference(H, K, V, W, BV):
+    e_out, e_state = _run_steps(H, K, V, W, 20, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K)
+    assert e_out < 1e-5 and e_state < 1e-5
+
+
+def test_decode_step_bf16_io():
+    # bf16 projections, bf16 tails and bf16 output (the GPU setting); the interpreter truncates fp32->bf16
+    e_out, e_state = _run_steps(3, 8, 12, 4, 20, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3)
+    assert e_out < 1e-2 and e_state < 1e-5
+
+
+def test_decode_step_counters_reset():
+    _run_steps(3, 8, 12, 4, 3, 4, torch.float32, torch.float32, torch.float32, seed=5)
+    ws_o, ws_cnt = kda._workspace(torch.device(DEV), 3, 12)
+    assert int(ws_cnt.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 17, 33, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv_prefill(T, dtype):
+    gen = torch.Generator().manual_seed(T)
+    C, W = 20, 4  # C not a power of two
+    x = torch.randn(T, C, generator=gen).to(dtype).to(DEV)
+    w = torch.randn(C, W, generator=gen).to(DEV)
+    tail = torch.randn(C, W - 1, generator=gen).to(dtype).to(DEV)
+    y_ref, t_ref = naive.short_conv(x, w, tail)
+    out = torch.full((T, C), float("nan"), device=DEV)
+    t = tail.clone()
+    kda.causal_conv_prefill(x, w, t, out)
+    assert (out - y_ref).abs().max().item() < 1e-5
+    assert torch.equal(t, t_ref)
+
+
+def test_causal_conv_split_equals_one_shot():
+    # prefill in pieces (incl. pieces shorter than W-1) == one prefill; then decode-style tail continues
+    gen = torch.Generator().manual_seed(1)
+    C, W, T = 12, 4, 40
+    x = torch.randn(T, C, generator=gen).to(DEV)
+    w = torch.randn(C, W, generator=gen).to(DEV)
+    y_ref, t_ref = naive.short_conv(x, w, None)
+    t = torch.zeros(C, W - 1, device=DEV)
+    outs = []
+    for a, b in [(0, 1), (1, 3), (3, 20), (20, 22), (22, 40)]:
+        outs.append(kda.causal_conv_prefill(x[a:b], w, t))
+    assert (torch.cat(outs) - y_ref).abs().max().item() < 1e-5
+    assert torch.equal(t, t_ref)
+
+
+def test_causal_conv_strided_rows():
+    # q|k|v packed in one projection output: x is a column slice with row stride 3C
+    gen = torch.Generator().manual_seed(2)
+    C, W, T = 10, 4, 9
+    qkv = torch.randn(T, 3 * C, generator=gen).to(DEV)
+    x = qkv[:, C:2 * C]
+    w = torch.randn(C, W, generator=gen).to(DEV)
+    y_ref, t_ref = naive.short_conv(x, w, None)
+    t = torch.zeros(C, W - 1, device=DEV)
+    assert (kda.causal_conv_prefill(x, w, t) - y_ref).abs().max().item() < 1e-5
+    assert torch.equal(t, t_ref)
+
+
+def _kda_inputs(T, H, K, V, gen, dev=DEV, strong=False):
+    q = naive.l2norm(torch.randn(T, H, K, generator=gen)).to(dev)
+    k = naive.l2norm(torch.randn(T, H, K, generator=gen)).to(dev)
+    v = torch.randn(T, H, V, generator=gen).to(dev)
+    g = (-(20.0 if strong else 1.0) * torch.rand(T, H, K, generator=gen) ** 2).to(dev)
+    beta = torch.sigmoid(torch.randn(T, H, generator=gen)).to(dev)
+    return q, k, v, g, beta
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_kda_prefill_fallback(T, with_state):
+    gen = torch.Generator().manual_seed(T)
+    H, K, V = 2, 8, 12
+    q, k, v, g, beta = _kda_inputs(T, H, K, V, gen, "cpu", strong=T == 65)
+    s0 = torch.randn(H, K, V, generator=gen) if with_state else None
+    o_ref, s_ref = naive.kda_recurrent(q, k, v, g, beta, s0)
+    state = s0.clone() if with_state else None
+    o, s = kda.kda_prefill(q, k, v, g, beta, state, use_fla=False)
+    assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    if with_state:
+        assert s is state
+
+
+def test_prefill_then_decode_equals_recurrence():
+    """Kernels end to end: conv prefill + kda_prefill for 5 tokens, then 3 decode steps == naive on 8."""
+    H, K, V, W, T0, T1 = 2, 8, 12, 4, 5, 3
+    gen = torch.Generator().manual_seed(11)
+    conv_w, _, a, dt_bias, norm_w = _layer(H, K, V, W, gen)
+    toks = [_token(H, K, V, gen) for _ in range(T0 + T1)]
+    cols = [torch.stack([t[i] for t in toks]) for i in range(6)]  # [T, .] each
+    # reference over all tokens
+    ys = [naive.short_conv(cols[i], conv_w[i], None)[0] for i in range(3)]
+    q, k = naive.l2norm(ys[0].view(-1, H, K)), naive.l2norm(ys[1].view(-1, H, K))
+    g = naive.kda_gate(cols[3].view(-1, H, K), a, dt_bias.view(H, K))
+    o, _ = naive.kda_recurrent(q, k, ys[2].view(-1, H, V), g, torch.sigmoid(cols[4]), None)
+    ref = naive.gated_rms_norm(o, cols[5].view(-1, H, V), norm_w, 1e-5).reshape(-1, H * V)
+    # kernels: prefill T0 tokens, then decode
+    tails = [torch.zeros(cw.shape[0], W - 1, device=DEV) for cw in conv_w]
+    ys = [kda.causal_conv_prefill(cols[i][:T0], conv_w[i], tails[i]) for i in range(3)]
+    q, k = naive.l2norm(ys[0].view(-1, H, K)), naive.l2norm(ys[1].view(-1, H, K))
+    g = naive.kda_gate(cols[3][:T0].view(-1, H, K), a, dt_bias.view(H, K))
+    state = torch.zeros(H, K, V, device=DEV)
+    o, _ = kda.kda_prefill(q, k, ys[2].view(-1, H, V), g, torch.sigmoid(cols[4][:T0]), state)
+    got = [naive.gated_rms_norm(o, cols[5][:T0].view(-1, H, V), norm_w, 1e-5).reshape(-1, H * V)]
+    for t in range(T0, T0 + T1):
+        out = torch.full((H * V,), float("nan"), device=DEV)
+        kda.kda_decode_step(*toks[t], conv_w, tails, a, dt_bias, norm_w, state, out, 1e-5, BV=4)
+        got.append(out[None])
+    assert rel(torch.cat(got), ref) < 1e-5
+
+
+def test_kda_recurrent_vs_fla_naive():
+    """External oracle for the reference the kernels are tested against."""
+    fla_naive = pytest.importorskip("fla.ops.kda.naive")
+    gen = torch.Generator().manual_seed(4)
+    T, H, K, V = 9, 2, 8, 12
+    q, k, v, g, beta = _kda_inputs(T, H, K, V, gen, "cpu", strong=True)
+    s0 = torch.randn(H, K, V, generator=gen)
+    o_ref, s_ref = fla_naive.naive_recurrent_kda(q[None], k[None], v[None], g[None], beta[None],
+                                                 initial_state=s0[None], output_final_state=True)
+    o, s = naive.kda_recurrent(q, k, v, g, beta, s0)
+    assert rel(o, o_ref[0]) < 1e-5 and rel(s, s_ref[0]) < 1e-5
+
+
+# ---- GPU, real shapes ------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("BV", [16, 32, 64, 128])
+def test_decode_step_real_shapes(BV):
+    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=BV)
+    assert e_out < 1e-4 and e_state < 1e-4
+    e_out, _ = _run_steps(32, 128, 128, 4, 5, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=BV + 1)
+    assert e_out < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("BV", [32, 128])
+def test_decode_step_cuda_graph(BV):
+    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=9, graph=True)
+    assert e_out < 1e-4 and e_state < 1e-4
+
+
+@pytest.mark.cuda
+def test_decode_step_long_horizon():
+    # 500 steps, K != V, many V blocks: drift or a racy cross-block norm shows up here
+    e_out, e_state = _run_steps(32, 128, 96, 4, 500, 16, torch.float32, torch.float32, torch.float32, seed=13)
+    assert e_out < 1e-4 and e_state < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 2, 3, 100, 8192])
+def test_causal_conv_prefill_real_shapes(T):
+    gen = torch.Generator().manual_seed(T)
+    C, W = 4096, 4
+    x = torch.randn(T, C, generator=gen).to(torch.bfloat16).cuda()
+    w = torch.randn(C, W, generator=gen).cuda()
+    tail = torch.randn(C, W - 1, generator=gen).to(torch.bfloat16).cuda()
+    y_ref, t_ref = naive.short_conv(x, w, tail)
+    t = tail.clone()
+    out = torch.full((T, C), float("nan"), dtype=torch.bfloat16, device="cuda")
+    kda.causal_conv_prefill(x, w, t, out)
+    assert rel(out, y_ref) < 1e-2
+    assert torch.equal(t, t_ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 1000, 8192])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_kda_prefill_fla(T, with_state):
+    pytest.importorskip("fla.ops.kda")
+    gen = torch.Generator().manual_seed(T)
+    H, K, V = 32, 128, 128
+    q, k, v, g, beta = _kda_inputs(T, H, K, V, gen, "cuda", strong=T == 1000)
+    s0 = (torch.randn(H, K, V, generator=gen) * 0.3).cuda() if with_state else None
+    o_ref, s_ref = naive.kda_chunked(q, k, v, g, beta, s0)
+    state = s0.clone() if with_state else None
+    bf = torch.bfloat16
+    o, s = kda.kda_prefill(q.to(bf), k.to(bf), v.to(bf), g, beta, state, use_fla=True)
+    assert not o.isnan().any()
+    assert rel(o, o_ref) < 2e-2 and rel(s, s_ref) < 2e-2
+    if with_state:
+        assert s is state
