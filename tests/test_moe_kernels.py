@@ -1,0 +1,164 @@
+"""Fused MoE kernels (kernels/moe.py) vs the dense fp32 reference `naive.moe_ref`.
+
+CPU: Triton interpreter, tiny pools (D = F = 256, a few slots). CUDA (-m cuda): D=2304, F=1024,
+256 experts, top-8 + shared, decode (also graph-captured) and prefill.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks  # noqa: E402
+
+try:
+    from kimi_local.kernels import moe, quant_matmul as qm
+    from kimi_local.kernels.naive import moe_ref
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import moe, quant_matmul as qm
+    from kernels.naive import moe_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_pool(qtype, S, rows, K, device="cpu", gen=None, scale=0.01, dense=True):
+    """(packed pool uint8 [S, rows, prb], dense fp32 [S, rows, K] or None)."""
+    if qtype == "BF16":
+        w = (torch.randn(S, rows, K, generator=gen) * scale).bfloat16().to(device)
+        return qm.repack(w, "BF16").view(S, rows, -1), w.float()
+    raw = random_blocks(qtype, S * rows, K, device, gen, scale).view(S, rows, -1)
+    dq = None
+    if dense:
+        if device == "cpu":
+            dq = oracle_dequant(raw.reshape(S * rows, -1), qtype).view(S, rows, K)
+        else:
+            dq = torch.stack([_gpu_dense(raw[s], qtype) for s in range(S)])
+    return qm.repack(raw, qtype), dq
+
+
+def make_moe(qtypes, S, D, F, shared_qtypes=None, device="cpu", seed=0, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    qg, qu, qd = qtypes
+    pools = [make_pool(qg, S, F, D, device, g, scale), make_pool(qu, S, F, D, device, g, scale),
+             make_pool(qd, S, D, F, device, g, scale)]
+    shared = None
+    if shared_qtypes is not None:
+        sg, su, sd = shared_qtypes
+        shared = [make_pool(sg, 1, F, D, device, g, scale), make_pool(su, 1, F, D, device, g, scale),
+                  make_pool(sd, 1, D, F, device, g, scale)]
+        shared = ([p[0][0] for p in shared], [p[1][0] for p in shared])
+    return [p[0] for p in pools], [p[1] for p in pools], shared
+
+
+@pytest.mark.parametrize("qtypes,shared_qtypes", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q6_K", "Q8_0")),
+    (("Q3_K", "Q3_K", "Q4_K"), None),
+    (("Q2_K", "Q2_K", "Q3_K"), ("BF16", "BF16", "BF16")),
+])
+def test_moe_decode(qtypes, shared_qtypes):
+    S, D, F, k = 5, 256, 256, 3
+    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(D, generator=g)
+    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
+    w = torch.rand(k, generator=g)
+    out = torch.full((D,), float("nan"))
+    moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=None if shared is None else shared[0],
+                   shared_qtypes=shared_qtypes)
+    ref = moe_ref(x, slots[None], w[None], gd, ud, dd, shared=None if shared is None else shared[1])
+    check(out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("qtypes,shared_qtypes", [
+    (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
+    (("Q3_K", "Q5_K", "Q2_K"), None),
+])
+def test_moe_prefill(qtypes, shared_qtypes):
+    S, D, F, k, T = 4, 256, 256, 2, 11
+    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, D, generator=g)
+    # slot 1 gets every token (11 rows: two BM=8 tiles), the second choice is one of slots 0, 2, 3
+    ids = torch.stack([torch.ones(T, dtype=torch.long),
+                       torch.tensor([0, 2, 3])[torch.randint(0, 3, (T,), generator=g)]], 1)
+    w = torch.rand(T, k, generator=g)
+    out = torch.full((T, D), float("nan"))
+    moe.moe_prefill(x, ids, w, gp, up, dp, qtypes, out, shared=None if shared is None else shared[0],
+                    shared_qtypes=shared_qtypes, BM=8)
+    ref = moe_ref(x, ids, w, gd, ud, dd, shared=None if shared is None else shared[1])
+    check(out, ref, 1e-2)  # H is stored in bf16
+
+
+def test_route_tiles():
+    S, BM = 5, 4
+    ids = torch.tensor([[1, 3], [1, 0], [1, 3], [1, 4], [1, 3]])
+    asg, ts, r0, r1 = moe.moe_route_tiles(ids, S, BM)
+    flat = ids.reshape(-1)
+    assert torch.equal(flat[asg.long()], flat.sort(stable=True).values)
+    real = ts < S
+    assert int(real.sum()) == 1 + 2 + 1 + 1  # slot 1 has 5 rows -> 2 tiles
+    covered = torch.cat([torch.arange(int(a), min(int(a) + BM, int(b))) for a, b in zip(r0[real], r1[real])])
+    assert torch.equal(covered, torch.arange(flat.numel()))
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU, real shapes: D=2304, F=1024, 256 experts, top-8 + shared
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q5_K"), ("Q3_K", "Q3_K", "Q4_K"), ("Q2_K", "Q2_K", "Q3_K")])
+def test_cuda_moe_decode(qtypes):
+    S, D, F, k = 256, 2304, 1024, 8
+    shq = ("Q8_0", "Q8_0", "Q6_K")
+    g = torch.Generator().manual_seed(7)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0]
+             for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    shared, shared_d = [], []
+    for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
+        p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+        shared.append(p[0]), shared_d.append(dq[0])
+    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(S, generator=g)[:k].to(torch.int32).cuda()
+    w = torch.rand(k, generator=g).cuda()
+    out = torch.empty(D, device="cuda", dtype=torch.float32)
+    moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)  # autotune
+    sel = slots.long()
+    raw_dense = []
+    for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F))):
+        raw_dense.append(torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c)).float() for s in sel.tolist()]))
+    ref = moe_ref(x, torch.arange(k, device="cuda")[None], w[None], *raw_dense, shared=shared_d)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, ref, 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 37, 512])
+def test_cuda_moe_prefill(T):
+    S, D, F, k = 256, 2304, 1024, 8
+    qtypes = ("Q4_K", "Q4_K", "Q5_K")
+    g = torch.Generator().manual_seed(8)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0]
+             for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(T, S, generator=g).topk(k, dim=1).indices.cuda()
+    w = torch.rand(T, k, generator=g).cuda()
+    out = torch.full((T, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    moe.moe_prefill(x, ids, w, *pools, qtypes, out)
+    used = ids.unique()
+    dense = []
+    for pool, qt, (r, c) in zip(pools, qtypes, [(F, D), (F, D), (D, F)]):
+        d = torch.zeros(S, r, c, device="cuda", dtype=torch.bfloat16)
+        for s in used.tolist():
+            d[s] = qm.dequantize_gpu(pool[s], qt, (r, c))
+        dense.append(d)
+    ref = moe_ref(x, ids, w, *dense)
+    torch.cuda.synchronize()
+    check(out.float(), ref, 1e-2)
