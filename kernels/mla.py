@@ -1,0 +1,221 @@
+"""Triton kernels for MLA decode over the shared latent cache (spec 3.5b): flash-decoding split along
+the sequence (all heads in one program, so each latent row is read once) plus a combine kernel, and the
+cache write (kv_a RMSNorm fused, bf16 or fp8 e4m3 with a per-token scale).
+
+Latent cache row = [c (R, normalised) || k_pe (Dr, raw)]; score = (q_abs.c + q_pe.k_pe) * scale,
+ctx = softmax(score) @ c. The caller does q_abs = W_UK^T q_nope and o = W_UV ctx (batched GEMMs).
+seq_len may be a device int32 tensor [1] so one captured CUDA graph replays at growing lengths.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+FP8_MAX = 448.0  # float8_e4m3fn
+_WS: dict = {}  # (device, NS, H, R) -> (m [NS, H], l [NS, H], acc [NS, H, R]) fp32
+
+
+@triton.jit
+def _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
+                 MIN_CHUNK: tl.constexpr):
+    """Rows [s0, s1) of split i_s and the number of non-empty splits, for the current length."""
+    if LEN_IN_PTR:
+        n = tl.load(seq_ptr).to(tl.int32)
+    else:
+        n = seq_int
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, NS), BS) * BS, MIN_CHUNK)
+    s0 = i_s * chunk
+    return n, chunk, s0, tl.minimum(s0 + chunk, n), tl.cdiv(n, chunk)
+
+
+@triton.jit
+def mla_decode_split_kernel(
+    q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
+    seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_lat,
+    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
+    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_s = tl.program_id(0)
+    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    if s0 < n:
+        o_h = tl.arange(0, BH)
+        m_h = o_h < H
+        o_r = tl.arange(0, R)
+        o_d = tl.arange(0, BDR)
+        m_d = o_d < DR
+        b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0)  # [BH, R]
+        b_qp = tl.load(q_pe + o_h[:, None] * DR + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
+        cdt = tl.float32 if UPCAST else (tl.bfloat16 if FP8 else lat.dtype.element_ty)
+        b_qa = b_qa.to(cdt)
+        b_qp = b_qp.to(cdt)
+        b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BH], dtype=tl.float32)
+        b_acc = tl.zeros([BH, R], dtype=tl.float32)
+        for s in range(s0, s1, BS):
+            o_s = s + tl.arange(0, BS)
+            m_s = o_s < s1
+            o_sc = tl.minimum(o_s, s1 - 1).to(tl.int64)  # rows past the end re-read a valid row (p = 0 there)
+            p_row = lat + o_sc[:, None] * stride_lat
+            b_c = tl.load(p_row + o_r[None, :]).to(cdt)  # [BS, R]
+            b_kp = tl.load(p_row + R + o_d[None, :], mask=m_d[None, :]).to(cdt)
+            b_kp = tl.where(m_d[None, :], b_kp, 0)
+            b_sc = tl.dot(b_qa, tl.trans(b_c)) + tl.dot(b_qp, tl.trans(b_kp))  # [BH, BS] fp32
+            if FP8:
+                b_rs = tl.load(lat_scale + o_sc)
+                b_sc = b_sc * b_rs[None, :]
+            b_sc = tl.where(m_s[None, :], b_sc * qk_scale, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_sc, 1))
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_p = tl.exp2(b_sc - b_mn[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            if FP8:
+                b_p = b_p * b_rs[None, :]
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(cdt), b_c)
+            b_m = b_mn
+        tl.store(ws_m + i_s * H + o_h, b_m, mask=m_h)
+        tl.store(ws_l + i_s * H + o_h, b_l, mask=m_h)
+        tl.store(ws_acc + (i_s * H + o_h)[:, None] * R + o_r[None, :], b_acc, mask=m_h[:, None])
+
+
+@triton.jit
+def mla_decode_combine_kernel(
+    ws_m, ws_l, ws_acc, seq_ptr, seq_int, out,  # out [H, R]
+    H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BNS: tl.constexpr,
+    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr,
+):
+    i_h, i_r = tl.program_id(0), tl.program_id(1)
+    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    o_n = tl.arange(0, BNS)
+    m_n = o_n < n_used
+    o_r = i_r * BR + tl.arange(0, BR)
+    b_m = tl.load(ws_m + o_n * H + i_h, mask=m_n, other=float("-inf"))
+    b_l = tl.load(ws_l + o_n * H + i_h, mask=m_n, other=0)
+    b_w = tl.where(m_n, tl.exp2(b_m - tl.max(b_m, 0)), 0.0)
+    b_acc = tl.load(ws_acc + (o_n * H + i_h)[:, None] * R + o_r[None, :], mask=m_n[:, None], other=0)
+    b_o = tl.sum(b_acc * b_w[:, None], 0) / tl.sum(b_l * b_w, 0)
+    tl.store(out + i_h * R + o_r, b_o.to(out.dtype.element_ty))
+
+
+def _workspace(device, NS: int, H: int, R: int):
+    key = (str(device), NS, H, R)
+    if key not in _WS:
+        _WS[key] = (torch.empty(NS, H, dtype=torch.float32, device=device),
+                    torch.empty(NS, H, dtype=torch.float32, device=device),
+                    torch.empty(NS, H, R, dtype=torch.float32, device=device))
+    return _WS[key]
+
+
+def default_splits(device) -> int:
+    if _INTERP or not torch.cuda.is_available():
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
+               min_chunk: int = 128, BS: int = 32, num_warps: int = 8, num_stages: int = 2, workspace=None):
+    """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
+
+    q_abs [H, R], q_pe [H, Dr] (bf16 or fp32); latent [S_cap, R+Dr] bf16/fp32, or float8_e4m3fn with
+    latent_scale [S_cap] fp32 (row = stored * scale); seq_len: int, or a device int tensor [1] (>= 1)
+    read by the kernels (graph replay at growing lengths; the grid is fixed at num_splits programs and
+    each covers max(min_chunk, ceil(seq_len / num_splits)) rows). out [H, R] (default fp32)."""
+    H, R = q_abs.shape
+    DR = q_pe.shape[1]
+    assert latent.shape[1] == R + DR and latent.stride(1) == 1 and R == triton.next_power_of_2(R)
+    assert q_abs.is_contiguous() and q_pe.is_contiguous()
+    fp8 = latent.dtype == torch.float8_e4m3fn
+    assert not fp8 or latent_scale is not None
+    out = torch.empty(H, R, dtype=torch.float32, device=q_abs.device) if out is None else out
+    NS = num_splits or default_splits(q_abs.device)
+    if _INTERP:
+        num_warps, num_stages = 1, 1
+    BS = max(16, BS)
+    min_chunk = triton.cdiv(max(min_chunk, BS), BS) * BS
+    ws_m, ws_l, ws_acc = workspace if workspace is not None else _workspace(q_abs.device, NS, H, R)
+    in_ptr = isinstance(seq_len, torch.Tensor)
+    seq_ptr, seq_int = (seq_len, 0) if in_ptr else (ws_m, int(seq_len))
+    common = dict(BS=BS, NS=NS, MIN_CHUNK=min_chunk, LEN_IN_PTR=in_ptr)
+    mla_decode_split_kernel[(NS,)](
+        q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
+        scale * _LOG2E, latent.stride(0),
+        H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
+        FP8=fp8, UPCAST=_INTERP, num_warps=num_warps, num_stages=num_stages, **common,
+    )
+    BR = min(R, 128)
+    mla_decode_combine_kernel[(H, R // BR)](
+        ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BNS=triton.next_power_of_2(NS),
+        num_warps=1 if _INTERP else 4, **common,
+    )
+    return out
+
+
+@triton.jit
+def _fp8_grid(x, ROUND: tl.constexpr):
+    """Round to the e4m3 grid in fp32 first when ROUND (the interpreter's fp32->fp8 cast mis-rounds
+    across binades: 124.8 -> 64); the cast is then exact."""
+    if ROUND:
+        ulp = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 0.015625))) - 3)
+        x = tl.floor(x / ulp + 0.5) * ulp
+    return x
+
+
+@triton.jit
+def mla_cache_write_kernel(
+    kv, norm_w, lat, lat_scale, pos_ptr, pos_int, eps,  # kv [T, R+DR] rows strided; lat [S_cap, R+DR]
+    stride_kv, stride_lat,
+    R: tl.constexpr, DR: tl.constexpr, BDR: tl.constexpr, POS_IN_PTR: tl.constexpr, FP8: tl.constexpr,
+    FMAX: tl.constexpr, ROUND: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    if POS_IN_PTR:
+        p = tl.load(pos_ptr).to(tl.int64) + i_t
+    else:
+        p = (pos_int + i_t).to(tl.int64)
+    xdt = kv.dtype.element_ty
+    o_r = tl.arange(0, R)
+    o_d = tl.arange(0, BDR)
+    m_d = o_d < DR
+    b_x = tl.load(kv + i_t * stride_kv + o_r).to(tl.float32)
+    # naive.rms_norm: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype
+    b_n = (b_x * tl.rsqrt(tl.sum(b_x * b_x, 0) / R + eps)).to(xdt).to(tl.float32)
+    b_c = (b_n * tl.load(norm_w + o_r).to(xdt).to(tl.float32)).to(xdt).to(tl.float32)
+    b_kp = tl.load(kv + i_t * stride_kv + R + o_d, mask=m_d, other=0).to(tl.float32)
+    p_row = lat + p * stride_lat
+    if FP8:
+        b_amax = tl.maximum(tl.max(tl.abs(b_c), 0), tl.max(tl.abs(b_kp), 0))
+        b_s = tl.maximum(b_amax, 1e-30) / FMAX
+        tl.store(lat_scale + p, b_s)
+        b_c = _fp8_grid(b_c / b_s, ROUND)
+        b_kp = _fp8_grid(b_kp / b_s, ROUND)
+    tl.store(p_row + o_r, b_c.to(lat.dtype.element_ty))
+    tl.store(p_row + R + o_d, b_kp.to(lat.dtype.element_ty), mask=m_d)
+
+
+def mla_cache_write(kv, norm_w, eps: float, latent, pos, latent_scale=None):
+    """Append T tokens to the latent cache: rows pos..pos+T-1 = [rms_norm(kv[:, :R]; norm_w) || kv[:, R:]].
+    kv [T, R+Dr] (kv_a_proj_with_mqa output; rows may be strided), norm_w [R], latent [S_cap, R+Dr]
+    (bf16/fp32, or float8_e4m3fn with latent_scale [S_cap] fp32: per-row amax / 448). pos: int or a
+    device int tensor [1] (graph-capturable)."""
+    if kv.dim() == 1:
+        kv = kv[None]
+    T = kv.shape[0]
+    R = norm_w.shape[0]
+    DR = kv.shape[1] - R
+    assert kv.stride(1) == 1 and latent.stride(1) == 1 and latent.shape[1] == R + DR
+    fp8 = latent.dtype == torch.float8_e4m3fn
+    assert not fp8 or latent_scale is not None
+    in_ptr = isinstance(pos, torch.Tensor)
+    mla_cache_write_kernel[(T,)](
+        kv, norm_w, latent, latent_scale if fp8 else norm_w, pos if in_ptr else norm_w, 0 if in_ptr else int(pos), eps,
+        kv.stride(0), latent.stride(0),
+        R=R, DR=DR, BDR=triton.next_power_of_2(DR), POS_IN_PTR=in_ptr, FP8=fp8, FMAX=FP8_MAX, ROUND=_INTERP,
+        num_warps=1 if _INTERP else 4,
+    )
+    return latent
