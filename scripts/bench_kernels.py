@@ -1,0 +1,330 @@
+"""Kernel benchmarks on synthetic full-size weights (random valid ggml blocks made on the GPU).
+
+    python scripts/bench_kernels.py [--only moe,qgemv,qgemm] [--quick]
+
+Measures the device's copy bandwidth and bf16 matmul rate first, then every selected section; each row
+gives the median time (CUDA events, triton.testing.do_bench), effective GB/s, % of the measured copy
+bandwidth (or TFLOP/s and % of the measured matmul rate), and a baseline timed in the same run.
+Small kernels are timed as CUDA-graph replays of R calls over R different weight sets (or expert
+selections) so the 50 MB L2 never holds the working set. The table is printed last; full rows go to
+$OUT/bench_kernels.json when $OUT is set.
+
+Adding a section (KDA, MLA, ...): write `def bench_name(ctx) -> list[dict]` using ctx.time / ctx.row and
+decorate it with @section("name").
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+try:
+    from kimi_local.kernels import moe, quant_matmul as qm
+except ImportError:  # not pip-installed (device machine): import the source dirs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import moe, quant_matmul as qm
+
+SECTIONS = []  # (name, fn)
+
+
+def section(name):
+    def deco(fn):
+        SECTIONS.append((name, fn))
+        return fn
+    return deco
+
+
+class Ctx:
+    def __init__(self, quick):
+        self.quick = quick
+        self.bw = None  # bytes/s, measured
+        self.flops = None  # bf16 FLOP/s, measured
+        self.rows = []
+
+    def time(self, fn, graph=False, calls=1):
+        """Median ms of one call of fn (fn may do `calls` calls; the result is divided)."""
+        if graph:
+            fn()  # warm (autotune, compile) outside the capture
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                fn()
+            run = g.replay
+        else:
+            run = fn
+        ms = triton.testing.do_bench(run, warmup=50 if self.quick else 200, rep=100 if self.quick else 500,
+                                     return_mode="median")
+        return ms / calls
+
+    def row(self, sec, case, ms, nbytes=None, flop=None, base=None, base_ms=None, note=""):
+        r = {"section": sec, "case": case, "ms": ms}
+        if nbytes is not None:
+            r["GB/s"] = nbytes / ms / 1e6
+            r["%bw"] = 100 * nbytes / (ms * 1e-3) / self.bw
+            r["floor_ms"] = nbytes / self.bw * 1e3
+        if flop is not None:
+            r["TFLOP/s"] = flop / ms / 1e9
+            r["%mm"] = 100 * flop / (ms * 1e-3) / self.flops
+        if base is not None:
+            r["baseline"] = base
+            r["base_ms"] = base_ms
+            r["x_base"] = ms / base_ms
+        r["note"] = note
+        self.rows.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic weights
+
+FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
+
+
+def rand_packed(qtype, lead, N, K, scale=0.002):
+    """Packed weight uint8 [*lead, N, prb] from random valid ggml blocks, made on the GPU."""
+    if qtype == "BF16":
+        return qm.repack((torch.randn(*lead, N, K, device="cuda") * scale).bfloat16(), "BF16")
+    nb, ts = K // qm.QK[qtype], qm.TYPE_SIZE[qtype]
+    b = torch.randint(0, 256, (*lead, N, nb, ts), dtype=torch.uint8, device="cuda")
+    for o in FP16_FIELDS[qtype]:
+        v = (torch.rand(*lead, N, nb, 1, device="cuda") * scale + scale / 10).half()
+        b[..., o:o + 2] = v.view(torch.uint8)
+    return qm.repack(b.view(*lead, N, nb * ts), qtype)
+
+
+def n_copies(nbytes, target=400e6, most=16):
+    """How many weight copies to rotate over so one pass reads >= target bytes (>> 50 MB L2)."""
+    return max(1, min(most, math.ceil(target / nbytes)))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@section("bandwidth")
+def bench_bandwidth(ctx):
+    n = 2 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    ctx.bw = 2 * n / (ms * 1e-3)
+    r = ctx.row("bandwidth", "d2d copy 2 GiB (read+write)", ms, nbytes=2 * n)
+    del a, b
+    S = 8192
+    x, y = torch.randn(S, S, device="cuda", dtype=torch.bfloat16), torch.randn(S, S, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    ctx.flops = 2 * S ** 3 / (ms * 1e-3)
+    ctx.row("bandwidth", "bf16 matmul 8192^3 (random)", ms, flop=2 * S ** 3)
+    return r
+
+
+@section("dequant")
+def bench_dequant(ctx):
+    N, K = 4096, 2304
+    for qt in ["Q4_K", "Q6_K", "Q8_0", "Q3_K"]:
+        R = n_copies(N * K * 2.6)
+        ws = [rand_packed(qt, (), N, K) for _ in range(R)]
+        outs = [torch.empty(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(R)]
+        ms = ctx.time(lambda: [qm.dequantize_gpu(w, qt, (N, K), out=o) for w, o in zip(ws, outs)], graph=True, calls=R)
+        ctx.row("dequant", f"{qt} [{N},{K}] -> bf16", ms, nbytes=ws[0].numel() + N * K * 2)
+
+
+@section("qgemv")
+def bench_qgemv(ctx):
+    shapes = [("lm_head", 163840, 2304), ("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("expert_up", 1024, 2304)]
+    qtypes = ["Q4_K", "Q6_K", "Q8_0"]
+    Ms = [1] if ctx.quick else [1, 8]
+    for name, N, K in shapes:
+        wb_bytes = N * K * 2
+        Rb = n_copies(wb_bytes)
+        wbs = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(Rb)]
+        for M in Ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ob = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            base_ms = ctx.time(lambda: [torch.matmul(x, w.t(), out=ob) for w in wbs], graph=True, calls=Rb)
+            ctx.row("qgemv", f"{name} [{N},{K}] M={M} bf16 cuBLAS", base_ms, nbytes=wb_bytes)
+            for qt in qtypes:
+                nbytes = N * qm.packed_row_bytes(qt, K)
+                R = n_copies(nbytes)
+                ws = [rand_packed(qt, (), N, K) for _ in range(R)]
+                out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+                methods = ["fma"] if M == 1 else ["fma", "dot"]
+                for meth in methods:
+                    ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth) for w in ws], graph=True,
+                                  calls=R)
+                    ctx.row("qgemv", f"{name} [{N},{K}] M={M} {qt} {meth}", ms, nbytes=nbytes + M * (K + N) * 2,
+                            base="bf16 cuBLAS", base_ms=base_ms)
+                del ws
+        del wbs
+
+
+@section("qgemm")
+def bench_qgemm(ctx):
+    N, K = 4096, 2304
+    Ms = [512, 2048] if ctx.quick else [512, 2048, 8192]
+    wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01
+    scratch = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
+    for qt in ["Q4_K", "Q6_K", "Q8_0"]:
+        w = rand_packed(qt, (), N, K)
+        for M in Ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            flop = 2 * M * N * K
+            base_ms = ctx.time(lambda: torch.matmul(x, wb.t(), out=out))
+            ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T bf16 cuBLAS (dequantized weight)", base_ms, flop=flop)
+            for meth in ["fused", "cublas"]:
+                ms = ctx.time(lambda: qm.qgemm(x, w, qt, N, out=out, method=meth, scratch=scratch))
+                ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T {qt} {meth}", ms, flop=flop, base="bf16 cuBLAS",
+                        base_ms=base_ms)
+
+
+def _moe_pools(qtypes, S, D, Fe):
+    return [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+
+
+@section("moe")
+def bench_moe_decode(ctx):
+    S, D, Fe, k = 256, 2304, 1024, 8
+    shq = ("Q8_0", "Q8_0", "Q8_0")
+    shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
+    shared_bytes = sum(s.numel() for s in shared)
+    R = 8  # expert selections per graph: 8 x ~40 MB
+    gen = torch.Generator().manual_seed(0)
+    sel = [torch.randperm(S, generator=gen)[:k] for _ in range(R)]
+    slot_ts = [s.to(torch.int32).cuda() for s in sel]
+    wts = [torch.rand(k, generator=gen).cuda() for _ in range(R)]
+    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    # baseline 1: experts resident as bf16, torch per expert (cuBLAS GEMVs), graph-replayed
+    wbf = [torch.randn(S, r, c, device="cuda", dtype=torch.bfloat16) * 0.01 for r, c in ((Fe, D), (Fe, D), (D, Fe))]
+    sbf = [torch.randn(r, c, device="cuda", dtype=torch.bfloat16) * 0.01 for r, c in ((Fe, D), (Fe, D), (D, Fe))]
+
+    def torch_moe(weights, slots, wt):
+        y = F.linear(F.silu(F.linear(x, sbf[0])) * F.linear(x, sbf[1]), sbf[2]).float()
+        for j, s in enumerate(slots.tolist()):
+            y += wt[j] * F.linear(F.silu(F.linear(x, weights[0][s])) * F.linear(x, weights[1][s]), weights[2][s])
+        out.copy_(y)
+
+    bf_ms = ctx.time(lambda: [torch_moe(wbf, s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
+    ctx.row("moe", "decode k=8+shared bf16 experts, torch per expert", bf_ms, nbytes=(k + 1) * 3 * Fe * D * 2)
+    del wbf
+    for qtypes in [("Q4_K", "Q4_K", "Q4_K"), ("Q3_K", "Q3_K", "Q3_K"), ("Q4_K", "Q4_K", "Q5_K")]:
+        pools = _moe_pools(qtypes, S, D, Fe)
+        nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes
+        # baseline 2: dequantize each selected expert to bf16 scratch (Triton) + torch matmuls
+        scr = [torch.empty(r, c, device="cuda", dtype=torch.bfloat16) for r, c in ((Fe, D), (Fe, D), (D, Fe))]
+        sh_scr = [torch.empty(r, c, device="cuda", dtype=torch.bfloat16) for r, c in ((Fe, D), (Fe, D), (D, Fe))]
+
+        def deq_moe(slots, wt):
+            for i, (p, qt, (r, c)) in enumerate(zip(shared, shq, ((Fe, D), (Fe, D), (D, Fe)))):
+                qm.dequantize_gpu(p, qt, (r, c), out=sh_scr[i])
+            y = F.linear(F.silu(F.linear(x, sh_scr[0])) * F.linear(x, sh_scr[1]), sh_scr[2]).float()
+            for j, s in enumerate(slots.tolist()):
+                for i, (p, qt, (r, c)) in enumerate(zip(pools, qtypes, ((Fe, D), (Fe, D), (D, Fe)))):
+                    qm.dequantize_gpu(p[s], qt, (r, c), out=scr[i])
+                y += wt[j] * F.linear(F.silu(F.linear(x, scr[0])) * F.linear(x, scr[1]), scr[2])
+            out.copy_(y)
+
+        base_ms = ctx.time(lambda: [deq_moe(s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
+        name = "/".join(qtypes)
+        ctx.row("moe", f"decode {name} dequant+torch per expert", base_ms, nbytes=nbytes)
+        ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
+                               for s, w in zip(slot_ts, wts)], graph=True, calls=R)
+        ctx.row("moe", f"decode {name} fused (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
+                base_ms=base_ms, note=f"bf16-torch x{ms / bf_ms:.2f}")
+        del pools
+
+
+@section("moe_prefill")
+def bench_moe_prefill(ctx):
+    S, D, Fe, k = 256, 2304, 1024, 8
+    qtypes = ("Q4_K", "Q4_K", "Q4_K")
+    pools = _moe_pools(qtypes, S, D, Fe)
+    wbf = [torch.randn(S, r, c, device="cuda", dtype=torch.bfloat16) * 0.01 for r, c in ((Fe, D), (Fe, D), (D, Fe))]
+    Ts = [512, 2048] if ctx.quick else [512, 2048, 8192]
+    for T in Ts:
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(T, S, device="cuda").topk(k, dim=1).indices
+        w = torch.rand(T, k, device="cuda")
+        out = torch.empty(T, D, device="cuda", dtype=torch.bfloat16)
+        flop = 2 * T * k * 3 * Fe * D
+        # baseline: tokens pre-sorted by expert (not timed), bf16 cuBLAS per expert, graph-replayed
+        flat = ids.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        counts = torch.bincount(flat, minlength=S).tolist()
+        xs = x[order // k]
+        ys = torch.empty(T * k, D, device="cuda", dtype=torch.bfloat16)
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+
+        def torch_grouped():
+            for e in range(S):
+                a, b = bounds[e], bounds[e + 1]
+                if a == b:
+                    continue
+                xe = xs[a:b]
+                h = F.silu(F.linear(xe, wbf[0][e])) * F.linear(xe, wbf[1][e])
+                torch.matmul(h, wbf[2][e].t(), out=ys[a:b])
+
+        base_ms = ctx.time(torch_grouped, graph=True)
+        ctx.row("moe_prefill", f"T={T} bf16 cuBLAS per expert (pre-sorted)", base_ms, flop=flop)
+        ms = ctx.time(lambda: moe.moe_prefill(x, ids, w, *pools, qtypes, out))
+        ctx.row("moe_prefill", f"T={T} Q4_K fused grouped (sort+gemms+sum)", ms, flop=flop,
+                base="bf16 cuBLAS per expert", base_ms=base_ms)
+
+
+def print_table(rows):
+    cols = ["section", "case", "ms", "floor_ms", "GB/s", "%bw", "TFLOP/s", "%mm", "baseline", "base_ms", "x_base",
+            "note"]
+    fmt = {"ms": "{:.4f}", "floor_ms": "{:.4f}", "base_ms": "{:.4f}", "GB/s": "{:.0f}", "%bw": "{:.1f}",
+           "TFLOP/s": "{:.1f}", "%mm": "{:.1f}", "x_base": "{:.2f}"}
+    cells = [[fmt.get(c, "{}").format(r[c]) if c in r else "" for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
+    print("-+-".join("-" * w for w in width))
+    for x in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="", help="comma list of section-name prefixes (bandwidth always runs)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
+    args = ap.parse_args()
+    only = [s for s in args.only.split(",") if s]
+    ctx = Ctx(args.quick)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    failed = []
+    for name, fn in SECTIONS:
+        if name != "bandwidth" and only and not any(name.startswith(o) for o in only):
+            continue
+        try:
+            fn(ctx)
+        except Exception as e:  # keep the other sections' numbers
+            if name == "bandwidth":
+                raise
+            failed.append(f"{name}: {type(e).__name__}: {e}")
+            print("FAILED", failed[-1], flush=True)
+        torch.cuda.empty_cache()
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_kernels.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "rows": ctx.rows, "failed": failed}, indent=1))
+    print_table(ctx.rows)
+    for f in failed:
+        print("FAILED", f)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
