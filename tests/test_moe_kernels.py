@@ -128,7 +128,8 @@ def test_cuda_moe_decode(qtypes):
     sel = slots.long()
     raw_dense = []
     for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F))):
-        raw_dense.append(torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c)).float() for s in sel.tolist()]))
+        raw_dense.append(torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
+                                     for s in sel.tolist()]))  # fp32: exact weights
     ref = moe_ref(x, torch.arange(k, device="cuda")[None], w[None], *raw_dense, shared=shared_d)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
