@@ -59,6 +59,11 @@ def kda_decode_step_kernel(
     m_v = o_v < V
     ch_v = i_h * V + o_v
 
+    # the state block first: its load is the long one and nothing before it depends on a reduction
+    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.load(p_s, mask=m_s, other=0)  # [BK, BV] fp32
+
     # short conv + SiLU; every V block recomputes q/k of its head (needed whole for the L2 norm)
     win_q, b_q = _conv_window(q_raw, tq, wq, ch_k, m_k, W, BW)
     win_k, b_k = _conv_window(k_raw, tk, wk, ch_k, m_k, W, BW)
@@ -74,9 +79,7 @@ def kda_decode_step_kernel(
     b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
 
     # delta rule on the state block [BK, BV]: decay -> error -> write -> read
-    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    b_s = tl.load(p_s, mask=m_s, other=0) * b_decay[:, None]
+    b_s = b_s * b_decay[:, None]
     b_u = b_v - tl.sum(b_s * b_k[:, None], 0)
     b_s += b_beta * b_k[:, None] * b_u[None, :]
     b_o = tl.sum(b_s * b_q[:, None], 0)  # [BV]
@@ -158,7 +161,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def causal_conv_prefill_kernel(
     x, w, tail, out,  # [T, C] (row stride stride_x), [C, W], [C, W-1] (updated in place), [T, C]
     T, C, stride_x, stride_o,
@@ -167,29 +170,33 @@ def causal_conv_prefill_kernel(
     i_t, i_c = tl.program_id(0), tl.program_id(1)
     o_t = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T, o_c < C
+    m_c = o_c < C
     b_acc = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(W):
-        o_s = o_t + j - (W - 1)  # source token; < 0 reads the old tail (only in block 0, BT >= W)
-        in_x = o_s >= 0
-        b_x = tl.load(x + o_s.to(tl.int64)[:, None] * stride_x + o_c[None, :],
-                      mask=(m_t & in_x)[:, None] & m_c[None, :], other=0).to(tl.float32)
-        b_t = tl.load(tail + o_c[None, :] * (W - 1) + (o_s + W - 1)[:, None],
-                      mask=(m_t & (o_s < 0))[:, None] & m_c[None, :], other=0).to(tl.float32)
-        b_w = tl.load(w + o_c * W + j, mask=m_c, other=0).to(tl.float32)
-        b_acc += (b_x + b_t) * b_w[None, :]
+        o_s = o_t + j - (W - 1)  # tap j reads token t + j - (W-1); rows before 0 are the tail's (below)
+        b_x = tl.load(x + o_s[:, None] * stride_x + o_c[None, :],
+                      mask=((o_s >= 0) & (o_s < T))[:, None] & m_c[None, :], other=0).to(tl.float32)
+        b_acc += b_x * tl.load(w + o_c * W + j, mask=m_c, other=0).to(tl.float32)[None, :]
+    if i_t == 0:
+        # the old tail feeds rows r < W-1: y[r] += sum_{j < W-1-r} w[j] * tail[r + j]
+        for r in tl.static_range(W - 1):
+            b_r = tl.zeros([BC], dtype=tl.float32)
+            for j in tl.static_range(W - 1 - r):
+                b_r += (tl.load(w + o_c * W + j, mask=m_c, other=0).to(tl.float32)
+                        * tl.load(tail + o_c * (W - 1) + r + j, mask=m_c, other=0).to(tl.float32))
+            b_acc += tl.where(o_t[:, None] == r, b_r[None, :], 0.0)
     b_y = b_acc * tl.sigmoid(b_acc)
-    tl.store(out + o_t.to(tl.int64)[:, None] * stride_o + o_c[None, :], b_y.to(out.dtype.element_ty),
-             mask=m_t[:, None] & m_c[None, :])
+    tl.store(out + o_t[:, None] * stride_o + o_c[None, :], b_y.to(out.dtype.element_ty),
+             mask=(o_t < T)[:, None] & m_c[None, :])
     if i_t == 0:
         # the only program that read the old tail writes the new one: new[c, i] = [old tail ; x][T + i]
         o_i = tl.arange(0, BW)
         m_i = o_i < W - 1
-        o_s = T + o_i - (W - 1)
-        in_x = o_s >= 0
-        b_x = tl.load(x + o_s.to(tl.int64)[None, :] * stride_x + o_c[:, None], mask=m_c[:, None] & (m_i & in_x)[None, :], other=0)
-        b_t = tl.load(tail + o_c[:, None] * (W - 1) + (T + o_i)[None, :], mask=m_c[:, None] & (m_i & (o_s < 0))[None, :], other=0)
-        b_new = tl.where(in_x[None, :], b_x.to(tail.dtype.element_ty), b_t)
+        o_n = T + o_i - (W - 1)
+        n_in_x = o_n >= 0
+        b_nx = tl.load(x + o_n[None, :] * stride_x + o_c[:, None], mask=m_c[:, None] & (m_i & n_in_x)[None, :], other=0)
+        b_nt = tl.load(tail + o_c[:, None] * (W - 1) + (T + o_i)[None, :], mask=m_c[:, None] & (m_i & (o_n < 0))[None, :], other=0)
+        b_new = tl.where(n_in_x[None, :], b_nx.to(tail.dtype.element_ty), b_nt)
         tl.debug_barrier()
         tl.store(tail + o_c[:, None] * (W - 1) + o_i[None, :], b_new, mask=m_c[:, None] & m_i[None, :])
 
@@ -201,6 +208,7 @@ def causal_conv_prefill(x, w, tail, out=None, BT: int = 64, BC: int = 64):
     T, C = x.shape
     W = w.shape[1]
     assert x.stride(1) == 1 and w.is_contiguous() and tail.is_contiguous() and tail.shape == (C, W - 1)
+    assert T * max(x.stride(0), C) < 2**31  # int32 offsets (prefill runs in chunks)
     out = torch.empty(T, C, dtype=torch.float32, device=x.device) if out is None else out
     assert out.stride(1) == 1
     BT = max(BT, triton.next_power_of_2(W))
@@ -208,7 +216,7 @@ def causal_conv_prefill(x, w, tail, out=None, BT: int = 64, BC: int = 64):
         BT, BC = min(BT, 16), min(BC, 16)
     grid = (triton.cdiv(T, BT), triton.cdiv(C, BC))
     causal_conv_prefill_kernel[grid](x, w, tail, out, T, C, x.stride(0), out.stride(0),
-                                     W=W, BT=BT, BC=BC, BW=triton.next_power_of_2(W), num_warps=4)
+                                     W=W, BT=BT, BC=BC, BW=triton.next_power_of_2(W), num_warps=1 if _INTERP else 8)
     return out
 
 

@@ -33,7 +33,7 @@ def _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR: tl.constexpr, NS: tl.constex
     return n, chunk, s0, tl.minimum(s0 + chunk, n), tl.cdiv(n, chunk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_int"])
 def mla_decode_split_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
@@ -84,23 +84,27 @@ def mla_decode_split_kernel(
         tl.store(ws_acc + (i_s * H + o_h)[:, None] * R + o_r[None, :], b_acc, mask=m_h[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_int"])
 def mla_decode_combine_kernel(
     ws_m, ws_l, ws_acc, seq_ptr, seq_int, out,  # out [H, R]
-    H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BNS: tl.constexpr,
+    H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr,
 ):
     i_h, i_r = tl.program_id(0), tl.program_id(1)
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
     o_n = tl.arange(0, BNS)
-    m_n = o_n < n_used
+    b_mx = tl.max(tl.load(ws_m + o_n * H + i_h, mask=o_n < n_used, other=float("-inf")), 0)
     o_r = i_r * BR + tl.arange(0, BR)
-    b_m = tl.load(ws_m + o_n * H + i_h, mask=m_n, other=float("-inf"))
-    b_l = tl.load(ws_l + o_n * H + i_h, mask=m_n, other=0)
-    b_w = tl.where(m_n, tl.exp2(b_m - tl.max(b_m, 0)), 0.0)
-    b_acc = tl.load(ws_acc + (o_n * H + i_h)[:, None] * R + o_r[None, :], mask=m_n[:, None], other=0)
-    b_o = tl.sum(b_acc * b_w[:, None], 0) / tl.sum(b_l * b_w, 0)
-    tl.store(out + i_h * R + o_r, b_o.to(out.dtype.element_ty))
+    b_o = tl.zeros([BR], dtype=tl.float32)
+    b_l = tl.zeros([BN], dtype=tl.float32)
+    for n0 in range(0, n_used, BN):
+        o_b = n0 + tl.arange(0, BN)
+        m_b = o_b < n_used
+        b_w = tl.where(m_b, tl.exp2(tl.load(ws_m + o_b * H + i_h, mask=m_b, other=0) - b_mx), 0.0)
+        b_l += tl.load(ws_l + o_b * H + i_h, mask=m_b, other=0) * b_w
+        b_acc = tl.load(ws_acc + (o_b * H + i_h)[:, None] * R + o_r[None, :], mask=m_b[:, None], other=0)
+        b_o += tl.sum(b_acc * b_w[:, None], 0)
+    tl.store(out + i_h * R + o_r, (b_o / tl.sum(b_l, 0)).to(out.dtype.element_ty))
 
 
 def _workspace(device, NS: int, H: int, R: int):
@@ -150,7 +154,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     )
     BR = min(R, 128)
     mla_decode_combine_kernel[(H, R // BR)](
-        ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BNS=triton.next_power_of_2(NS),
+        ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
         num_warps=1 if _INTERP else 4, **common,
     )
     return out
@@ -166,7 +170,7 @@ def _fp8_grid(x, ROUND: tl.constexpr):
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_int"])
 def mla_cache_write_kernel(
     kv, norm_w, lat, lat_scale, pos_ptr, pos_int, eps,  # kv [T, R+DR] rows strided; lat [S_cap, R+DR]
     stride_kv, stride_lat,

@@ -5,10 +5,17 @@ bf16 and fp8, CUDA-graph replay at growing lengths.
 """
 import math
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from kimi_local.kernels import mla, naive
+try:
+    from kimi_local.kernels import mla, naive
+except ImportError:  # not pip-installed (device machine): import the source dirs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import mla, naive
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
