@@ -284,6 +284,158 @@ def bench_moe_prefill(ctx):
                 base="bf16 cuBLAS per expert", base_ms=base_ms)
 
 
+# ------------------------------------------------------------------------------------------------
+# KDA / MLA (kernels/kda.py, kernels/mla.py)
+
+
+def _kda_mla():
+    try:
+        from kimi_local.kernels import kda, mla, naive
+    except ImportError:
+        from kernels import kda, mla, naive
+    return kda, mla, naive
+
+
+def _fla_recurrent():
+    try:
+        from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
+    except Exception:  # fla-core not installed (carry a wheel to compare)
+        return None
+    return fused_recurrent_kda_fwd
+
+
+@section("kda")
+def bench_kda_decode(ctx):
+    """One KDA decode token per layer, graph-replayed over L layers' states (L x 2 MiB >> L2)."""
+    kda, _, naive = _kda_mla()
+    H, K, V, W = 32, 128, 128, 4
+    P, bf = H * K, torch.bfloat16
+    state_bytes = H * K * V * 4
+    L = 64
+    states = [torch.randn(H, K, V, device="cuda") * 0.05 for _ in range(L)]
+    conv_w = [torch.randn(3, P, W, device="cuda") * 0.3 for _ in range(L)]
+    tails = [torch.randn(3, P, W - 1, device="cuda").to(bf) for _ in range(L)]
+    a = -torch.rand(H, device="cuda") - 0.1
+    dt_bias, norm_w = torch.randn(P, device="cuda"), torch.rand(V, device="cuda") + 0.5
+    q, k, v, f, z = (torch.randn(P, device="cuda").to(bf) for _ in range(5))
+    beta = torch.randn(H, device="cuda").to(bf)
+    out = torch.empty(P, device="cuda", dtype=bf)
+    # state read + write, conv weights, tails read + write, projections in, output
+    nbytes = 2 * state_bytes + 3 * P * W * 4 + 2 * 3 * P * (W - 1) * 2 + 5 * P * 2 + P * 2
+    fla_fwd = _fla_recurrent()
+    base, base_ms = None, None
+    if fla_fwd is not None:
+        A_log = torch.log(-a)
+        q4, k4, v4, f4 = (t.view(1, 1, H, K) for t in (q, k, v, f))
+        b4, o4 = beta.view(1, 1, H), torch.empty(1, 1, H, V, device="cuda", dtype=bf)
+
+        def fla_step():
+            for s in states:
+                fla_fwd(q4, k4, v4, f4, b4, A_log=A_log, dt_bias=dt_bias, initial_state=s[None], scale=K**-0.5,
+                        inplace_final_state=True, use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True,
+                        use_beta_sigmoid_in_kernel=True, out=o4)
+
+        base_ms = ctx.time(fla_step, graph=True, calls=L)
+        base = "fla fused_recurrent_kda (no conv/norm)"
+        ctx.row("kda", "decode step: fla fused_recurrent_kda, gate/l2/beta in kernel (no conv, no norm)", base_ms,
+                nbytes=2 * state_bytes + 5 * P * 2)
+    Lt = 8  # the eager-torch reference is slow: fewer layers, still 16 MiB of state
+    t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
+                                                  states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
+    ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
+    for BV in (16, 32, 64, 128):
+        ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
+                                                   states[i], out, 1e-5, BV=BV) for i in range(L)],
+                      graph=True, calls=L)
+        ctx.row("kda", f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV}", ms, nbytes=nbytes,
+                base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
+
+
+@section("kda_prefill")
+def bench_kda_prefill(ctx):
+    kda, _, naive = _kda_mla()
+    T, H, K, V, W = 8192, 32, 128, 128, 4
+    C, bf = H * K, torch.bfloat16
+    x = torch.randn(T, C, device="cuda").to(bf)
+    w = torch.randn(C, W, device="cuda")
+    tail = torch.randn(C, W - 1, device="cuda").to(bf)
+    out = torch.empty(T, C, device="cuda", dtype=bf)
+    wt = w.view(C, 1, W).to(bf)
+    base_ms = ctx.time(lambda: F.silu(F.conv1d(torch.cat([tail.t(), x], 0).t()[None], wt, groups=C)))
+    ctx.row("kda_prefill", f"short conv T={T} C={C}: torch conv1d+silu (bf16)", base_ms, nbytes=2 * T * C * 2)
+    for BT, BC in ((64, 64), (32, 128), (128, 64)):
+        ms = ctx.time(lambda: kda.causal_conv_prefill(x, w, tail, out, BT=BT, BC=BC))
+        ctx.row("kda_prefill", f"short conv T={T} C={C} Triton BT={BT} BC={BC}", ms, nbytes=2 * T * C * 2,
+                base="torch conv1d", base_ms=base_ms)
+    q = naive.l2norm(torch.randn(T, H, K, device="cuda")).to(bf)
+    k = naive.l2norm(torch.randn(T, H, K, device="cuda")).to(bf)
+    v = torch.randn(T, H, V, device="cuda").to(bf)
+    g = -torch.rand(T, H, K, device="cuda")
+    beta = torch.rand(T, H, device="cuda")
+    state = torch.zeros(H, K, V, device="cuda")
+    flop = T * H * (4 * K * V + 2 * 64 * (K + V))  # state read/write + intra-chunk terms, roughly
+    base_ms = ctx.time(lambda: kda.kda_prefill(q, k, v, g, beta, state, use_fla=False))
+    ctx.row("kda_prefill", f"chunked KDA T={T}: torch naive.kda_chunked (fp32)", base_ms, flop=flop)
+    if kda._fla_chunk_kda() is not None:
+        ms = ctx.time(lambda: kda.kda_prefill(q, k, v, g, beta, state, use_fla=True))
+        ctx.row("kda_prefill", f"chunked KDA T={T}: fla chunk_kda via kda_prefill", ms, flop=flop,
+                base="torch kda_chunked", base_ms=base_ms)
+
+
+@section("mla")
+def bench_mla_decode(ctx):
+    """MLA decode attention over the 576-value latent cache, one query token, 32 heads."""
+    _, mla, _ = _kda_mla()
+    H, R, DR = 32, 512, 64
+    scale = 1 / math.sqrt(192)
+    bf, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    q_abs = (torch.randn(H, R, device="cuda") * 0.05).to(bf)
+    q_pe = torch.randn(H, DR, device="cuda").to(bf)
+    q_cat = torch.cat([q_abs, q_pe], 1).view(1, H, 1, R + DR)
+    out = torch.empty(H, R, device="cuda")
+    configs = [dict(BS=32, num_warps=8, num_stages=2, min_chunk=128)]
+    if not ctx.quick:
+        configs += [dict(BS=64, num_warps=8, num_stages=2, min_chunk=128), dict(BS=32, num_warps=8, num_stages=3,
+                    min_chunk=128), dict(BS=32, num_warps=8, num_stages=2, min_chunk=256),
+                    dict(BS=16, num_warps=4, num_stages=3, min_chunk=128)]
+    for S in ([4096, 131072] if ctx.quick else [4096, 131072, 1048576]):
+        base_ms = {}
+        for dt in (bf, fp8):
+            row_bytes = (R + DR) * (2 if dt == bf else 1) + (4 if dt == fp8 else 0)
+            nbytes = S * row_bytes
+            n = n_copies(nbytes, target=150e6, most=32)
+            lats = [(torch.randn(S, R + DR, device="cuda") * (1 if dt == bf else 40)).to(dt) for _ in range(n)]
+            scs = [torch.rand(S, device="cuda") * 0.02 + 0.01 for _ in range(n)]
+            seq = torch.tensor([S], dtype=torch.int32, device="cuda")
+            tag = "bf16" if dt == bf else "fp8"
+            if dt == bf:
+                def sdpa():
+                    for lat in lats:
+                        F.scaled_dot_product_attention(q_cat, lat.view(1, 1, S, R + DR), lat[:, :R].view(1, 1, S, R),
+                                                       scale=scale, enable_gqa=True)
+
+                def eager():
+                    for lat in lats:
+                        s = (q_abs @ lat[:, :R].t() + q_pe @ lat[:, R:].t()).float() * scale
+                        torch.softmax(s, -1).to(bf) @ lat[:, :R]
+
+                for name, fn in (("torch SDPA (MQA, 1 kv head)", sdpa), ("torch eager absorbed", eager)):
+                    try:
+                        base_ms[name] = ctx.time(fn, graph=True, calls=n)
+                        ctx.row("mla", f"S={S} bf16 {name}", base_ms[name], nbytes=nbytes)
+                    except Exception as e:  # a backend without this head size: keep going
+                        print(f"mla baseline {name} S={S}: {type(e).__name__}: {e}", flush=True)
+            bname = next(iter(base_ms), None)
+            for cfg in configs:
+                ms = ctx.time(lambda: [mla.mla_decode(q_abs, q_pe, lat, seq, scale, out, latent_scale=sc, **cfg)
+                                       for lat, sc in zip(lats, scs)], graph=True, calls=n)
+                cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items())
+                ctx.row("mla", f"S={S} {tag} split-K Triton {cfg_s}", ms, nbytes=nbytes, base=bname and f"{bname} bf16",
+                        base_ms=base_ms.get(bname), note=f"splits={mla.default_splits(out.device)}")
+            del lats, scs
+            torch.cuda.empty_cache()
+
+
 def print_table(rows):
     cols = ["section", "case", "ms", "floor_ms", "GB/s", "%bw", "TFLOP/s", "%mm", "baseline", "base_ms", "x_base",
             "note"]
