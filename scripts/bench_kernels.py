@@ -391,7 +391,7 @@ def bench_mla_decode(ctx):
     bf, fp8 = torch.bfloat16, torch.float8_e4m3fn
     q_abs = (torch.randn(H, R, device="cuda") * 0.05).to(bf)
     q_pe = torch.randn(H, DR, device="cuda").to(bf)
-    q_cat = torch.cat([q_abs, q_pe], 1).view(1, H, 1, R + DR)
+    q_cat = torch.cat([q_abs, q_pe], 1).view(1, 1, H, R + DR)  # MQA as one head: the 32 heads are 32 queries
     out = torch.empty(H, R, device="cuda")
     configs = [dict(BS=32, num_warps=8, num_stages=2, min_chunk=128)]
     if not ctx.quick:
@@ -412,7 +412,7 @@ def bench_mla_decode(ctx):
                 def sdpa():
                     for lat in lats:
                         F.scaled_dot_product_attention(q_cat, lat.view(1, 1, S, R + DR), lat[:, :R].view(1, 1, S, R),
-                                                       scale=scale, enable_gqa=True)
+                                                       scale=scale)
 
                 def eager():
                     for lat in lats:
