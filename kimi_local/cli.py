@@ -90,6 +90,11 @@ def run(
     device: str = DeviceOpt, ctx: Optional[int] = CtxOpt,
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="HF dirs only: quantize linear weights to NF4 with bitsandbytes while loading."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (text, token counts, timings) instead of streaming."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Memory budget (e.g. 24GB): routed experts that do not fit live in host RAM and stream in (also emulated with --device cpu)."),
+    expert_policy: str = typer.Option("lfu", "--expert-policy", help="With --vram: expert cache eviction, lfu (decayed frequency) or lru."),
+    expert_profile: Optional[Path] = typer.Option(None, "--expert-profile", help="With --vram: place the most used experts first, from a file saved by --save-expert-profile."),
+    save_expert_profile: Optional[Path] = typer.Option(None, "--save-expert-profile", help="With --vram: save this run's expert popularity (plus --expert-profile's) for later runs."),
+    show_stats: bool = typer.Option(False, "--stats", help="With --vram: print expert cache statistics (hit rate, prefetch, GB/s, stalls) to stderr."),
 ):
     """Answer one prompt, streaming tokens to stdout and stats to stderr.
 
@@ -105,6 +110,10 @@ def run(
         fail("give a prompt with -p/--prompt, or pipe a document on stdin", 2)
     text = "\n\n".join(x for x in (doc, prompt) if x)
     m = load_model(model, device, load_in_4bit)
+    if vram is not None:
+        _offload_experts(m, vram, ctx, expert_policy, expert_profile)
+    elif save_expert_profile or expert_profile or show_stats:
+        fail("--expert-profile, --save-expert-profile and --stats need --vram", 2)
     cache = m.new_cache(ctx)
     ids = m.chat_ids(text, system)
     room = cache.max_ctx - max(1, min(max_tokens, 16))
@@ -145,6 +154,20 @@ def run(
         sys.stdout.write("\n")
         sys.stdout.flush()
         err_console.print(f"[dim]{stats_line(stats)}[/]")
+    experts = getattr(m.net, "expert_stats", None)
+    if experts is not None and show_stats:
+        err_console.print(f"[dim]{experts.summary()}[/]")
+    if save_expert_profile is not None:
+        m.net.experts.save_profile(save_expert_profile, m.net.experts.profile)
+
+
+def _offload_experts(m, vram: str, ctx, policy: str, profile: Optional[Path]):
+    from kimi_local.offload import apply_offload, parse_size
+
+    try:
+        return apply_offload(m, parse_size(vram), ctx, policy, profile)
+    except ModelError as e:
+        fail(str(e))
 
 
 # ---- demo ------------------------------------------------------------------------------------

@@ -583,12 +583,12 @@ class _LayerCache:
 class OffloadedExperts:
     """Routed experts in per-layer device slot pools filled from a host store (module docstring).
 
-    source: the experts' current holder (`ResidentExperts` or the engine's `GpuExperts`: anything
-    with `pools(layer)` giving (gate, up, down) stacks over all experts, and optionally `qtypes`)."""
+    store: the HostStore of every expert; qtypes: layer -> (gate, up, down) ggml types, for engines
+    whose pools are raw kernel-layout bytes (the engine's `GpuExperts.qtypes`)."""
 
-    def __init__(self, cfg: KimiConfig, weights: dict, source, placement: Placement, device,
+    def __init__(self, cfg: KimiConfig, weights: dict, store: "HostStore", placement: Placement, device,
                  policy: str = DEFAULT_POLICY, prefetch: bool = True,
-                 profile: dict[int, torch.Tensor] | None = None, pin: bool | None = None):
+                 profile: dict[int, torch.Tensor] | None = None, qtypes: dict | None = None):
         self.cfg, self.w, self.placement = cfg, weights, placement
         self.device = torch.device(device)
         self.E, self.k = cfg.num_experts, cfg.num_experts_per_token
@@ -596,9 +596,9 @@ class OffloadedExperts:
         self.next_layer = {a: b for a, b in zip(self.layers, self.layers[1:]) if b == a + 1}
         self.prefetch_enabled = prefetch
         self.policy_name = policy
-        self._qtypes = {L: source.qtypes(L) for L in self.layers} if hasattr(source, "qtypes") else None
-        cuda = self.device.type == "cuda"
-        self.store = HostStore(source, self.layers, pin=cuda if pin is None else pin)
+        self.profile = profile  # the counts it started from (added to a saved profile)
+        self._qtypes = qtypes
+        self.store = store
         self.stats = ExpertStats(policy=policy, slots=dict(placement.slots), num_experts=self.E,
                                  counts={L: torch.zeros(self.E, dtype=torch.float64) for L in self.layers})
         self.copier = _Copier(self.device, self.stats)
@@ -842,20 +842,24 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
     if policy not in POLICIES:
         raise ModelError(f"unknown --expert-policy {policy!r} (choose from {', '.join(POLICIES)})")
     prof = load_profile(profile, cfg) if profile else None
-    source = net.experts
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
+    source = net.experts
     expert_bytes = {L: sum(_nbytes(_raw(b)[0]) for b in source.pools(L)) for L in layers}
     place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
-    off = OffloadedExperts(cfg, net.w, source, place, net.device, policy, prefetch, prof)
+    qtypes = {L: source.qtypes(L) for L in layers} if hasattr(source, "qtypes") else None
+    store = HostStore(source, layers, pin=net.device.type == "cuda")
+    net.experts = source = None  # drop the device copies (if any) before the pools are allocated
     for L in layers:  # the model's own references to the full stacks now point at the host store
-        for p, raw, like in zip(PROJ, off.store.raw[L], off.store.like[L]):
+        for p, raw, like in zip(PROJ, store.raw[L], store.like[L]):
             name = f"blk.{L}.ffn_{p}_exps.weight"
             if name in net.w:
                 net.w[name] = _wrap(like, raw)
+        store.like[L] = tuple(_wrap(like, raw) for like, raw in zip(store.like[L], store.raw[L]))
+    if net.device.type == "cuda":
+        torch.cuda.empty_cache()
+    off = OffloadedExperts(cfg, net.w, store, place, net.device, policy, prefetch, prof, qtypes)
     net.experts = off
     net.expert_stats = off.stats
     if hasattr(net, "use_graph"):
         net.use_graph = False  # cache decisions happen on the host between layers: no whole-step graph
-    if net.device.type == "cuda":
-        torch.cuda.empty_cache()
     return off
