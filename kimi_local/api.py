@@ -76,8 +76,10 @@ class LocalModel:
         return "".join(self.stream(prompt, system, max_tokens, SamplingParams(**sampling)))
 
 
-def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4bit: bool = False) -> LocalModel:
-    """Load an HF directory or a GGUF file. dtype defaults to fp32 on CPU, bf16 on CUDA."""
+def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4bit: bool = False,
+         **engine_opts) -> LocalModel:
+    """Load an HF directory or a GGUF file. dtype defaults to fp32 on CPU, bf16 on CUDA.
+    engine_opts (CUDA only): kv_cache="bf16"|"fp8", use_graph=True."""
     from kimi_local.tokenizer import KimiTokenizer
     from kimi_local.weights import HFCheckpoint, load_dense
 
@@ -87,7 +89,7 @@ def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4
     if path.is_file() or path.suffix == ".gguf":
         from kimi_local.gguf_file import load_gguf_model
 
-        return load_gguf_model(path, dev, dtype)
+        return load_gguf_model(path, dev, dtype, **engine_opts)
     ckpt = HFCheckpoint(path)
     transform = None
     if load_in_4bit:
@@ -95,5 +97,19 @@ def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4
 
         transform = nf4_transform(dev)
     weights = load_dense(ckpt, dev, dtype, transform)
-    net = KimiLinear(ckpt.cfg, weights, dev, dtype)
+    net = build_net(ckpt.cfg, weights, dev, dtype, **engine_opts)
     return LocalModel(net, KimiTokenizer.from_dir(path), path, _fingerprint_dir(path))
+
+
+def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "bf16", use_graph: bool = True):
+    """The reference model on CPU; on CUDA the Triton engine (weights moved and repacked once)."""
+    if device.type != "cuda" or any(hasattr(w, "matmul") for w in weights.values()):
+        return KimiLinear(cfg, {n: _to(w, device) for n, w in weights.items()}, device, dtype)
+    from kimi_local.engine import GpuKimi
+
+    kv = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[kv_cache]
+    return GpuKimi(cfg, weights, device, torch.bfloat16, kv_dtype=kv, use_graph=use_graph)
+
+
+def _to(w, device):
+    return w.to(device) if hasattr(w, "to") else w

@@ -1,0 +1,217 @@
+"""`kimi-local bench`: decode and prefill speed, memory, and the share of the HBM roofline.
+
+--synthetic builds the full-size model (real config, random blocks of the chosen recipe) directly in
+GPU memory; otherwise a model path is loaded. Decode is timed at several context depths (the MLA
+cache is filled with random latents up to the depth: speed does not depend on its values), prefill
+on prompts of several lengths. The roofline of a decode step = (weight bytes read for one token +
+KDA state read and written + MLA latent bytes read at that depth) / HBM bandwidth measured in the
+same run by a device-to-device copy.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kimi_local.config import KimiConfig
+
+
+# ---- measurement helpers -----------------------------------------------------------------------
+def hbm_bandwidth(device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    t = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        t.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return nbytes / sorted(t)[len(t) // 2]
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- synthetic full-size model -------------------------------------------------------------------
+def random_qtensor(shape: tuple[int, ...], qtype: str, device, gen: torch.Generator):
+    """Random quantized blocks: 256 distinct quantized rows tiled to the full shape (contents do not
+    change the speed; addresses are all distinct)."""
+    from kimi_local.quant.formats import QTensor, quantize
+
+    K = shape[-1]
+    rows = int(torch.tensor(shape[:-1]).prod())
+    base = quantize(0.02 * torch.randn(min(rows, 256), K, generator=gen, device=device), qtype)
+    reps = -(-rows // base.shape[0])
+    data = base.repeat(reps, 1)[:rows].reshape(*shape[:-1], base.shape[-1]).contiguous()
+    return QTensor(data, qtype, tuple(shape))
+
+
+def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: float = 0.0) -> dict:
+    """Canonical weights of `cfg` on `device`: quantized per `qtype_of(name, shape)`, vectors fp32.
+    zipf > 0 skews the routing: the selection bias favours experts by a Zipf(s=zipf) popularity."""
+    from kimi_local.quant.hf_names import canonical_plan, hf_shapes
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hf = hf_shapes(cfg)
+    shape_of = {}
+    for name, srcs, _ in canonical_plan(cfg):
+        s = hf[srcs[0]]
+        if len(srcs) > 1:
+            s = (len(srcs), *s)
+        shape_of[name] = s
+    w = {}
+    for name, s in shape_of.items():
+        if name.endswith("ssm_a"):
+            w[name] = -torch.empty(cfg.kda_num_heads, device=device).uniform_(1, 16, generator=gen)
+        elif "conv1d" in name:
+            w[name] = 0.5 * torch.randn(s[0], s[2], device=device, generator=gen)
+        elif name.endswith("attn_k_b.weight"):
+            w[name] = 0.05 * torch.randn(cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                                         device=device, generator=gen)
+        elif name.endswith("attn_v_b.weight"):
+            w[name] = 0.05 * torch.randn(cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank,
+                                         device=device, generator=gen)
+        elif name.endswith("exp_probs_b.bias"):
+            b = torch.zeros(cfg.num_experts, device=device)
+            if zipf > 0:  # log-popularity bias in a random expert order
+                rank = torch.randperm(cfg.num_experts, device=device, generator=gen) + 1
+                b = -zipf * torch.log(rank.float()) * 0.5
+            w[name] = b
+        elif len(s) == 1 or "norm" in name or name.endswith("ssm_dt.bias"):
+            w[name] = torch.ones(s, device=device) if "norm" in name else 0.1 * torch.randn(s, device=device, generator=gen)
+        elif name.endswith("ffn_gate_inp.weight"):
+            w[name] = 0.02 * torch.randn(s, device=device, generator=gen)
+        else:
+            qt = qtype_of(name, s)
+            if qt in ("F32", "F16", "BF16"):
+                dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qt]
+                w[name] = (0.02 * torch.randn(s, device=device, generator=gen)).to(dt)
+            else:
+                w[name] = random_qtensor(s, qt, device, gen)
+    return w
+
+
+def weight_bytes_per_token(net, cfg: KimiConfig) -> int:
+    """Bytes of weights a decode step must read: every non-expert matrix once (one embedding row),
+    the shared expert, and top-k routed experts per MoE layer."""
+    from kimi_local.engine import GpuWeight
+
+    total = 0
+    for name, t in net.w.items():
+        if name == "token_embd.weight":
+            total += t.data[0].numel() if hasattr(t, "qtype") else t[0].numel() * t.element_size()
+        elif isinstance(t, GpuWeight):
+            total += t.nbytes
+        elif isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+        elif isinstance(t, list):
+            pass  # the shared expert's GpuWeights are counted through "shexp" below
+        elif name.endswith("shexp"):
+            total += sum(p.numel() for p in t[0])
+    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        pools = net.experts.pools(i)
+        per_expert = sum(p[0].numel() for p in pools)
+        total += cfg.num_experts_per_token * per_expert
+    return total
+
+
+def state_bytes_per_token(cfg: KimiConfig, ctx: int, kv_bytes: int) -> int:
+    """KDA fp32 state read + written, conv tails, and the MLA latent rows read at depth ctx."""
+    return 2 * cfg.kda_state_bytes() + ctx * cfg.latent_dim * kv_bytes * len(cfg.mla_layer_ids)
+
+
+@dataclass
+class BenchResult:
+    rows: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def time_decode(net, cache, n_tokens: int, depth: int) -> float:
+    """Seconds per decoded token at context depth `depth` (graph replays on CUDA)."""
+    for lat in cache.latent.values():  # never time on zeros
+        lat[:depth].copy_(torch.randn(depth, lat.shape[1], device=lat.device).to(lat.dtype))
+    cache.pos = depth
+    cache.tokens = [0] * depth
+    ids = torch.tensor([1])
+    net.forward(ids, cache)  # builds / warms the graph
+    _sync(net.device)
+    cache.pos, cache.tokens = depth, [0] * depth
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        logits = net.forward(ids, cache)
+        ids = torch.argmax(logits[-1]).reshape(1).cpu()  # one sync per token, as in generation
+    _sync(net.device)
+    return (time.perf_counter() - t0) / n_tokens
+
+
+def time_prefill(net, n: int, chunk: int, vocab: int) -> float:
+    from kimi_local.generate import prefill
+
+    cache = net.new_cache(max_ctx=n + 8)
+    ids = torch.randint(0, vocab, (n,)).tolist()
+    _sync(net.device)
+    t0 = time.perf_counter()
+    prefill(net, cache, ids, chunk)
+    _sync(net.device)
+    return time.perf_counter() - t0
+
+
+def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int, chunk: int,
+              kv_bytes: int, label: str) -> BenchResult:
+    dev = net.device
+    res = BenchResult()
+    bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
+    wbytes = weight_bytes_per_token(net, cfg) if dev.type == "cuda" else 0
+    res.info.update(model=label, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    hbm_GBps=round(bw / 1e9, 1), weight_bytes_per_token=wbytes)
+    for ctx in contexts:
+        try:
+            cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
+        except torch.cuda.OutOfMemoryError:
+            res.rows.append(dict(kind="decode", ctx=ctx, note="does not fit"))
+            continue
+        s = time_decode(net, cache, decode_tokens, ctx - 1)
+        nbytes = wbytes + state_bytes_per_token(cfg, ctx, kv_bytes)
+        row = dict(kind="decode", ctx=ctx, tok_s=round(1 / s, 1), ms_per_tok=round(1e3 * s, 3))
+        if bw:
+            row.update(GBps=round(nbytes / s / 1e9, 1), roofline_pct=round(100 * nbytes / bw / s, 1),
+                       roofline_tok_s=round(bw / nbytes, 1))
+        res.rows.append(row)
+        del cache
+        net._graphs.clear() if hasattr(net, "_graphs") else None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    for n in prompts:
+        try:
+            s = time_prefill(net, n, chunk, cfg.vocab_size)
+        except torch.cuda.OutOfMemoryError:
+            res.rows.append(dict(kind="prefill", ctx=n, note="does not fit"))
+            continue
+        res.rows.append(dict(kind="prefill", ctx=n, tok_s=round(n / s, 1), s=round(s, 3)))
+    if dev.type == "cuda":
+        res.info["peak_vram_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    return res
+
+
+def format_table(res: BenchResult) -> str:
+    lines = [" ".join(f"{k}={v}" for k, v in res.info.items())]
+    lines.append(f"{'kind':8} {'ctx':>8} {'tok/s':>10} {'GB/s':>8} {'%roof':>6} {'roof tok/s':>10}  note")
+    for r in res.rows:
+        lines.append(f"{r['kind']:8} {r['ctx']:>8} {r.get('tok_s', '-'):>10} {r.get('GBps', '-'):>8} "
+                     f"{r.get('roofline_pct', '-'):>6} {r.get('roofline_tok_s', '-'):>10}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def to_json(res: BenchResult) -> str:
+    return json.dumps({"info": res.info, "rows": res.rows}, indent=2)

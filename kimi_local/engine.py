@@ -1,0 +1,359 @@
+"""The CUDA path: the same model as `model.py`, on the Triton kernels of `kernels/`.
+
+`GpuKimi(cfg, weights)` takes canonical weights (dense tensors or QTensors, on any device),
+moves them to the GPU once (quantized blocks repacked losslessly for the kernels, q/k/v and the
+small KDA projections fused row-wise), and overrides the three mixer/FFN blocks:
+  prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through SDPA over the
+                   decompressed keys in key blocks merged by log-sum-exp, grouped-GEMM MoE;
+  decode  (T = 1): GEMVs, the fused KDA step kernel on the persistent fp32 state, split-sequence MLA
+                   over the latent cache, fused MoE through expert slots; the whole step is
+                   captured in one CUDA graph per cache (`DecodeGraph`), replayed per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kimi_local.cache import KimiCache
+from kimi_local.kernels import naive
+from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
+from kimi_local.kernels.mla import mla_cache_write, mla_decode
+from kimi_local.kernels.moe import moe_decode, moe_prefill
+from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
+from kimi_local.model import KimiLinear
+
+KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
+
+
+def _is_q(w) -> bool:
+    return hasattr(w, "qtype") and not isinstance(w, torch.Tensor)
+
+
+class GpuWeight:
+    """One matrix [N, K] for the kernels: packed quantized rows, or a dense bf16 matrix (types the
+    kernels do not read — F32/F16/Q4_0... — are dequantized to bf16 once, at load)."""
+
+    def __init__(self, w, device, dense_dtype=torch.bfloat16):
+        self.N, self.K = w.shape[-2], w.shape[-1]
+        self.qtype, self.data, self.dense = None, None, None
+        if _is_q(w) and w.qtype in KERNEL_QTYPES:
+            self.qtype = w.qtype
+            self.data = repack(w.data.to(device), w.qtype).contiguous()
+        else:
+            d = w.dequantize(torch.float32) if _is_q(w) else w
+            self.dense = d.to(device=device, dtype=dense_dtype).contiguous()
+
+    @classmethod
+    def cat(cls, ws: list, device) -> "GpuWeight":
+        """Row-wise concatenation (one GEMV instead of several) when all share a quantized type."""
+        if all(_is_q(w) for w in ws) and len({w.qtype for w in ws}) == 1:
+            from kimi_local.quant.formats import QTensor
+
+            data = torch.cat([w.data.to(device) for w in ws], 0)
+            return cls(QTensor(data, ws[0].qtype, (sum(w.shape[0] for w in ws), ws[0].shape[1])), device)
+        dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in ws]
+        return cls(torch.cat([d.to(device) for d in dense], 0), device)
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense is not None:
+            y = x.to(self.dense.dtype) @ self.dense.t()
+            return y if out is None else out.copy_(y)
+        return qlinear(x, self.data, self.qtype, self.N, out=out)
+
+    @property
+    def kernel_form(self):
+        """(data, qtype) as the MoE kernels take it (dense -> BF16 rows)."""
+        if self.dense is not None:
+            return repack(self.dense.to(torch.bfloat16), "BF16"), "BF16"
+        return self.data, self.qtype
+
+    @property
+    def nbytes(self) -> int:
+        return (self.data if self.dense is None else self.dense).numel() * (1 if self.dense is None else self.dense.element_size())
+
+
+def expert_pool(w, device) -> tuple[torch.Tensor, str]:
+    """A stacked expert tensor [E, rows, cols] -> (uint8 [E, rows, packed_row_bytes], qtype)."""
+    if _is_q(w) and w.qtype in KERNEL_QTYPES:
+        return repack(w.data.to(device), w.qtype).contiguous(), w.qtype
+    d = w.dequantize(torch.float32) if _is_q(w) else w
+    return repack(d.to(device=device, dtype=torch.bfloat16), "BF16").contiguous(), "BF16"
+
+
+class GpuExperts:
+    """All routed experts resident on the GPU in kernel layout (slot = expert id)."""
+
+    def __init__(self, pools: dict[int, tuple]):
+        self._pools = pools  # layer -> ((gate, up, down) uint8 pools, (qtypes))
+
+    def pools(self, layer: int):
+        return self._pools[layer][0]
+
+    def qtypes(self, layer: int):
+        return self._pools[layer][1]
+
+    def prepare(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return ids
+
+
+def prepare_weights(cfg, weights: dict, device) -> tuple[dict, GpuExperts]:
+    """Canonical weights -> GPU weights. Linear weights become GpuWeight (fused where possible),
+    vectors become fp32/bf16 device tensors, routed experts become kernel pools."""
+    dev = torch.device(device)
+    out, pools = {}, {}
+    vec = lambda n, dt=torch.float32: weights[n].to(dev, dt).contiguous()  # noqa: E731
+    out["token_embd.weight"] = weights["token_embd.weight"]  # rows gathered per token, see embed()
+    if isinstance(out["token_embd.weight"], torch.Tensor):
+        out["token_embd.weight"] = out["token_embd.weight"].to(dev, torch.bfloat16)
+    else:
+        out["token_embd.weight"] = out["token_embd.weight"].to(dev)
+    out["output_norm.weight"] = vec("output_norm.weight")
+    out["output.weight"] = GpuWeight(weights["output.weight"], dev)
+    for i in range(cfg.num_hidden_layers):
+        b = f"blk.{i}."
+        g = lambda n: weights[b + n]  # noqa: E731
+        out[b + "attn_norm.weight"] = vec(b + "attn_norm.weight")
+        out[b + "ffn_norm.weight"] = vec(b + "ffn_norm.weight")
+        out[b + "attn_output.weight"] = GpuWeight(g("attn_output.weight"), dev)
+        if cfg.is_kda(i):
+            out[b + "qkv"] = GpuWeight.cat([g("attn_q.weight"), g("attn_k.weight"), g("attn_v.weight")], dev)
+            out[b + "fgb_a"] = GpuWeight.cat([g("ssm_f_a.weight"), g("ssm_g_a.weight"), g("ssm_beta.weight")], dev)
+            out[b + "ssm_f_b.weight"] = GpuWeight(g("ssm_f_b.weight"), dev)
+            out[b + "ssm_g_b.weight"] = GpuWeight(g("ssm_g_b.weight"), dev)
+            out[b + "conv"] = torch.stack([g(f"ssm_conv1d_{n}.weight").float() for n in "qkv"]).to(dev).contiguous()
+            out[b + "ssm_a"] = vec(b + "ssm_a")
+            out[b + "ssm_dt.bias"] = vec(b + "ssm_dt.bias")
+            out[b + "ssm_norm.weight"] = vec(b + "ssm_norm.weight")
+        else:
+            out[b + "attn_q.weight"] = GpuWeight(g("attn_q.weight"), dev)
+            out[b + "attn_kv_a_mqa.weight"] = GpuWeight(g("attn_kv_a_mqa.weight"), dev)
+            out[b + "attn_kv_a_norm.weight"] = vec(b + "attn_kv_a_norm.weight")
+            out[b + "attn_k_b.weight"] = vec(b + "attn_k_b.weight", torch.bfloat16)  # [H, R, Dn]
+            out[b + "attn_v_b.weight"] = vec(b + "attn_v_b.weight", torch.bfloat16)  # [H, Dv, R]
+        if not cfg.is_moe(i):
+            for n in ("gate", "up", "down"):
+                out[b + f"ffn_{n}.weight"] = GpuWeight(g(f"ffn_{n}.weight"), dev)
+            continue
+        out[b + "ffn_gate_inp.weight"] = vec(b + "ffn_gate_inp.weight")
+        out[b + "exp_probs_b.bias"] = vec(b + "exp_probs_b.bias")
+        gp, gq = expert_pool(g("ffn_gate_exps.weight"), dev)
+        up, uq = expert_pool(g("ffn_up_exps.weight"), dev)
+        dp, dq = expert_pool(g("ffn_down_exps.weight"), dev)
+        pools[i] = ((gp, up, dp), (gq, uq, dq))
+        if cfg.num_shared_experts:
+            sh = [GpuWeight(g(f"ffn_{n}_shexp.weight"), dev) for n in ("gate", "up", "down")]
+            forms = [s.kernel_form for s in sh]
+            out[b + "shexp"] = tuple(f[0] for f in forms), tuple(f[1] for f in forms)
+            out[b + "shexp_w"] = sh
+    return out, GpuExperts(pools)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """KimiRMSNorm on the GPU path (fp32 math, bf16 out)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w.to(x.dtype)
+
+
+class GpuKimi(KimiLinear):
+    """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
+
+    def __init__(self, cfg, weights: dict, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
+                 use_graph: bool = True, prefill_chunk: int = 4096):
+        w, experts = prepare_weights(cfg, weights, device)
+        super().__init__(cfg, w, device, dtype)
+        self.experts = experts
+        self.kv_dtype = kv_dtype
+        self.use_graph = use_graph
+        self.prefill_chunk = prefill_chunk
+        self._graphs: dict[int, DecodeGraph] = {}
+
+    def new_cache(self, max_ctx: int | None = None, preallocate: bool = True) -> KimiCache:
+        c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True)
+        if self.kv_dtype == torch.float8_e4m3fn:
+            for i in c.latent:
+                c.latent[i] = torch.zeros(c.max_ctx, self.cfg.latent_dim, dtype=self.kv_dtype, device=self.device)
+            c.latent_scale = {i: torch.ones(c.max_ctx, dtype=torch.float32, device=self.device) for i in c.latent}
+        c.pos_dev = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos, read by graph replays
+        c.len_dev = torch.ones(1, dtype=torch.int32, device=self.device)  # pos + 1
+        return c
+
+    # ---- top level ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: KimiCache, logits: str = "last"):
+        T = ids.shape[0]
+        if T == 1 and self.use_graph and logits != "all":
+            g = self._graphs.get(id(cache))
+            if g is None or g.cache is not cache:
+                g = self._graphs[id(cache)] = DecodeGraph(self, cache)
+            out = g.step(ids)
+            return None if logits == "none" else out
+        cache.pos_dev.fill_(cache.pos)
+        cache.len_dev.fill_(cache.pos + T)
+        return super().forward(ids, cache, logits)
+
+    def decode_body(self, ids: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+        """One token with device-side positions (cache.pos_dev / len_dev): the captured region.
+        ids [1] int64 -> logits [1, vocab] fp32. Does not advance the Python-side cache counters."""
+        cfg, w = self.cfg, self.w
+        x = self._embed(ids)
+        for i in range(cfg.num_hidden_layers):
+            b = f"blk.{i}."
+            h = rms_norm(x, w[b + "attn_norm.weight"], cfg.rms_norm_eps)
+            x = x + (self.kda(i, h, cache) if cfg.is_kda(i) else self.mla(i, h, cache))
+            h = rms_norm(x, w[b + "ffn_norm.weight"], cfg.rms_norm_eps)
+            x = x + (self.moe(i, h) if cfg.is_moe(i) else self.dense_mlp(i, h))
+        h = rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)
+        return w["output.weight"].matmul(h).float()
+
+    def _embed(self, ids):
+        e = self.w["token_embd.weight"]
+        return e[ids].to(self.dtype) if isinstance(e, torch.Tensor) else e[ids].dequantize(self.dtype)
+
+    # ---- KDA -----------------------------------------------------------------------------
+    def kda(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+        cfg, w, b = self.cfg, self.w, f"blk.{i}."
+        T, H, K, P = h.shape[0], cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_dim
+        qkv = w[b + "qkv"].matmul(h)  # [T, 3P]
+        fgb = w[b + "fgb_a"].matmul(h)  # [T, K + K + H]
+        f = w[b + "ssm_f_b.weight"].matmul(fgb[:, :K])  # [T, P]
+        z = w[b + "ssm_g_b.weight"].matmul(fgb[:, K : 2 * K])  # [T, P]
+        beta_logit = fgb[:, 2 * K :]
+        conv_w, tail, state = w[b + "conv"], cache.conv[i], cache.kda_state[i]
+        if T == 1:
+            o = torch.empty(P, dtype=self.dtype, device=h.device)
+            kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], f[0], beta_logit[0].contiguous(),
+                            z[0], conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
+                            state, o, eps=cfg.rms_norm_eps)
+            return w[b + "attn_output.weight"].matmul(o[None])
+        q, k, v = (causal_conv_prefill(qkv[:, j * P : (j + 1) * P], conv_w[j], tail[j]) for j in range(3))
+        q = naive.l2norm(q.view(T, H, K)).to(self.dtype)
+        k = naive.l2norm(k.view(T, H, K)).to(self.dtype)
+        v = v.view(T, H, K).to(self.dtype)
+        g = naive.kda_gate(f.view(T, H, K), w[b + "ssm_a"], w[b + "ssm_dt.bias"].view(H, K))
+        beta = torch.sigmoid(beta_logit.float()).to(self.dtype)
+        o, _ = kda_prefill(q, k, v, g, beta, state)  # state updated in place
+        o = naive.gated_rms_norm(o, z.view(T, H, K), w[b + "ssm_norm.weight"], cfg.rms_norm_eps)
+        return w[b + "attn_output.weight"].matmul(o.reshape(T, P).to(self.dtype))
+
+    # ---- MLA -----------------------------------------------------------------------------
+    def mla(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+        cfg, w, b = self.cfg, self.w, f"blk.{i}."
+        T, Hm, R, Dn = h.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        q = w[b + "attn_q.weight"].matmul(h).view(T, Hm, cfg.qk_head_dim)
+        kv = w[b + "attn_kv_a_mqa.weight"].matmul(h)  # [T, R + Dr]
+        lat, lsc = cache.latent[i], getattr(cache, "latent_scale", {}).get(i)
+        mla_cache_write(kv, w[b + "attn_kv_a_norm.weight"], cfg.kv_a_norm_eps, lat, cache.pos_dev, lsc)
+        k_b, v_b = w[b + "attn_k_b.weight"], w[b + "attn_v_b.weight"]
+        scale = naive.mla_scale(cfg.qk_head_dim)
+        if T == 1:
+            q_abs = torch.bmm(k_b, q[0, :, :Dn, None]).squeeze(-1)  # [H, R]
+            ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:].contiguous(), lat, cache.len_dev, scale,
+                             latent_scale=lsc)  # [H, R] fp32
+            o = torch.bmm(v_b, ctx.to(self.dtype)[:, :, None]).reshape(1, -1)  # [1, H*Dv]
+        else:
+            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale).reshape(T, -1)
+        return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
+
+    # ---- FFNs ----------------------------------------------------------------------------
+    def dense_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        w, b = self.w, f"blk.{i}."
+        g = w[b + "ffn_gate.weight"].matmul(h)
+        u = w[b + "ffn_up.weight"].matmul(h)
+        return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
+
+    def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        cfg, w, b = self.cfg, self.w, f"blk.{i}."
+        ids, wts = naive.route(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"],
+                               cfg.num_experts_per_token, cfg.routed_scaling_factor,
+                               cfg.biased_router_weights, cfg.moe_renormalize)
+        slots = self.experts.prepare(i, ids, h).to(torch.int32)
+        pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)
+        shared, shq = w.get(b + "shexp", (None, None))
+        out = torch.empty_like(h)
+        if h.shape[0] == 1:
+            moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq)
+        else:
+            moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
+        return out
+
+
+def _sdpa_lse(q, k, v, causal: bool, scale: float):
+    """Attention with its log-sum-exp: q [1, H, T, Dq], k [1, H, S, Dq], v [1, H, S, Dv] ->
+    (out [1, H, T, Dv], lse [1, H, T] fp32), through PyTorch's memory-efficient kernel."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
+def mla_prefill_attention(q, latent, latent_scale, k_b, v_b, p0: int, scale: float, key_block: int = 16384):
+    """Causal MLA for a chunk of T queries at positions p0..p0+T-1 over latent rows 0..p0+T-1.
+    q [T, H, Dn+Dr]; latent [cap, R+Dr]; k_b [H, R, Dn]; v_b [H, Dv, R]. Returns [T, H, Dv].
+    Keys/values are decompressed one key block at a time (memory bounded at any context); the past
+    blocks attend fully, the chunk's own keys causally; blocks merge by their log-sum-exp."""
+    T, H, _ = q.shape
+    R = k_b.shape[1]
+    qh = q.transpose(0, 1)[None].to(torch.bfloat16)  # [1, H, T, Dq]
+
+    def kv(a: int, b: int):
+        rows = latent[a:b].float() if latent_scale is None else latent[a:b].float() * latent_scale[a:b, None]
+        c = rows[:, :R].to(torch.bfloat16)
+        k = torch.matmul(c[None], k_b)  # [H, S, Dn]
+        k = torch.cat([k, rows[None, :, R:].to(torch.bfloat16).expand(H, -1, -1)], -1)[None]
+        v = torch.matmul(c[None], v_b.transpose(1, 2))[None]  # [1, H, S, Dv]
+        return k.contiguous(), v.contiguous()
+
+    blocks = [(a, min(a + key_block, p0)) for a in range(0, p0, key_block)] + [(p0, p0 + T)]
+    out, lse = None, None
+    for a, b in blocks:
+        k, v = kv(a, b)
+        o_b, l_b = _sdpa_lse(qh, k, v, causal=(a == p0), scale=scale)
+        if out is None:
+            out, lse = o_b.float(), l_b
+            continue
+        new = torch.logaddexp(lse, l_b)
+        out = out * torch.exp(lse - new)[..., None] + o_b.float() * torch.exp(l_b - new)[..., None]
+        lse = new
+    return out[0].transpose(0, 1)  # [T, H, Dv]
+
+
+class DecodeGraph:
+    """One token's forward captured as a CUDA graph over a preallocated cache. Replays read the
+    position from cache.pos_dev / len_dev, so one graph serves every context length."""
+
+    def __init__(self, net: GpuKimi, cache: KimiCache):
+        self.net, self.cache = net, cache
+        self.ids = torch.zeros(1, dtype=torch.int64, device=net.device)
+        saved = self._save_state()
+        self._set_pos()
+        s = torch.cuda.Stream(net.device)
+        s.wait_stream(torch.cuda.current_stream(net.device))
+        with torch.cuda.stream(s):  # warm-up: autotuning, workspaces, lazy inits
+            for _ in range(2):
+                net.decode_body(self.ids, cache)
+        torch.cuda.current_stream(net.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = net.decode_body(self.ids, cache)
+        self._load_state(saved)
+
+    def _save_state(self):
+        c = self.cache
+        return {i: t.clone() for i, t in c.kda_state.items()}, {i: t.clone() for i, t in c.conv.items()}
+
+    def _load_state(self, saved):
+        for i, t in saved[0].items():
+            self.cache.kda_state[i].copy_(t)
+        for i, t in saved[1].items():
+            self.cache.conv[i].copy_(t)
+
+    def _set_pos(self):
+        self.cache.pos_dev.fill_(self.cache.pos)
+        self.cache.len_dev.fill_(self.cache.pos + 1)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        c.check_room(1)
+        self.ids.copy_(ids.reshape(1), non_blocking=True)
+        self._set_pos()
+        self.graph.replay()
+        c.advance(ids.reshape(1).tolist())
+        return self.logits
