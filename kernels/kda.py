@@ -152,7 +152,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
     if num_warps is None:
-        num_warps = 1 if _INTERP else max(1, min(16, BK * BV // 1024))
+        num_warps = 1 if _INTERP else max(4, min(16, BK * BV // 1024))  # <= 128 regs/thread on sm_90
     kda_decode_step_kernel[(NV, H)](
         q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
         ws_o, ws_cnt, scale, eps,

@@ -397,7 +397,7 @@ def bench_mla_decode(ctx):
     if not ctx.quick:
         configs += [dict(BS=64, num_warps=8, num_stages=2, min_chunk=128), dict(BS=32, num_warps=8, num_stages=3,
                     min_chunk=128), dict(BS=32, num_warps=8, num_stages=2, min_chunk=256),
-                    dict(BS=16, num_warps=4, num_stages=3, min_chunk=128)]
+                    dict(BS=16, num_warps=8, num_stages=3, min_chunk=128)]
     for S in ([4096, 131072] if ctx.quick else [4096, 131072, 1048576]):
         base_ms = {}
         for dt in (bf, fp8):
