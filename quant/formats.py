@@ -47,9 +47,9 @@ QTYPES: dict[str, QType] = {
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _GROUP_MAX_EPS = 1e-15  # below this a sub-block counts as all-zero (as in ggml)
-# values quantized per step: bounds the [B, S, C, n] search temporaries (~20 MB on CPU, cache-friendly;
+# values quantized per step: bounds the [B, S, C, n] search temporaries (~6 MB each on CPU, near cache size;
 # larger on a GPU to keep it busy)
-_CHUNK_VALUES = {"cpu": 1 << 18, "cuda": 1 << 21}
+_CHUNK_VALUES = {"cpu": 1 << 16, "cuda": 1 << 21}
 
 
 def _qtype(qtype: str) -> QType:
@@ -486,7 +486,7 @@ def quantize(x: torch.Tensor, qtype: str, *, search: bool = True) -> torch.Tenso
     if qtype not in _QUANT:
         raise NotImplementedError(f"{qtype} is dequantize-only here; quantize to one of {', '.join(_QUANT)}")
     blocks = x.reshape(-1, q.block_size)
-    step = max(1, _CHUNK_VALUES.get(x.device.type, 1 << 18) // q.block_size)
+    step = max(1, _CHUNK_VALUES.get(x.device.type, 1 << 16) // q.block_size)
     if blocks.shape[0] == 0:
         return torch.empty(*x.shape[:-1], nbytes, dtype=torch.uint8, device=x.device)
     out = torch.cat([_QUANT[qtype](chunk, search) for chunk in blocks.split(step)])
@@ -541,8 +541,8 @@ class QTensor:
         """Index the leading dims shape[:-1] as a tensor of that shape would be (rows stay whole):
         q[e] is expert e of a [E, out, in] stack, q[..., r] is row r of every expert."""
         idx = idx if isinstance(idx, tuple) else (idx,)
-        lead = torch.empty(self.shape[:-1], device="meta")[idx].shape
-        return QTensor(self.data[(*idx, slice(None))], self.qtype, (*lead, self.shape[-1]))
+        data = self.data[(*idx, slice(None))]  # the trailing slice keeps the byte dim whole
+        return QTensor(data, self.qtype, (*data.shape[:-1], self.shape[-1]))
 
     def to(self, device) -> "QTensor":
         return QTensor(self.data.to(device), self.qtype, self.shape)
