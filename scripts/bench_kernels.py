@@ -296,6 +296,41 @@ def _kda_mla():
     return kda, mla, naive
 
 
+@section("norm")
+def bench_norm(ctx):
+    """Decode-size residual add + RMSNorm (55 per token) and prefill gated norm, vs torch graph-replayed."""
+    try:
+        from kimi_local.kernels import naive, norm
+    except ImportError:
+        from kernels import naive, norm
+    D, L, bf = 2304, 64, torch.bfloat16
+    xs = [torch.randn(D, device="cuda").to(bf) for _ in range(L)]
+    rs = [torch.randn(D, device="cuda").to(bf) for _ in range(L)]
+    w = (torch.rand(D, device="cuda") + 0.5).to(bf)
+    out = torch.empty(D, device="cuda", dtype=bf)
+
+    def torch_norm():
+        for x, r in zip(xs, rs):
+            r.add_(x)
+            out.copy_(naive.rms_norm(r, w, 1e-5))
+
+    base_ms = ctx.time(torch_norm, graph=True, calls=L)
+    ctx.row("norm", f"decode residual add + rms_norm D={D}: torch, graph", base_ms, nbytes=5 * D * 2)
+    ms = ctx.time(lambda: [norm.rms_norm(x, w, 1e-5, out, residual=r) for x, r in zip(xs, rs)], graph=True, calls=L)
+    ctx.row("norm", f"decode residual add + rms_norm D={D}: Triton, graph", ms, nbytes=5 * D * 2,
+            base="torch", base_ms=base_ms)
+    T, H, V = 8192, 32, 128
+    o = torch.randn(T, H, V, device="cuda").to(bf)
+    z = torch.randn(T, H, V, device="cuda").to(bf)
+    wv = torch.rand(V, device="cuda") + 0.5
+    go = torch.empty(T, H, V, device="cuda", dtype=bf)
+    nbytes = 3 * T * H * V * 2
+    base_ms = ctx.time(lambda: go.copy_(naive.gated_rms_norm(o, z, wv, 1e-5)))
+    ctx.row("norm", f"prefill gated rms_norm T={T}: torch", base_ms, nbytes=nbytes)
+    ms = ctx.time(lambda: norm.gated_rms_norm(o, z, wv, 1e-5, go))
+    ctx.row("norm", f"prefill gated rms_norm T={T}: Triton", ms, nbytes=nbytes, base="torch", base_ms=base_ms)
+
+
 def _fla_recurrent():
     try:
         from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd

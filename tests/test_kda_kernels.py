@@ -1,4 +1,4 @@
-"""KDA Triton kernels (kernels/kda.py) vs the pure-torch references (kernels/naive.py).
+"""KDA Triton kernels (kernels/kda.py) and the norms (kernels/norm.py) vs the pure-torch references (kernels/naive.py).
 
 CPU: tiny odd shapes under TRITON_INTERPRET=1 (K != V catches transposes). GPU (@cuda): real shapes,
 CUDA-graph replay, and kda_prefill through fla-core's chunk_kda when fla is importable.
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 try:
-    from kimi_local.kernels import kda, naive
+    from kimi_local.kernels import kda, naive, norm
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import kda, naive
+    from kernels import kda, naive, norm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -204,6 +204,56 @@ def test_kda_recurrent_vs_fla_naive():
     assert rel(o, o_ref[0]) < 1e-5 and rel(s, s_ref[0]) < 1e-5
 
 
+# ---- norms (kernels/norm.py) -----------------------------------------------------------------
+def _ulp_ok(got, ref, ulps):
+    """|got - ref| within `ulps` bf16 ulps of ref (the interpreter truncates fp32->bf16; a GPU rounds)."""
+    return bool(((got.float() - ref.float()).abs() <= ref.float().abs() * ulps * 2**-7 + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,D", [(1, 40), (3, 37), (5, 64)])
+def test_rms_norm(dtype, T, D):
+    gen = torch.Generator().manual_seed(D)
+    x = (torch.randn(T, D, generator=gen) * 3).to(dtype).to(DEV)
+    w = (torch.rand(D, generator=gen) + 0.5).to(DEV)
+    out = torch.full((T, D), float("nan"), device=DEV).to(dtype)
+    norm.rms_norm(x, w, 1e-5, out)
+    ref = naive.rms_norm(x, w, 1e-5)
+    assert _ulp_ok(out, ref, 3 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_residual(dtype):
+    gen = torch.Generator().manual_seed(7)
+    T, D = 3, 45
+    x = torch.randn(T, D, generator=gen).to(dtype).to(DEV)
+    r = torch.randn(T, D, generator=gen).to(dtype).to(DEV)
+    w = (torch.rand(D, generator=gen) + 0.5).to(DEV)
+    h_ref = x + r
+    ref = naive.rms_norm(h_ref, w, 1e-5)
+    r_in = r.clone()
+    out = norm.rms_norm(x, w, 1e-5, residual=r_in)  # residual updated in place to x + residual
+    assert _ulp_ok(r_in, h_ref, 1 if dtype == torch.bfloat16 else 1e-4)
+    assert _ulp_ok(out, ref, 4 if dtype == torch.bfloat16 else 1e-3)
+    x1 = x[0]  # a single token, [D]
+    ro = torch.empty(D, device=DEV, dtype=dtype)
+    out1 = norm.rms_norm(x1, w, 1e-5, residual=r[0], residual_out=ro)
+    assert out1.shape == (D,) and _ulp_ok(out1, ref[0], 4 if dtype == torch.bfloat16 else 1e-3)
+
+
+@pytest.mark.parametrize("H,V", [(3, 12), (2, 5)])
+def test_gated_rms_norm(H, V):
+    gen = torch.Generator().manual_seed(V)
+    T = 6
+    o = torch.randn(T, H, V, generator=gen).to(DEV)
+    z = torch.randn(T, H * V, generator=gen).to(DEV)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEV)
+    ref = naive.gated_rms_norm(o, z.view(T, H, V), w, 1e-5)
+    out = torch.full((T, H, V), float("nan"), device=DEV)
+    norm.gated_rms_norm(o, z, w, 1e-5, out)
+    assert rel(out, ref) < 1e-5
+
+
 # ---- GPU, real shapes ------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.parametrize("BV", [16, 32, 64, 128])
@@ -261,3 +311,22 @@ def test_kda_prefill_fla(T, with_state):
     assert rel(o, o_ref) < 2e-2 and rel(s, s_ref) < 2e-2
     if with_state:
         assert s is state
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 7, 4096])
+def test_norms_real_shapes(T):
+    gen = torch.Generator().manual_seed(T)
+    D, H, V = 2304, 32, 128
+    x = torch.randn(T, D, generator=gen).to(torch.bfloat16).cuda()
+    r = torch.randn(T, D, generator=gen).to(torch.bfloat16).cuda()
+    w = (torch.rand(D, generator=gen) + 0.5).to(torch.bfloat16).cuda()
+    r_in = r.clone()
+    out = norm.rms_norm(x, w, 1e-5, residual=r_in)
+    assert torch.equal(r_in, x + r)
+    assert _ulp_ok(out, naive.rms_norm(x + r, w, 1e-5), 1)
+    o = torch.randn(T, H, V, generator=gen).cuda()
+    z = torch.randn(T, H, V, generator=gen).to(torch.bfloat16).cuda()
+    wv = (torch.rand(V, generator=gen) + 0.5).cuda()
+    out = norm.gated_rms_norm(o, z, wv, 1e-5, torch.empty(T, H, V, dtype=torch.bfloat16, device="cuda"))
+    assert rel(out, naive.gated_rms_norm(o, z, wv, 1e-5)) < 1e-2

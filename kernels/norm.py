@@ -1,0 +1,84 @@
+"""Triton norms: KimiRMSNorm with an optional fused residual add (one launch instead of ~6 torch kernels per
+norm in the decode graph), and the KDA output's per-head sigmoid-gated RMSNorm for prefill.
+Semantics are naive.rms_norm's / naive.gated_rms_norm's (spec 3.2, 3.3f)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def rms_norm_kernel(
+    x, res, res_out, w, out, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]
+    stride_x, stride_r, stride_ro, stride_o,
+    D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    xdt = x.dtype.element_ty
+    b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0)
+    if HAS_RES:
+        # h = x + residual in the activation dtype (a bf16 add rounds once, like torch)
+        b_x = (b_x.to(tl.float32) + tl.load(res + i_t * stride_r + o_d, mask=m_d, other=0).to(tl.float32)).to(xdt)
+        tl.store(res_out + i_t * stride_ro + o_d, b_x, mask=m_d)
+    b_xf = b_x.to(tl.float32)
+    b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
+    b_y = b_n * tl.load(w + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)
+    tl.store(out + i_t * stride_o + o_d, b_y.to(out.dtype.element_ty), mask=m_d)
+
+
+def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None):
+    """y = naive.rms_norm(x + residual if residual is given else x, w, eps) over the last axis.
+    x [T, D] or [D]; residual like x; residual_out (default: residual, in place) receives x + residual.
+    Returns out (x's dtype unless given). One program per row; graph-capturable."""
+    x2 = x.view(-1, x.shape[-1])
+    T, D = x2.shape
+    out = torch.empty_like(x) if out is None else out
+    o2 = out.view(-1, D)
+    has_res = residual is not None
+    r2 = residual.view(-1, D) if has_res else x2
+    ro2 = (residual_out if residual_out is not None else residual).view(-1, D) if has_res else x2
+    for t in (x2, r2, ro2, o2):
+        assert t.stride(-1) == 1
+    BD = triton.next_power_of_2(D)
+    rms_norm_kernel[(T,)](x2, r2, ro2, w, o2, eps, x2.stride(0), r2.stride(0), ro2.stride(0), o2.stride(0),
+                          D=D, BD=BD, HAS_RES=has_res, num_warps=1 if _INTERP else min(16, max(1, BD // 256)))
+    return out
+
+
+@triton.jit
+def gated_rms_norm_kernel(
+    o, z, w, out, eps,  # o, z, out [T, H*V] (rows strided); w [V]
+    stride_o, stride_z, stride_out,
+    H: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    o_h = tl.arange(0, BH)
+    o_v = tl.arange(0, BV)
+    m = (o_h < H)[:, None] & (o_v < V)[None, :]
+    ch = o_h[:, None] * V + o_v[None, :]
+    b_o = tl.load(o + i_t * stride_o + ch, mask=m, other=0).to(tl.float32)  # [BH, BV]
+    b_z = tl.load(z + i_t * stride_z + ch, mask=m, other=0).to(tl.float32)
+    b_w = tl.load(w + o_v, mask=o_v < V, other=0).to(tl.float32)
+    b_y = b_o * tl.rsqrt(tl.sum(b_o * b_o, 1) / V + eps)[:, None] * b_w[None, :] * tl.sigmoid(b_z)
+    tl.store(out + i_t * stride_out + ch, b_y.to(out.dtype.element_ty), mask=m)
+
+
+def gated_rms_norm(o, z, w, eps: float, out=None):
+    """naive.gated_rms_norm for T tokens: per-head RMSNorm of o [T, H, V] times w [V] times sigmoid(z);
+    fp32 math. z [T, H, V] (or [T, H*V]); out [T, H, V] (default fp32). Returns out."""
+    T, H, V = o.shape
+    out = torch.empty(T, H, V, dtype=torch.float32, device=o.device) if out is None else out
+    z2 = z.reshape(T, H * V)
+    o2, out2 = o.reshape(T, H * V), out.view(T, H * V)
+    assert o.stride(-1) == 1 and z2.stride(-1) == 1 and out.is_contiguous()
+    BH, BV = triton.next_power_of_2(H), triton.next_power_of_2(V)
+    gated_rms_norm_kernel[(T,)](o2, z2, w, out2, eps, o2.stride(0), z2.stride(0), out2.stride(0),
+                                H=H, V=V, BH=BH, BV=BV, num_warps=1 if _INTERP else min(16, max(4, BH * BV // 512)))
+    return out
