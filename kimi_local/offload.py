@@ -830,6 +830,35 @@ class OffloadedExperts:
         save_profile(path, counts, self.cfg, self.stats.tokens)
 
 
+# ---- CPU compute for misses? -------------------------------------------------------------------
+def miss_costs(store: HostStore, layer: int, device, reps: int = 3) -> dict:
+    """One miss both ways, best of reps: copy expert 0's blocks host -> device, or run one token through
+    it on the CPU (the reference dequant + GEMV; kernel-layout raw bytes cannot be computed on the CPU).
+    Returns {"copy_ms", "cpu_ms", "use"}: what a miss should do on this machine."""
+    import torch.nn.functional as F
+
+    from kimi_local.model import linear
+
+    device = torch.device(device)
+    src = [r[0] for r in store.raw[layer]]
+    dst = [torch.empty_like(t, device=device) for t in src]
+    like = [b[0] if isinstance(b, QTensor) or b.is_floating_point() else None for b in store.like[layer]]
+    copy_ms = cpu_ms = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for d, s in zip(dst, src):
+            d.copy_(s, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        copy_ms = min(copy_ms, 1e3 * (time.perf_counter() - t0))
+        if all(w is not None for w in like):
+            x = torch.randn(1, like[0].shape[-1])
+            t0 = time.perf_counter()
+            linear(F.silu(linear(x, like[0])) * linear(x, like[1]), like[2])
+            cpu_ms = min(cpu_ms, 1e3 * (time.perf_counter() - t0))
+    return {"copy_ms": copy_ms, "cpu_ms": cpu_ms, "use": "cpu" if cpu_ms < copy_ms else "copy"}
+
+
 # ---- entry point -------------------------------------------------------------------------------
 def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT_POLICY,
                   profile: Path | None = None, kv_bytes_per_value: float = 2.0,

@@ -12,8 +12,8 @@ from kimi_local.config import KimiConfig, ModelError, tiny_config
 from kimi_local.generate import SamplingParams, generate
 from kimi_local.model import ResidentExperts
 from kimi_local.offload import (
-    OffloadError, allocate_slots, apply_offload, load_profile, parse_size, plan_pinning, plan_placement,
-    resident_bytes, save_profile, simulate_hit_rate, synthetic_trace, vram_for_slots,
+    OffloadError, allocate_slots, apply_offload, load_profile, miss_costs, parse_size, plan_pinning,
+    plan_placement, resident_bytes, save_profile, simulate_hit_rate, synthetic_trace, vram_for_slots,
 )
 
 # bartowski Q4_K_M-class expert: Q4_K gate/up + Q6_K down; non-expert weights ~Q8_0 (8.5 bits)
@@ -140,6 +140,12 @@ def test_all_resident_budget_never_misses(offloaded, reference):
     off = apply_offload(net, _vram(net, net.cfg.num_experts), 512, "lfu", None)
     assert off.placement.all_resident and off._staging is None
     assert _greedy(net) == reference and net.expert_stats.misses == 0 and net.expert_stats.hit_rate == 1.0
+
+
+def test_miss_costs_measures_both_ways(offloaded):
+    off = apply_offload(offloaded, _vram(offloaded, 4), 512, "lfu", None)
+    r = miss_costs(off.store, 1, "cpu", reps=1)
+    assert 0 < r["copy_ms"] < float("inf") and 0 < r["cpu_ms"] < float("inf") and r["use"] in ("copy", "cpu")
 
 
 def test_budget_too_small(offloaded):
