@@ -76,7 +76,7 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     return max(errs), rel(S, S_ref)
 
 
-@pytest.mark.parametrize("BV", [None, 4, 16])
+@pytest.mark.parametrize("BV", [None, 8])  # 8: V=12 -> a full and a partial V block
 @pytest.mark.parametrize("H,K,V,W", [(3, 8, 12, 4), (2, 16, 8, 3)])
 def test_decode_step_matches_reference(H, K, V, W, BV):
     e_out, e_state = _run_steps(H, K, V, W, 20, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K)
@@ -85,7 +85,7 @@ def test_decode_step_matches_reference(H, K, V, W, BV):
 
 def test_decode_step_bf16_io():
     # bf16 projections, bf16 tails and bf16 output (the GPU setting); the interpreter truncates fp32->bf16
-    e_out, e_state = _run_steps(3, 8, 12, 4, 20, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3)
+    e_out, e_state = _run_steps(3, 8, 12, 4, 10, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3)  # 3 V blocks
     assert e_out < 1e-2 and e_state < 1e-5
 
 
