@@ -40,7 +40,7 @@ def mla_decode_split_kernel(
     stride_lat,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr,
+    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0)
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
@@ -66,7 +66,8 @@ def mla_decode_split_kernel(
             b_c = tl.load(p_row + o_r[None, :]).to(cdt)  # [BS, R]
             b_kp = tl.load(p_row + R + o_d[None, :], mask=m_d[None, :]).to(cdt)
             b_kp = tl.where(m_d[None, :], b_kp, 0)
-            b_sc = tl.dot(b_qa, tl.trans(b_c)) + tl.dot(b_qp, tl.trans(b_kp))  # [BH, BS] fp32
+            b_sc = (tl.dot(b_qa, tl.trans(b_c), input_precision=PREC)
+                    + tl.dot(b_qp, tl.trans(b_kp), input_precision=PREC))  # [BH, BS] fp32
             if FP8:
                 b_rs = tl.load(lat_scale + o_sc)
                 b_sc = b_sc * b_rs[None, :]
@@ -77,7 +78,7 @@ def mla_decode_split_kernel(
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             if FP8:
                 b_p = b_p * b_rs[None, :]
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(cdt), b_c)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(cdt), b_c, input_precision=PREC)
             b_m = b_mn
         tl.store(ws_m + i_s * H + o_h, b_m, mask=m_h)
         tl.store(ws_l + i_s * H + o_h, b_l, mask=m_h)
@@ -150,7 +151,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
         q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
         scale * _LOG2E, latent.stride(0),
         H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
-        FP8=fp8, UPCAST=_INTERP, num_warps=num_warps, num_stages=num_stages, **common,
+        FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
+        num_warps=num_warps, num_stages=num_stages, **common,
     )
     BR = min(R, 128)
     mla_decode_combine_kernel[(H, R // BR)](

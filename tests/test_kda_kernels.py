@@ -182,7 +182,7 @@ def test_prefill_then_decode_equals_recurrence():
     q, k = naive.l2norm(ys[0].view(-1, H, K)), naive.l2norm(ys[1].view(-1, H, K))
     g = naive.kda_gate(cols[3][:T0].view(-1, H, K), a, dt_bias.view(H, K))
     state = torch.zeros(H, K, V, device=DEV)
-    o, _ = kda.kda_prefill(q, k, ys[2].view(-1, H, V), g, torch.sigmoid(cols[4][:T0]), state)
+    o, _ = kda.kda_prefill(q, k, ys[2].view(-1, H, V), g, torch.sigmoid(cols[4][:T0]), state, use_fla=False)
     got = [naive.gated_rms_norm(o, cols[5][:T0].view(-1, H, V), norm_w, 1e-5).reshape(-1, H * V)]
     for t in range(T0, T0 + T1):
         out = torch.full((H * V,), float("nan"), device=DEV)
