@@ -58,47 +58,30 @@ def random_qtensor(shape: tuple[int, ...], qtype: str, device, gen: torch.Genera
 
 
 def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: float = 0.0) -> dict:
-    """Canonical weights of `cfg` on `device`: quantized per `qtype_of(name, shape)`, vectors fp32.
-    zipf > 0 skews the routing: the selection bias favours experts by a Zipf(s=zipf) popularity."""
-    from kimi_local.quant.hf_names import canonical_plan, hf_shapes
+    """Canonical weights of `cfg` on `device`: matrices quantized per `qtype_of(name, shape)`, vectors
+    fp32. zipf > 0 skews the routing: the selection bias favours experts by Zipf(s=zipf) popularity."""
+    from kimi_local.quant.recipe import canonical_shapes, is_f32_tensor
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    hf = hf_shapes(cfg)
-    shape_of = {}
-    for name, srcs, _ in canonical_plan(cfg):
-        s = hf[srcs[0]]
-        if len(srcs) > 1:
-            s = (len(srcs), *s)
-        shape_of[name] = s
+    randn = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
     w = {}
-    for name, s in shape_of.items():
+    for name, s in canonical_shapes(cfg).items():
         if name.endswith("ssm_a"):
-            w[name] = -torch.empty(cfg.kda_num_heads, device=device).uniform_(1, 16, generator=gen)
-        elif "conv1d" in name:
-            w[name] = 0.5 * torch.randn(s[0], s[2], device=device, generator=gen)
-        elif name.endswith("attn_k_b.weight"):
-            w[name] = 0.05 * torch.randn(cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
-                                         device=device, generator=gen)
-        elif name.endswith("attn_v_b.weight"):
-            w[name] = 0.05 * torch.randn(cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank,
-                                         device=device, generator=gen)
+            w[name] = -torch.empty(s, device=device).uniform_(1, 16, generator=gen)
         elif name.endswith("exp_probs_b.bias"):
-            b = torch.zeros(cfg.num_experts, device=device)
-            if zipf > 0:  # log-popularity bias in a random expert order
-                rank = torch.randperm(cfg.num_experts, device=device, generator=gen) + 1
-                b = -zipf * torch.log(rank.float()) * 0.5
+            b = torch.zeros(s, device=device)
+            if zipf > 0:  # log-popularity bias over a random expert order
+                rank = torch.randperm(s[0], device=device, generator=gen) + 1
+                b = -0.5 * zipf * torch.log(rank.float())
             w[name] = b
-        elif len(s) == 1 or "norm" in name or name.endswith("ssm_dt.bias"):
-            w[name] = torch.ones(s, device=device) if "norm" in name else 0.1 * torch.randn(s, device=device, generator=gen)
-        elif name.endswith("ffn_gate_inp.weight"):
-            w[name] = 0.02 * torch.randn(s, device=device, generator=gen)
+        elif "norm" in name:
+            w[name] = torch.ones(s, device=device)
+        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")) or is_f32_tensor(name):
+            w[name] = 0.05 * randn(*s) if "conv1d" not in name else 0.5 * randn(*s)
         else:
             qt = qtype_of(name, s)
-            if qt in ("F32", "F16", "BF16"):
-                dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[qt]
-                w[name] = (0.02 * torch.randn(s, device=device, generator=gen)).to(dt)
-            else:
-                w[name] = random_qtensor(s, qt, device, gen)
+            dense = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(qt)
+            w[name] = (0.02 * randn(*s)).to(dense) if dense else random_qtensor(s, qt, device, gen)
     return w
 
 
@@ -139,6 +122,7 @@ class BenchResult:
 
 def time_decode(net, cache, n_tokens: int, depth: int) -> float:
     """Seconds per decoded token at context depth `depth` (graph replays on CUDA)."""
+    cache.reserve(depth + n_tokens + 1)
     for lat in cache.latent.values():  # never time on zeros
         lat[:depth].copy_(torch.randn(depth, lat.shape[1], device=lat.device).to(lat.dtype))
     cache.pos = depth

@@ -95,6 +95,7 @@ def run(
     expert_profile: Optional[Path] = typer.Option(None, "--expert-profile", help="With --vram: place the most used experts first, from a file saved by --save-expert-profile."),
     save_expert_profile: Optional[Path] = typer.Option(None, "--save-expert-profile", help="With --vram: save this run's expert popularity (plus --expert-profile's) for later runs."),
     show_stats: bool = typer.Option(False, "--stats", help="With --vram: print expert cache statistics (hit rate, prefetch, GB/s, stalls) to stderr."),
+    prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="Save the state after the document to this file; later runs with the same document and model skip its prefill."),
 ):
     """Answer one prompt, streaming tokens to stdout and stats to stderr.
 
@@ -121,6 +122,8 @@ def run(
         fail(f"the input is {len(ids)} tokens but the context limit is {cache.max_ctx}: "
              f"{len(ids) - room} tokens too long (shorten it or raise --ctx)")
     stats = Stats()
+    if prompt_cache is not None:
+        ids = _apply_prompt_cache(m, cache, ids, doc, system, prompt_cache, stats)
     dec = m.tokenizer.decode_stream()
     pieces = []
     try:
@@ -159,6 +162,22 @@ def run(
         err_console.print(f"[dim]{experts.summary()}[/]")
     if save_expert_profile is not None:
         m.net.experts.save_profile(save_expert_profile, m.net.experts.profile)
+
+
+def _apply_prompt_cache(m, cache, ids, doc, system, path: Path, stats) -> list[int]:
+    """--prompt-cache: restore (or prefill and save) the state after the document; returns the
+    ids still to prefill. Reports on stderr whether the file was used."""
+    from kimi_local.session import document_prefix_len, use_prompt_cache
+    from kimi_local.ui import err_console, token_progress, warn
+
+    if not doc:
+        warn("--prompt-cache needs a document (stdin or --file); not used")
+        return ids
+    n = document_prefix_len(m.tokenizer, ids, doc, system)
+    with token_progress("prefill", n) as prog:
+        rest, status = use_prompt_cache(m, cache, ids, n, path, stats, prog)
+    err_console.print(f"[dim]prompt cache {path}: {status}[/]", soft_wrap=True)
+    return rest
 
 
 def _offload_experts(m, vram: str, ctx, policy: str, profile: Optional[Path]):
@@ -211,6 +230,183 @@ def demo(device: str = DeviceOpt, seed: int = typer.Option(0, "--seed", help="Se
     out.print(f"[bold cyan]piped document[/] ({len(doc)} chars) -> [bold green]{answer!r}[/]")
     out.print(f"[dim]  {stats_line(stats)}[/]")
     out.print("[bold]demo ok[/]")
+
+
+# ---- chat ------------------------------------------------------------------------------------
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help="HF model directory or .gguf file."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
+    session: Optional[Path] = typer.Option(None, "--session", help="Resume from this session file when it exists; save to it on exit."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
+    temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
+    repeat_penalty: float = RepOpt, seed: Optional[int] = SeedOpt,
+    device: str = DeviceOpt, ctx: Optional[int] = CtxOpt,
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 24GB or 22GiB."),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="HF dirs only: quantize linear weights to NF4 with bitsandbytes while loading."),
+):
+    """Chat in a REPL. Each turn prefills only its new tokens: the recurrent state carries over.
+
+    [dim]Enter sends, Esc-Enter (or Alt-Enter) inserts a newline, Ctrl-C stops an answer, Ctrl-D
+    quits; /help lists the commands.[/]
+    """
+    from kimi_local.chat import run_chat
+    from kimi_local.session import SessionError
+
+    params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+    vram_bytes = _vram_budget(vram)
+    m = load_model(model, device, load_in_4bit)
+    try:
+        code = run_chat(m, params, max_tokens, system, ctx, session, vram_bytes, model.name)
+    except SessionError as e:
+        fail(str(e))
+    raise typer.Exit(code)
+
+
+def _vram_budget(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    from kimi_local.quant.recipe import parse_size
+
+    try:
+        return parse_size(text)
+    except ModelError as e:
+        fail(f"--vram: {e}", 2)
+
+
+# ---- convert / info ----------------------------------------------------------------------------
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors)."),
+    out: Path = typer.Argument(..., help="Output .gguf file."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="One type for all matrices: Q2_K Q3_K Q4_K Q5_K Q6_K Q8_0 F16 BF16 F32."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Mixed preset: Q2_K Q3_K_M Q4_K_M (default) Q5_K_M Q6_K Q8_0 BF16 F16 F32."),
+    fit_budget: Optional[str] = typer.Option(None, "--fit", help="Memory budget (24GB, 24GiB): the best recipe whose weights + state + workspace fit."),
+    ctx: int = typer.Option(131072, "--ctx", min=1, help="Context length whose MLA cache --fit reserves."),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+):
+    """Convert an HF checkpoint to a llama.cpp-compatible kimi-linear GGUF, streaming tensor by tensor.
+
+    [dim]kimi-local convert ~/models/Kimi-Linear-48B-A3B-Instruct kimi.gguf --fit 24GB[/]
+    """
+    from kimi_local.api import resolve_device
+    from kimi_local.quant.convert import choose_recipe
+    from kimi_local.quant.convert import convert as run_convert
+    from kimi_local.quant.recipe import fmt_bytes
+    from kimi_local.ui import err_console
+    from kimi_local.weights import HFCheckpoint
+
+    try:
+        chosen, mem = choose_recipe(HFCheckpoint(src).cfg, quant, recipe, fit_budget, ctx)
+        if mem is not None:
+            err_console.print(f"--fit: recipe [bold]{chosen.name}[/] needs {fmt_bytes(mem.total)} at --ctx {ctx} "
+                              f"(weights {fmt_bytes(mem.weights)})")
+        rep = run_convert(src, out, chosen, device=resolve_device(device), force=force,
+                          progress=sys.stderr.isatty())
+    except ValueError as e:
+        fail(str(e), 2)
+    except ModelError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; no output file was written", 130)
+    mbs = rep.nbytes / 1e6 / max(rep.seconds, 1e-9)
+    types = ", ".join(f"{n} {q}" for q, n in sorted(rep.types.items(), key=lambda kv: -kv[1]))
+    err_console.print(f"wrote {rep.out} ({rep.recipe}): {rep.n_tensors} tensors [{types}], "
+                      f"{fmt_bytes(rep.nbytes)} in {rep.seconds:.1f} s ({mbs:.1f} MB/s)")
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A .gguf file (first split of a split set) or an HF model directory."),
+    ctx: Optional[list[int]] = typer.Option(None, "--ctx", min=1, help="Context length(s) for the memory estimate (default 131072 and 1048576)."),
+):
+    """Architecture, tensor types, size by group and estimated memory of a model file."""
+    from rich.console import Console
+
+    from kimi_local.info import render, summarize
+
+    try:
+        s = summarize(file)
+    except ModelError as e:
+        fail(str(e))
+    out = Console(highlight=False)
+    for table in render(s, ctx or [131072, 1048576]):
+        out.print(table)
+
+
+# ---- bench -----------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    """"4k,128k,1m" -> [4096, 131072, 1048576]."""
+    mult = {"k": 1024, "m": 1024 * 1024}
+    try:
+        return [int(x[:-1]) * mult[x[-1]] if x[-1] in mult else int(x) for x in text.lower().split(",") if x]
+    except ValueError:
+        fail(f"not a list of token counts: {text!r} (e.g. 4k,128k,1m)", 2)
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Argument(None, help="HF directory or .gguf file (omit with --synthetic)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Full-size Kimi-Linear with random blocks, built in GPU memory."),
+    recipe: str = typer.Option("Q4_K_M", "--recipe", help="Quantization recipe of the synthetic model."),
+    device: str = DeviceOpt,
+    contexts: str = typer.Option("4k,128k,1m", "--contexts", help="Decode depths to time (tokens in context)."),
+    prompts: str = typer.Option("8k,128k", "--prompts", help="Prompt lengths for prefill."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded per depth."),
+    chunk: int = typer.Option(4096, "--chunk", min=16, help="Prefill chunk (tokens)."),
+    kv_cache: str = typer.Option("bf16", "--kv-cache", help="MLA latent cache type: bf16 or fp8."),
+    zipf: float = typer.Option(0.0, "--zipf", help="Skew the synthetic routing by Zipf(s) popularity (0 = uniform)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Enforced GPU memory budget, e.g. 24GB."),
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="Replay decode steps from a CUDA graph."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Decode tok/s at several depths, prefill tok/s, peak VRAM, GB/s and % of the HBM roofline.
+
+    [dim]kimi-local bench --synthetic --recipe Q4_K_M --contexts 4k,128k --prompts 8k[/]
+    """
+    import torch
+
+    from kimi_local import bench as B
+    from kimi_local.api import resolve_device
+
+    if kv_cache not in ("bf16", "fp8"):
+        fail("--kv-cache must be bf16 or fp8", 2)
+    if not synthetic and model is None:
+        fail("give a MODEL path or --synthetic", 2)
+    dev = resolve_device(device)
+    if vram:
+        from kimi_local.engine import apply_vram_budget
+
+        apply_vram_budget(dev, _vram_budget(vram))
+    if synthetic:
+        if dev.type != "cuda":
+            fail("--synthetic builds the full-size model in GPU memory: it needs --device cuda", 2)
+        from kimi_local.api import build_net
+        from kimi_local.config import KimiConfig
+        from kimi_local.quant.recipe import get_recipe
+
+        cfg = KimiConfig()
+        try:
+            r = get_recipe(recipe)
+            w = B.synthetic_weights(cfg, r.qtype, dev, zipf=zipf)
+            net = build_net(cfg, w, dev, torch.bfloat16, kv_cache=kv_cache, use_graph=graph)
+        except (ModelError, torch.cuda.OutOfMemoryError) as e:
+            fail(f"the synthetic {recipe} model does not fit: {e}")
+        del w
+        label = f"synthetic {recipe}" + (f" zipf={zipf}" if zipf else "")
+    else:
+        import kimi_local
+
+        try:
+            lm = kimi_local.load(model, device=str(dev), kv_cache=kv_cache, use_graph=graph) if dev.type == "cuda" \
+                else kimi_local.load(model, device="cpu")
+        except ModelError as e:
+            fail(str(e))
+        net, cfg, label = lm.net, lm.cfg, str(model)
+    res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens, chunk,
+                      1 if kv_cache == "fp8" else 2, label)
+    print(B.to_json(res) if json_out else B.format_table(res))
 
 
 def main() -> None:

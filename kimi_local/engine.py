@@ -25,6 +25,17 @@ from kimi_local.model import KimiLinear
 KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
 
 
+def apply_vram_budget(device, nbytes: int) -> None:
+    """Enforce a GPU memory budget through the caching allocator (allocations past it raise
+    OutOfMemoryError), so a 24 GB card can be reproduced on a bigger one."""
+    from kimi_local.config import ModelError
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    if nbytes > total:
+        raise ModelError(f"--vram {nbytes / 2**30:.1f} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(nbytes / total, device)
+
+
 def _is_q(w) -> bool:
     return hasattr(w, "qtype") and not isinstance(w, torch.Tensor)
 

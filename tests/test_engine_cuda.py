@@ -28,17 +28,22 @@ def qtype_of(name, shape):
     return "Q8_0" if shape[-1] % 256 else "Q6_K"
 
 
-def _models(use_graph=True, kv_cache="bf16"):
+def _models(use_graph=True, kv_cache="bf16", cpu_dtype=torch.float32):
     from kimi_local.api import build_net
     from kimi_local.bench import synthetic_weights
     from kimi_local.model import KimiLinear
 
     cfg = small_config()
     w = synthetic_weights(cfg, qtype_of, "cpu", seed=3)
-    w["token_embd.weight"] = w["token_embd.weight"]  # quantized embedding rows are gathered per token
-    cpu = KimiLinear(cfg, w, "cpu", torch.float32)
+    cpu = KimiLinear(cfg, w, "cpu", cpu_dtype)
     gpu = build_net(cfg, w, torch.device("cuda"), torch.bfloat16, kv_cache=kv_cache, use_graph=use_graph)
     return cfg, cpu, gpu
+
+
+def _run(net, cache, ids, n_prefill):
+    """Prefill ids[:n_prefill], then decode the rest one token at a time: the logits of each call."""
+    out = [net.forward(ids[:n_prefill], cache, "last").float().cpu()]
+    return out + [net.forward(ids[j : j + 1], cache).float().cpu() for j in range(n_prefill, len(ids))]
 
 
 def _rel(a, b):
@@ -47,15 +52,18 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("kv_cache", ["bf16", "fp8"])
 def test_gpu_logits_match_cpu_reference(kv_cache):
+    """The bf16 band: the same reference run in bf16 on the CPU sets the tolerance (2x its error vs
+    fp32); the fp8 cache may add up to 2x more."""
     cfg, cpu, gpu = _models(kv_cache=kv_cache)
+    cpu16 = _models(cpu_dtype=torch.bfloat16)[1]
     ids = torch.randint(0, cfg.vocab_size, (70,), generator=torch.Generator().manual_seed(0))
-    cc, gc = cpu.new_cache(), gpu.new_cache(max_ctx=256)
-    ref = [cpu.forward(ids[:60], cc, "last")] + [cpu.forward(ids[j : j + 1], cc) for j in range(60, 70)]
-    out = [gpu.forward(ids[:60], gc, "last")] + [gpu.forward(ids[j : j + 1], gc).clone() for j in range(60, 70)]
-    tol = 3e-2 if kv_cache == "bf16" else 6e-2
-    for r, o in zip(ref, out):
+    ref = _run(cpu, cpu.new_cache(), ids, 60)
+    band = _run(cpu16, cpu16.new_cache(), ids, 60)
+    out = _run(gpu, gpu.new_cache(max_ctx=256), ids, 60)
+    k = 2.0 if kv_cache == "bf16" else 4.0
+    for r, b, o in zip(ref, band, out):
         assert torch.isfinite(o).all()
-        assert _rel(o.cpu(), r) < tol, _rel(o.cpu(), r)
+        assert _rel(o, r) < max(k * _rel(b, r), 1e-2), (_rel(o, r), _rel(b, r))
 
 
 def test_graph_decode_equals_eager_for_256_tokens():
@@ -92,10 +100,12 @@ def test_mla_prefill_attention_blocks_match_reference():
 
 def test_kda_prefill_then_decode_matches_reference_state():
     cfg, cpu, gpu = _models()
+    cpu16 = _models(cpu_dtype=torch.bfloat16)[1]
     ids = torch.randint(0, cfg.vocab_size, (130,), generator=torch.Generator().manual_seed(2))
-    cc, gc = cpu.new_cache(), gpu.new_cache(max_ctx=256)
-    cpu.forward(ids, cc, "none")
-    gpu.forward(ids, gc, "none")
+    cc, bc, gc = cpu.new_cache(), cpu16.new_cache(), gpu.new_cache(max_ctx=256)
+    for net, c in ((cpu, cc), (cpu16, bc), (gpu, gc)):
+        net.forward(ids, c, "none")
     for i in cfg.kda_layer_ids:
-        assert _rel(gc.kda_state[i].cpu(), cc.kda_state[i]) < 3e-2
-        assert _rel(gc.conv[i].cpu(), cc.conv[i]) < 1e-2
+        for name in ("kda_state", "conv"):
+            ref, band, got = (getattr(c, name)[i].float().cpu() for c in (cc, bc, gc))
+            assert _rel(got, ref) < max(2 * _rel(band, ref), 1e-2), (name, i)
