@@ -1,0 +1,176 @@
+"""`kimi-local chat` driven through a pseudo-terminal (pexpect) on the tiny model."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+TURN = re.compile(r"(\d+) new tokens prefilled · ([\d,]+)/[\d,]+ in context · (\d+) tokens")
+
+
+def _spawn(tiny_dir, tmp_path, *args, max_tokens=8, term="dumb"):
+    env = dict(os.environ, TERM=term, PROMPT_TOOLKIT_NO_CPR="1", XDG_DATA_HOME=str(tmp_path / "xdg"),
+               NO_COLOR="1", COLUMNS="200", LINES="50")
+    cmd = ["-m", "kimi_local.cli", "chat", str(tiny_dir), "--device", "cpu", "--temperature", "0",
+           "--max-tokens", str(max_tokens), *args]
+    c = pexpect.spawn(sys.executable, cmd, env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
+    c.expect("/help lists commands")
+    c.expect("> ")
+    return c
+
+
+def _turn(c, text: str) -> tuple[int, int, int]:
+    """Send one message; (new tokens prefilled, tokens in context, tokens decoded)."""
+    c.send(text + "\r")
+    c.expect(TURN)
+    n, ctx, dec = (int(g.replace(",", "")) for g in c.match.groups())
+    c.expect("> ")
+    return n, ctx, dec
+
+
+def _cmd(c, line: str) -> str:
+    """Run a slash command; its output."""
+    c.send(line + "\r")
+    c.expect("\r\n> ")
+    return c.before
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def test_turns_prefill_only_new_tokens_and_input_keys(tiny_dir, tiny_model, tmp_path):
+    tok = tiny_model.tokenizer
+    c = _spawn(tiny_dir, tmp_path)
+    n1, ctx1, d1 = _turn(c, "hello there")
+    assert n1 == len(tok.encode_chat([_user("hello there")]))
+    assert ctx1 == n1 + d1
+    n2, ctx2, d2 = _turn(c, "and how are you?")
+    new = len(tok.encode_chat_continuation([_user("and how are you?")]))
+    assert n2 in (new, new + 1)  # + <|im_end|> when the first answer was cut by --max-tokens
+    assert ctx2 == ctx1 + n2 + d2  # the earlier turn was not processed again
+    assert f"prefilled {n2} new tokens" in _cmd(c, "/stats")
+    # Esc-Enter (= Alt-Enter) inserts a newline instead of sending
+    _cmd(c, "/reset")
+    n, _, _ = _turn(c, "line one\x1b\rline two")
+    assert n == len(tok.encode_chat([_user("line one\nline two")]))
+    # a bracketed paste of several lines is one message
+    _cmd(c, "/reset")
+    n, _, _ = _turn(c, "\x1b[200~first\nsecond\x1b[201~")
+    assert n == len(tok.encode_chat([_user("first\nsecond")]))
+    c.send("\x04")  # Ctrl-D
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+    assert "line one" in (tmp_path / "xdg" / "kimi-local" / "history").read_text()
+
+
+def test_slash_commands(tiny_dir, tiny_model, tmp_path):
+    tok = tiny_model.tokenizer
+    c = _spawn(tiny_dir, tmp_path)
+    out = _cmd(c, "/help")
+    assert all(name in out for name in ("/reset", "/system", "/save", "/load", "/retry", "/stats",
+                                        "/set", "/file", "/exit", "Esc-Enter"))
+    assert "unknown command" in _cmd(c, "/nope")
+    # /set: valid and invalid values
+    assert "top_k = 5" in _cmd(c, "/set top_k 5")
+    assert "top_p must be" in _cmd(c, "/set top_p 2")
+    assert "not a valid value" in _cmd(c, "/set temperature warm")
+    assert "unknown setting" in _cmd(c, "/set colour 1")
+    assert "usage" in _cmd(c, "/set seed")
+    _cmd(c, "/set seed none")
+    _cmd(c, "/set max_tokens 6")
+    assert "top_k=5" in _cmd(c, "/stats") and "max_tokens=6" in _cmd(c, "/stats")
+    _cmd(c, "/set top_k 0")
+    # /system starts over with the system turn first
+    assert "conversation reset" in _cmd(c, "/system You are terse.")
+    assert "You are terse." in _cmd(c, "/system")
+    n, ctx, d = _turn(c, "hi")
+    assert n == len(tok.encode_chat([{"role": "system", "content": "You are terse."}, _user("hi")]))
+    assert d <= 6
+    # /retry regenerates from the snapshot taken before the answer: greedy -> the same turn again
+    c.send("/retry\r")
+    c.expect(TURN)
+    assert [int(g.replace(",", "")) for g in c.match.groups()] == [n, ctx, d]
+    c.expect("> ")
+    # /save, /load (also of bad files: the REPL keeps going with its state)
+    session = tmp_path / "s.safetensors"
+    assert "saved" in _cmd(c, f"/save {session}") and session.is_file()
+    (tmp_path / "bad.safetensors").write_bytes(b"not a session")
+    assert "not a kimi-local session file" in _cmd(c, f"/load {tmp_path / 'bad.safetensors'}")
+    assert "can't read" in _cmd(c, f"/load {tmp_path / 'missing.safetensors'}")
+    assert f"{ctx} / " in _cmd(c, "/stats")
+    assert "conversation reset" in _cmd(c, "/reset")
+    assert "0 / " in _cmd(c, "/stats")
+    assert f"{ctx} tokens in context" in _cmd(c, f"/load {session}")
+    n2, ctx2, d2 = _turn(c, "more")
+    assert ctx2 == ctx + n2 + d2
+    # /file: a document goes with the next message
+    assert "can't read" in _cmd(c, f"/file {tmp_path / 'nope.txt'}")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Recurrent state carries over between turns.\n" * 10)
+    _cmd(c, "/reset")
+    assert "added doc.txt" in _cmd(c, f"/file {doc}")
+    n3, _, _ = _turn(c, "summarise")
+    content = "doc.txt:\n\n" + doc.read_text() + "\n\nsummarise"
+    assert n3 == len(tok.encode_chat([{"role": "system", "content": "You are terse."}, _user(content)]))
+    c.send("/exit\r")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_ctrl_c(tiny_dir, tiny_model, tmp_path):
+    tok = tiny_model.tokenizer
+    c = _spawn(tiny_dir, tmp_path, max_tokens=3000)
+    c.send("\x03")  # at the empty prompt: harmless
+    c.expect("use Ctrl-D or /exit to quit")
+    c.expect("> ")
+    c.send("tell me a long story\r")
+    c.expect("tell me a long story\r\r\n")
+    c.expect(r"\S")  # the answer is streaming
+    c.send("\x03")
+    c.expect("stopped")
+    c.expect(TURN)
+    n, ctx, d = (int(g.replace(",", "")) for g in c.match.groups())
+    assert ctx == n + d and 1 <= d < 3000  # the state holds exactly the tokens kept
+    c.expect("> ")
+    _cmd(c, "/set max_tokens 4")
+    n2, ctx2, d2 = _turn(c, "go on")
+    # the cut answer gets its <|im_end|> before the next turn; nothing earlier is re-processed
+    assert n2 == len(tok.encode_chat_continuation([_user("go on")])) + 1
+    assert ctx2 == ctx + n2 + d2
+    c.send("\x04")  # Ctrl-D
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+
+
+def test_session_option_and_bad_inputs(tiny_dir, tmp_path):
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    base = [sys.executable, "-m", "kimi_local.cli", "chat", str(tiny_dir), "--device", "cpu",
+            "--temperature", "0", "--max-tokens", "4"]
+    session = tmp_path / "chat.safetensors"
+
+    def chat(*args, stdin=""):
+        return subprocess.run(base + list(args), input=stdin, capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    r = chat("--session", str(session), stdin="first message\n")
+    assert r.returncode == 0, r.stderr
+    assert session.is_file() and "session saved" in r.stdout
+    ctx1 = int(TURN.search(r.stdout).group(2).replace(",", ""))
+    r = chat("--session", str(session), stdin="second message\n")
+    assert r.returncode == 0 and "resumed" in r.stdout
+    assert int(TURN.search(r.stdout).group(2).replace(",", "")) > ctx1
+    session.write_bytes(session.read_bytes()[:-100])  # truncated
+    r = chat("--session", str(session))
+    assert r.returncode == 1 and "corrupt or truncated" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = chat("--vram", "lots")
+    assert r.returncode == 2 and "--vram" in r.stderr
+    r = chat("--top-p", "0")
+    assert r.returncode == 2
