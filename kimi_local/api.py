@@ -103,12 +103,17 @@ def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4
 
 def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "bf16", use_graph: bool = True):
     """The reference model on CPU; on CUDA the Triton engine (weights moved and repacked once)."""
-    if device.type != "cuda" or any(hasattr(w, "matmul") for w in weights.values()):
+    if device.type != "cuda" or any(_is_custom(w) for w in weights.values()):
         return KimiLinear(cfg, {n: _to(w, device) for n, w in weights.items()}, device, dtype)
     from kimi_local.engine import GpuKimi
 
     kv = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[kv_cache]
     return GpuKimi(cfg, weights, device, torch.bfloat16, kv_dtype=kv, use_graph=use_graph)
+
+
+def _is_custom(w) -> bool:
+    """A weight with its own matmul (e.g. bitsandbytes NF4): the engine cannot repack it."""
+    return hasattr(w, "matmul") and not isinstance(w, torch.Tensor)
 
 
 def _to(w, device):
