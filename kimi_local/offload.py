@@ -408,9 +408,10 @@ class ExpertStats:
         """Turn finished CUDA event pairs into seconds (kind 'copy' adds to h2d_s, 'stall' to stall_s)."""
         keep = []
         for kind, a, b in self._pending:
-            if not wait and not b.query():
+            if not wait and not (a.query() and b.query()):  # a stall pair spans two streams
                 keep.append((kind, a, b))
                 continue
+            a.synchronize()
             b.synchronize()
             dt = max(0.0, a.elapsed_time(b) / 1e3)
             if kind == "copy":

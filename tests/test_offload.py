@@ -215,3 +215,22 @@ def test_run_with_vram_on_cpu(tiny_dir, tiny_model, tmp_path):
     assert plain.returncode == 0 and plain.stdout == r.stdout
     r = _run(base + ["--vram", str(vram - 1)])
     assert r.returncode == 1 and b"--vram" in r.stderr and b"would fit with" in r.stderr
+
+
+# ---- the GPU (device suite) ------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_offloaded_generation_equals_resident_cuda(tiny_dir, prefetch):
+    """Side-stream copies, events, staging and prefetch on a real GPU: same greedy tokens."""
+    import kimi_local
+
+    ref = _greedy(kimi_local.load(tiny_dir, device="cuda").net)
+    net = kimi_local.load(tiny_dir, device="cuda").net
+    k = net.cfg.num_experts_per_token
+    off = apply_offload(net, _vram(net, k), 512, "lfu", None, prefetch=prefetch)
+    assert off.store.raw[1][0].is_pinned() and off.cache[1].pools[0].is_cuda
+    assert _greedy(net) == ref
+    st = net.expert_stats
+    assert st.misses > 0 and st.staged_steps > 0 and st.h2d_gbps > 0 and st.stall_ms_per_token >= 0
+    assert st.h2d_bytes == (st.misses + st.prefetched) * off.store.expert_bytes[1]
+    assert "hit rate" in st.summary()
