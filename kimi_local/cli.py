@@ -242,7 +242,7 @@ def chat(
     temperature: float = TempOpt, top_k: int = TopKOpt, top_p: float = TopPOpt, min_p: float = MinPOpt,
     repeat_penalty: float = RepOpt, seed: Optional[int] = SeedOpt,
     device: str = DeviceOpt, ctx: Optional[int] = CtxOpt,
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 24GB or 22GiB."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Memory budget (e.g. 24GB): routed experts that do not fit live in host RAM and stream in (as in run)."),
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="HF dirs only: quantize linear weights to NF4 with bitsandbytes while loading."),
 ):
     """Chat in a REPL. Each turn prefills only its new tokens: the recurrent state carries over.
@@ -256,6 +256,8 @@ def chat(
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     vram_bytes = _vram_budget(vram)
     m = load_model(model, device, load_in_4bit)
+    if vram is not None:
+        _offload_experts(m, vram, ctx, "lfu", None)
     try:
         code = run_chat(m, params, max_tokens, system, ctx, session, vram_bytes, model.name)
     except SessionError as e:

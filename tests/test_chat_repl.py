@@ -159,9 +159,10 @@ def test_session_option_and_bad_inputs(tiny_dir, tmp_path):
         return subprocess.run(base + list(args), input=stdin, capture_output=True, text=True,
                               timeout=120, env=env)
 
-    r = chat("--session", str(session), stdin="first message\n")
+    r = chat("--session", str(session), "--vram", "1GB", stdin="first message\n/stats\n")
     assert r.returncode == 0, r.stderr
     assert session.is_file() and "session saved" in r.stdout
+    assert "cache hit rate" in r.stdout  # --vram offloads experts as in `run`; /stats reports the cache
     ctx1 = int(TURN.search(r.stdout).group(2).replace(",", ""))
     r = chat("--session", str(session), stdin="second message\n")
     assert r.returncode == 0 and "resumed" in r.stdout
@@ -172,5 +173,35 @@ def test_session_option_and_bad_inputs(tiny_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = chat("--vram", "lots")
     assert r.returncode == 2 and "--vram" in r.stderr
-    r = chat("--top-p", "0")
-    assert r.returncode == 2
+
+
+def test_full_terminal_toolbar_completion_markdown(tiny_dir, tmp_path):
+    """A real terminal type: live markdown rendering, the bottom toolbar, command completion.
+    prompt-toolkit asks the terminal for the cursor position (CPR) before it draws the toolbar."""
+    env = dict(os.environ, TERM="xterm-256color", XDG_DATA_HOME=str(tmp_path / "xdg"))
+    env.pop("PROMPT_TOOLKIT_NO_CPR", None)
+    cmd = ["-m", "kimi_local.cli", "chat", str(tiny_dir), "--device", "cpu", "--temperature", "0",
+           "--max-tokens", "8"]
+    c = pexpect.spawn(sys.executable, cmd, env=env, encoding="utf-8", timeout=60, dimensions=(30, 120))
+
+    def answer_cpr():
+        c.expect_exact("\x1b[6n")
+        c.send("\x1b[5;1R")
+
+    answer_cpr()
+    c.expect("ctx 0/4,096 │ prefill 0.0 tok/s │ decode 0.0 tok/s")
+    c.send("# A heading\r")
+    c.expect(TURN)
+    ctx = int(c.match.group(2).replace(",", ""))
+    answer_cpr()
+    c.expect(rf"ctx {ctx}/4,096 │ prefill [\d,.]+ tok/s │ decode [\d,.]+ tok/s")
+    c.send("/res")
+    c.expect("start a new conversation")  # the completion menu, with each command's help
+    c.send("\t\r")
+    c.expect("conversation reset")
+    answer_cpr()
+    c.expect("ctx 0/4,096")
+    c.send("\x04")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
