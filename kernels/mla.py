@@ -86,6 +86,64 @@ def mla_decode_split_kernel(
 
 
 @triton.jit(do_not_specialize=["seq_int"])
+def mla_decode_split_t_kernel(
+    q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
+    seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_lat,
+    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
+    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Same contract as mla_decode_split_kernel, with the products transposed ("swap AB"): cache rows are the
+    M axis (scores^T [BS, BH] = C q^T; acc^T [R, BH] += C^T p^T), so a 64-row tile fills a Hopper
+    warpgroup MMA with 32 heads and no padding, both operands read from the pipelined shared tile."""
+    i_s = tl.program_id(0)
+    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    if s0 < n:
+        o_h = tl.arange(0, BH)
+        m_h = o_h < H
+        o_r = tl.arange(0, R)
+        o_d = tl.arange(0, BDR)
+        m_d = o_d < DR
+        cdt = tl.float32 if UPCAST else CDT
+        b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0).to(cdt)  # [BH, R]
+        b_qp = tl.load(q_pe + o_h[:, None] * DR + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0).to(cdt)
+        b_qaT = tl.trans(b_qa)  # [R, BH]
+        b_qpT = tl.trans(b_qp)
+        b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BH], dtype=tl.float32)
+        b_acc = tl.zeros([R, BH], dtype=tl.float32)
+        for s in range(s0, s1, BS):
+            o_s = s + tl.arange(0, BS)
+            m_s = o_s < s1
+            o_sc = tl.minimum(o_s, s1 - 1).to(tl.int64)  # rows past the end re-read a valid row (p = 0 there)
+            p_row = lat + o_sc[:, None] * stride_lat
+            b_c = tl.load(p_row + o_r[None, :]).to(cdt)  # [BS, R]
+            if BDR == DR:
+                b_kp = tl.load(p_row + R + o_d[None, :]).to(cdt)
+            else:
+                b_kp = tl.load(p_row + R + o_d[None, :], mask=m_d[None, :]).to(cdt)
+                b_kp = tl.where(m_d[None, :], b_kp, 0)
+            b_sc = (tl.dot(b_c, b_qaT, input_precision=PREC)
+                    + tl.dot(b_kp, b_qpT, input_precision=PREC))  # [BS, BH] fp32
+            if FP8:
+                b_rs = tl.load(lat_scale + o_sc)
+                b_sc = b_sc * b_rs[:, None]
+            b_sc = tl.where(m_s[:, None], b_sc * qk_scale, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_sc, 0))
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_p = tl.exp2(b_sc - b_mn[None, :])
+            b_l = b_l * b_alpha + tl.sum(b_p, 0)
+            if FP8:
+                b_p = b_p * b_rs[:, None]
+            b_acc = b_acc * b_alpha[None, :] + tl.dot(tl.trans(b_c), b_p.to(cdt), input_precision=PREC)
+            b_m = b_mn
+        tl.store(ws_m + i_s * H + o_h, b_m, mask=m_h)
+        tl.store(ws_l + i_s * H + o_h, b_l, mask=m_h)
+        tl.store(ws_acc + (i_s * H + o_h)[None, :] * R + o_r[:, None], b_acc, mask=m_h[None, :])
+
+
+@triton.jit(do_not_specialize=["seq_int"])
 def mla_decode_combine_kernel(
     ws_m, ws_l, ws_acc, seq_ptr, seq_int, out,  # out [H, R]
     H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr,
@@ -123,15 +181,40 @@ def default_splits(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kda_mla.py measures the choices)
+    "bf16": dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
+    "fp8": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
+    "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
+}
+_FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared memory): use "hm" instead
+
+
 def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
-               min_chunk: int = 128, BS: int = 32, num_warps: int = 8, num_stages: int = 2, workspace=None):
+               min_chunk: int | None = None, BS: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str = "bf16"):
     """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
 
     q_abs [H, R], q_pe [H, Dr] (bf16 or fp32); latent [S_cap, R+Dr] bf16/fp32, or float8_e4m3fn with
     latent_scale [S_cap] fp32 (row = stored * scale); seq_len: int, or a device int tensor [1] (>= 1)
     read by the kernels (graph replay at growing lengths; the grid is fixed at num_splits programs and
-    each covers max(min_chunk, ceil(seq_len / num_splits)) rows). out [H, R] (default fp32)."""
+    each covers max(min_chunk, ceil(seq_len / num_splits)) rows). out [H, R] (default fp32).
+
+    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64) or "hm" (heads as M,
+    the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
+    widened to for the products ("bf16" or "fp16"; q and p are cast to it too)."""
     H, R = q_abs.shape
+    kind = {torch.float8_e4m3fn: "fp8", torch.float32: "fp32"}.get(latent.dtype, "bf16")
+    d = DEFAULTS[kind]
+    variant = variant or d["variant"]
+    BS = d["BS"] if BS is None else BS
+    num_warps = d["num_warps"] if num_warps is None else num_warps
+    num_stages = d["num_stages"] if num_stages is None else num_stages
+    min_chunk = d["min_chunk"] if min_chunk is None else min_chunk
+    if num_splits is None and not _INTERP and torch.cuda.is_available():
+        num_splits = d["splits_per_sm"] * default_splits(q_abs.device)
+    key = (variant, kind, BS, num_warps, num_stages, fp8_compute)
+    if key in _FALLBACK:
+        variant, BS, num_warps, num_stages = "hm", 32, 8, 2
     DR = q_pe.shape[1]
     assert latent.shape[1] == R + DR and latent.stride(1) == 1 and R == triton.next_power_of_2(R)
     assert q_abs.is_contiguous() and q_pe.is_contiguous()
@@ -147,13 +230,24 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     in_ptr = isinstance(seq_len, torch.Tensor)
     seq_ptr, seq_int = (seq_len, 0) if in_ptr else (ws_m, int(seq_len))
     common = dict(BS=BS, NS=NS, MIN_CHUNK=min_chunk, LEN_IN_PTR=in_ptr)
-    mla_decode_split_kernel[(NS,)](
-        q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
-        scale * _LOG2E, latent.stride(0),
-        H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
-        FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
-        num_warps=num_warps, num_stages=num_stages, **common,
-    )
+    args = (q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
+            scale * _LOG2E, latent.stride(0))
+    kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
+              FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
+              num_warps=num_warps, num_stages=num_stages, **common)
+    if variant == "t":
+        cdt = tl.float32 if latent.dtype == torch.float32 else (
+            tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
+        try:
+            mla_decode_split_t_kernel[(NS,)](*args, CDT=cdt, **kw)
+        except triton.runtime.errors.OutOfResources:  # e.g. the tile stages exceed this GPU's shared memory
+            _FALLBACK.add(key)
+            return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,
+                              BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm")
+    elif variant == "hm":
+        mla_decode_split_kernel[(NS,)](*args, **kw)
+    else:
+        raise ValueError(f"unknown MLA decode variant {variant!r}")
     BR = min(R, 128)
     mla_decode_combine_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
