@@ -142,8 +142,9 @@ def time_decode(net, cache, n_tokens: int, depth: int) -> float:
 def time_prefill(net, n: int, chunk: int, vocab: int) -> float:
     from kimi_local.generate import prefill
 
-    cache = net.new_cache(max_ctx=n + 8)
     ids = torch.randint(0, vocab, (n,)).tolist()
+    prefill(net, net.new_cache(max_ctx=2 * chunk + 8), ids[: 2 * chunk], chunk)  # warm-up: compile, autotune
+    cache = net.new_cache(max_ctx=n + 8)
     _sync(net.device)
     t0 = time.perf_counter()
     prefill(net, cache, ids, chunk)

@@ -19,7 +19,9 @@ from kimi_local.kernels import naive
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
+from kimi_local.kernels.norm import rms_norm as fused_rms_norm
 from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
+from kimi_local.kernels.router import route
 from kimi_local.model import KimiLinear
 
 KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
@@ -159,12 +161,6 @@ def prepare_weights(cfg, weights: dict, device) -> tuple[dict, GpuExperts]:
     return out, GpuExperts(pools)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """KimiRMSNorm on the GPU path (fp32 math, bf16 out)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w.to(x.dtype)
-
-
 class GpuKimi(KimiLinear):
     """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
 
@@ -198,22 +194,35 @@ class GpuKimi(KimiLinear):
                 g = self._graphs[id(cache)] = DecodeGraph(self, cache)
             out = g.step(ids)
             return None if logits == "none" else out
+        cache.reserve(T)
         cache.pos_dev.fill_(cache.pos)
         cache.len_dev.fill_(cache.pos + T)
-        return super().forward(ids, cache, logits)
+        out = self.body(ids.to(self.device), cache, logits)
+        cache.advance(ids.tolist())
+        return out
 
     def decode_body(self, ids: torch.Tensor, cache: KimiCache) -> torch.Tensor:
-        """One token with device-side positions (cache.pos_dev / len_dev): the captured region.
-        ids [1] int64 -> logits [1, vocab] fp32. Does not advance the Python-side cache counters."""
-        cfg, w = self.cfg, self.w
-        x = self._embed(ids)
+        """One token with device-side positions (cache.pos_dev / len_dev): the captured region."""
+        return self.body(ids, cache, "last")
+
+    def body(self, ids: torch.Tensor, cache: KimiCache, logits: str) -> torch.Tensor | None:
+        """All layers for ids [T] at the cache's device positions; does not advance the cache.
+        The residual stream x is updated in place by the fused add + RMSNorm kernel."""
+        cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
+        x = self._embed(ids)  # [T, D] residual stream
+        h = fused_rms_norm(x, w["blk.0.attn_norm.weight"], eps)
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
-            h = rms_norm(x, w[b + "attn_norm.weight"], cfg.rms_norm_eps)
-            x = x + (self.kda(i, h, cache) if cfg.is_kda(i) else self.mla(i, h, cache))
-            h = rms_norm(x, w[b + "ffn_norm.weight"], cfg.rms_norm_eps)
-            x = x + (self.moe(i, h) if cfg.is_moe(i) else self.dense_mlp(i, h))
-        h = rms_norm(x, w["output_norm.weight"], cfg.rms_norm_eps)
+            a = self.kda(i, h, cache) if cfg.is_kda(i) else self.mla(i, h, cache)
+            h = fused_rms_norm(a, w[b + "ffn_norm.weight"], eps, residual=x)  # x += a; h = norm(x)
+            m = self.moe(i, h) if cfg.is_moe(i) else self.dense_mlp(i, h)
+            if i + 1 < cfg.num_hidden_layers:
+                h = fused_rms_norm(m, w[f"blk.{i + 1}.attn_norm.weight"], eps, residual=x)
+        if logits == "none":
+            return None
+        if logits == "last":
+            x, m = x[-1:], m[-1:]
+        h = fused_rms_norm(m, w["output_norm.weight"], eps, residual=x)
         return w["output.weight"].matmul(h).float()
 
     def _embed(self, ids):
@@ -274,9 +283,9 @@ class GpuKimi(KimiLinear):
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
-        ids, wts = naive.route(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"],
-                               cfg.num_experts_per_token, cfg.routed_scaling_factor,
-                               cfg.biased_router_weights, cfg.moe_renormalize)
+        logits = h.float() @ w[b + "ffn_gate_inp.weight"].t()  # [T, E] fp32 router GEMV
+        ids, wts = route(logits, w[b + "exp_probs_b.bias"], cfg.num_experts_per_token, cfg.routed_scaling_factor,
+                         cfg.biased_router_weights, cfg.moe_renormalize)
         slots = self.experts.prepare(i, ids, h).to(torch.int32)
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)
         shared, shq = w.get(b + "shexp", (None, None))
