@@ -27,6 +27,9 @@ from kimi_local.model import KimiLinear
 KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
 
 
+_VRAM_BUDGET: dict[int, int] = {}  # device index -> enforced budget (bytes), see apply_vram_budget
+
+
 def apply_vram_budget(device, nbytes: int) -> None:
     """Enforce a GPU memory budget through the caching allocator (allocations past it raise
     OutOfMemoryError), so a 24 GB card can be reproduced on a bigger one."""
@@ -36,6 +39,7 @@ def apply_vram_budget(device, nbytes: int) -> None:
     if nbytes > total:
         raise ModelError(f"--vram {nbytes / 2**30:.1f} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
     torch.cuda.set_per_process_memory_fraction(nbytes / total, device)
+    _VRAM_BUDGET[torch.device(device).index or 0] = nbytes
 
 
 def _is_q(w) -> bool:
@@ -111,20 +115,18 @@ class GpuExperts:
 
 def prepare_weights(cfg, weights: dict, device) -> tuple[dict, GpuExperts]:
     """Canonical weights -> GPU weights. Linear weights become GpuWeight (fused where possible),
-    vectors become fp32/bf16 device tensors, routed experts become kernel pools."""
+    vectors become fp32/bf16 device tensors, routed experts become kernel pools. Consumes `weights`
+    (entries are removed as they are converted) so that peak memory is the model plus one tensor."""
     dev = torch.device(device)
     out, pools = {}, {}
-    vec = lambda n, dt=torch.float32: weights[n].to(dev, dt).contiguous()  # noqa: E731
-    out["token_embd.weight"] = weights["token_embd.weight"]  # rows gathered per token, see embed()
-    if isinstance(out["token_embd.weight"], torch.Tensor):
-        out["token_embd.weight"] = out["token_embd.weight"].to(dev, torch.bfloat16)
-    else:
-        out["token_embd.weight"] = out["token_embd.weight"].to(dev)
+    vec = lambda n, dt=torch.float32: weights.pop(n).to(dev, dt).contiguous()  # noqa: E731
+    emb = weights.pop("token_embd.weight")  # rows gathered per token, see _embed()
+    out["token_embd.weight"] = emb.to(dev, torch.bfloat16) if isinstance(emb, torch.Tensor) else emb.to(dev)
     out["output_norm.weight"] = vec("output_norm.weight")
-    out["output.weight"] = GpuWeight(weights["output.weight"], dev)
+    out["output.weight"] = GpuWeight(weights.pop("output.weight"), dev)
     for i in range(cfg.num_hidden_layers):
         b = f"blk.{i}."
-        g = lambda n: weights[b + n]  # noqa: E731
+        g = lambda n: weights.pop(b + n)  # noqa: E731
         out[b + "attn_norm.weight"] = vec(b + "attn_norm.weight")
         out[b + "ffn_norm.weight"] = vec(b + "ffn_norm.weight")
         out[b + "attn_output.weight"] = GpuWeight(g("attn_output.weight"), dev)
@@ -174,7 +176,27 @@ class GpuKimi(KimiLinear):
         self.prefill_chunk = prefill_chunk
         self._graphs: dict[int, DecodeGraph] = {}
 
+    def default_ctx(self, reserve: int = 1536 << 20) -> int:
+        """The largest context whose MLA cache fits the free GPU memory (within an enforced --vram
+        budget), keeping `reserve` bytes for prefill activations; at most the model's limit."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = _VRAM_BUDGET.get(self.device.index or 0)
+        if budget is not None:
+            free = min(free, budget - torch.cuda.memory_reserved(self.device))
+        per_token = self.cfg.latent_dim * len(self.cfg.mla_layer_ids) * (1 if self.kv_dtype == torch.float8_e4m3fn else 2)
+        per_token += 4 if self.kv_dtype == torch.float8_e4m3fn else 0  # fp8 row scales
+        n = max(0, free - reserve - self.cfg.kda_state_bytes()) // max(1, per_token)
+        return int(min(self.cfg.model_max_length, n))
+
     def new_cache(self, max_ctx: int | None = None, preallocate: bool = True) -> KimiCache:
+        if max_ctx is None:
+            max_ctx = self.default_ctx()
+            if max_ctx < 1024:
+                from kimi_local.config import ModelError
+
+                raise ModelError(f"only {max_ctx} tokens of context fit in the GPU memory left after the weights; "
+                                 "use a smaller recipe (kimi-local convert --recipe Q3_K_M / --fit), "
+                                 "--kv-cache fp8, or --vram with expert offloading")
         c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True)
         if self.kv_dtype == torch.float8_e4m3fn:
             for i in c.latent:

@@ -36,7 +36,7 @@ def _models(use_graph=True, kv_cache="bf16", cpu_dtype=torch.float32):
     cfg = small_config()
     w = synthetic_weights(cfg, qtype_of, "cpu", seed=3)
     cpu = KimiLinear(cfg, w, "cpu", cpu_dtype)
-    gpu = build_net(cfg, w, torch.device("cuda"), torch.bfloat16, kv_cache=kv_cache, use_graph=use_graph)
+    gpu = build_net(cfg, dict(w), torch.device("cuda"), torch.bfloat16, kv_cache=kv_cache, use_graph=use_graph)
     return cfg, cpu, gpu
 
 
