@@ -117,6 +117,115 @@ def kda_decode_step_kernel(
             tl.atomic_xchg(ws_cnt + i_h, 0)
 
 
+@triton.jit
+def _conv1d(x_ptr, t_ptr, w_ptr, ch, m, W: tl.constexpr):
+    """SiLU(depthwise conv) of one token for channels ch: taps 0..W-2 from the tail, W-1 = x. fp32.
+    Returns (y, x) with x the raw new input (in its dtype)."""
+    b_x = tl.load(x_ptr + ch, mask=m, other=0)
+    b_y = b_x.to(tl.float32) * tl.load(w_ptr + ch * W + (W - 1), mask=m, other=0).to(tl.float32)
+    for j in tl.static_range(W - 1):
+        b_y += (tl.load(t_ptr + ch * (W - 1) + j, mask=m, other=0).to(tl.float32)
+                * tl.load(w_ptr + ch * W + j, mask=m, other=0).to(tl.float32))
+    return b_y * tl.sigmoid(b_y), b_x
+
+
+@triton.jit
+def _load_tail2(t_ptr, ch, m, W: tl.constexpr, BW: tl.constexpr):
+    """Old tail columns 1..W-2 as a [BC, BW] tile in column positions 0..W-3 (the shifted tail)."""
+    o_w = tl.arange(0, BW)
+    return tl.load(t_ptr + ch[:, None] * (W - 1) + o_w[None, :] + 1, mask=m[:, None] & (o_w[None, :] < W - 2), other=0)
+
+
+@triton.jit
+def _store_tail2(t_ptr, b_old, b_x, ch, m, W: tl.constexpr, BW: tl.constexpr):
+    """tail <- [old tail[1:], x]; b_old from _load_tail (read by every thread before any store: barrier first)."""
+    o_w = tl.arange(0, BW)
+    b_new = tl.where(o_w[None, :] == W - 2, b_x[:, None].to(t_ptr.dtype.element_ty), b_old)
+    tl.store(t_ptr + ch[:, None] * (W - 1) + o_w[None, :], b_new, mask=m[:, None] & (o_w[None, :] < W - 1))
+
+
+@triton.jit
+def _store_state(p_s, b_s, m_s, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(p_s, b_s)
+    else:
+        tl.store(p_s, b_s, mask=m_s)
+
+
+@triton.jit
+def kda_decode_step_v2_kernel(
+    q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+    ws_o, ws_cnt, scale, eps,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
+):
+    """kda_decode_step_kernel's contract. Differences: the conv is computed tap by tap on 1D vectors (no
+    [C, W] window tile and its layout conversions), the state block is loaded/stored unmasked when the
+    blocks tile [K, V] exactly (16-byte accesses), and with several V blocks the state is stored after the
+    arrival, so the release fence before the counter does not wait for the state writes."""
+    i_v, i_h = tl.program_id(0), tl.program_id(1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    ch_k = i_h * K + o_k
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    ch_v = i_h * V + o_v
+    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if (K == BK) and (V % BV == 0):
+        b_s = tl.load(p_s)
+    else:
+        b_s = tl.load(p_s, mask=m_s, other=0)
+    b_q, x_q = _conv1d(q_raw, tq, wq, ch_k, m_k, W)
+    b_k, x_k = _conv1d(k_raw, tk, wk, ch_k, m_k, W)
+    b_v, x_v = _conv1d(v_raw, tv, wv, ch_v, m_v, W)
+    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
+    b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
+    b_a = tl.load(a + i_h).to(tl.float32)
+    b_q = b_q * (tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale)
+    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+    b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))
+    b_sp = tl.where(b_f > 20.0, b_f, b_sp)
+    b_decay = tl.exp(b_a * b_sp)
+    b_s = b_s * b_decay[:, None]
+    b_u = (b_v - tl.sum(b_s * b_k[:, None], 0)) * b_beta
+    b_s += b_k[:, None] * b_u[None, :]
+    b_o = tl.sum(b_s * b_q[:, None], 0)
+    if NV == 1:
+        b_ss = tl.sum(tl.where(m_v, b_o * b_o, 0.0), 0)
+        b_z = tl.load(z + ch_v, mask=m_v, other=0).to(tl.float32)
+        b_w = tl.load(norm_w + o_v, mask=m_v, other=0).to(tl.float32)
+        b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
+        tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
+        _store_state(p_s, b_s, m_s, (K == BK) and (V % BV == 0))
+        o_q, o_kk, o_vv = _load_tail2(tq, ch_k, m_k, W, BW), _load_tail2(tk, ch_k, m_k, W, BW), _load_tail2(tv, ch_v, m_v, W, BW)
+        tl.debug_barrier()
+        _store_tail2(tq, o_q, x_q, ch_k, m_k, W, BW)
+        _store_tail2(tk, o_kk, x_k, ch_k, m_k, W, BW)
+        _store_tail2(tv, o_vv, x_v, ch_v, m_v, W, BW)
+    else:
+        tl.store(ws_o + ch_v, b_o, mask=m_v)
+        o_vv = _load_tail2(tv, ch_v, m_v, W, BW)
+        tl.debug_barrier()
+        n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
+        _store_state(p_s, b_s, m_s, (K == BK) and (V % BV == 0))  # after the arrival: the release fence does not wait for it
+        _store_tail2(tv, o_vv, x_v, ch_v, m_v, W, BW)
+        if n_arrived == NV - 1:
+            o_f = tl.arange(0, BVF)
+            m_f = o_f < V
+            b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")
+            b_ss = tl.sum(b_of * b_of, 0)
+            b_z = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)
+            b_w = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)
+            b_y = b_of * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
+            tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
+            o_q, o_kk = _load_tail2(tq, ch_k, m_k, W, BW), _load_tail2(tk, ch_k, m_k, W, BW)
+            tl.debug_barrier()
+            _store_tail2(tq, o_q, x_q, ch_k, m_k, W, BW)
+            _store_tail2(tk, o_kk, x_k, ch_k, m_k, W, BW)
+            tl.atomic_xchg(ws_cnt + i_h, 0)
+
+
 def _workspace(device, H: int, V: int):
     key = (str(device), H, V)
     if key not in _WS:
@@ -125,9 +234,12 @@ def _workspace(device, H: int, V: int):
     return _WS[key]
 
 
+DEFAULTS = dict(variant="v2", BV=16, num_warps=2)  # scripts/sweep_kda_mla.py measures the choices
+
+
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None):
+                    workspace=None, variant: str | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -137,7 +249,8 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     a [H] = -exp(A_log); dt_bias [H*K]; norm_w [V]; state [H, K, V] fp32, updated in place;
     out [H*V] (any float dtype) receives the gated-normed output. eps is the output norm's (rms_norm_eps).
     BV: value-block width (V = one program per head; smaller = more programs, cross-block norm via
-    an arrival counter)."""
+    an arrival counter). variant: "v2" (tap-wise conv, unmasked state, state stored after the arrival) or
+    "v1" (the first kernel); None: DEFAULTS (BV and num_warps too, when not given)."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -148,16 +261,28 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     assert wq.shape == (H * K, W) and wv.shape == (H * V, W) and tq.shape == (H * K, W - 1) and tv.shape == (H * V, W - 1)
     scale = K**-0.5 if scale is None else scale
     BK, BVF = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BV = min(BVF, 32) if BV is None else BV
+    variant = variant or DEFAULTS["variant"]
+    if variant == "v2":
+        BV = min(BVF, DEFAULTS["BV"]) if BV is None else BV
+        if num_warps is None:
+            num_warps = DEFAULTS["num_warps"] if BV == DEFAULTS["BV"] else max(1, min(8, BK * BV // 1024))
+    else:
+        BV = min(BVF, 32) if BV is None else BV
+        if num_warps is None:
+            num_warps = max(4, min(16, BK * BV // 1024))  # <= 128 regs/thread on sm_90
+    if _INTERP:
+        num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
-    if num_warps is None:
-        num_warps = 1 if _INTERP else max(4, min(16, BK * BV // 1024))  # <= 128 regs/thread on sm_90
-    kda_decode_step_kernel[(NV, H)](
-        q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-        ws_o, ws_cnt, scale, eps,
-        H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, BW=triton.next_power_of_2(W), NV=NV, num_warps=num_warps,
-    )
+    args = (q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+            ws_o, ws_cnt, scale, eps)
+    kw = dict(H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, BW=triton.next_power_of_2(W), NV=NV, num_warps=num_warps)
+    if variant == "v2":
+        kda_decode_step_v2_kernel[(NV, H)](*args, **kw)
+    elif variant == "v1":
+        kda_decode_step_kernel[(NV, H)](*args, **kw)
+    else:
+        raise ValueError(f"unknown KDA decode variant {variant!r}")
     return out
 
 

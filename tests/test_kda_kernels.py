@@ -37,7 +37,8 @@ def _token(H, K, V, gen, dev=DEV, dtype=torch.float32):
     return r(H * K), r(H * K), r(H * V), r(H * K) * 2, r(H), r(H * V)  # q_raw k_raw v_raw f beta_logit z
 
 
-def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False):
+def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False, variant=None,
+               num_warps=None):
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, tail_dtype)
     S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(dev)
@@ -47,7 +48,8 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     out = torch.empty(H * V, dtype=out_dtype, device=dev)
     if graph:
         bufs = [torch.empty_like(x) for x in toks[0]]
-        step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV)  # noqa: E731
+        step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,  # noqa: E731
+                                          variant=variant, num_warps=num_warps)
         for b, x in zip(bufs, toks[0]):
             b.copy_(x)
         s_save, t_save = S.clone(), [t.clone() for t in t_k]
@@ -68,7 +70,8 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
                 b.copy_(x)
             g.replay()
         else:
-            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV)
+            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, variant=variant,
+                                num_warps=num_warps)
         assert not out.isnan().any()
         errs.append(rel(out, ref))
     for t, tr in zip(t_k, t_ref):
@@ -76,17 +79,27 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     return max(errs), rel(S, S_ref)
 
 
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("BV", [None, 8])  # 8: V=12 -> a full and a partial V block
 @pytest.mark.parametrize("H,K,V,W", [(3, 8, 12, 4), (2, 16, 8, 3)])
-def test_decode_step_matches_reference(H, K, V, W, BV):
-    e_out, e_state = _run_steps(H, K, V, W, 20, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K)
+def test_decode_step_matches_reference(H, K, V, W, BV, variant):
+    e_out, e_state = _run_steps(H, K, V, W, 6, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K,
+                                variant=variant)
     assert e_out < 1e-5 and e_state < 1e-5
 
 
-def test_decode_step_bf16_io():
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_decode_step_bf16_io(variant):
     # bf16 projections, bf16 tails and bf16 output (the GPU setting); the interpreter truncates fp32->bf16
-    e_out, e_state = _run_steps(3, 8, 12, 4, 10, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3)  # 3 V blocks
+    e_out, e_state = _run_steps(3, 8, 12, 4, 4, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3,
+                                variant=variant)  # 3 V blocks
     assert e_out < 1e-2 and e_state < 1e-5
+
+
+def test_decode_step_v2_even_blocks_w2():
+    # V % BV == 0 and K == BK (the unmasked state path), W = 2 (a one-column tail)
+    e_out, e_state = _run_steps(2, 8, 16, 2, 5, 8, torch.float32, torch.float32, torch.float32, seed=21, variant="v2")
+    assert e_out < 1e-5 and e_state < 1e-5
 
 
 def test_decode_step_counters_reset():
@@ -256,11 +269,14 @@ def test_gated_rms_norm(H, V):
 
 # ---- GPU, real shapes ------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("BV", [16, 32, 64, 128])
-def test_decode_step_real_shapes(BV):
-    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=BV)
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("BV", [8, 16, 32, 64, 128])
+def test_decode_step_real_shapes(BV, variant):
+    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=BV,
+                                variant=variant)
     assert e_out < 1e-4 and e_state < 1e-4
-    e_out, _ = _run_steps(32, 128, 128, 4, 5, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=BV + 1)
+    e_out, _ = _run_steps(32, 128, 128, 4, 5, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=BV + 1,
+                          variant=variant)
     assert e_out < 1e-2
 
 
@@ -272,9 +288,11 @@ def test_decode_step_cuda_graph(BV):
 
 
 @pytest.mark.cuda
-def test_decode_step_long_horizon():
+@pytest.mark.parametrize("variant,BV,num_warps", [("v1", 16, None), ("v2", 16, 2), ("v2", 8, 1), ("v2", 32, 4)])
+def test_decode_step_long_horizon(variant, BV, num_warps):
     # 500 steps, K != V, many V blocks: drift or a racy cross-block norm shows up here
-    e_out, e_state = _run_steps(32, 128, 96, 4, 500, 16, torch.float32, torch.float32, torch.float32, seed=13)
+    e_out, e_state = _run_steps(32, 128, 96, 4, 500, BV, torch.float32, torch.float32, torch.float32, seed=13,
+                                variant=variant, num_warps=num_warps)
     assert e_out < 1e-4 and e_state < 1e-4
 
 
