@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "auto", dtype=None, load_in_4bit: bool = False):
-    """Load an HF directory or GGUF file; see kimi_local.api.LocalModel."""
+def load(path, device: str = "auto", dtype=None, load_in_4bit: bool = False, **engine_opts):
+    """Load an HF directory or GGUF file; see kimi_local.api.load and LocalModel."""
     from kimi_local.api import load as _load
 
-    return _load(path, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
+    return _load(path, device=device, dtype=dtype, load_in_4bit=load_in_4bit, **engine_opts)

@@ -104,7 +104,7 @@ def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4
 def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "bf16", use_graph: bool = True):
     """The reference model on CPU; on CUDA the Triton engine (weights moved and repacked once; it
     consumes the `weights` dict to keep peak memory low: pass a copy to keep yours)."""
-    if device.type != "cuda" or any(_is_custom(w) for w in weights.values()):
+    if device.type != "cuda" or any(_is_custom(w) for w in weights.values()):  # engine options: CUDA only
         return KimiLinear(cfg, {n: _to(w, device) for n, w in weights.items()}, device, dtype)
     from kimi_local.engine import GpuKimi
 
