@@ -109,3 +109,23 @@ def test_kda_prefill_then_decode_matches_reference_state():
         for name in ("kda_state", "conv"):
             ref, band, got = (getattr(c, name)[i].float().cpu() for c in (cc, bc, gc))
             assert _rel(got, ref) < max(2 * _rel(band, ref), 1e-2), (name, i)
+
+
+def test_vram_budget_is_enforced():
+    """--vram caps the allocator: allocations past the budget fail, and the default context shrinks."""
+    from kimi_local.engine import _VRAM_BUDGET, apply_vram_budget
+
+    cfg, _, gpu = _models()
+    dev = torch.device("cuda")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    free_ctx = gpu.default_ctx()
+    budget = torch.cuda.memory_reserved(dev) + (2 << 30)
+    try:
+        apply_vram_budget(dev, budget)
+        assert gpu.default_ctx() < free_ctx
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(3 << 30, dtype=torch.uint8, device=dev)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        _VRAM_BUDGET.clear()
+    assert total > budget
