@@ -32,14 +32,12 @@ def _add(types: dict, groups: dict, name: str, qtype: str, nbytes: int) -> None:
 
 
 def summarize_gguf(path) -> Summary:
-    import gguf
-
     from kimi_local.gguf_file import GGUFModelFile
 
     gf = GGUFModelFile(path)
     types, groups = {}, dict.fromkeys(GROUPS, 0)
     for name, (_, t) in gf.tensors.items():
-        _add(types, groups, name, gguf.GGMLQuantizationType(t.tensor_type).name, int(t.n_bytes))
+        _add(types, groups, name, t.type_name, t.nbytes)
     return Summary(gf.path, "GGUF (kimi-linear)", len(gf.paths), gf.cfg, len(gf.tensors), types, groups)
 
 

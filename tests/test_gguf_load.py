@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import kimi_local
 from kimi_local.cli import app
 from kimi_local.config import ModelError
-from kimi_local.gguf_file import GGUFModelFile, load_weights
+from kimi_local.gguf_file import GGUFFile, GGUFModelFile, load_weights
 from kimi_local.info import render, summarize
 from kimi_local.model import KimiLinear
 from kimi_local.quant.convert import convert
@@ -123,7 +123,7 @@ def test_mixed_types_per_tensor(tmp_path, ours, tiny_dir):
 def test_quantized_weights_are_views_of_the_file(ours):
     gf = GGUFModelFile(ours / "Q8_0.gguf")
     w = load_weights(gf, torch.float32)
-    mm = gf.readers[0].data
+    mm = gf.files[0].mm
     lo, hi = mm.ctypes.data, mm.ctypes.data + mm.size
     for name in ("blk.1.ffn_up_exps.weight", "token_embd.weight", "blk.0.attn_q.weight"):
         assert isinstance(w[name], QTensor) and lo <= w[name].data.data_ptr() < hi, name
@@ -140,7 +140,9 @@ def _one_line_error(path, match):
 
 def test_bad_gguf_files(tmp_path, ours):
     good = (ours / "F32.gguf").read_bytes()
-    for n, cut in (("half", len(good) // 2), ("header", 200), ("tensor-infos", len(good) // 20)):
+    header = GGUFFile(ours / "F32.gguf").header_size
+    cuts = {"metadata": 200, "token list": header // 3, "tensor infos": header - 5, "data": len(good) // 2}
+    for n, cut in cuts.items():
         p = tmp_path / f"{n}.gguf"
         p.write_bytes(good[:cut])
         _one_line_error(p, "truncated")
