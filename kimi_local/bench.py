@@ -152,8 +152,8 @@ def time_prefill(net, n: int, chunk: int, vocab: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int, chunk: int,
-              kv_bytes: int, label: str) -> BenchResult:
+def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int,
+              chunks: list[int], kv_bytes: int, label: str) -> BenchResult:
     dev = net.device
     res = BenchResult()
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
@@ -178,12 +178,13 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     for n in prompts:
-        try:
-            s = time_prefill(net, n, chunk, cfg.vocab_size)
-        except torch.cuda.OutOfMemoryError:
-            res.rows.append(dict(kind="prefill", ctx=n, note="does not fit"))
-            continue
-        res.rows.append(dict(kind="prefill", ctx=n, tok_s=round(n / s, 1), s=round(s, 3)))
+        for chunk in chunks:
+            try:
+                s = time_prefill(net, n, chunk, cfg.vocab_size)
+            except torch.cuda.OutOfMemoryError:
+                res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, note="does not fit"))
+                continue
+            res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, tok_s=round(n / s, 1), s=round(s, 3)))
     if dev.type == "cuda":
         res.info["peak_vram_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
     return res
@@ -191,10 +192,11 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
 
 def format_table(res: BenchResult) -> str:
     lines = [" ".join(f"{k}={v}" for k, v in res.info.items())]
-    lines.append(f"{'kind':8} {'ctx':>8} {'tok/s':>10} {'GB/s':>8} {'%roof':>6} {'roof tok/s':>10}  note")
+    lines.append(f"{'kind':8} {'ctx':>8} {'chunk':>6} {'tok/s':>10} {'GB/s':>8} {'%roof':>6} {'roof tok/s':>10}  note")
     for r in res.rows:
-        lines.append(f"{r['kind']:8} {r['ctx']:>8} {r.get('tok_s', '-'):>10} {r.get('GBps', '-'):>8} "
-                     f"{r.get('roofline_pct', '-'):>6} {r.get('roofline_tok_s', '-'):>10}  {r.get('note', '')}")
+        lines.append(f"{r['kind']:8} {r['ctx']:>8} {r.get('chunk', '-'):>6} {r.get('tok_s', '-'):>10} "
+                     f"{r.get('GBps', '-'):>8} {r.get('roofline_pct', '-'):>6} {r.get('roofline_tok_s', '-'):>10}  "
+                     f"{r.get('note', '')}")
     return "\n".join(lines)
 
 

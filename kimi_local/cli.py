@@ -362,7 +362,7 @@ def bench(
     contexts: str = typer.Option("4k,128k,1m", "--contexts", help="Decode depths to time (tokens in context)."),
     prompts: str = typer.Option("8k,128k", "--prompts", help="Prompt lengths for prefill."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded per depth."),
-    chunk: int = typer.Option(4096, "--chunk", min=16, help="Prefill chunk (tokens)."),
+    chunks: str = typer.Option("4096", "--chunk", help="Prefill chunk(s) in tokens; a list times each (e.g. 2048,4096,8192)."),
     kv_cache: str = typer.Option("bf16", "--kv-cache", help="MLA latent cache type: bf16 or fp8."),
     zipf: float = typer.Option(0.0, "--zipf", help="Skew the synthetic routing by Zipf(s) popularity (0 = uniform)."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Enforced GPU memory budget, e.g. 24GB."),
@@ -412,7 +412,7 @@ def bench(
         except ModelError as e:
             fail(str(e))
         net, cfg, label = lm.net, lm.cfg, str(model)
-    res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens, chunk,
+    res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens, _ints(chunks),
                       1 if kv_cache == "fp8" else 2, label)
     print(B.to_json(res) if json_out else B.format_table(res))
 
