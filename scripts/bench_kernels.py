@@ -378,12 +378,12 @@ def bench_kda_decode(ctx):
     t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
-    for BV in (16, 32, 64, 128):
+    for variant, BV in (("v1", 16), ("v2", None), ("v2", 8), ("v2", 32), ("v2", 128)):  # None: kda.DEFAULTS
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
-                                                   states[i], out, 1e-5, BV=BV) for i in range(L)],
+                                                   states[i], out, 1e-5, BV=BV, variant=variant) for i in range(L)],
                       graph=True, calls=L)
-        ctx.row("kda", f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV}", ms, nbytes=nbytes,
-                base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
+        ctx.row("kda", f"decode step fused (conv+l2+gate+delta+gated norm) {variant} BV={BV or 'default'}", ms,
+                nbytes=nbytes, base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
 
 
 @section("kda_prefill")
@@ -428,11 +428,10 @@ def bench_mla_decode(ctx):
     q_pe = torch.randn(H, DR, device="cuda").to(bf)
     q_cat = torch.cat([q_abs, q_pe], 1).view(1, 1, H, R + DR)  # MQA as one head: the 32 heads are 32 queries
     out = torch.empty(H, R, device="cuda")
-    configs = [dict(BS=32, num_warps=8, num_stages=2, min_chunk=128)]
-    if not ctx.quick:
-        configs += [dict(BS=64, num_warps=8, num_stages=2, min_chunk=128), dict(BS=32, num_warps=8, num_stages=3,
-                    min_chunk=128), dict(BS=32, num_warps=8, num_stages=2, min_chunk=256),
-                    dict(BS=16, num_warps=8, num_stages=3, min_chunk=128)]
+    configs = [dict(), dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128)]  # {}: mla.DEFAULTS
+    if not ctx.quick:  # scripts/sweep_kda_mla.py sweeps more
+        configs += [dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128),
+                    dict(variant="hm", BS=16, num_warps=8, num_stages=3, min_chunk=128)]
     for S in ([4096, 131072] if ctx.quick else [4096, 131072, 1048576]):
         base_ms = {}
         for dt in (bf, fp8):
@@ -464,7 +463,7 @@ def bench_mla_decode(ctx):
             for cfg in configs:
                 ms = ctx.time(lambda: [mla.mla_decode(q_abs, q_pe, lat, seq, scale, out, latent_scale=sc, **cfg)
                                        for lat, sc in zip(lats, scs)], graph=True, calls=n)
-                cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items())
+                cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
                 ctx.row("mla", f"S={S} {tag} split-K Triton {cfg_s}", ms, nbytes=nbytes, base=bname and f"{bname} bf16",
                         base_ms=base_ms.get(bname), note=f"splits={mla.default_splits(out.device)}")
             del lats, scs
