@@ -183,7 +183,7 @@ def default_splits(device) -> int:
 
 DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kda_mla.py measures the choices)
     "bf16": dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
-    "fp8": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
+    "fp8": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="bf16"),
     "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
 }
 _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared memory): use "hm" instead
@@ -191,7 +191,7 @@ _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared
 
 def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
                min_chunk: int | None = None, BS: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str = "bf16"):
+               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None):
     """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
 
     q_abs [H, R], q_pe [H, Dr] (bf16 or fp32); latent [S_cap, R+Dr] bf16/fp32, or float8_e4m3fn with
@@ -210,6 +210,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     num_warps = d["num_warps"] if num_warps is None else num_warps
     num_stages = d["num_stages"] if num_stages is None else num_stages
     min_chunk = d["min_chunk"] if min_chunk is None else min_chunk
+    fp8_compute = fp8_compute or d.get("fp8_compute", "bf16")
     if num_splits is None and not _INTERP and torch.cuda.is_available():
         num_splits = d["splits_per_sm"] * default_splits(q_abs.device)
     key = (variant, kind, BS, num_warps, num_stages, fp8_compute)
