@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_matmul import INTERPRET, QT_ID, _dot_w, _dq_dot_rows, _dq_tile, packed_row_bytes, qlinear
+from .quant_matmul import (CHUNKS_PER_BLOCK, INTERPRET, QK, QT_ID, WORD_QTYPES, _dot_w, _dq_dot_rows, _dq_tile,
+                           _wdot, packed_row_bytes, qlinear, split_workspace)
 
 
 def _cfgs(opts, names):
@@ -87,8 +88,202 @@ def _workspace(n, device):
     return _WS[key]
 
 
+# ----------------------------------------------------------------------------------------------
+# Decode on the word path (quant_matmul._wdot): split-K partials + last-arriver reductions.
+#   1. grid (F / BF, E = k + shared, S1): program (f-tile, e, s) dots BF rows of gate_e and up_e with x over
+#      the s-th slice of D. S1 == 1: act[e, f] = silu(g) * u directly. S1 > 1: partials to a workspace;
+#      the last of the S1 programs of (e, f-tile) (atomic counter, re-armed to 0 by it) sums them in order.
+#   2. grid (D / BD, E, S2): program (d-tile, e, s) dots BD rows of down_e with act[e] over the s-th slice
+#      of F, times w_e (1 for shared), into partial (e, s); the last of the E * S2 programs of the d-tile
+#      sums the partials in a fixed order and writes out (deterministic; no zeroing, no float atomics).
+# Why: 8 experts' gate/up are 2 x 1.3 MB each at Q4_K; one program per 16-32 rows over the whole K left
+# ~300-600 programs each with a long serial loop (few loads in flight). Splitting K gives every program
+# one or two 16-byte loads per thread per row step, issued at once.
+
+
+@triton.jit
+def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """_wdot over elements [e0, e1) of K (multiples of the type's block)."""
+    if QT == 0:
+        b0 = e0 // 32
+        b1 = tl.minimum(e1, K) // 32
+    else:
+        b0 = e0 // 256
+        b1 = tl.minimum(e1, K) // 256
+    return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
+
+
+@triton.jit
+def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS,
+                          KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr,
+                          QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
+                          QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
+                          QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
+                          QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr):
+    i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    f = i_f * BF + tl.arange(0, BF)
+    fl = tl.minimum(f, F - 1)
+    f_mask = f < F
+    e0 = i_s * EPS
+    e1 = e0 + EPS
+    if i_e < KTOP:
+        slot = tl.load(slot_ids + i_e).to(tl.int64)
+        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG)
+        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU)
+    else:
+        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG)
+        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU)
+    if S1 == 1:
+        tl.store(act + i_e * F + f, b_g * tl.sigmoid(b_g) * b_u, mask=f_mask)
+    else:
+        pg = part + (i_s * E + i_e) * 2 * F
+        tl.store(pg + f, b_g, mask=f_mask)
+        tl.store(pg + F + f, b_u, mask=f_mask)
+        tl.debug_barrier()
+        nt = tl.cdiv(F, BF)
+        c = tl.atomic_add(cnt + i_e * nt + i_f, 1, sem="acq_rel", scope="gpu")
+        if c == S1 - 1:
+            g = tl.zeros([BF], tl.float32)
+            u = tl.zeros([BF], tl.float32)
+            for s in range(S1):
+                ps = part + (s * E + i_e) * 2 * F
+                g += tl.load(ps + f, mask=f_mask, other=0.0, cache_modifier=".cg")
+                u += tl.load(ps + F + f, mask=f_mask, other=0.0, cache_modifier=".cg")
+            tl.store(act + i_e * F + f, g * tl.sigmoid(g) * u, mask=f_mask)
+            tl.atomic_xchg(cnt + i_e * nt + i_f, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS,
+                       KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
+                       QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
+                       QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr):
+    i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = i_d * BD + tl.arange(0, BD)
+    dl = tl.minimum(d, D - 1)
+    d_mask = d < D
+    e0 = i_s * FPS
+    e1 = e0 + FPS
+    if i_e < KTOP:
+        slot = tl.load(slot_ids + i_e).to(tl.int64)
+        wt = tl.load(weights + i_e).to(tl.float32)
+        y = wt * _wdot_e(act + i_e * F, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD)
+    else:
+        y = _wdot_e(act + i_e * F, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD)
+    NP: tl.constexpr = E * S2
+    if NP == 1:
+        tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
+    else:
+        tl.store(part + (i_e * S2 + i_s) * D + d, y, mask=d_mask)
+        tl.debug_barrier()
+        c = tl.atomic_add(cnt + i_d, 1, sem="acq_rel", scope="gpu")
+        if c == NP - 1:
+            tot = tl.zeros([BD], tl.float32)
+            for p in range(NP):
+                tot += tl.load(part + p * D + d, mask=d_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out + d, tot.to(out.dtype.element_ty), mask=d_mask)
+            tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
+
+
+_WORD_C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}
+
+
+def _word_c(qtype, elems, pref=None):
+    """(C, EVEN) for a K slice of `elems` elements: the largest power of two <= the preferred C that
+    divides the slice's 16-byte chunk count (EVEN), else the preferred C with clamping."""
+    if qtype not in WORD_QTYPES:
+        return 1, True
+    c0 = pref or (8 if INTERPRET else _WORD_C[qtype])
+    chunks = elems // QK[qtype] * CHUNKS_PER_BLOCK[qtype]
+    c = c0
+    while c > 1 and chunks % c:
+        c //= 2
+    if c >= max(1, c0 // 2):
+        return c, True
+    return c0, False
+
+
+def moe_decode_config(qtypes, shared_qtypes, D, F):
+    """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
+    if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
+        return 128, 1, 128, 1, 4
+    return 32, 3, 32, 2, 4
+
+
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
-               shared_qtypes=None, workspace=None):
+               shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
+               num_warps=None, num_stages=1, C=None):
+    """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
+    pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
+    shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
+    Writes out [D]. impl "word" (default): split-K word-path kernels, knobs BF/S1 (rows per program and
+    D-splits of gate/up), BD/S2 (rows and F-splits of down), num_warps, num_stages, C (chunks per step);
+    "tile": the older tile kernels. Workspaces are cached per device and size (graph-capturable after
+    the first call)."""
+    if impl == "tile":
+        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                               shared_qtypes=shared_qtypes, workspace=workspace)
+    D = x.shape[-1]
+    F = gate_pool.shape[1]
+    K = slot_ids.shape[0]
+    qg, qu, qd = qtypes
+    assert gate_pool.shape[2] == packed_row_bytes(qg, D) and down_pool.shape[2] == packed_row_bytes(qd, F)
+    assert x.is_contiguous() and out.is_contiguous()
+    has_shared = shared is not None
+    if has_shared:
+        sg, su, sd = shared
+        qsg, qsu, qsd = shared_qtypes
+        assert sg.shape[0] == F, "shared expert width must equal routed width"
+    else:
+        sg, su, sd = gate_pool, up_pool, down_pool
+        qsg, qsu, qsd = qg, qu, qd
+    E = K + int(has_shared)
+    dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F)
+    BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
+    num_warps = num_warps or dW
+    all_word = all(q in WORD_QTYPES for q in (qg, qu, qd, qsg, qsu, qsd))
+    for t in (gate_pool, up_pool, down_pool, sg, su, sd):
+        assert t.data_ptr() % 16 == 0
+    assert gate_pool[0].numel() % 16 == 0 and up_pool[0].numel() % 16 == 0 and down_pool[0].numel() % 16 == 0
+    if not all_word:
+        S1 = S2 = 1
+    # K slices in elements, multiples of 256
+    S1 = max(1, min(S1, D // 256))
+    eps = triton.cdiv(D // 256, S1) * 256
+    S1 = triton.cdiv(D, eps)
+    S2 = max(1, min(S2, F // 256))
+    fps = triton.cdiv(F // 256, S2) * 256
+    S2 = triton.cdiv(F, fps)
+    ntf, ntd = triton.cdiv(F, BF), triton.cdiv(D, BD)
+
+    def ce(q, elems, total):
+        c, even = _word_c(q, elems, C)
+        return c, even and total % elems == 0
+
+    CG, EVG = ce(qg, eps, D)
+    CU, EVU = ce(qu, eps, D)
+    CSG, EVSG = ce(qsg, eps, D)
+    CSU, EVSU = ce(qsu, eps, D)
+    CD, EVD = ce(qd, fps, F)
+    CSD, EVSD = ce(qsd, fps, F)
+    act = workspace if workspace is not None else _workspace(E * F, x.device)
+    part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if S1 > 1 else 0, E * ntf if S1 > 1 else 0)
+    _moe_w_gate_up_kernel[(ntf, E, S1)](
+        x, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
+        eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
+        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
+        num_warps=num_warps, num_stages=num_stages)
+    NP = E * S2
+    part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
+    _moe_w_down_kernel[(ntd, E, S2)](
+        act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
+        KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
+                    shared_qtypes=None, workspace=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.

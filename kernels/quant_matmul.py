@@ -284,10 +284,12 @@ def _qgemv_kernel(x, w, out, M, N, K, stride_xm, stride_xk, stride_om,
              mask=n_mask[:, None] & (o_m[None, :] < M))
 
 
-def qgemv(x, data, qtype, N, out=None, method="fma"):
+def qgemv(x, data, qtype, N, out=None, method="auto", **word_kw):
     """x [M <= 8, K] or [K] (any float dtype, any strides) -> [M, N] / [N] in x.dtype (or `out`,
-    row-contiguous). method "fma": fp32 CUDA-core dot products; "dot": the GEMM kernel (tensor cores,
-    M padded to its tile), for comparing at M = 4..8."""
+    row-contiguous). method "auto": the word path (`qgemv1`) for M = 1 and a type in WORD_QTYPES,
+    else "fma"; "fma": fp32 CUDA-core dot products on dequantized tiles; "dot": the GEMM kernel (tensor
+    cores, M padded to its tile), for comparing at M = 4..8; "word": force the word path (M = 1).
+    word_kw: tuning knobs of qgemv1 (BN, C, SPLIT, num_warps, num_stages)."""
     squeeze = x.dim() == 1
     x2 = x[None] if squeeze else x
     M, K = x2.shape
@@ -296,6 +298,10 @@ def qgemv(x, data, qtype, N, out=None, method="fma"):
         out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     o2 = out.view(M, N)
     assert o2.stride(1) == 1
+    if method == "word" or (method == "auto" and M == 1 and qtype in WORD_QTYPES):
+        assert M == 1
+        qgemv1(x2[0], data, qtype, N, out=o2[0], **word_kw)
+        return out
     if method == "dot":
         qgemm(x2, data, qtype, N, out=o2)
         return out
@@ -303,6 +309,370 @@ def qgemv(x, data, qtype, N, out=None, method="fma"):
     grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
     _qgemv_kernel[grid](x2, data, o2, M, N, K, x2.stride(0), x2.stride(1), o2.stride(0),
                         QT=QT_ID[qtype], MP=MP)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# M = 1 GEMV on 32-bit words ("word path"; Q4_K, Q6_K, Q8_0, Q3_K): the decode hot path.
+#
+# Why: the tile path above spends ~20 instructions per weight (per-element 64-bit addresses and masks,
+# byte loads, cross-thread reductions every iteration), so it is issue-bound at 10-25% of HBM. Here each
+# thread loads 16-byte vectors of packed words and turns every k-bit field into a float with ONE AND:
+# `bits & (mask << s)` reinterpreted as fp32 is the denormal q * 2^(s - 149) (exact while the field sits
+# below bit 23), and the FFMA against x * 2^(93 - s) gives q * x * 2^-56 exactly as q * x would round
+# (scaling by powers of two is exact; FFMA handles denormals at full rate). Fields at bits >= 20 are
+# reached through one shift per word. Per weight: ~1 AND + 1 FFMA (+ ~1 for Q6_K/Q3_K field merging),
+# plus per-thread x preparation shared by BN / 16 rows. Offsets of the lower bound (q - 32, q - 128,
+# - 4 * (1 - hbit), mins) go through per-group sums of x. Valid for |x| < 2^34 (x * 2^93 stays finite)
+# and products above ~2^-70 (smaller ones flush to zero: irrelevant at fp32 accumulation).
+# Rows past N are clamped (loads stay in bounds, stores are masked); K chunks past the range are clamped
+# and their contribution zeroed per [row, chunk] (no per-element masks).
+
+_P93 = tl.constexpr(2.0 ** 93)
+_P89 = tl.constexpr(2.0 ** 89)
+_P85 = tl.constexpr(2.0 ** 85)
+_P81 = tl.constexpr(2.0 ** 81)
+_P77 = tl.constexpr(2.0 ** 77)
+_PM56 = tl.constexpr(2.0 ** -56)
+_P56 = tl.constexpr(2.0 ** 56)
+WORD_QTYPES = ("Q8_0", "Q6_K", "Q4_K", "Q3_K")
+# 16-byte chunks per ggml block (per row) in the word path
+CHUNKS_PER_BLOCK = {"Q8_0": 2, "Q6_K": 4, "Q4_K": 8, "Q3_K": 4}
+
+
+@triton.jit
+def _bf(v):
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _xg(x, sxk, base, ii, b: tl.constexpr, s: tl.constexpr):
+    """x at elements base[c] + 4 * ii + b ([C, 4]), as fp32."""
+    return tl.load(x + (base[:, None] + 4 * ii[None, :] + b) * sxk).to(tl.float32)
+
+
+@triton.jit
+def _h16(u16):
+    # fp16 bits (uint32 holding 16 bits) -> fp32
+    return u16.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    NB = K // 256
+    RW4 = K // 32  # 16-byte chunks per row (written as RW4 * 4 words: 16-byte alignment is visible)
+    NBT = N * NB
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    sc16 = (w + NBT * 128).to(tl.pointer_type(tl.uint16))
+    m16 = (w + NBT * 136).to(tl.pointer_type(tl.uint16))
+    dd32 = (w + NBT * 144).to(tl.pointer_type(tl.uint32))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 8
+        j = (cg // 2) % 4
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        base = 32 * cg - 16 * (cg % 2)  # element of (word 0, byte 0, low nibble)
+        xl0 = _xg(x, sxk, base, ii, 0, 0)
+        xl1 = _xg(x, sxk, base, ii, 1, 0)
+        xl2 = _xg(x, sxk, base, ii, 2, 0)
+        xl3 = _xg(x, sxk, base, ii, 3, 0)
+        xh0 = _xg(x, sxk, base + 32, ii, 0, 0)
+        xh1 = _xg(x, sxk, base + 32, ii, 1, 0)
+        xh2 = _xg(x, sxk, base + 32, ii, 2, 0)
+        xh3 = _xg(x, sxk, base + 32, ii, 3, 0)
+        t = q >> 12
+        s_lo = _bf(q & 0xF) * (xl0 * _P93)[None]
+        s_lo += _bf(q & 0xF00) * (xl1 * _P85)[None]
+        s_lo += _bf(q & 0xF0000) * (xl2 * _P77)[None]
+        s_lo += _bf(t & 0xF000) * (xl3 * _P81)[None]
+        s_hi = _bf(q & 0xF0) * (xh0 * _P89)[None]
+        s_hi += _bf(q & 0xF000) * (xh1 * _P81)[None]
+        s_hi += _bf(t & 0xF00) * (xh2 * _P85)[None]
+        s_hi += _bf(t & 0xF0000) * (xh3 * _P77)[None]
+        xs_lo = tl.sum(xl0 + xl1 + xl2 + xl3, axis=1) * _PM56
+        xs_hi = tl.sum(xh0 + xh1 + xh2 + xh3, axis=1) * _PM56
+        rb = n[:, None] * NB + blk[None, :]
+        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
+        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
+        dd = tl.load(dd32 + rb)
+        d = _h16(dd & 0xFFFF)
+        dmin = _h16(dd >> 16)
+        part = d * (_i2f(scp & 0xFF, 0.0) * tl.sum(s_lo, axis=2) + _i2f(scp >> 8, 0.0) * tl.sum(s_hi, axis=2)) \
+            - dmin * (_i2f(mp & 0xFF, 0.0) * xs_lo[None, :] + _i2f(mp >> 8, 0.0) * xs_hi[None, :])
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
+def _wdot_q8_0(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    NB = K // 32
+    RW4 = K // 16
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        base = 16 * cg
+        x0 = _xg(x, sxk, base, ii, 0, 0)
+        x1 = _xg(x, sxk, base, ii, 1, 0)
+        x2 = _xg(x, sxk, base, ii, 2, 0)
+        x3 = _xg(x, sxk, base, ii, 3, 0)
+        u = q ^ 0x80808080  # offset binary: byte + 128
+        t = u >> 16
+        s = _bf(u & 0xFF) * (x0 * _P93)[None]
+        s += _bf(u & 0xFF00) * (x1 * _P85)[None]
+        s += _bf(t & 0xFF) * (x2 * _P93)[None]
+        s += _bf(t & 0xFF00) * (x3 * _P85)[None]
+        xs = tl.sum(x0 + x1 + x2 + x3, axis=1) * (128.0 * _PM56)
+        d = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32)
+        part = d * (tl.sum(s, axis=2) - xs[None, :])
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
+def _s6(v, x0, x1, x2, x3):
+    # 4 six-bit fields at bytes of v, dotted with x (scaled domain)
+    s = _bf(v & 0x3F) * (x0 * _P93)[None]
+    s += _bf(v & 0x3F00) * (x1 * _P85)[None]
+    s += _bf(v & 0x3F0000) * (x2 * _P77)[None]
+    s += _bf((v >> 16) & 0x3F00) * (x3 * _P85)[None]
+    return tl.sum(s, axis=2)
+
+
+@triton.jit
+def _xs4(x0, x1, x2, x3):
+    return tl.sum(x0 + x1 + x2 + x3, axis=1) * _PM56
+
+
+@triton.jit
+def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    NB = K // 256
+    NBT = N * NB
+    wl = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
+    scp = (w + NBT * 192).to(tl.pointer_type(tl.int8))
+    dp = (w + NBT * 208).to(tl.pointer_type(tl.float16))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
+        a0 = tl.load(wl + ol)
+        a1 = tl.load(wl + ol + 8)
+        hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        base = 256 * blk + 128 * nh + 16 * g
+        c_0 = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
+        c_1 = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
+        c_2 = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
+        c_3 = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
+        so = rb * 16 + (8 * nh + g)[None, :]
+        d = tl.load(dp + rb).to(tl.float32)
+        part = tl.zeros([BN, C], tl.float32)
+        for k in tl.static_range(4):
+            xb = base + 32 * k
+            x0 = _xg(x, sxk, xb, ii, 0, 0)
+            x1 = _xg(x, sxk, xb, ii, 1, 0)
+            x2 = _xg(x, sxk, xb, ii, 2, 0)
+            x3 = _xg(x, sxk, xb, ii, 3, 0)
+            if k == 0:
+                sk = _s6(c_0, x0, x1, x2, x3)
+            elif k == 1:
+                sk = _s6(c_1, x0, x1, x2, x3)
+            elif k == 2:
+                sk = _s6(c_2, x0, x1, x2, x3)
+            else:
+                sk = _s6(c_3, x0, x1, x2, x3)
+            sc = tl.load(scp + so + 2 * k).to(tl.float32)
+            part += sc * (sk - 32.0 * _xs4(x0, x1, x2, x3)[None, :])
+        part = d * part
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
+def _s3(v, x0, x1, x2, x3):
+    s = _bf(v & 0x7) * (x0 * _P93)[None]
+    s += _bf(v & 0x700) * (x1 * _P85)[None]
+    s += _bf(v & 0x70000) * (x2 * _P77)[None]
+    s += _bf((v >> 16) & 0x700) * (x3 * _P85)[None]
+    return tl.sum(s, axis=2)
+
+
+@triton.jit
+def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    NB = K // 256
+    NBT = N * NB
+    wqs = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    whm = tl.multiple_of((w + NBT * 64).to(tl.pointer_type(tl.uint32)), 16)
+    scp = (w + NBT * 96).to(tl.pointer_type(tl.int8))
+    dp = (w + NBT * 112).to(tl.pointer_type(tl.float16))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        hm = tl.load(whm + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]  # bit j of each byte: high bit of group j
+        base = 256 * blk + 128 * nh + 16 * g
+        so = rb * 16 + (8 * nh + g)[None, :]
+        d = tl.load(dp + rb).to(tl.float32)
+        part = tl.zeros([BN, C], tl.float32)
+        for jj in tl.static_range(4):
+            xb = base + 32 * jj
+            x0 = _xg(x, sxk, xb, ii, 0, 0)
+            x1 = _xg(x, sxk, xb, ii, 1, 0)
+            x2 = _xg(x, sxk, xb, ii, 2, 0)
+            x3 = _xg(x, sxk, xb, ii, 3, 0)
+            if jj == 0:
+                v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
+            elif jj == 1:
+                v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
+            elif jj == 2:
+                v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
+            else:
+                v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
+            sj = _s3(v, x0, x1, x2, x3)
+            sc = tl.load(scp + so + 2 * jj).to(tl.float32)
+            part += sc * (sj - 4.0 * _xs4(x0, x1, x2, x3)[None, :])
+        part = d * part
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
+def _wdot(x, sxk, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr,
+          EVEN: tl.constexpr):
+    """[BN] fp32: rows `n` (int32, in range) of the packed [N, K] matrix at `w`, dotted with x over
+    ggml blocks [b0, b1) (blocks of 32 elements for Q8_0, 256 otherwise). Word path for Q8_0, Q6_K,
+    Q4_K, Q3_K (C 16-byte chunks per row per step); the tile path for the other types (whole K only)."""
+    if QT == 3:
+        return _wdot_q4k(x, sxk, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    elif QT == 0:
+        return _wdot_q8_0(x, sxk, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
+    elif QT == 1:
+        return _wdot_q6k(x, sxk, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+    elif QT == 4:
+        return _wdot_q3k(x, sxk, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+    else:
+        return _dq_dot_rows(x, sxk, w, n.to(tl.int64), n < N, N, K, QT, BN, 16)
+
+
+@triton.jit
+def _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT: tl.constexpr):
+    """Store [BN] partial sums of split i_s; the last split to arrive for row tile i_n adds all
+    SPLIT partials in a fixed order (deterministic), stores out, and re-arms the counter to 0."""
+    n_mask = n < N
+    if SPLIT == 1:
+        tl.store(out + n, y.to(out.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(part + i_s * N + n, y, mask=n_mask)
+        tl.debug_barrier()
+        c = tl.atomic_add(cnt + i_n, 1, sem="acq_rel", scope="gpu")
+        if c == SPLIT - 1:
+            tot = tl.zeros_like(y)
+            for s in range(SPLIT):
+                tot += tl.load(part + s * N + n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out + n, tot.to(out.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(cnt + i_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
+                   QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
+                   EVEN: tl.constexpr):
+    i_n, i_s = tl.program_id(0), tl.program_id(1)
+    n = i_n * BN + tl.arange(0, BN)
+    b0 = i_s * BPS
+    b1 = tl.minimum(b0 + BPS, NBLK)
+    y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
+    _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
+
+
+_SPLIT_WS = {}
+
+
+def split_workspace(device, nparts, ntiles):
+    """fp32 partials [nparts] and a zeroed int32 counter per row tile, cached per device and size
+    (first use must be outside CUDA-graph capture; the kernels re-arm the counters themselves)."""
+    key = (str(device), nparts, ntiles)
+    if key not in _SPLIT_WS:
+        _SPLIT_WS[key] = (torch.empty(max(1, nparts), dtype=torch.float32, device=device),
+                          torch.zeros(max(1, ntiles), dtype=torch.int32, device=device))
+    return _SPLIT_WS[key]
+
+
+def gemv1_config(qtype, N, K):
+    """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path (see scripts/sweep_gemv.py)."""
+    if INTERPRET:
+        return 32, 8, 1, 4, 1
+    BN = 64 if N >= 64 * 528 else 32 if N >= 32 * 264 else 16
+    C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}[qtype]
+    nblk = K // QK[qtype]
+    split = 1
+    tiles = triton.cdiv(N, BN)
+    while tiles * split < 264 and nblk // (split * 2) >= 2:
+        split *= 2
+    return BN, C, split, 4, 1
+
+
+def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None):
+    """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
+    others go to the tile path. Tuning knobs default to gemv1_config()."""
+    K = x.shape[-1]
+    assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    assert out.is_contiguous()
+    if qtype not in WORD_QTYPES:
+        return qgemv(x, data, qtype, N, out=out, method="fma")
+    assert data.numel() < 2 ** 31
+    dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K)
+    BN, C, SPLIT = BN or dBN, C or dC, SPLIT or dS
+    num_warps, num_stages = num_warps or dW, num_stages or dST
+    nblk = K // QK[qtype]
+    SPLIT = max(1, min(SPLIT, nblk))
+    bps = triton.cdiv(nblk, SPLIT)
+    SPLIT = triton.cdiv(nblk, bps)
+    tiles = triton.cdiv(N, BN)
+    even = nblk % bps == 0 and (bps * CHUNKS_PER_BLOCK[qtype]) % C == 0
+    part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
+    xs = x.reshape(-1)
+    _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
+                                   BN=BN, C=C, SPLIT=SPLIT, EVEN=even, num_warps=num_warps,
+                                   num_stages=num_stages)
     return out
 
 

@@ -72,6 +72,27 @@ def test_moe_decode(qtypes, shared_qtypes):
     check(out, ref, 1e-5)
 
 
+@pytest.mark.parametrize("qtypes,shared_qtypes,D,kw", [
+    (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=256, S1=2, BD=256, S2=2)),  # uneven D split
+    (("Q6_K", "Q8_0", "Q3_K"), None, 512, dict(BF=256, S1=1, BD=256, S2=2, C=16)),
+])
+def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw):
+    """Split-K word-path decode: partials + last-arriver reductions; counters re-armed afterwards."""
+    S, F, k = 3, 512, 2
+    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(D, generator=g)
+    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
+    w = torch.rand(k, generator=g)
+    out = torch.full((D,), float("nan"))
+    moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=None if shared is None else shared[0],
+                   shared_qtypes=shared_qtypes, **kw)
+    ref = moe_ref(x, slots[None], w[None], gd, ud, dd, shared=None if shared is None else shared[1])
+    check(out, ref, 1e-5)
+    for key, (part, cnt) in qm._SPLIT_WS.items():
+        assert int(cnt.abs().sum()) == 0, key
+
+
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
     (("Q3_K", "Q5_K", "Q2_K"), None),

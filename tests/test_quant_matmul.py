@@ -126,6 +126,43 @@ def test_qgemv_1d_bf16():
     check(y.float(), qlinear_ref(x, wd), 1e-2)
 
 
+
+@pytest.mark.parametrize("qtype,N,K,kw", [
+    ("Q4_K", 37, 768, dict(BN=16, C=8, SPLIT=1)),
+    ("Q4_K", 20, 768, dict(BN=16, C=16, SPLIT=2)),  # split + clamped chunks (24 per split, C=16)
+    ("Q6_K", 19, 768, dict(BN=8, C=4, SPLIT=3)),
+    ("Q6_K", 9, 512, dict(BN=16, C=8, SPLIT=1)),
+    ("Q8_0", 17, 160, dict(BN=8, C=4, SPLIT=2)),  # 5 blocks: uneven split, clamped chunks
+    ("Q8_0", 33, 512, dict(BN=32, C=8, SPLIT=4)),
+    ("Q3_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),
+    ("Q3_K", 16, 256, dict(BN=16, C=2, SPLIT=1)),
+    ("Q5_K", 7, 256, dict()),  # not a word type: falls back to the tile path
+])
+def test_qgemv_word(qtype, N, K, kw):
+    g = torch.Generator().manual_seed(20 + N)
+    p, wd = make_weight(qtype, N, K, gen=g)
+    for _ in range(2):  # second call: counters re-armed by the kernel
+        x = torch.randn(K, 2, generator=g)[:, 1]  # strided [K]
+        out = torch.full((N,), float("nan"))
+        qm.qgemv(x, p, qtype, N, out=out, method="word" if qtype != "Q5_K" else "auto", **kw)
+        check(out, qlinear_ref(x, wd), TOL_F32)
+    if kw.get("SPLIT", 1) > 1:
+        _, cnt = qm.split_workspace(out.device, kw["SPLIT"] * N, -(-N // kw["BN"]))
+        assert int(cnt.abs().sum()) == 0
+
+
+def test_qgemv_word_extreme_x():
+    """Activations from 2^-40 to 2^30 (the word path scales x by up to 2^93 and back)."""
+    g = torch.Generator().manual_seed(30)
+    N, K = 16, 256
+    for qtype in ["Q4_K", "Q8_0", "Q6_K", "Q3_K"]:
+        p, wd = make_weight(qtype, N, K, gen=g)
+        x = torch.randn(K, generator=g) * torch.exp2(torch.randint(-40, 30, (K,), generator=g).float())
+        out = torch.full((N,), float("nan"))
+        qm.qgemv(x, p, qtype, N, out=out, method="word")
+        check(out, qlinear_ref(x, wd), TOL_F32)
+
+
 @pytest.mark.parametrize("qtype", QUANT + ["BF16"])
 def test_qgemm_fused(qtype):
     g = torch.Generator().manual_seed(4)

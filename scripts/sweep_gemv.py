@@ -1,0 +1,279 @@
+"""GPU sweep of the decode kernels' variants: qgemv M=1 (word path knobs vs the tile path and bf16 cuBLAS)
+and moe_decode (word path knobs vs the tile kernels). Self-contained; < 3 minutes on an H100/H200.
+
+    python3 scripts/sweep_gemv.py [--budget 150] [--only gemv,moe]
+
+Each variant: one fp32-output call on NaN-poisoned output checked against the tile path (rel. error
+< 1e-3, else flagged WRONG), then timed as CUDA-graph replays of R calls over R weight copies / expert
+selections (so L2 never holds the weights), median of triton.testing.do_bench. GB/s counts the packed
+weight bytes (+ x and y); %bw is against a measured device-to-device copy (read + write bytes).
+The table is printed last; all rows go to $OUT/sweep_gemv.json when OUT is set. Variants past the time
+budget are skipped (listed as such).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+
+try:
+    from kimi_local.kernels import moe, quant_matmul as qm
+except ImportError:  # device machine: import the source dirs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import moe, quant_matmul as qm
+
+FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
+T0 = time.time()
+ROWS = []
+
+
+def rand_packed(qtype, lead, N, K, scale=0.002):
+    """Packed weight uint8 [*lead, N, prb] from random valid ggml blocks, made on the GPU."""
+    nb, ts = K // qm.QK[qtype], qm.TYPE_SIZE[qtype]
+    b = torch.randint(0, 256, (*lead, N, nb, ts), dtype=torch.uint8, device="cuda")
+    for o in FP16_FIELDS[qtype]:
+        v = (torch.rand(*lead, N, nb, 1, device="cuda") * scale + scale / 10).half()
+        b[..., o:o + 2] = v.view(torch.uint8)
+    return qm.repack(b.view(*lead, N, nb * ts), qtype)
+
+
+def n_copies(nbytes, target=300e6, most=16):
+    return max(2, min(most, math.ceil(target / nbytes)))
+
+
+def graph_time(calls, quick):
+    """Median ms per call of a list of zero-arg callables, replayed as one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    ms = triton.testing.do_bench(g.replay, warmup=10 if quick else 25, rep=30 if quick else 60,
+                                 return_mode="median")
+    return ms / len(calls)
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    if torch.isnan(y).any():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def row(sec, case, variant, ms=None, nbytes=None, err=None, note="", bw=None, **kw):
+    r = {"section": sec, "case": case, "variant": variant, "ms": ms, "us": None if ms is None else ms * 1e3}
+    if ms is not None and nbytes is not None:
+        r["GB/s"] = nbytes / ms / 1e6
+        r["%bw"] = 100 * nbytes / (ms * 1e-3) / bw
+    if err is not None:
+        r["rel_err"] = err
+        if not err < 1e-3:
+            note = ("WRONG " + note).strip()
+    r["note"] = note
+    r.update(kw)
+    ROWS.append(r)
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def bandwidth():
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=20, rep=100, return_mode="median")
+    bw = 2 * n / (ms * 1e-3)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def gemv_variants(N, K, qt):
+    """(name, kwargs for qgemv) of the word path; the first entry is the default config."""
+    v = [("word default", {})]
+    nblk = K // qm.QK[qt]
+    if N >= 32768:  # lm_head: many rows, no split
+        for bn, nw, ns in [(64, 4, 1), (128, 4, 1), (256, 8, 1), (128, 8, 1), (128, 4, 2), (64, 2, 1)]:
+            v.append((f"BN={bn} S=1 nw={nw} ns={ns}", dict(BN=bn, SPLIT=1, num_warps=nw, num_stages=ns)))
+    else:
+        full = nblk if qt != "Q8_0" else min(nblk, 16)
+        for bn, sp, nw in [(16, 1, 4), (32, 1, 4), (32, full, 4), (64, full, 4), (16, full, 4), (32, full, 2),
+                           (32, max(2, full // 4), 4), (64, max(2, full // 2), 8)]:
+            v.append((f"BN={bn} S={sp} nw={nw}", dict(BN=bn, SPLIT=sp, num_warps=nw)))
+    return v
+
+
+def sweep_gemv(bw, args):
+    shapes = [("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("qkv6144", 6144, 2304), ("lm_head", 163840, 2304)]
+    for name, N, K in shapes:
+        case0 = f"{name} [{N},{K}]"
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        # bf16 cuBLAS baseline
+        wb = N * K * 2
+        R = n_copies(wb, most=8)
+        wbs = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(R)]
+        ob = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+        ms = graph_time([lambda w=w: torch.matmul(x, w.t(), out=ob) for w in wbs], args.quick)
+        row("gemv", f"{case0} bf16", "cuBLAS", ms, wb + 2 * (K + N), bw=bw)
+        del wbs
+        torch.cuda.empty_cache()
+        for qt in ["Q4_K", "Q6_K", "Q8_0"]:
+            case = f"{case0} {qt}"
+            nbytes = N * qm.packed_row_bytes(qt, K) + 2 * (K + N)
+            R = n_copies(nbytes)
+            ws = [rand_packed(qt, (), N, K) for _ in range(R)]
+            ref = torch.full((1, N), float("nan"), device="cuda")
+            qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
+            out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            variants = [("tile (old fma)", dict(method="fma"))] + \
+                [(n, dict(method="word", **kw)) for n, kw in gemv_variants(N, K, qt)]
+            for vname, kw in variants:
+                if time.time() - T0 > args.budget:
+                    row("gemv", case, vname, note="SKIPPED (time budget)")
+                    continue
+                try:
+                    o32 = torch.full((1, N), float("nan"), device="cuda")
+                    qm.qgemv(x, ws[0], qt, N, out=o32, **kw)
+                    torch.cuda.synchronize()
+                    err = rel_err(o32, ref)
+                    ms = graph_time([lambda w=w: qm.qgemv(x, w, qt, N, out=out, **kw) for w in ws], args.quick)
+                    cfg = qm.gemv1_config(qt, N, K) if vname == "word default" else ""
+                    row("gemv", case, vname, ms, nbytes, err, note=str(cfg) if cfg else "", bw=bw)
+                except Exception as e:  # keep sweeping
+                    row("gemv", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
+                    traceback.print_exc()
+            del ws
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+MOE_VARIANTS = [
+    ("word default", {}),
+    ("BF=32 S1=1 BD=32 S2=1", dict(BF=32, S1=1, BD=32, S2=1)),
+    ("BF=16 S1=3 BD=16 S2=2", dict(BF=16, S1=3, BD=16, S2=2)),
+    ("BF=32 S1=9 BD=32 S2=4", dict(BF=32, S1=9, BD=32, S2=4)),
+    ("BF=64 S1=3 BD=64 S2=2", dict(BF=64, S1=3, BD=64, S2=2)),
+    ("BF=64 S1=9 BD=32 S2=4", dict(BF=64, S1=9, BD=32, S2=4)),
+    ("BF=32 S1=3 BD=32 S2=2 nw=8", dict(BF=32, S1=3, BD=32, S2=2, num_warps=8)),
+    ("BF=16 S1=9 BD=16 S2=4 nw=2", dict(BF=16, S1=9, BD=16, S2=4, num_warps=2)),
+    ("BF=32 S1=3 BD=32 S2=2 ns=2", dict(BF=32, S1=3, BD=32, S2=2, num_stages=2)),
+]
+
+
+def sweep_moe(bw, args):
+    S, D, Fe, k = 256, 2304, 1024, 8
+    shq = ("Q8_0", "Q8_0", "Q8_0")
+    shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
+    shared_bytes = sum(s.numel() for s in shared)
+    R = 8
+    gen = torch.Generator().manual_seed(0)
+    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).cuda() for _ in range(R)]
+    wts = [torch.rand(k, generator=gen).cuda() for _ in range(R)]
+    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    for qtypes in [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q3_K", "Q4_K")]:
+        case = "/".join(qtypes) + " k=8 +Q8_0 shared"
+        pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+        nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes + 2 * D * 2
+        ref = torch.full((D,), float("nan"), device="cuda")
+        moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
+        out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+        for vname, kw in [("tile (old)", dict(impl="tile"))] + MOE_VARIANTS:
+            if time.time() - T0 > args.budget:
+                row("moe", case, vname, note="SKIPPED (time budget)")
+                continue
+            try:
+                o32 = torch.full((D,), float("nan"), device="cuda")
+                moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, o32, shared=shared, shared_qtypes=shq, **kw)
+                torch.cuda.synchronize()
+                err = rel_err(o32, ref)
+                ms = graph_time([lambda s=s, w=w: moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared,
+                                                                 shared_qtypes=shq, **kw)
+                                 for s, w in zip(sel, wts)], args.quick)
+                # a second check after the graph replays (counters re-armed, no race between replays)
+                o32.fill_(float("nan"))
+                moe.moe_decode(x, sel[1], wts[1], *pools, qtypes, o32, shared=shared, shared_qtypes=shq, **kw)
+                ref1 = torch.full((D,), float("nan"), device="cuda")
+                moe.moe_decode(x, sel[1], wts[1], *pools, qtypes, ref1, shared=shared, shared_qtypes=shq,
+                               impl="tile")
+                torch.cuda.synchronize()
+                err = max(err, rel_err(o32, ref1))
+                note = str(moe.moe_decode_config(qtypes, shq, D, Fe)) if vname == "word default" else ""
+                row("moe", case, vname, ms, nbytes, err, note=note, bw=bw)
+            except Exception as e:
+                row("moe", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
+                traceback.print_exc()
+        del pools
+        torch.cuda.empty_cache()
+
+
+def print_table(rows):
+    cols = ["section", "case", "variant", "us", "GB/s", "%bw", "rel_err", "note"]
+    fmt = {"us": "{:.2f}", "GB/s": "{:.0f}", "%bw": "{:.1f}", "rel_err": "{:.1e}"}
+    cells = [[fmt.get(c, "{}").format(r[c]) if r.get(c) is not None else "" for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
+    print("-+-".join("-" * w for w in width))
+    for x in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+
+
+def best_summary(rows):
+    """Per case: fastest correct variant."""
+    best = {}
+    for r in rows:
+        if r.get("ms") is None or "WRONG" in r["note"]:
+            continue
+        k = (r["section"], r["case"])
+        if k not in best or r["ms"] < best[k]["ms"]:
+            best[k] = r
+    print("\nfastest correct variant per case:")
+    for (sec, case), r in best.items():
+        print(f"  {sec:5s} {case:40s} {r['variant']:32s} {r['us']:.2f} us  {r.get('%bw', 0):.1f}%bw")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which variants are skipped")
+    ap.add_argument("--only", default="gemv,moe")
+    ap.add_argument("--quick", action="store_true", default=True)
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
+          flush=True)
+    bw = bandwidth()
+    row("bw", "d2d copy 1 GiB (read+write)", "torch copy_", 2 * (1 << 30) / bw * 1e3, 2 * (1 << 30), bw=bw)
+    only = args.only.split(",")
+    # MoE first: it decides the tok/s most and must not be cut by the budget
+    if "moe" in only:
+        sweep_moe(bw, args)
+    if "gemv" in only:
+        sweep_gemv(bw, args)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "sweep_gemv.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(), "bw": bw, "rows": ROWS, "elapsed_s": time.time() - T0},
+            indent=1))
+    print_table(ROWS)
+    best_summary(ROWS)
+    print(f"elapsed {time.time() - T0:.0f} s")
+    return 1 if any("WRONG" in r["note"] or "FAILED" in r["note"] for r in ROWS) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
