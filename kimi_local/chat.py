@@ -21,7 +21,7 @@ from prompt_toolkit.document import Document
 
 from kimi_local.cache import ContextOverflow
 from kimi_local.generate import SamplingParams, Stats, generate
-from kimi_local.session import SessionError, load_session, save_session
+from kimi_local.session import SessionError, read_session, restore_cache, save_session
 
 
 class ChatError(Exception):
@@ -36,6 +36,32 @@ class PrefillInterrupted(Exception):
 class Turn:
     user: dict  # the user message, documents included
     ids: list[int]  # the new tokens to prefill
+
+
+class Snapshot:
+    """A cache as it was before a turn, for /retry and for dropping an interrupted prefill. Only the
+    KDA states and conv tails are copied (a few MB): MLA latent rows and token ids below `pos` are
+    append-only, so rewinding sets `pos` back. (cache.clone() would copy the whole MLA cache, which
+    the GPU engine preallocates for the full context.) Valid while the cache is not reset or loaded."""
+
+    def __init__(self, cache):
+        self.kda = {i: t.clone() for i, t in cache.kda_state.items()}
+        self.conv = {i: t.clone() for i, t in cache.conv.items()}
+        self.pos = cache.pos
+
+    def rewind(self, cache) -> None:
+        for i, t in cache.kda_state.items():
+            t.copy_(self.kda[i])
+        for i, t in cache.conv.items():
+            t.copy_(self.conv[i])
+        cache.pos, cache.tokens = self.pos, cache.tokens[: self.pos]
+
+
+def clear_cache(cache) -> None:
+    """An empty conversation in the same cache (its buffers, and any CUDA graph over them, stay)."""
+    for t in (*cache.kda_state.values(), *cache.conv.values()):
+        t.zero_()
+    cache.pos, cache.tokens = 0, []
 
 
 def _seed(value: str) -> int | None:
@@ -61,7 +87,7 @@ class Conversation:
         self.turns = 0
         self.total_prefilled = 0
         self.interrupted = False
-        self._snapshot: tuple | None = None  # (cache clone, messages, Turn) from before the last turn
+        self._before: tuple | None = None  # (Snapshot, messages, Turn) from before the last turn
 
     # ---- turns ---------------------------------------------------------------------------
     def start_turn(self, text: str) -> Turn:
@@ -71,12 +97,10 @@ class Conversation:
 
     def retry_turn(self) -> Turn:
         """Roll back to the state before the last answer; returns that turn to run again."""
-        if self._snapshot is None:
+        if self._before is None:
             raise ChatError("nothing to retry")
-        cache, messages, turn = self._snapshot
-        self.cache.restore(cache)
-        self.messages = list(messages)
-        return turn
+        self._rewind()
+        return self._before[2]
 
     def run_turn(self, turn: Turn, stop: Callable[[], bool] = lambda: False,
                  progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
@@ -84,8 +108,8 @@ class Conversation:
         (often empty). `stop()` is polled between tokens; when it says so the answer ends there and
         the cache holds exactly the tokens yielded. If the prefill fails, the turn is rolled back."""
         self.cache.check_room(len(turn.ids) + 1)
-        if self._snapshot is None or self._snapshot[2] is not turn:
-            self._snapshot = (self.cache.clone(), list(self.messages), turn)
+        if self._before is None or self._before[2] is not turn:
+            self._before = (Snapshot(self.cache), list(self.messages), turn)
         self.messages.append(turn.user)
         self.last, self.interrupted = Stats(), False
         dec, text = self.tok.decode_stream(), []
@@ -108,14 +132,17 @@ class Conversation:
 
     def _finish(self, turn: Turn, answer: str) -> None:
         if not self.last.prefill_tokens:  # the prefill did not complete: forget the turn
-            cache, messages, _ = self._snapshot
-            self.cache.restore(cache)
-            self.messages = list(messages)
+            self._rewind()
             return
         self.documents = []
         self.messages.append({"role": "assistant", "content": answer})
         self.turns += 1
         self.total_prefilled += self.last.prefill_tokens
+
+    def _rewind(self) -> None:
+        snapshot, messages, _ = self._before
+        snapshot.rewind(self.cache)
+        self.messages = list(messages)
 
     def _new_ids(self, user: dict) -> list[int]:
         if self.cache.pos == 0:
@@ -132,8 +159,8 @@ class Conversation:
 
     # ---- commands ------------------------------------------------------------------------
     def reset(self) -> None:
-        self.cache = self.model.new_cache(self.cache.max_ctx)
-        self.messages, self.documents, self._snapshot = [], [], None
+        clear_cache(self.cache)
+        self.messages, self.documents, self._before = [], [], None
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt starts a new conversation (it is the first thing in the state)."""
@@ -177,17 +204,17 @@ class Conversation:
 
     def load(self, path: Path) -> None:
         """Replace the conversation by a saved one; on any error nothing changes."""
-        cache = self.model.new_cache(self.cache.max_ctx)
-        meta = load_session(Path(path).expanduser(), self.model, cache)
+        path = Path(path).expanduser()
+        tensors, meta = read_session(path, self.model)
         try:
             params = SamplingParams(**meta.get("sampling", {}))
             params.validate()
             messages, max_tokens = list(meta["messages"]), int(meta.get("max_tokens", self.max_tokens))
         except (TypeError, ValueError, KeyError):
             raise SessionError(f"{path}: bad session metadata") from None
-        self.cache, self.params, self.max_tokens = cache, params, max_tokens
-        self.messages, self.system = messages, meta.get("system")
-        self.documents, self._snapshot = [], None
+        restore_cache(tensors, self.cache, path)  # checks before it changes anything
+        self.params, self.max_tokens, self.messages, self.system = params, max_tokens, messages, meta.get("system")
+        self.documents, self._before = [], None
 
 
 # ---- terminal side -------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def chat(
     device: str = DeviceOpt, ctx: Optional[int] = CtxOpt,
     vram: Optional[str] = typer.Option(None, "--vram", help="Memory budget (e.g. 24GB): routed experts that do not fit live in host RAM and stream in (as in run)."),
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="HF dirs only: quantize linear weights to NF4 with bitsandbytes while loading."),
+    kv_cache: str = KvOpt,
 ):
     """Chat in a REPL. Each turn prefills only its new tokens: the recurrent state carries over.
 

@@ -55,6 +55,8 @@ def write_state(path: Path, cache, kind: str, fingerprint: str, meta: dict) -> N
     """Write the cache state and `meta` to `path` atomically."""
     path = Path(path)
     tensors = cache.state_tensors()
+    for i, scale in _latent_scales(cache).items():
+        tensors[f"latent_scale.{i}"] = scale[: cache.pos].detach().cpu().contiguous()
     header = {"format": FORMAT, "version": str(VERSION), "kind": kind, "fingerprint": fingerprint,
               "checksum": _checksum(tensors), "meta": json.dumps(meta, ensure_ascii=False)}
     data = st_save(tensors, metadata=header)
@@ -111,15 +113,27 @@ def read_state(path: Path, kind: str, fingerprint: str) -> tuple[dict[str, torch
     return tensors, meta
 
 
+def _latent_scales(cache) -> dict[int, torch.Tensor]:
+    """Per-row scales of an fp8 MLA cache (the GPU engine's --kv-cache fp8), else {}."""
+    return getattr(cache, "latent_scale", None) or {}
+
+
 def restore_cache(tensors: dict[str, torch.Tensor], cache, path: Path) -> None:
     """Load tensors into `cache`; SessionError (cache untouched) when they don't fit."""
     n = tensors["tokens"].numel()
     if n > cache.max_ctx:
         raise SessionError(f"{path} holds {n} tokens, more than the context limit {cache.max_ctx} (raise --ctx)")
+    scales = _latent_scales(cache)
+    for i, t in cache.latent.items():  # an fp8 cache can't take bf16 rows, nor the reverse
+        if f"latent.{i}" in tensors and (tensors[f"latent.{i}"].dtype != t.dtype
+                                         or (f"latent_scale.{i}" in tensors) != (i in scales)):
+            raise SessionError(f"{path} was saved with another MLA cache type (--kv-cache)")
     try:
         cache.load_state_tensors(tensors)  # checks every shape before it changes anything
     except (ValueError, KeyError) as e:
         raise SessionError(f"{path} does not fit this model: {e}") from None
+    for i, scale in scales.items():
+        scale[:n] = tensors[f"latent_scale.{i}"].to(scale.device)
 
 
 # ---- sessions ------------------------------------------------------------------------------
@@ -127,9 +141,14 @@ def save_session(path: Path, model, cache, meta: dict) -> None:
     write_state(path, cache, SESSION, model_fingerprint(model), meta)
 
 
+def read_session(path: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
+    """A session file's state tensors (for restore_cache) and meta; SessionError if unusable."""
+    return read_state(path, SESSION, model_fingerprint(model))
+
+
 def load_session(path: Path, model, cache) -> dict:
     """Restore `cache` from a session file and return its meta (messages, system, sampling, ...)."""
-    tensors, meta = read_state(path, SESSION, model_fingerprint(model))
+    tensors, meta = read_session(path, model)
     restore_cache(tensors, cache, path)
     return meta
 
@@ -187,9 +206,12 @@ def use_prompt_cache(model, cache, ids: list[int], prefix_len: int, path: Path, 
     fp = model_fingerprint(model)
     tensors = _cached_prefix(path, fp, ids)
     if tensors is not None:
-        restore_cache(tensors, cache, path)
-        n = tensors["tokens"].numel()
-        return ids[n:], f"used ({n} tokens not prefilled)"
+        try:
+            restore_cache(tensors, cache, path)  # checks before it changes anything
+            n = tensors["tokens"].numel()
+            return ids[n:], f"used ({n} tokens not prefilled)"
+        except SessionError:
+            pass
     prefix_len = min(prefix_len, len(ids) - 1)
     if prefix_len <= 0:
         return ids, "not used (no document prefix to cache)"

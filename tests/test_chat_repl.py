@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,14 +127,20 @@ def test_slash_commands(tiny_dir, tiny_model, tmp_path):
 def test_ctrl_c(tiny_dir, tiny_model, tmp_path):
     tok = tiny_model.tokenizer
     c = _spawn(tiny_dir, tmp_path, max_tokens=3000)
+    time.sleep(0.5)  # let prompt-toolkit switch the terminal to raw mode
     c.send("\x03")  # at the empty prompt: harmless
     c.expect("use Ctrl-D or /exit to quit")
     c.expect("> ")
-    c.send("tell me a long story\r")
-    c.expect("tell me a long story\r\r\n")
-    c.expect(r"\S")  # the answer is streaming
-    c.send("\x03")
-    c.expect("stopped")
+    for _ in range(3):
+        c.send("tell me a long story\r")
+        c.expect("tell me a long story\r\r\n")
+        c.expect(r"\S")  # the answer is streaming (or, on a slow machine, still being prefilled)
+        time.sleep(0.3)
+        c.send("\x03")
+        if c.expect(["stopped", "prefill interrupted"]) == 0:
+            break
+        c.expect("> ")  # the message was dropped: the state is as before
+        assert "  context    0 / " in _cmd(c, "/stats")
     c.expect(TURN)
     n, ctx, d = (int(g.replace(",", "")) for g in c.match.groups())
     assert ctx == n + d and 1 <= d < 3000  # the state holds exactly the tokens kept
@@ -205,3 +212,45 @@ def test_full_terminal_toolbar_completion_markdown(tiny_dir, tmp_path):
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 0
+
+
+# ---- the engine side of the REPL, in-process -----------------------------------------------
+def _state(cache):
+    return {k: v.clone() for k, v in cache.state_tensors().items()}
+
+
+def _equal(a, b):
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_conversation_interrupts_and_retry(tiny_model):
+    from kimi_local.chat import Conversation, PrefillInterrupted
+    from kimi_local.generate import SamplingParams
+
+    conv = Conversation(tiny_model, SamplingParams(temperature=0), 6)
+    first = "".join(conv.run_turn(conv.start_turn("hello")))
+    before, messages = _state(conv.cache), list(conv.messages)
+
+    def interrupt(done, total):
+        raise PrefillInterrupted
+
+    with pytest.raises(PrefillInterrupted):
+        list(conv.run_turn(conv.start_turn("dropped"), progress=interrupt))
+    assert conv.messages == messages and _equal(_state(conv.cache), before)
+    # stop after 2 tokens: the cache holds exactly those, the partial answer is recorded
+    pieces = conv.run_turn(conv.start_turn("go on"), stop=lambda: True)
+    shown = next(pieces) + "".join(pieces)
+    assert conv.interrupted and conv.last.decode_tokens == 1 and conv.messages[-1]["content"] == shown
+    assert conv.cache.pos == before["tokens"].numel() + conv.last.prefill_tokens + 1
+    # /retry rewinds to the snapshot before that turn and runs it again
+    retried = "".join(conv.run_turn(conv.retry_turn()))
+    assert len(conv.messages) == len(messages) + 2 and conv.messages[-2]["content"] == "go on"
+    again = Conversation(tiny_model, SamplingParams(temperature=0), 6)
+    assert "".join(again.run_turn(again.start_turn("hello"))) == first
+    assert "".join(again.run_turn(again.start_turn("go on"))) == retried
+    assert _equal(_state(again.cache), _state(conv.cache))
+    conv.reset()
+    assert conv.cache.pos == 0 and conv.messages == []
+    assert "".join(conv.run_turn(conv.start_turn("hello"))) == first

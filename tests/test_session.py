@@ -131,3 +131,30 @@ def test_context_too_small_for_session(tiny_model, tmp_path):
     small = Conversation(tiny_model, GREEDY, 3, ctx=4)
     with pytest.raises(SessionError, match="context limit"):
         small.load(tmp_path / "s.safetensors")
+
+
+def _fp8_cache(model):
+    """A cache laid out like the GPU engine's --kv-cache fp8 one (fp8 rows + per-row fp32 scales)."""
+    c = model.new_cache()
+    for i in c.latent:
+        c.latent[i] = torch.zeros(c.capacity, c.latent[i].shape[1], dtype=torch.float8_e4m3fn)
+    c.latent_scale = {i: torch.ones(c.capacity) for i in c.latent}
+    return c
+
+
+def test_fp8_mla_cache_round_trip(tiny_model, tmp_path):
+    src = _fp8_cache(tiny_model)
+    n = 5
+    src.reserve(n)
+    for i in src.latent:
+        src.latent[i][:n] = torch.randn(n, src.latent[i].shape[1]).to(torch.float8_e4m3fn)
+        src.latent_scale[i][:n] = torch.rand(n) + 0.5
+    src.advance(list(range(n)))
+    save_session(tmp_path / "fp8.safetensors", tiny_model, src, {})
+    dst = _fp8_cache(tiny_model)
+    load_session(tmp_path / "fp8.safetensors", tiny_model, dst)
+    for i in src.latent:
+        assert torch.equal(dst.latent[i][:n].view(torch.uint8), src.latent[i][:n].view(torch.uint8))
+        assert torch.equal(dst.latent_scale[i][:n], src.latent_scale[i][:n])
+    with pytest.raises(SessionError, match="another MLA cache type"):
+        load_session(tmp_path / "fp8.safetensors", tiny_model, tiny_model.new_cache())
