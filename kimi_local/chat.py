@@ -259,16 +259,9 @@ def _checking_progress(bar, stopped: Callable[[], bool]) -> Callable[[int, int],
 
 
 def expert_hit_rate(net) -> float | None:
-    """The expert cache's hit rate when the model exposes one (`net.expert_stats`)."""
-    s = getattr(net, "expert_stats", None)
-    s = s() if callable(s) else s
-    if s is None:
-        return None
-    get = s.get if isinstance(s, dict) else lambda k: getattr(s, k, None)
-    if get("hit_rate") is not None:
-        return float(get("hit_rate"))
-    hits, misses = get("hits"), get("misses")
-    return hits / (hits + misses) if hits is not None and misses and hits + misses else None
+    """The expert cache's hit rate when experts are offloaded (`net.expert_stats`, set by --vram)."""
+    stats = getattr(net, "expert_stats", None)
+    return None if stats is None else float(stats.hit_rate)
 
 
 class Repl:
@@ -346,7 +339,7 @@ class Repl:
         self.console.print(f"[dim]{self._turn_line()}[/]")
 
     def autosave(self) -> None:
-        if self.session is not None and self.conv.messages:
+        if self.session is not None:
             try:
                 self.conv.save(self.session)
                 self.console.print(f"[dim]session saved to {self.session}[/]")

@@ -182,7 +182,7 @@ def test_session_option_and_bad_inputs(tiny_dir, tmp_path):
     assert r.returncode == 2 and "--vram" in r.stderr
 
 
-def test_full_terminal_toolbar_completion_markdown(tiny_dir, tmp_path):
+def test_full_terminal_toolbar_completion_markdown(tiny_dir, tiny_model, tmp_path):
     """A real terminal type: live markdown rendering, the bottom toolbar, command completion.
     prompt-toolkit asks the terminal for the cursor position (CPR) before it draws the toolbar."""
     env = dict(os.environ, TERM="xterm-256color", XDG_DATA_HOME=str(tmp_path / "xdg"))
@@ -197,8 +197,9 @@ def test_full_terminal_toolbar_completion_markdown(tiny_dir, tmp_path):
 
     answer_cpr()
     c.expect("ctx 0/4,096 │ prefill 0.0 tok/s │ decode 0.0 tok/s")
-    c.send("# A heading\r")
+    c.send("# A heading\x1b\rtext\r")  # Esc-Enter inserts a newline here too
     c.expect(TURN)
+    assert int(c.match.group(1)) == len(tiny_model.tokenizer.encode_chat([_user("# A heading\ntext")]))
     ctx = int(c.match.group(2).replace(",", ""))
     answer_cpr()
     c.expect(rf"ctx {ctx}/4,096 │ prefill [\d,.]+ tok/s │ decode [\d,.]+ tok/s")
