@@ -255,3 +255,16 @@ def test_conversation_interrupts_and_retry(tiny_model):
     conv.reset()
     assert conv.cache.pos == 0 and conv.messages == []
     assert "".join(conv.run_turn(conv.start_turn("hello"))) == first
+
+
+def test_conversation_context_overflow(tiny_model):
+    from kimi_local.cache import ContextOverflow
+    from kimi_local.chat import Conversation
+    from kimi_local.generate import SamplingParams
+
+    conv = Conversation(tiny_model, SamplingParams(temperature=0), 4, ctx=48)
+    "".join(conv.run_turn(conv.start_turn("hi")))
+    before, messages = _state(conv.cache), list(conv.messages)
+    with pytest.raises(ContextOverflow, match="tokens"):
+        list(conv.run_turn(conv.start_turn("word " * 100)))
+    assert conv.messages == messages and _equal(_state(conv.cache), before)
