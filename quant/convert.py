@@ -182,8 +182,8 @@ class _Progress:
     def advance(self, nbytes: int) -> None:
         self.prog.advance(self.task, nbytes)
 
-    def tensor_done(self, k: int, name: str) -> None:
-        self.prog.update(self.task, tensors=f"{k}/{self.n} tensors  {name}")
+    def tensor_done(self, k: int) -> None:
+        self.prog.update(self.task, tensors=f"{k}/{self.n} tensors")
 
 
 def _pad(f, align: int) -> None:
@@ -203,8 +203,8 @@ def _write_tensors(f, ckpt, plans: list[TensorPlan], device, align: int, progres
             progress.advance(chunk.nbytes)
         if written != p.nbytes:
             raise ModelError(f"internal error: {name} produced {written} bytes, expected {p.nbytes}")
-        del t
-        progress.tensor_done(k + 1, name)
+        del t  # free this tensor (an expert stack) before the next one is read
+        progress.tensor_done(k + 1)
 
 
 def _check_disk(out: Path, need: int) -> None:

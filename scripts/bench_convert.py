@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,7 @@ def main(out: Path, recipes: list[str]) -> None:
     if not (src / "config.json").is_file():
         make_checkpoint(src, bench_config(), seed=0, n_shards=4)
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    print(f"checkpoint: {src_bytes / 1e6:.0f} MB of safetensors\n")
+    print(f"checkpoint: {src_bytes / 1e6:.0f} MB of safetensors; load average before: {os.getloadavg()}\n")
     print("| recipe | GGUF MB | seconds | read MB/s (bf16) | write MB/s | peak RSS MB | peak RssAnon MB | RSS after imports MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in recipes:
@@ -65,6 +66,7 @@ def main(out: Path, recipes: list[str]) -> None:
         print(f"| {r} | {d['bytes'] / 1e6:.0f} | {s:.1f} | {src_bytes / 1e6 / s:.1f} | {d['bytes'] / 1e6 / s:.1f} "
               f"| {d['peak_rss_kb'] / 1024:.0f} | {d['peak_anon_kb'] / 1024:.0f} | {d['base_rss_kb'] / 1024:.0f} |", flush=True)
         (out / f"{r}.gguf").unlink()
+    print(f"\nload average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
