@@ -79,7 +79,8 @@ class LocalModel:
 def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4bit: bool = False,
          **engine_opts) -> LocalModel:
     """Load an HF directory or a GGUF file. dtype defaults to fp32 on CPU, bf16 on CUDA.
-    engine_opts (CUDA only): kv_cache="bf16"|"fp8", use_graph=True."""
+    engine_opts (CUDA only): kv_cache="bf16"|"fp8", use_graph=True, expert_store=None|"cpu"
+    (routed experts in pinned host memory, for expert offloading under a --vram budget)."""
     from kimi_local.tokenizer import KimiTokenizer
     from kimi_local.weights import HFCheckpoint, load_dense
 
@@ -101,7 +102,8 @@ def load(path, device: str = "auto", dtype: torch.dtype | None = None, load_in_4
     return LocalModel(net, KimiTokenizer.from_dir(path), path, _fingerprint_dir(path))
 
 
-def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "bf16", use_graph: bool = True):
+def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "bf16", use_graph: bool = True,
+              expert_store: str | None = None):
     """The reference model on CPU; on CUDA the Triton engine (weights moved and repacked once; it
     consumes the `weights` dict to keep peak memory low: pass a copy to keep yours)."""
     if device.type != "cuda" or any(_is_custom(w) for w in weights.values()):  # engine options: CUDA only
@@ -109,7 +111,7 @@ def build_net(cfg, weights: dict, device: torch.device, dtype, kv_cache: str = "
     from kimi_local.engine import GpuKimi
 
     kv = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[kv_cache]
-    return GpuKimi(cfg, weights, device, torch.bfloat16, kv_dtype=kv, use_graph=use_graph)
+    return GpuKimi(cfg, weights, device, torch.bfloat16, kv_dtype=kv, use_graph=use_graph, expert_store=expert_store)
 
 
 def _is_custom(w) -> bool:

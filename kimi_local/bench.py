@@ -44,22 +44,25 @@ def _sync(device):
 
 
 # ---- synthetic full-size model -------------------------------------------------------------------
-def random_qtensor(shape: tuple[int, ...], qtype: str, device, gen: torch.Generator):
-    """Random quantized blocks: 256 distinct quantized rows tiled to the full shape (contents do not
-    change the speed; addresses are all distinct)."""
+def random_qtensor(shape: tuple[int, ...], qtype: str, device, gen: torch.Generator, out_device=None):
+    """Random quantized blocks: 256 distinct quantized rows (quantized on `device`) tiled to the full
+    shape on `out_device` (contents do not change the speed; addresses are all distinct)."""
     from kimi_local.quant.formats import QTensor, quantize
 
     K = shape[-1]
     rows = int(torch.tensor(shape[:-1]).prod())
     base = quantize(0.02 * torch.randn(min(rows, 256), K, generator=gen, device=device), qtype)
+    base = base.to(out_device or device)
     reps = -(-rows // base.shape[0])
     data = base.repeat(reps, 1)[:rows].reshape(*shape[:-1], base.shape[-1]).contiguous()
     return QTensor(data, qtype, tuple(shape))
 
 
-def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: float = 0.0) -> dict:
+def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: float = 0.0,
+                      expert_device=None) -> dict:
     """Canonical weights of `cfg` on `device`: matrices quantized per `qtype_of(name, shape)`, vectors
-    fp32. zipf > 0 skews the routing: the selection bias favours experts by Zipf(s=zipf) popularity."""
+    fp32. zipf > 0 skews the routing: the selection bias favours experts by Zipf(s=zipf) popularity.
+    expert_device="cpu" builds the routed experts in host memory (offloading benchmarks)."""
     from kimi_local.quant.recipe import canonical_shapes, is_f32_tensor
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -81,7 +84,8 @@ def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: fl
         else:
             qt = qtype_of(name, s)
             dense = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(qt)
-            w[name] = (0.02 * randn(*s)).to(dense) if dense else random_qtensor(s, qt, device, gen)
+            home = expert_device if "_exps" in name else None  # routed experts may live on the host
+            w[name] = (0.02 * randn(*s)).to(dense) if dense else random_qtensor(s, qt, device, gen, home)
     return w
 
 

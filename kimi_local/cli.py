@@ -71,13 +71,23 @@ def _read_document(file: Optional[Path]) -> Optional[str]:
 KvOpt = typer.Option("bf16", "--kv-cache", help="MLA latent cache on the GPU: bf16, or fp8 (half the memory: 1M tokens in 4.3 GB).")
 
 
-def load_model(model: Path, device: str, load_in_4bit: bool = False, kv_cache: str = "bf16"):
+def load_model(model: Path, device: str, load_in_4bit: bool = False, kv_cache: str = "bf16",
+               vram: Optional[str] = None):
+    """Load a model; with --vram on a GPU the budget is enforced from the start and the routed experts
+    are kept in pinned host memory (the caller then sets up offloading with _offload_experts)."""
     import kimi_local
+    from kimi_local.api import resolve_device
 
     if kv_cache not in ("bf16", "fp8"):
         fail("--kv-cache must be bf16 or fp8", 2)
+    opts = {"kv_cache": kv_cache}
     try:
-        return kimi_local.load(model, device=device, load_in_4bit=load_in_4bit, kv_cache=kv_cache)
+        if vram is not None and resolve_device(device).type == "cuda":
+            from kimi_local.engine import apply_vram_budget
+
+            apply_vram_budget(resolve_device(device), _vram_budget(vram))
+            opts["expert_store"] = "cpu"
+        return kimi_local.load(model, device=device, load_in_4bit=load_in_4bit, **opts)
     except ModelError as e:
         fail(str(e))
 
@@ -116,9 +126,9 @@ def run(
     if prompt is None and not doc:
         fail("give a prompt with -p/--prompt, or pipe a document on stdin", 2)
     text = "\n\n".join(x for x in (doc, prompt) if x)
-    m = load_model(model, device, load_in_4bit, kv_cache)
+    m = load_model(model, device, load_in_4bit, kv_cache, vram)
     if vram is not None:
-        _offload_experts(m, vram, ctx, expert_policy, expert_profile)
+        _offload_experts(m, vram, ctx, expert_policy, expert_profile, kv_cache)
     elif save_expert_profile or expert_profile or show_stats:
         fail("--expert-profile, --save-expert-profile and --stats need --vram", 2)
     cache = m.new_cache(ctx)
@@ -186,11 +196,11 @@ def _apply_prompt_cache(m, cache, ids, doc, system, path: Path, stats) -> list[i
     return rest
 
 
-def _offload_experts(m, vram: str, ctx, policy: str, profile: Optional[Path]):
+def _offload_experts(m, vram: str, ctx, policy: str, profile: Optional[Path], kv_cache: str = "bf16"):
     from kimi_local.offload import apply_offload, parse_size
 
     try:
-        return apply_offload(m, parse_size(vram), ctx, policy, profile)
+        return apply_offload(m, parse_size(vram), ctx, policy, profile, kv_bytes_per_value=1 if kv_cache == "fp8" else 2)
     except ModelError as e:
         fail(str(e))
 
@@ -262,9 +272,9 @@ def chat(
 
     params = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
     vram_bytes = _vram_budget(vram)
-    m = load_model(model, device, load_in_4bit, kv_cache)
+    m = load_model(model, device, load_in_4bit, kv_cache, vram)
     if vram is not None:
-        _offload_experts(m, vram, ctx, "lfu", None)
+        _offload_experts(m, vram, ctx, "lfu", None, kv_cache)
     try:
         code = run_chat(m, params, max_tokens, system, ctx, session, vram_bytes, model.name)
     except SessionError as e:
@@ -368,6 +378,9 @@ def bench(
     zipf: float = typer.Option(0.0, "--zipf", help="Skew the synthetic routing by Zipf(s) popularity (0 = uniform)."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Enforced GPU memory budget, e.g. 24GB."),
     graph: bool = typer.Option(True, "--graph/--no-graph", help="Replay decode steps from a CUDA graph."),
+    offload: bool = typer.Option(True, "--offload/--no-offload", help="With --vram: keep routed experts in host RAM with a GPU expert cache."),
+    policy: str = typer.Option("lfu", "--expert-policy", help="With --vram: expert cache eviction, lfu or lru."),
+    prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --vram: prefetch the next layer's experts."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Decode tok/s at several depths, prefill tok/s, peak VRAM, GB/s and % of the HBM roofline.
@@ -396,14 +409,20 @@ def bench(
         from kimi_local.quant.recipe import get_recipe
 
         cfg = KimiConfig()
+        store = "cpu" if vram and offload else None
         try:
             r = get_recipe(recipe)
-            w = B.synthetic_weights(cfg, r.qtype, dev, zipf=zipf)
-            net = build_net(cfg, w, dev, torch.bfloat16, kv_cache=kv_cache, use_graph=graph)
+            w = B.synthetic_weights(cfg, r.qtype, dev, zipf=zipf, expert_device=store)
+            net = build_net(cfg, w, dev, torch.bfloat16, kv_cache=kv_cache, use_graph=graph, expert_store=store)
+            if store:
+                from kimi_local.offload import apply_offload
+
+                apply_offload(net, _vram_budget(vram), max(_ints(contexts) + _ints(prompts)) + decode_tokens + 8,
+                              policy, kv_bytes_per_value=1 if kv_cache == "fp8" else 2, prefetch=prefetch)
         except (ModelError, torch.cuda.OutOfMemoryError) as e:
             fail(f"the synthetic {recipe} model does not fit: {e}")
         del w
-        label = f"synthetic {recipe}" + (f" zipf={zipf}" if zipf else "")
+        label = f"synthetic {recipe}" + (f" zipf={zipf}" if zipf else "") + (f" offload {policy}" if store else "")
     else:
         import kimi_local
 

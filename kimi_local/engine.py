@@ -89,12 +89,18 @@ class GpuWeight:
         return (self.data if self.dense is None else self.dense).numel() * (1 if self.dense is None else self.dense.element_size())
 
 
-def expert_pool(w, device) -> tuple[torch.Tensor, str]:
-    """A stacked expert tensor [E, rows, cols] -> (uint8 [E, rows, packed_row_bytes], qtype)."""
+def expert_pool(w, device, store: str | None = None) -> tuple[torch.Tensor, str]:
+    """A stacked expert tensor [E, rows, cols] -> (uint8 [E, rows, packed_row_bytes], qtype),
+    repacked on `device`; store="cpu" keeps the result in pinned host memory (expert offloading:
+    the GPU then holds only a slot pool, see kimi_local.offload)."""
     if _is_q(w) and w.qtype in KERNEL_QTYPES:
-        return repack(w.data.to(device), w.qtype).contiguous(), w.qtype
-    d = w.dequantize(torch.float32) if _is_q(w) else w
-    return repack(d.to(device=device, dtype=torch.bfloat16), "BF16").contiguous(), "BF16"
+        pool, qt = repack(w.data.to(device), w.qtype).contiguous(), w.qtype
+    else:
+        d = w.dequantize(torch.float32) if _is_q(w) else w
+        pool, qt = repack(d.to(device=device, dtype=torch.bfloat16), "BF16").contiguous(), "BF16"
+    if store == "cpu":
+        pool = torch.empty(pool.shape, dtype=pool.dtype, pin_memory=torch.cuda.is_available()).copy_(pool)
+    return pool, qt
 
 
 class GpuExperts:
@@ -113,7 +119,7 @@ class GpuExperts:
         return ids
 
 
-def prepare_weights(cfg, weights: dict, device) -> tuple[dict, GpuExperts]:
+def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None) -> tuple[dict, GpuExperts]:
     """Canonical weights -> GPU weights. Linear weights become GpuWeight (fused where possible),
     vectors become fp32/bf16 device tensors, routed experts become kernel pools. Consumes `weights`
     (entries are removed as they are converted) so that peak memory is the model plus one tensor."""
@@ -151,9 +157,9 @@ def prepare_weights(cfg, weights: dict, device) -> tuple[dict, GpuExperts]:
             continue
         out[b + "ffn_gate_inp.weight"] = vec(b + "ffn_gate_inp.weight")
         out[b + "exp_probs_b.bias"] = vec(b + "exp_probs_b.bias")
-        gp, gq = expert_pool(g("ffn_gate_exps.weight"), dev)
-        up, uq = expert_pool(g("ffn_up_exps.weight"), dev)
-        dp, dq = expert_pool(g("ffn_down_exps.weight"), dev)
+        gp, gq = expert_pool(g("ffn_gate_exps.weight"), dev, expert_store)
+        up, uq = expert_pool(g("ffn_up_exps.weight"), dev, expert_store)
+        dp, dq = expert_pool(g("ffn_down_exps.weight"), dev, expert_store)
         pools[i] = ((gp, up, dp), (gq, uq, dq))
         if cfg.num_shared_experts:
             sh = [GpuWeight(g(f"ffn_{n}_shexp.weight"), dev) for n in ("gate", "up", "down")]
@@ -167,8 +173,9 @@ class GpuKimi(KimiLinear):
     """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
 
     def __init__(self, cfg, weights: dict, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
-                 use_graph: bool = True, prefill_chunk: int = 4096):
-        w, experts = prepare_weights(cfg, weights, device)
+                 use_graph: bool = True, prefill_chunk: int = 4096, expert_store: str | None = None):
+        """expert_store="cpu": routed experts stay in pinned host memory, for kimi_local.offload."""
+        w, experts = prepare_weights(cfg, weights, device, expert_store)
         super().__init__(cfg, w, device, dtype)
         self.experts = experts
         self.kv_dtype = kv_dtype
