@@ -245,6 +245,8 @@ def config_from_gguf(get, fname: str) -> KimiConfig:
     kv_rank = need("attention.kv_lora_rank")
     heads = need("attention.head_count")
     n_shared = get(a + "expert_shared_count", 0)
+    if n_shared > 1:
+        raise ModelError(f"{fname}: expert_shared_count {n_shared} is not supported (0 or 1)")
     tokens = get("tokenizer.ggml.tokens") or []
     im_end = tokens.index("<|im_end|>") if "<|im_end|>" in tokens else None
     cfg = KimiConfig(
@@ -260,7 +262,7 @@ def config_from_gguf(get, fname: str) -> KimiConfig:
         v_head_dim=need("attention.value_length_mla"),
         num_experts=need("expert_count"),
         num_experts_per_token=need("expert_used_count"),
-        num_shared_experts=min(n_shared, 1),
+        num_shared_experts=n_shared,
         moe_intermediate_size=need("expert_feed_forward_length"),
         routed_scaling_factor=_f32_value(get(a + "expert_weights_scale", 1.0)),
         first_k_dense_replace=get(a + "leading_dense_block_count", 0),
@@ -274,8 +276,6 @@ def config_from_gguf(get, fname: str) -> KimiConfig:
         pad_token_id=get("tokenizer.ggml.padding_token_id", 0),
         model_max_length=need("context_length"),
     )
-    if n_shared > 1:
-        raise ModelError(f"{fname}: expert_shared_count {n_shared} is not supported (0 or 1)")
     cfg.validate()
     return cfg
 
