@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_matmul import (CHUNKS_PER_BLOCK, INTERPRET, QK, QT_ID, WORD_QTYPES, _dot_w, _dq_dot_rows, _dq_tile,
-                           _wdot, packed_row_bytes, qlinear, split_workspace)
+from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, _dot_w, _dq_dot_rows, _dq_tile,
+                           _wdot, packed_row_bytes, qlinear, split_workspace, word_c)
 
 
 def _cfgs(opts, names):
@@ -185,24 +185,6 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
 
 
-_WORD_C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}
-
-
-def _word_c(qtype, elems, pref=None):
-    """(C, EVEN) for a K slice of `elems` elements: the largest power of two <= the preferred C that
-    divides the slice's 16-byte chunk count (EVEN), else the preferred C with clamping."""
-    if qtype not in WORD_QTYPES:
-        return 1, True
-    c0 = pref or (8 if INTERPRET else _WORD_C[qtype])
-    chunks = elems // QK[qtype] * CHUNKS_PER_BLOCK[qtype]
-    c = c0
-    while c > 1 and chunks % c:
-        c //= 2
-    if c >= max(1, c0 // 2):
-        return c, True
-    return c0, False
-
-
 def moe_decode_config(qtypes, shared_qtypes, D, F):
     """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
     if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
@@ -245,8 +227,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     for t in (gate_pool, up_pool, down_pool, sg, su, sd):
         assert t.data_ptr() % 16 == 0
     assert gate_pool[0].numel() % 16 == 0 and up_pool[0].numel() % 16 == 0 and down_pool[0].numel() % 16 == 0
-    if not all_word:
-        S1 = S2 = 1
+    if not all_word:  # the word path has no split/fast path for Q5_K, Q2_K, BF16: use the tile kernels
+        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                               shared_qtypes=shared_qtypes, workspace=workspace)
     # K slices in elements, multiples of 256
     S1 = max(1, min(S1, D // 256))
     eps = triton.cdiv(D // 256, S1) * 256
@@ -257,7 +240,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     ntf, ntd = triton.cdiv(F, BF), triton.cdiv(D, BD)
 
     def ce(q, elems, total):
-        c, even = _word_c(q, elems, C)
+        c, even = word_c(q, elems, C)
         return c, even and total % elems == 0
 
     CG, EVG = ce(qg, eps, D)

@@ -634,18 +634,38 @@ def split_workspace(device, nparts, ntiles):
     return _SPLIT_WS[key]
 
 
+_WORD_C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}
+
+
+def word_c(qtype, elems, pref=None):
+    """(C, EVEN) for a K slice of `elems` elements: the largest power of two <= the preferred C that
+    divides the slice's 16-byte chunk count (EVEN: no clamped chunks), else the preferred C (clamped)."""
+    if qtype not in WORD_QTYPES:
+        return 1, True
+    c0 = pref or (8 if INTERPRET else _WORD_C[qtype])
+    chunks = elems // QK[qtype] * CHUNKS_PER_BLOCK[qtype]
+    c = c0
+    while c > 1 and chunks % c:
+        c //= 2
+    if c >= max(1, c0 // 2) or chunks <= c0:
+        return c, True
+    return c0, False
+
+
 def gemv1_config(qtype, N, K):
-    """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path (see scripts/sweep_gemv.py)."""
+    """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c.
+    Big N (lm_head): 128 rows per program (x preparation shared by 8 rows per thread), no split.
+    Small N: 32 rows per program and split K until ~1024 programs, so that every program has only a
+    few 16-byte loads per thread and they are all in flight at once (latency-bound sizes)."""
     if INTERPRET:
-        return 32, 8, 1, 4, 1
-    BN = 64 if N >= 64 * 528 else 32 if N >= 32 * 264 else 16
-    C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}[qtype]
+        return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
-    split = 1
+    if N >= 65536:
+        return 128, None, 1, 4, 1
+    BN = 32
     tiles = triton.cdiv(N, BN)
-    while tiles * split < 264 and nblk // (split * 2) >= 2:
-        split *= 2
-    return BN, C, split, 4, 1
+    split = max(1, min(nblk, triton.cdiv(1024, tiles)))
+    return BN, None, split, 4, 1
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None):
@@ -660,14 +680,15 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
         return qgemv(x, data, qtype, N, out=out, method="fma")
     assert data.numel() < 2 ** 31
     dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K)
-    BN, C, SPLIT = BN or dBN, C or dC, SPLIT or dS
+    BN, SPLIT = BN or dBN, SPLIT or dS
     num_warps, num_stages = num_warps or dW, num_stages or dST
     nblk = K // QK[qtype]
     SPLIT = max(1, min(SPLIT, nblk))
     bps = triton.cdiv(nblk, SPLIT)
     SPLIT = triton.cdiv(nblk, bps)
     tiles = triton.cdiv(N, BN)
-    even = nblk % bps == 0 and (bps * CHUNKS_PER_BLOCK[qtype]) % C == 0
+    C, even = word_c(qtype, bps * QK[qtype], C or dC)
+    even = even and nblk % bps == 0
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     xs = x.reshape(-1)
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],

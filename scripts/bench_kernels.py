@@ -158,7 +158,7 @@ def bench_qgemv(ctx):
                 R = n_copies(nbytes)
                 ws = [rand_packed(qt, (), N, K) for _ in range(R)]
                 out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                methods = ["fma"] if M == 1 else ["fma", "dot"]
+                methods = ["auto", "fma"] if M == 1 else ["fma", "dot"]  # auto (M=1): word path
                 for meth in methods:
                     ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth) for w in ws], graph=True,
                                   calls=R)
@@ -238,10 +238,11 @@ def bench_moe_decode(ctx):
         base_ms = ctx.time(lambda: [deq_moe(s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
         name = "/".join(qtypes)
         ctx.row("moe", f"decode {name} dequant+torch per expert", base_ms, nbytes=nbytes)
-        ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
-                               for s, w in zip(slot_ts, wts)], graph=True, calls=R)
-        ctx.row("moe", f"decode {name} fused (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
-                base_ms=base_ms, note=f"bf16-torch x{ms / bf_ms:.2f}")
+        for impl in ["word", "tile"]:
+            ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq,
+                                                  impl=impl) for s, w in zip(slot_ts, wts)], graph=True, calls=R)
+            ctx.row("moe", f"decode {name} fused {impl} (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
+                    base_ms=base_ms, note=f"bf16-torch x{ms / bf_ms:.2f}")
         del pools
 
 

@@ -19,8 +19,14 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-import triton
+SMOKE = "--cpu-smoke" in sys.argv  # CPU dry run of this script's logic (Triton interpreter, tiny shapes)
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+DEV = "cpu" if SMOKE else "cuda"
 
 try:
     from kimi_local.kernels import moe, quant_matmul as qm
@@ -36,9 +42,9 @@ ROWS = []
 def rand_packed(qtype, lead, N, K, scale=0.002):
     """Packed weight uint8 [*lead, N, prb] from random valid ggml blocks, made on the GPU."""
     nb, ts = K // qm.QK[qtype], qm.TYPE_SIZE[qtype]
-    b = torch.randint(0, 256, (*lead, N, nb, ts), dtype=torch.uint8, device="cuda")
+    b = torch.randint(0, 256, (*lead, N, nb, ts), dtype=torch.uint8, device=DEV)
     for o in FP16_FIELDS[qtype]:
-        v = (torch.rand(*lead, N, nb, 1, device="cuda") * scale + scale / 10).half()
+        v = (torch.rand(*lead, N, nb, 1, device=DEV) * scale + scale / 10).half()
         b[..., o:o + 2] = v.view(torch.uint8)
     return qm.repack(b.view(*lead, N, nb * ts), qtype)
 
@@ -49,6 +55,11 @@ def n_copies(nbytes, target=300e6, most=16):
 
 def graph_time(calls, quick):
     """Median ms per call of a list of zero-arg callables, replayed as one CUDA graph."""
+    if SMOKE:
+        t = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t) * 1e3 / len(calls)
     for c in calls:
         c()
     torch.cuda.synchronize()
@@ -65,6 +76,16 @@ def graph_time(calls, quick):
     ms = triton.testing.do_bench(g.replay, warmup=10 if quick else 25, rep=30 if quick else 60,
                                  return_mode="median")
     return ms / len(calls)
+
+
+def sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if not SMOKE:
+        torch.cuda.empty_cache()
 
 
 def rel_err(y, ref):
@@ -91,13 +112,15 @@ def row(sec, case, variant, ms=None, nbytes=None, err=None, note="", bw=None, **
 
 
 def bandwidth():
+    if SMOKE:
+        return 1e10
     n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=20, rep=100, return_mode="median")
     bw = 2 * n / (ms * 1e-3)
     del a, b
-    torch.cuda.empty_cache()
+    empty_cache()
     return bw
 
 
@@ -109,38 +132,41 @@ def gemv_variants(N, K, qt):
     v = [("word default", {})]
     nblk = K // qm.QK[qt]
     if N >= 32768:  # lm_head: many rows, no split
-        for bn, nw, ns in [(64, 4, 1), (128, 4, 1), (256, 8, 1), (128, 8, 1), (128, 4, 2), (64, 2, 1)]:
+        for bn, nw, ns in [(64, 4, 1), (256, 8, 1), (128, 8, 1), (128, 4, 2), (64, 2, 1)]:
             v.append((f"BN={bn} S=1 nw={nw} ns={ns}", dict(BN=bn, SPLIT=1, num_warps=nw, num_stages=ns)))
     else:
-        full = nblk if qt != "Q8_0" else min(nblk, 16)
-        for bn, sp, nw in [(16, 1, 4), (32, 1, 4), (32, full, 4), (64, full, 4), (16, full, 4), (32, full, 2),
-                           (32, max(2, full // 4), 4), (64, max(2, full // 2), 8)]:
-            v.append((f"BN={bn} S={sp} nw={nw}", dict(BN=bn, SPLIT=sp, num_warps=nw)))
+        full = min(nblk, 16)
+        for bn, sp, nw in [(16, 1, 4), (32, 2, 4), (16, full, 4), (64, full, 4), (32, full, 2),
+                           (32, max(2, full // 4), 4)]:
+            if f"BN={bn} S={sp} nw={nw}" not in [n for n, _ in v]:
+                v.append((f"BN={bn} S={sp} nw={nw}", dict(BN=bn, SPLIT=sp, num_warps=nw)))
     return v
 
 
 def sweep_gemv(bw, args):
-    shapes = [("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("qkv6144", 6144, 2304), ("lm_head", 163840, 2304)]
+    shapes = [("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("lm_head", 163840, 2304), ("qkv6144", 6144, 2304)]
+    if SMOKE:
+        shapes = [("kda_qkv", 40, 512), ("o_proj", 24, 1024)]
     for name, N, K in shapes:
         case0 = f"{name} [{N},{K}]"
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
         # bf16 cuBLAS baseline
         wb = N * K * 2
         R = n_copies(wb, most=8)
-        wbs = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01 for _ in range(R)]
-        ob = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+        wbs = [torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * 0.01 for _ in range(R)]
+        ob = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
         ms = graph_time([lambda w=w: torch.matmul(x, w.t(), out=ob) for w in wbs], args.quick)
         row("gemv", f"{case0} bf16", "cuBLAS", ms, wb + 2 * (K + N), bw=bw)
         del wbs
-        torch.cuda.empty_cache()
+        empty_cache()
         for qt in ["Q4_K", "Q6_K", "Q8_0"]:
             case = f"{case0} {qt}"
             nbytes = N * qm.packed_row_bytes(qt, K) + 2 * (K + N)
             R = n_copies(nbytes)
             ws = [rand_packed(qt, (), N, K) for _ in range(R)]
-            ref = torch.full((1, N), float("nan"), device="cuda")
+            ref = torch.full((1, N), float("nan"), device=DEV)
             qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
-            out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
             variants = [("tile (old fma)", dict(method="fma"))] + \
                 [(n, dict(method="word", **kw)) for n, kw in gemv_variants(N, K, qt)]
             for vname, kw in variants:
@@ -148,9 +174,9 @@ def sweep_gemv(bw, args):
                     row("gemv", case, vname, note="SKIPPED (time budget)")
                     continue
                 try:
-                    o32 = torch.full((1, N), float("nan"), device="cuda")
+                    o32 = torch.full((1, N), float("nan"), device=DEV)
                     qm.qgemv(x, ws[0], qt, N, out=o32, **kw)
-                    torch.cuda.synchronize()
+                    sync()
                     err = rel_err(o32, ref)
                     ms = graph_time([lambda w=w: qm.qgemv(x, w, qt, N, out=out, **kw) for w in ws], args.quick)
                     cfg = qm.gemv1_config(qt, N, K) if vname == "word default" else ""
@@ -159,7 +185,7 @@ def sweep_gemv(bw, args):
                     row("gemv", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                     traceback.print_exc()
             del ws
-            torch.cuda.empty_cache()
+            empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,39 +196,37 @@ MOE_VARIANTS = [
     ("BF=32 S1=1 BD=32 S2=1", dict(BF=32, S1=1, BD=32, S2=1)),
     ("BF=16 S1=3 BD=16 S2=2", dict(BF=16, S1=3, BD=16, S2=2)),
     ("BF=32 S1=9 BD=32 S2=4", dict(BF=32, S1=9, BD=32, S2=4)),
-    ("BF=64 S1=3 BD=64 S2=2", dict(BF=64, S1=3, BD=64, S2=2)),
-    ("BF=64 S1=9 BD=32 S2=4", dict(BF=64, S1=9, BD=32, S2=4)),
+    ("BF=64 S1=3 BD=64 S2=4", dict(BF=64, S1=3, BD=64, S2=4)),
     ("BF=32 S1=3 BD=32 S2=2 nw=8", dict(BF=32, S1=3, BD=32, S2=2, num_warps=8)),
     ("BF=16 S1=9 BD=16 S2=4 nw=2", dict(BF=16, S1=9, BD=16, S2=4, num_warps=2)),
-    ("BF=32 S1=3 BD=32 S2=2 ns=2", dict(BF=32, S1=3, BD=32, S2=2, num_stages=2)),
 ]
 
 
 def sweep_moe(bw, args):
-    S, D, Fe, k = 256, 2304, 1024, 8
+    S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
     shq = ("Q8_0", "Q8_0", "Q8_0")
     shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
     shared_bytes = sum(s.numel() for s in shared)
-    R = 8
+    R = 8 if not SMOKE else 2
     gen = torch.Generator().manual_seed(0)
-    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).cuda() for _ in range(R)]
-    wts = [torch.rand(k, generator=gen).cuda() for _ in range(R)]
-    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(R)]
+    wts = [torch.rand(k, generator=gen).to(DEV) for _ in range(R)]
+    x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
     for qtypes in [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q3_K", "Q4_K")]:
         case = "/".join(qtypes) + " k=8 +Q8_0 shared"
         pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
         nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes + 2 * D * 2
-        ref = torch.full((D,), float("nan"), device="cuda")
+        ref = torch.full((D,), float("nan"), device=DEV)
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
-        out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
         for vname, kw in [("tile (old)", dict(impl="tile"))] + MOE_VARIANTS:
             if time.time() - T0 > args.budget:
                 row("moe", case, vname, note="SKIPPED (time budget)")
                 continue
             try:
-                o32 = torch.full((D,), float("nan"), device="cuda")
+                o32 = torch.full((D,), float("nan"), device=DEV)
                 moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, o32, shared=shared, shared_qtypes=shq, **kw)
-                torch.cuda.synchronize()
+                sync()
                 err = rel_err(o32, ref)
                 ms = graph_time([lambda s=s, w=w: moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared,
                                                                  shared_qtypes=shq, **kw)
@@ -210,10 +234,10 @@ def sweep_moe(bw, args):
                 # a second check after the graph replays (counters re-armed, no race between replays)
                 o32.fill_(float("nan"))
                 moe.moe_decode(x, sel[1], wts[1], *pools, qtypes, o32, shared=shared, shared_qtypes=shq, **kw)
-                ref1 = torch.full((D,), float("nan"), device="cuda")
+                ref1 = torch.full((D,), float("nan"), device=DEV)
                 moe.moe_decode(x, sel[1], wts[1], *pools, qtypes, ref1, shared=shared, shared_qtypes=shq,
                                impl="tile")
-                torch.cuda.synchronize()
+                sync()
                 err = max(err, rel_err(o32, ref1))
                 note = str(moe.moe_decode_config(qtypes, shq, D, Fe)) if vname == "word default" else ""
                 row("moe", case, vname, ms, nbytes, err, note=note, bw=bw)
@@ -221,7 +245,7 @@ def sweep_moe(bw, args):
                 row("moe", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                 traceback.print_exc()
         del pools
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
 def print_table(rows):
@@ -251,11 +275,13 @@ def best_summary(rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which variants are skipped")
+    ap.add_argument("--budget", type=float, default=155.0, help="seconds after which variants are skipped")
     ap.add_argument("--only", default="gemv,moe")
     ap.add_argument("--quick", action="store_true", default=True)
+    ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
+    name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
+    print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}",
           flush=True)
     bw = bandwidth()
     row("bw", "d2d copy 1 GiB (read+write)", "torch copy_", 2 * (1 << 30) / bw * 1e3, 2 * (1 << 30), bw=bw)
@@ -267,7 +293,7 @@ def main():
         sweep_gemv(bw, args)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "sweep_gemv.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "bw": bw, "rows": ROWS, "elapsed_s": time.time() - T0},
+            {"device": name, "bw": bw, "rows": ROWS, "elapsed_s": time.time() - T0},
             indent=1))
     print_table(ROWS)
     best_summary(ROWS)
