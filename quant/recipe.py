@@ -32,7 +32,7 @@ class Recipe:
 
     def qtype(self, name: str, shape: tuple[int, ...]) -> str:
         """ggml type of one canonical tensor of this shape (rows = last dim)."""
-        if is_f32_tensor(name):
+        if stored_f32(name):
             return "F32"
         if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
             want = self.experts
@@ -93,7 +93,7 @@ def fallback_type(qtype: str, row: int) -> str:
 _F32_SUFFIXES = ("_norm.weight", "ssm_a", "ssm_dt.bias", "exp_probs_b.bias", "ffn_gate_inp.weight")
 
 
-def is_f32_tensor(name: str) -> bool:
+def stored_f32(name: str) -> bool:
     """Kept F32 in every file: norms, decay params, conv taps, router and its selection bias."""
     return name.endswith(_F32_SUFFIXES) or ".ssm_conv1d_" in name
 
@@ -101,7 +101,7 @@ def is_f32_tensor(name: str) -> bool:
 def is_linear_weight(name: str) -> bool:
     """Weights only ever used as `x @ W.T` (model.linear / the MoE loop) or as embedding rows: these
     may stay quantized at runtime. Everything else is read as a dense tensor."""
-    if is_f32_tensor(name) or name.endswith(("attn_k_b.weight", "attn_v_b.weight", "attn_kv_b.weight")):
+    if stored_f32(name) or name.endswith(("attn_k_b.weight", "attn_v_b.weight", "attn_kv_b.weight")):
         return False
     return name.endswith(".weight")
 
