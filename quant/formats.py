@@ -471,7 +471,7 @@ def quantize(x: torch.Tensor, qtype: str, *, search: bool = True) -> torch.Tenso
     """float [..., n] -> uint8 [..., row_nbytes(qtype, n)], rows independent, on x's device.
 
     search=False replaces the K-quant scale searches by plain min/max (absmax) scales: faster, larger error;
-    kept as the baseline that docs/perf-notes.md compares against.
+    kept as the baseline that docs/perf-notes.md compares against. For F32 the result may be a view of x.
     """
     q = _qtype(qtype)
     n = x.shape[-1]
@@ -486,16 +486,19 @@ def quantize(x: torch.Tensor, qtype: str, *, search: bool = True) -> torch.Tenso
     if qtype not in _QUANT:
         raise NotImplementedError(f"{qtype} is dequantize-only here; quantize to one of {', '.join(_QUANT)}")
     blocks = x.reshape(-1, q.block_size)
-    step = max(1, _CHUNK_VALUES.get(x.device.type, 1 << 16) // q.block_size)
     if blocks.shape[0] == 0:
         return torch.empty(*x.shape[:-1], nbytes, dtype=torch.uint8, device=x.device)
+    step = max(1, _CHUNK_VALUES.get(x.device.type, 1 << 16) // q.block_size)
     out = torch.cat([_QUANT[qtype](chunk, search) for chunk in blocks.split(step)])
     return out.view(*x.shape[:-1], nbytes)
 
 
 def dequantize(data: torch.Tensor, qtype: str, n: int | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., nbytes] ggml rows -> [..., n] values of dtype (computed in float32, bit-exact with gguf-py)."""
+    """uint8 [..., nbytes] ggml rows -> [..., n] values of dtype (computed in float32, bit-exact with gguf-py).
+
+    n, when given, is checked against nbytes. F32 rows read as float32 come back as a view of data.
+    """
     q = _qtype(qtype)
     if data.dtype != torch.uint8:
         raise ValueError(f"quantized data must be uint8, got {data.dtype}")
