@@ -63,7 +63,7 @@ def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: fl
     """Canonical weights of `cfg` on `device`: matrices quantized per `qtype_of(name, shape)`, vectors
     fp32. zipf > 0 skews the routing: the selection bias favours experts by Zipf(s=zipf) popularity.
     expert_device="cpu" builds the routed experts in host memory (offloading benchmarks)."""
-    from kimi_local.quant.recipe import canonical_shapes, is_f32_tensor
+    from kimi_local.quant.recipe import canonical_shapes, stored_f32
 
     gen = torch.Generator(device=device).manual_seed(seed)
     randn = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
@@ -79,7 +79,7 @@ def synthetic_weights(cfg: KimiConfig, qtype_of, device, seed: int = 0, zipf: fl
             w[name] = b
         elif "norm" in name:
             w[name] = torch.ones(s, device=device)
-        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")) or is_f32_tensor(name):
+        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")) or stored_f32(name):
             w[name] = 0.05 * randn(*s) if "conv1d" not in name else 0.5 * randn(*s)
         else:
             qt = qtype_of(name, s)

@@ -38,8 +38,9 @@ def apply_vram_budget(device, nbytes: int) -> None:
     total = torch.cuda.get_device_properties(device).total_memory
     if nbytes > total:
         raise ModelError(f"--vram {nbytes / 2**30:.1f} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(nbytes / total, device)
-    _VRAM_BUDGET[torch.device(device).index or 0] = nbytes
+    index = torch.device(device).index or 0
+    torch.cuda.set_per_process_memory_fraction(nbytes / total, index)
+    _VRAM_BUDGET[index] = nbytes
 
 
 def _is_q(w) -> bool:

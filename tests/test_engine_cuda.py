@@ -126,6 +126,6 @@ def test_vram_budget_is_enforced():
         with pytest.raises(torch.cuda.OutOfMemoryError):
             torch.empty(3 << 30, dtype=torch.uint8, device=dev)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
         _VRAM_BUDGET.clear()
     assert total > budget
