@@ -342,7 +342,9 @@ def test_norms_real_shapes(T):
     r_in = r.clone()
     out = norm.rms_norm(x, w, 1e-5, residual=r_in)
     assert torch.equal(r_in, x + r)
-    assert _ulp_ok(out, naive.rms_norm(x + r, w, 1e-5), 1)
+    # the sum of squares reduces in another order than torch's, which can flip the bf16 rounding of
+    # the normalised value; times w (rounded again) that is at most 2 ulps (seen on an H100 at T=4096)
+    assert _ulp_ok(out, naive.rms_norm(x + r, w, 1e-5), 2)
     o = torch.randn(T, H, V, generator=gen).cuda()
     z = torch.randn(T, H, V, generator=gen).to(torch.bfloat16).cuda()
     wv = (torch.rand(V, generator=gen) + 0.5).cuda()
