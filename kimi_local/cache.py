@@ -17,16 +17,20 @@ class ContextOverflow(Exception):
 
 class KimiCache:
     def __init__(self, cfg: KimiConfig, device="cpu", dtype=torch.float32, max_ctx: int | None = None,
-                 preallocate: bool = False):
+                 preallocate: bool = False, kv_dtype: torch.dtype | None = None):
         """max_ctx: hard limit (default: the model's). preallocate: allocate the MLA cache for max_ctx
-        up front (GPU path, stable addresses for CUDA graphs); otherwise it grows by doubling."""
+        up front (GPU path, stable addresses for CUDA graphs); otherwise it grows by doubling.
+        kv_dtype: dtype of the MLA latent cache (default: dtype; float8_e4m3fn adds per-row scales)."""
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
         self.max_ctx = max_ctx or cfg.model_max_length
         H, K, P, W = cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_dim, cfg.conv_size
         self.kda_state = {i: torch.zeros(H, K, K, dtype=torch.float32, device=self.device) for i in cfg.kda_layer_ids}
         self.conv = {i: torch.zeros(3, P, W - 1, dtype=dtype, device=self.device) for i in cfg.kda_layer_ids}
         cap = self.max_ctx if preallocate else min(self.max_ctx, 256)
-        self.latent = {i: torch.zeros(cap, cfg.latent_dim, dtype=dtype, device=self.device) for i in cfg.mla_layer_ids}
+        kv = kv_dtype or dtype
+        self.latent = {i: torch.zeros(cap, cfg.latent_dim, dtype=kv, device=self.device) for i in cfg.mla_layer_ids}
+        if kv == torch.float8_e4m3fn:  # row = stored * scale (see kernels/mla.py)
+            self.latent_scale = {i: torch.ones(cap, dtype=torch.float32, device=self.device) for i in self.latent}
         self.pos = 0
         self.tokens: list[int] = []
 

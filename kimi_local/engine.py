@@ -205,11 +205,7 @@ class GpuKimi(KimiLinear):
                 raise ModelError(f"only {max_ctx} tokens of context fit in the GPU memory left after the weights; "
                                  "use a smaller recipe (kimi-local convert --recipe Q3_K_M / --fit), "
                                  "--kv-cache fp8, or --vram with expert offloading")
-        c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True)
-        if self.kv_dtype == torch.float8_e4m3fn:
-            for i in c.latent:
-                c.latent[i] = torch.zeros(c.max_ctx, self.cfg.latent_dim, dtype=self.kv_dtype, device=self.device)
-            c.latent_scale = {i: torch.ones(c.max_ctx, dtype=torch.float32, device=self.device) for i in c.latent}
+        c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True, kv_dtype=self.kv_dtype)
         c.pos_dev = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos, read by graph replays
         c.len_dev = torch.ones(1, dtype=torch.int32, device=self.device)  # pos + 1
         return c
