@@ -102,11 +102,14 @@ class Stats:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
-def prefill(model, cache, ids: list[int], chunk: int = 2048,
+def prefill(model, cache, ids: list[int], chunk: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
-    """Feed ids through the model in chunks; returns the last position's logits [1, vocab]."""
+    """Feed ids through the model in chunks; returns the last position's logits [1, vocab].
+    chunk None: the model's `prefill_chunk` (the engine: 4096, the fastest measured on an H200, 1.4x
+    2048's speed; the CPU reference: 2048)."""
     if not ids:
         return None
+    chunk = chunk or getattr(model, "prefill_chunk", 2048)
     cache.check_room(len(ids))
     t = torch.tensor(ids, dtype=torch.int64)
     logits = None
@@ -124,7 +127,7 @@ def _sync(device) -> None:
 
 
 def generate(model, cache, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-             stop_ids: set[int] = frozenset(), stats: Stats | None = None, chunk: int = 2048,
+             stop_ids: set[int] = frozenset(), stats: Stats | None = None, chunk: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
     """Prefill prompt_ids (the new tokens only: earlier turns are in the cache), then yield sampled
     token ids one by one. Each token is fed to the cache before it is yielded, the stop token too,
