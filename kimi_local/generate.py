@@ -7,7 +7,7 @@ callback); `sample(logits, params, gen, history)` picks the next token on the lo
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -91,7 +91,6 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def prefill_tps(self) -> float:

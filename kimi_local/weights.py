@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from kimi_local.config import KimiConfig, ModelError
-from kimi_local.quant.hf_names import canonical_plan, hf_shapes
+from kimi_local.quant.hf_names import canonical_plan, hf_shapes, iter_canonical
 
 _ST_DTYPES = {"BF16", "F16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 
@@ -94,8 +94,7 @@ class HFCheckpoint:
         return f.get_tensor(name)
 
     def iter_canonical(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, srcs, fn in canonical_plan(self.cfg):
-            yield name, fn([self.get(s) for s in srcs])
+        return iter_canonical(self.cfg, self.get)
 
     def canonical_names(self) -> list[str]:
         return [n for n, _, _ in canonical_plan(self.cfg)]
