@@ -206,3 +206,64 @@ def moe_ref(x, topk_ids, topk_w, gate_w, up_w, down_w, shared=None):
         sg, su, sd = (w.float() for w in shared)
         out += (F.silu(x @ sg.t()) * (x @ su.t())) @ sd.t()
     return out[0] if squeeze else out
+
+
+def resolve_experts(t, ids: torch.Tensor, prefetch: bool = False) -> torch.Tensor:
+    """Reference of kernels/expert_cache.resolve on a LayerTables `t` (updated in place, same fields):
+    hits keep their slot; each miss, in id order, takes the slot with the lowest victim key (empty
+    slot = -inf, a slot holding an id of this call = +inf, else its expert's score; ties: lowest slot).
+    Demand: scores decay and add uses (LFU) or take the clock (LRU), counts and stats update."""
+    ids = [int(e) for e in ids.tolist()]
+    n = len(ids)
+    res = [int(t.expert_slot[e]) for e in ids]
+    key = torch.where(t.slot_expert < 0, torch.tensor(-math.inf),
+                      t.score[t.slot_expert.clamp(min=0).long()]).float()
+    for s in res:
+        if s >= 0:
+            key[s] = math.inf
+    slots, miss = (t.pf_slots, t.pf_miss) if prefetch else (t.slots, t.miss)
+    miss.fill_(-1)
+    pf_hits = sum(int(t.flag[s]) for s in res if s >= 0)
+    for j, (e, s) in enumerate(zip(ids, res)):
+        if s >= 0:
+            slots[j] = s
+            continue
+        v = int(torch.argmin(key))
+        if key[v] == math.inf:
+            slots[j] = -1
+            continue
+        old = int(t.slot_expert[v])
+        if old >= 0:
+            t.expert_slot[old] = -1
+        t.expert_slot[e], t.slot_expert[v] = v, e
+        key[v] = math.inf
+        miss[0, j], miss[1, j], slots[j] = e, v, v
+    n_miss = int((miss[1] >= 0).sum())
+    st = t.stats
+    if prefetch:
+        t.guess.fill_(-1)
+        t.guess[:n] = torch.tensor(ids, dtype=t.guess.dtype)
+        t.flag[miss[1][miss[1] >= 0].long()] = 1
+        st[4] += n_miss
+        st[6] += n
+        return slots[:n]
+    guess = {int(g) for g in t.guess.tolist() if g >= 0}
+    t.guess.fill_(-1)
+    t.flag.zero_()
+    used = torch.zeros_like(t.score)
+    used[torch.tensor(ids, dtype=torch.long)] = 1.0
+    if t.lru:
+        t.score.copy_(torch.where(used > 0, t.clock.expand_as(t.score), t.score))
+    else:
+        t.score.copy_(t.score * t.decay + used)
+    t.clock += 1
+    t.counts += used
+    st[0] += 1
+    st[1] += n
+    st[2] += sum(s >= 0 for s in res)
+    st[3] += n_miss
+    st[5] += pf_hits
+    if guess:
+        st[7] += len(guess & set(ids))
+        st[8] += n
+    return slots[:n]

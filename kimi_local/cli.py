@@ -381,6 +381,7 @@ def bench(
     offload: bool = typer.Option(True, "--offload/--no-offload", help="With --vram: keep routed experts in host RAM with a GPU expert cache."),
     policy: str = typer.Option("lfu", "--expert-policy", help="With --vram: expert cache eviction, lfu or lru."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --vram: prefetch the next layer's experts."),
+    expert_loader: str = typer.Option("device", "--expert-loader", help="With --vram: where cache decisions run: device (inside the decode graph) or host (one sync per MoE layer)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Decode tok/s at several depths, prefill tok/s, peak VRAM, GB/s and % of the HBM roofline.
@@ -418,10 +419,12 @@ def bench(
                 from kimi_local.offload import apply_offload
 
                 apply_offload(net, _vram_budget(vram), max(_ints(contexts) + _ints(prompts)) + decode_tokens + 8,
-                              policy, kv_bytes_per_value=1 if kv_cache == "fp8" else 2, prefetch=prefetch)
+                              policy, kv_bytes_per_value=1 if kv_cache == "fp8" else 2, prefetch=prefetch,
+                              loader=expert_loader)
         except (ModelError, torch.cuda.OutOfMemoryError) as e:
             fail(f"the synthetic {recipe} model does not fit: {e}")
         del w
+        torch.cuda.empty_cache()  # hand back what building and repacking freed (see apply_vram_budget)
         label = f"synthetic {recipe}" + (f" zipf={zipf}" if zipf else "") + (f" offload {policy}" if store else "")
     else:
         import kimi_local

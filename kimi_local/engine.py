@@ -382,14 +382,20 @@ class DecodeGraph:
         self._load_state(saved)
 
     def _save_state(self):
+        """What the warm-up steps must not change: recurrent state, conv tails, and the expert
+        loader's statistics counters (`device_counters`, when experts are offloaded)."""
         c = self.cache
-        return {i: t.clone() for i, t in c.kda_state.items()}, {i: t.clone() for i, t in c.conv.items()}
+        counters = getattr(self.net.experts, "device_counters", lambda: [])()
+        return ({i: t.clone() for i, t in c.kda_state.items()}, {i: t.clone() for i, t in c.conv.items()},
+                [(t, t.clone()) for t in counters])
 
     def _load_state(self, saved):
         for i, t in saved[0].items():
             self.cache.kda_state[i].copy_(t)
         for i, t in saved[1].items():
             self.cache.conv[i].copy_(t)
+        for t, v in saved[2]:
+            t.copy_(v)
 
     def _set_pos(self):
         self.cache.pos_dev.fill_(self.cache.pos)

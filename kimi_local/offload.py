@@ -377,17 +377,26 @@ class ExpertStats:
     stall_s: float = 0.0  # time compute waited for copies
     counts: dict = field(default_factory=dict)  # layer -> [E] float64 routing counts (profile)
     _pending: list = field(default_factory=list, repr=False)  # CUDA timing events to resolve
+    _device: object = field(default=None, repr=False)  # callable folding GPU-side counters in (device loader)
+
+    def collect(self) -> None:
+        """Fold in the counters the GPU-side loader keeps on the device (one transfer)."""
+        if self._device is not None:
+            self._device(self)
 
     @property
     def hit_rate(self) -> float:
+        self.collect()
         return self.hits / self.lookups if self.lookups else 1.0
 
     @property
     def prefetch_precision(self) -> float:
+        self.collect()
         return self.guess_right / self.guessed if self.guessed else 0.0
 
     @property
     def prefetch_recall(self) -> float:
+        self.collect()
         return self.guess_right / self.guess_needed if self.guess_needed else 0.0
 
     @property
@@ -402,6 +411,7 @@ class ExpertStats:
 
     @property
     def bytes_per_token(self) -> float:
+        self.collect()
         return self.h2d_bytes / self.tokens if self.tokens else 0.0
 
     def resolve(self, wait: bool = False) -> None:
@@ -421,6 +431,7 @@ class ExpertStats:
         self._pending = keep
 
     def as_dict(self) -> dict:
+        self.collect()
         return {"policy": self.policy, "hit_rate": round(self.hit_rate, 4), "tokens": self.tokens,
                 "lookups": self.lookups, "misses": self.misses, "prefetched": self.prefetched,
                 "prefetch_hits": self.prefetch_hits, "prefetch_precision": round(self.prefetch_precision, 4),
@@ -429,14 +440,17 @@ class ExpertStats:
                 "stall_ms_per_token": round(self.stall_ms_per_token, 4), "staged_steps": self.staged_steps}
 
     def summary(self) -> str:
+        self.collect()
         s = sorted(self.slots.values()) or [0]
         per = f"{s[0]}" if s[0] == s[-1] else f"{s[0]}-{s[-1]}"
         pf = (f", prefetch precision {self.prefetch_precision:.0%} recall {self.prefetch_recall:.0%}"
               if self.guessed else "")
         return (f"experts: {per}/{self.num_experts} slots per layer ({self.policy}), hit rate {self.hit_rate:.1%} "
                 f"({self.misses} misses, {self.prefetched} prefetched{pf}); moved {self.h2d_bytes / 1e6:,.1f} MB "
-                f"({self.bytes_per_token / 1e6:,.2f} MB/token) at {self.h2d_gbps:,.2f} GB/s, "
-                f"stall {self.stall_ms_per_token:,.3f} ms/token")
+                f"({self.bytes_per_token / 1e6:,.2f} MB/token)"
+                + (f" at {self.h2d_gbps:,.2f} GB/s, stall {self.stall_ms_per_token:,.3f} ms/token"
+                   if self.h2d_s or self._device is None else
+                   " (copies inside the decode graph: not timed separately)"))
 
 
 # ---- host store --------------------------------------------------------------------------------
@@ -589,7 +603,8 @@ class OffloadedExperts:
 
     def __init__(self, cfg: KimiConfig, weights: dict, store: "HostStore", placement: Placement, device,
                  policy: str = DEFAULT_POLICY, prefetch: bool = True,
-                 profile: dict[int, torch.Tensor] | None = None, qtypes: dict | None = None):
+                 profile: dict[int, torch.Tensor] | None = None, qtypes: dict | None = None,
+                 on_device: bool = False):
         self.cfg, self.w, self.placement = cfg, weights, placement
         self.device = torch.device(device)
         self.E, self.k = cfg.num_experts, cfg.num_experts_per_token
@@ -613,6 +628,9 @@ class OffloadedExperts:
         self._now = 0
         self._norm_ratio = {L: self._ratio(L, n) for L, n in self.next_layer.items()}
         self._fill_initial(profile)
+        self.on_device = on_device
+        if on_device:
+            self._init_device_tables()
 
     # ---- construction ------------------------------------------------------------------------
     def _make_layer(self, L: int, S: int, policy: str, prior) -> _LayerCache:
@@ -675,9 +693,22 @@ class OffloadedExperts:
     @torch.no_grad()
     def prepare(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Make the experts in ids [T, k] resident in layer's pool (or the staging pool when the chunk
-        needs more than the pool holds); start the prefetch of the next layer. Returns slots [T, k]."""
-        self._mark_consumed(layer)
+        needs more than the pool holds); start the prefetch of the next layer. Returns slots [T, k].
+        With the tables on the device, one decode token (T = 1) never leaves the GPU (_prepare_device)."""
         nxt = self.next_layer.get(layer) if self.prefetch_enabled and h is not None else None
+        if self.on_device:
+            if ids.shape[0] == 1:
+                return self._prepare_device(layer, ids, h, nxt)
+            self._pull([layer] + ([nxt] if nxt is not None else []))
+            try:
+                return self._prepare_host(layer, ids, h, nxt)
+            finally:
+                self._push([layer] + ([nxt] if nxt is not None else []))
+        return self._prepare_host(layer, ids, h, nxt)
+
+    def _prepare_host(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None, nxt: int | None) -> torch.Tensor:
+        """Host-side decisions (one sync per layer): the CPU emulation, prefill chunks, --expert-loader host."""
+        self._mark_consumed(layer)
         guess = self._route_guess(layer, nxt, h) if nxt is not None else None
         ids_h, guess_h = self._to_host(ids, guess)  # the host sync the cache decisions need
         T = ids.shape[0]
@@ -693,7 +724,10 @@ class OffloadedExperts:
             slot_of = self._demand(layer, uniq)
         else:
             slot_of = self._stage(layer, uniq)
-        c.policy.touch(uniq, counts.double(), self._now)
+        if self.on_device:
+            self._touch_device(layer, uniq, counts, T)
+        else:
+            c.policy.touch(uniq, counts.double(), self._now)
         slots = slot_of[ids_h].to(self.device, non_blocking=True)
         if guess_h is not None:
             self._prefetch(nxt, guess_h)
@@ -824,6 +858,120 @@ class OffloadedExperts:
         st.prefetched += len(miss)
         c.inflight = True
 
+    # ---- tables on the device (decode inside the CUDA graph) -------------------------------------
+    def _init_device_tables(self) -> None:
+        """Move the cache tables to the device (kernels/expert_cache.py) after the initial fill; the
+        host copies become a mirror that prefill chunks pull and push around their host-side work."""
+        from kimi_local.kernels.expert_cache import STAT, LayerTables
+
+        n = len(self.layers)
+        self._dev_stats = torch.zeros(n, len(STAT), dtype=torch.int64, device=self.device)
+        self._dev_counts = torch.zeros(n, self.E, dtype=torch.float32, device=self.device)
+        self.tables = {}
+        for j, L in enumerate(self.layers):
+            c = self.cache[L]
+            t = LayerTables(c.S, self.E, self.k, self.device, self.policy_name)
+            t.stats, t.counts = self._dev_stats[j], self._dev_counts[j]
+            self.tables[L] = t
+        self._pf_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pf_pending: set[int] = set()  # layers whose decode prefetch copies run on _pf_stream
+        self._host_pending: set[int] = set()  # layers whose prefill prefetch copies run on the copier stream
+        self._push(self.layers, scores=True)
+        self.stats._device = self._collect_device
+
+    def device_counters(self) -> list[torch.Tensor]:
+        """Tensors a CUDA-graph warm-up must restore so that it does not count as traffic."""
+        return [self._dev_stats, self._dev_counts] if self.on_device else []
+
+    def _pull(self, layers) -> None:
+        """Device tables -> the host mirror (a sync; prefill only)."""
+        for L in layers:
+            c, t = self.cache[L], self.tables[L]
+            c.expert_slot = t.expert_slot.long().cpu()
+            c.slot_expert = t.slot_expert.long().cpu()
+            c.from_prefetch = t.flag.bool().cpu()
+            c.policy.score = t.score.double().cpu()
+            c.inflight = False
+        if self._pf_stream is not None and self._pf_pending:  # decode prefetches still copying
+            torch.cuda.current_stream(self.device).wait_stream(self._pf_stream)
+            self._pf_pending.clear()
+
+    def _push(self, layers, scores: bool = False) -> None:
+        """The host mirror -> device tables. Host-side prefetch copies may still run on the copier's
+        stream: the next device-side resolve of that layer waits for them (_host_pending)."""
+        for L in layers:
+            c, t = self.cache[L], self.tables[L]
+            if c.inflight:
+                self._host_pending.add(L)
+                c.inflight = False
+            t.expert_slot.copy_(c.expert_slot)
+            t.slot_expert.copy_(c.slot_expert)
+            t.flag.copy_(c.from_prefetch)
+            if scores:
+                t.score.copy_(c.policy.score)
+
+    def _touch_device(self, layer: int, uniq: torch.Tensor, counts: torch.Tensor, T: int) -> None:
+        """The device policy's update for a chunk of T tokens (the resolve kernel's, T steps at once)."""
+        t = self.tables[layer]
+        used = torch.zeros(self.E, dtype=torch.float32)
+        used[uniq] = counts.float()
+        used = used.to(self.device)
+        if t.lru:
+            t.score.copy_(torch.where(used > 0, t.clock + (T - 1), t.score))
+        else:
+            t.score.mul_(t.decay ** T).add_(used)
+        t.clock += T
+
+    def _prepare_device(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None, nxt: int | None):
+        """One decode token, no host sync: resolve hits/victims on the GPU, copy the misses (compute
+        stream: the MoE needs them now), then guess layer nxt's experts and start their copies on a
+        side stream that layer nxt's own resolve joins."""
+        from kimi_local.kernels.expert_cache import copy_misses, resolve
+
+        cuda = self._pf_stream is not None
+        cur = torch.cuda.current_stream(self.device) if cuda else None
+        if cuda and layer in self._pf_pending:
+            cur.wait_stream(self._pf_stream)
+            self._pf_pending.discard(layer)
+        if cuda and layer in self._host_pending:
+            cur.wait_stream(self.copier.stream)
+            self._host_pending.discard(layer)
+        self._staged_views.pop(layer, None)
+        t, c = self.tables[layer], self.cache[layer]
+        slots = resolve(t, ids.reshape(-1).to(torch.int32))
+        copy_misses(t.miss, self.store.raw[layer], c.pools)
+        if nxt is not None:
+            tn, cn = self.tables[nxt], self.cache[nxt]
+            resolve(tn, self._route_guess(layer, nxt, h).reshape(-1).to(torch.int32), prefetch=True)
+            if cuda:
+                self._pf_stream.wait_stream(cur)
+                with torch.cuda.stream(self._pf_stream):
+                    copy_misses(tn.pf_miss, self.store.raw[nxt], cn.pools)
+                self._pf_pending.add(nxt)
+            else:
+                copy_misses(tn.pf_miss, self.store.raw[nxt], cn.pools)
+        return slots.view(1, -1)
+
+    def _collect_device(self, st: "ExpertStats") -> None:
+        d = self._dev_stats.to("cpu", copy=True)
+        counts = self._dev_counts.to("cpu", copy=True)
+        if not bool(d.any()):
+            return
+        self._dev_stats.zero_()
+        self._dev_counts.zero_()
+        st.tokens += int(d[0, 0])
+        st.lookups += int(d[:, 1].sum())
+        st.hits += int(d[:, 2].sum())
+        st.misses += int(d[:, 3].sum())
+        st.prefetched += int(d[:, 4].sum())
+        st.prefetch_hits += int(d[:, 5].sum())
+        st.guessed += int(d[:, 6].sum())
+        st.guess_right += int(d[:, 7].sum())
+        st.guess_needed += int(d[:, 8].sum())
+        for j, L in enumerate(self.layers):
+            st.h2d_bytes += int(d[j, 3] + d[j, 4]) * self.store.expert_bytes[L]
+            st.counts[L] += counts[j].double()
+
     # ---- profile --------------------------------------------------------------------------------
     def save_profile(self, path: Path, base: dict[int, torch.Tensor] | None = None) -> None:
         """Routing counts of this run (plus `base`, e.g. the profile it started from) as JSON."""
@@ -861,11 +1009,19 @@ def miss_costs(store: HostStore, layer: int, device, reps: int = 3) -> dict:
 
 
 # ---- entry point -------------------------------------------------------------------------------
+LOADERS = ("device", "host")
+
+
 def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT_POLICY,
                   profile: Path | None = None, kv_bytes_per_value: float = 2.0,
-                  prefetch: bool = True) -> OffloadedExperts:
+                  prefetch: bool = True, loader: str = "device") -> OffloadedExperts:
     """Swap `local_model.net.experts` for an OffloadedExperts sized for `vram` at `ctx` tokens and set
-    `net.expert_stats`. Works on CPU too (an emulated budget through the same slot machinery)."""
+    `net.expert_stats`. Works on CPU too (an emulated budget through the same slot machinery).
+    loader="device": the engine's decode steps decide hits and copy misses on the GPU, inside the
+    decode graph (needs the GPU engine and a pinned host store; otherwise falls back to "host");
+    "host": decisions on the host, one sync per MoE layer, no decode graph."""
+    if loader not in LOADERS:
+        raise ModelError(f"unknown --expert-loader {loader!r} (choose from {', '.join(LOADERS)})")
     net = local_model.net if hasattr(local_model, "net") else local_model
     cfg = net.cfg
     ctx = ctx or cfg.model_max_length
@@ -874,10 +1030,18 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
     prof = load_profile(profile, cfg) if profile else None
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
     source = net.experts
-    expert_bytes = {L: sum(_nbytes(_raw(b)[0]) for b in source.pools(L)) for L in layers}
-    place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
-    qtypes = {L: source.qtypes(L) for L in layers} if hasattr(source, "qtypes") else None
-    store = HostStore(source, layers, pin=net.device.type == "cuda")
+    if isinstance(source, OffloadedExperts):  # re-planned (another budget, policy or loader): same host store
+        store, qtypes = source.store, source._qtypes
+        expert_bytes = dict(store.expert_bytes)
+        net.experts = source = None
+        if net.device.type == "cuda":
+            torch.cuda.empty_cache()
+        place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
+    else:
+        expert_bytes = {L: sum(_nbytes(_raw(b)[0]) for b in source.pools(L)) for L in layers}
+        place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
+        qtypes = {L: source.qtypes(L) for L in layers} if hasattr(source, "qtypes") else None
+        store = HostStore(source, layers, pin=net.device.type == "cuda")
     net.experts = source = None  # drop the device copies (if any) before the pools are allocated
     for L in layers:  # the model's own references to the full stacks now point at the host store
         for p, raw, like in zip(PROJ, store.raw[L], store.like[L]):
@@ -887,9 +1051,16 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
         store.like[L] = tuple(_wrap(like, raw) for like, raw in zip(store.like[L], store.raw[L]))
     if net.device.type == "cuda":
         torch.cuda.empty_cache()
-    off = OffloadedExperts(cfg, net.w, store, place, net.device, policy, prefetch, prof, qtypes)
+    on_device = (loader == "device" and qtypes is not None and hasattr(net, "use_graph")
+                 and all(len(store.raw[L]) == 3 and all(r.is_pinned() or net.device.type == "cpu" for r in store.raw[L])
+                         for L in layers))
+    off = OffloadedExperts(cfg, net.w, store, place, net.device, policy, prefetch, prof, qtypes, on_device=on_device)
     net.experts = off
     net.expert_stats = off.stats
     if hasattr(net, "use_graph"):
-        net.use_graph = False  # cache decisions happen on the host between layers: no whole-step graph
+        net._graph_wanted = getattr(net, "_graph_wanted", net.use_graph)
+        # host-side decisions sync between layers: no whole-step graph then
+        net.use_graph = net._graph_wanted and on_device
+    if hasattr(net, "_graphs"):
+        net._graphs.clear()  # graphs captured with the previous experts' pools
     return off

@@ -1,387 +1,212 @@
-"""Expert offloading benchmark on a synthetic full-size Kimi-Linear MoE (real shapes, random bytes).
+"""Expert offloading benchmark: the real engine (GpuKimi) on the synthetic full-size model, one process.
 
-Every routed expert (26 layers x 256, Q4_K gate/up + Q6_K down by default) lives in pinned host memory;
-the GPU holds the slot pools that a --vram budget leaves (kimi_local.offload.plan_placement). Per token
-and layer: a stand-in for the non-expert work (a bf16 GEMV over the layer's share of the resident
-weights), the router, then the fused MoE kernel (kernels.moe.moe_decode / moe_prefill when importable,
-else a torch stand-in reading the same bytes). Routing: `uniform` (random router) and `zipf` (the router's
-selection bias calibrated so expert e of a random ranking is chosen with p ~ 1/rank^s); the hidden state
-drifts between layers by --drift (relative noise), which sets how well the next layer's router guesses.
+The model is built once (`kimi_local.bench.synthetic_weights`, routed experts in pinned host memory);
+then, under each routing (uniform; Zipf(s) popularity through the routers' selection bias), it decodes
+and prefills in each mode:
+  (a) resident  every expert on the GPU (no budget: the speed ceiling)
+  (b) naive     --vram budget, load-on-miss: decisions on the host (one sync per MoE layer), LRU,
+                no prefetch, the compute waits for each miss's copy, no decode graph
+  (c) loader    --vram budget, kimi-local's loader: hit / victim decisions and miss copies on the GPU
+                inside the decode CUDA graph (kernels/expert_cache.py), next-layer router prefetch on a
+                side stream, decayed LFU
+  (host)        optional: the same loader with host-side decisions (the previous design)
+Reports decode tok/s, prefill tok/s, hit rate, prefetch precision / recall, MB moved per token, the
+host->device bandwidth (cudaMemcpy from pinned memory, and the zero-copy kernel that (c) uses), the
+bound that hit rate and bandwidth allow, and the decode speed predicted at a PCIe 4.0 card's 25 GB/s.
 
-Modes, same budget and trace:
-  (a) resident  all experts on the GPU (no budget; the speed ceiling)
-  (b) naive     load-on-miss: LRU, synchronous copies on the compute stream, no prefetch, no overlap
-  (c) loader    kimi_local.offload.OffloadedExperts: side-stream copies, router prefetch, decayed LFU
-
-    python scripts/bench_offload.py --vram 24GB --ctx 131072 --tokens 64 --prefill 8192
-Prints a table last; writes bench_offload.json to $OUT when set.
+    python scripts/bench_offload.py --vram 24GB --recipe Q4_K_M --tokens 48 --prefill 8192
+Table printed last; JSON to $OUT/bench_offload.json when $OUT is set. ~4-6 minutes on an H100.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+from kimi_local import bench as B  # noqa: E402
+from kimi_local.api import build_net  # noqa: E402
+from kimi_local.config import KimiConfig  # noqa: E402
+from kimi_local.engine import GpuExperts, apply_vram_budget  # noqa: E402
+from kimi_local.offload import apply_offload, parse_size  # noqa: E402
+from kimi_local.quant.recipe import get_recipe  # noqa: E402
+
+MODES = {"naive": dict(loader="host", prefetch=False, policy="lru"),
+         "loader": dict(loader="device", prefetch=True, policy="lfu"),
+         "host": dict(loader="host", prefetch=True, policy="lfu")}
 
 
-def _alias_source_dirs() -> None:
-    """Not pip-installed (the device machine): serve quant/ and kernels/ as kimi_local.quant / .kernels."""
-    import importlib
-
-    import kimi_local
-
-    for sub in ("quant", "kernels"):
-        try:
-            importlib.import_module(f"kimi_local.{sub}")
-        except ImportError:
-            mod = importlib.import_module(sub)
-            sys.modules[f"kimi_local.{sub}"] = mod
-            setattr(kimi_local, sub, mod)
+def memcpy_gbps(dev, nbytes=1 << 30) -> float:
+    a = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    b = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    b.copy_(a, non_blocking=True)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    b.copy_(a, non_blocking=True)
+    e.record()
+    e.synchronize()
+    return nbytes / (s.elapsed_time(e) / 1e3) / 1e9
 
 
-_alias_source_dirs()
+def zero_copy_gbps(store, L: int, dev, reps: int = 5) -> float:
+    """The loader's copy kernel moving 8 experts host -> slots (what one token's misses cost)."""
+    from kimi_local.kernels.expert_cache import copy_misses
 
-from kimi_local.config import KimiConfig, tiny_config  # noqa: E402
-from kimi_local.offload import HostStore, OffloadedExperts, parse_size, plan_placement, vram_for_slots  # noqa: E402
-
-try:
-    from kimi_local.kernels.moe import moe_decode, moe_prefill
-    from kimi_local.kernels.quant_matmul import packed_row_bytes
-    HAVE_KERNELS = True
-except Exception as e:  # noqa: BLE001  (no triton, no kernels: torch stand-in)
-    print(f"kernels.moe not importable ({e}); using a torch stand-in for the MoE compute", flush=True)
-    HAVE_KERNELS = False
-    from kimi_local.quant.formats import row_nbytes as packed_row_bytes  # noqa: E402
-
-REST_BYTES = 2_012_259_200 * 17 // 16  # non-expert weights at ~Q8_0 (spec 7.1)
-NON_EXPERT_ACTIVE = 1_257_284_480  # non-expert params touched per token (excl. embedding, lm_head)
-
-
-# ---- synthetic model -----------------------------------------------------------------------------
-class SyntheticExperts:
-    """Pinned host stacks per MoE layer: gate/up uint8 [E, F, row_bytes(D)], down [E, D, row_bytes(F)]."""
-
-    def __init__(self, cfg, layers, qtypes, pin: bool):
-        E, F, D = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        qg, qu, qd = qtypes
-        shapes = [(E, F, packed_row_bytes(qg, D)), (E, F, packed_row_bytes(qu, D)), (E, D, packed_row_bytes(qd, F))]
-        per_layer = sum(math.prod(s) for s in shapes)
-        t0 = time.perf_counter()
-        flat = torch.empty(per_layer * len(layers), dtype=torch.uint8, pin_memory=pin)
-        self._pools, off = {}, 0
-        for L in layers:
-            views = []
-            for s in shapes:
-                n = math.prod(s)
-                views.append(flat[off : off + n].view(s))
-                off += n
-            self._pools[L] = tuple(views)
-        self.qt = qtypes
-        self.host_bytes = flat.numel()
-        self.pin_s = time.perf_counter() - t0
-
-    def pools(self, L):
-        return self._pools[L]
-
-    def qtypes(self, L):
-        return self.qt
+    raw = store.raw[L]
+    pools = [torch.empty((8, *r.shape[1:]), dtype=r.dtype, device=dev) for r in raw]
+    miss = torch.stack([torch.arange(8, dtype=torch.int32) * 7, torch.arange(8, dtype=torch.int32)]).to(dev)
+    copy_misses(miss, raw, pools)
+    torch.cuda.synchronize()
+    t = []
+    for r in range(reps):
+        miss[0] = torch.arange(8, device=dev, dtype=torch.int32) * 7 + 1 + r
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        copy_misses(miss, raw, pools)
+        e.record()
+        e.synchronize()
+        t.append(s.elapsed_time(e) / 1e3)
+    ok = all(torch.equal(p[j].cpu(), r[int(miss[0, j])]) for p, r in zip(pools, raw) for j in range(8))
+    nbytes = 8 * store.expert_bytes[L]
+    return nbytes / sorted(t)[len(t) // 2] / 1e9 if ok else float("nan")
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def set_routing(net, cfg, zipf: float, seed: int = 1) -> None:
+    """Selection bias favouring experts by Zipf(zipf) popularity over a random order per layer (in place:
+    captured graphs read the same tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        b = net.w[f"blk.{i}.exp_probs_b.bias"]
+        rank = (torch.randperm(cfg.num_experts, generator=g) + 1).float()
+        b.copy_((-0.5 * zipf * torch.log(rank)) if zipf else torch.zeros_like(rank))
 
 
-def calibrate_bias(router: torch.Tensor, target: torch.Tensor, k: int, iters: int = 60) -> torch.Tensor:
-    """Selection bias [E] so that top-k(sigmoid(h W^T) + bias) picks expert e with frequency ~ target[e]."""
-    E, D = router.shape
-    h = torch.randn(8192, D, device=router.device)
-    s = torch.sigmoid(h @ router.t())
-    bias = torch.zeros(E, device=router.device)
-    for _ in range(iters):
-        ids = torch.topk(s + bias, k, dim=-1).indices
-        freq = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()
-        bias += 0.05 * (torch.log(target + 1e-6) - torch.log(freq + 1e-6))
-    return bias
+def snapshot(st) -> dict:
+    st.collect()
+    return {k: getattr(st, k) for k in ("tokens", "lookups", "hits", "misses", "prefetched", "guessed",
+                                        "guess_right", "guess_needed", "h2d_bytes")}
 
 
-def make_weights(cfg, layers, routing: str, zipf_s: float, device, g):
-    """Routers, selection biases and ffn norms of the MoE layers (what routing and prefetch read)."""
-    E, D, k = cfg.num_experts, cfg.hidden_size, cfg.num_experts_per_token
-    w = {}
-    p = torch.arange(1, E + 1, dtype=torch.float32, device=device) ** -zipf_s
-    for L in layers:
-        r = torch.randn(E, D, generator=g, device=device) / math.sqrt(D)
-        w[f"blk.{L}.ffn_gate_inp.weight"] = r
-        w[f"blk.{L}.ffn_norm.weight"] = torch.ones(D, device=device)
-        if routing == "zipf":
-            target = (p / p.sum())[torch.argsort(torch.rand(E, generator=g, device=device))]
-            w[f"blk.{L}.exp_probs_b.bias"] = calibrate_bias(r, target, k)
-        else:
-            w[f"blk.{L}.exp_probs_b.bias"] = torch.zeros(E, device=device)
-    return w
-
-
-def route(h, w, L, k):
-    """h [T, D] -> (ids [T, k] int64, weights [T, k] fp32), the model's sigmoid router."""
-    s = torch.sigmoid(h.float() @ w[f"blk.{L}.ffn_gate_inp.weight"].t())
-    ids = torch.topk(s + w[f"blk.{L}.exp_probs_b.bias"], k, dim=-1).indices
-    wts = torch.gather(s, 1, ids)
-    return ids, (wts / wts.sum(-1, keepdim=True)).float()
-
-
-# ---- expert holders for modes (a) and (b) ---------------------------------------------------------
-class Resident:
-    def __init__(self, src, layers, device):
-        self._p = {L: tuple(t.to(device) for t in src.pools(L)) for L in layers}
-        self.qt = src.qt
-
-    def pools(self, L):
-        return self._p[L]
-
-    def qtypes(self, L):
-        return self.qt
-
-    def prepare(self, L, ids, h=None):
-        return ids
-
-
-class Naive:
-    """Load-on-miss: LRU per layer, synchronous copies on the compute stream, no prefetch; a chunk that
-    needs more experts than the pool holds goes through a staging pool of E slots."""
-
-    def __init__(self, src, layers, slots, device):
-        self.src, self.qt, self.device = src, src.qt, device
-        E = src.pools(layers[0])[0].shape[0]
-        self.pool = {L: [torch.empty((slots[L], *t.shape[1:]), dtype=t.dtype, device=device) for t in src.pools(L)]
-                     for L in layers}
-        self.stage = [torch.empty((E, *t.shape[1:]), dtype=t.dtype, device=device) for t in src.pools(layers[0])]
-        self.where = {L: {} for L in layers}  # expert -> slot, in LRU order (dicts keep insertion order)
-        self.S = slots
-        self.cur = {}
-        self.hits = self.lookups = 0
-
-    def pools(self, L):
-        return self.cur[L]
-
-    def qtypes(self, L):
-        return self.qt
-
-    def prepare(self, L, ids, h=None):
-        need = torch.unique(ids.cpu()).tolist()
-        where, host = self.where[L], self.src.pools(L)
-        self.lookups += len(need)
-        self.hits += sum(e in where for e in need)
-        if len(need) > self.S[L]:
-            for j, e in enumerate(need):
-                for dst, src, pool in zip(self.stage, host, self.pool[L]):
-                    dst[j].copy_(pool[where[e]] if e in where else src[e])
-            self.cur[L] = self.stage
-            m = torch.full((host[0].shape[0],), -1, dtype=torch.int64)
-            m[need] = torch.arange(len(need))
-            return m[ids.cpu()].to(self.device)
-        keep = set(need)
-        for e in need:
-            if e in where:
-                where[e] = where.pop(e)  # most recent last
-                continue
-            if len(where) < self.S[L]:
-                s = len(where)
-            else:
-                old = next(x for x in where if x not in keep)
-                s = where.pop(old)
-            where[e] = s
-            for dst, src in zip(self.pool[L], host):
-                dst[s].copy_(src[e])  # pageable-sync semantics: the stream waits, nothing overlaps
-        self.cur[L] = self.pool[L]
-        slot_of = torch.full((host[0].shape[0],), -1, dtype=torch.int64)
-        for e, s in where.items():
-            slot_of[e] = s
-        return slot_of[ids.cpu()].to(self.device)
-
-
-# ---- one forward over the layers ------------------------------------------------------------------
-def moe_compute(experts, L, h, ids, wts, out):
-    slots = experts.prepare(L, ids, h)
-    pools = experts.pools(L)
-    qt = experts.qtypes(L)
-    if HAVE_KERNELS and h.is_cuda:
-        if h.shape[0] == 1:
-            moe_decode(h[0], slots[0].to(torch.int32), wts[0].contiguous(), *pools, qt, out[0])
-        else:
-            moe_prefill(h, slots.to(torch.int32), wts, *pools, qt, out)
-    else:  # read the selected blocks once (bandwidth stand-in)
-        sel = torch.unique(slots)
-        out.zero_()
-        for p in pools:
-            out[:, 0] += p.index_select(0, sel).float().mean()
-    return out
-
-
-def forward(cfg, experts, w, dense_w, x, drift, g):
-    """x [T, D]: every layer does the dense stand-in; MoE layers route on h and run the experts."""
-    k = cfg.num_experts_per_token
-    h = x
-    out = torch.empty_like(x)
-    for L in range(cfg.num_hidden_layers):
-        torch.matmul(h, dense_w.t())  # KDA/MLA projections + shared expert stand-in
-        if cfg.is_moe(L):
-            ids, wts = route(h, w, L, k)
-            moe_compute(experts, L, h, ids, wts, out)
-        h = h + drift * torch.randn(h.shape, generator=g, device=h.device, dtype=h.dtype)
-        h = h / h.float().pow(2).mean(-1, keepdim=True).sqrt().to(h.dtype)
-
-
-def run_mode(name, cfg, experts, w, dense_w, tokens, warmup, prefill, chunk, drift, seed, device):
-    D = cfg.hidden_size
-    g = torch.Generator(device=device).manual_seed(seed)
-    res = {"mode": name}
-    stats = getattr(experts, "stats", None)
-    for t in range(warmup + tokens):
-        if t == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-            if stats is not None:
-                stats.resolve(wait=True)
-                base = dict(stats.as_dict(), stall_s=stats.stall_s, h2d_s=stats.h2d_s)
-        forward(cfg, experts, w, dense_w, torch.randn(1, D, generator=g, device=device, dtype=torch.bfloat16),
-                drift, g)
-    sync(device)
-    dt = time.perf_counter() - t0
-    res["decode_tok_s"] = tokens / dt
-    res["decode_ms_per_token"] = 1e3 * dt / tokens
-    if stats is not None:
-        stats.resolve(wait=True)
-        d = stats.as_dict()
-        n_look = d["lookups"] - base["lookups"]
-        res["hit_rate"] = 1 - (d["misses"] - base["misses"]) / max(n_look, 1)
-        res["prefetch_recall"] = stats.prefetch_recall
-        res["prefetch_precision"] = stats.prefetch_precision
-        res["mb_per_token"] = (d["h2d_bytes"] - base["h2d_bytes"]) / tokens / 1e6
-        res["stall_ms_per_token"] = 1e3 * (stats.stall_s - base["stall_s"]) / tokens
-        res["copy_gbps"] = (d["h2d_bytes"] - base["h2d_bytes"]) / max(stats.h2d_s - base["h2d_s"], 1e-9) / 1e9
-    if isinstance(experts, Naive):
-        res["hit_rate"] = experts.hits / max(experts.lookups, 1)
-    if prefill:
-        x = torch.randn(prefill, D, generator=g, device=device, dtype=torch.bfloat16)
-        forward(cfg, experts, w, dense_w, x[:chunk], drift, g)  # autotune the prefill kernels untimed
-        sync(device)
-        t0 = time.perf_counter()
-        for s in range(0, prefill, chunk):
-            forward(cfg, experts, w, dense_w, x[s : s + chunk], drift, g)
-        sync(device)
-        res["prefill_tok_s"] = prefill / (time.perf_counter() - t0)
-    return res
-
-
-def h2d_gbps(device, nbytes=1 << 30) -> float:
-    if device.type != "cuda":
-        src, dst = torch.empty(nbytes >> 4, dtype=torch.uint8), torch.empty(nbytes >> 4, dtype=torch.uint8)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        return src.numel() / (time.perf_counter() - t0) / 1e9
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    s = torch.cuda.Stream(device)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(2):
-        with torch.cuda.stream(s):
-            a.record(s)
-            dst.copy_(src, non_blocking=True)
-            b.record(s)
-        b.synchronize()
-    return nbytes / (a.elapsed_time(b) / 1e3) / 1e9
+def run_mode(net, cfg, tokens: int, warmup: int, prefill_n: int, chunk: int, depth: int) -> dict:
+    cache = net.new_cache(max_ctx=max(depth, 1) + tokens + warmup + 8)
+    B.time_decode(net, cache, warmup, depth)  # fills the cache to depth, builds the graph, warms the expert cache
+    st = getattr(net, "expert_stats", None)
+    before = snapshot(st) if st else None
+    s = B.time_decode(net, cache, tokens, depth)
+    row = dict(decode_tok_s=round(1 / s, 2), decode_ms_per_token=round(1e3 * s, 3), graph=bool(net._graphs))
+    if st:
+        d = {k: v - before[k] for k, v in snapshot(st).items()}
+        row.update(hit_rate=round(d["hits"] / max(d["lookups"], 1), 4),
+                   prefetch_precision=round(d["guess_right"] / max(d["guessed"], 1), 4),
+                   prefetch_recall=round(d["guess_right"] / max(d["guess_needed"], 1), 4),
+                   misses_per_token=round(d["misses"] / max(d["tokens"], 1), 2),
+                   prefetched_per_token=round(d["prefetched"] / max(d["tokens"], 1), 2),
+                   mb_per_token=round(d["h2d_bytes"] / max(d["tokens"], 1) / 1e6, 2), tokens_counted=d["tokens"])
+    del cache
+    net._graphs.clear()
+    torch.cuda.empty_cache()
+    if prefill_n:
+        t = B.time_prefill(net, prefill_n, chunk, cfg.vocab_size)
+        row["prefill_tok_s"] = round(prefill_n / t, 1)
+    return row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vram", default="24GB")
-    ap.add_argument("--ctx", type=int, default=131072)
-    ap.add_argument("--down", default="Q6_K", help="down-projection type (Q4_K_M: Q6_K; pure Q4_K: Q4_K)")
+    ap.add_argument("--recipe", default="Q4_K_M")
+    ap.add_argument("--ctx", type=int, default=32768, help="context the budget reserves an MLA cache for")
+    ap.add_argument("--depth", type=int, default=4096, help="decode at this context depth")
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--warmup", type=int, default=16)
-    ap.add_argument("--prefill", type=int, default=8192, help="prompt tokens for the prefill measurement (0: skip)")
-    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=8192, help="prompt tokens for prefill (0: skip)")
+    ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--zipf", type=float, default=1.0)
-    ap.add_argument("--drift", type=float, default=0.35, help="relative hidden-state change between layers")
     ap.add_argument("--routing", default="uniform,zipf")
     ap.add_argument("--modes", default="resident,naive,loader")
     ap.add_argument("--pcie-gbps", type=float, default=25.0)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
     args = ap.parse_args()
-    if args.smoke:
-        dev, cfg = torch.device("cpu"), replace(tiny_config(), hidden_size=256, moe_intermediate_size=256,
-                                                 num_experts=16, num_experts_per_token=4)
-    elif torch.cuda.is_available():
-        dev, cfg = torch.device("cuda"), KimiConfig()
-    else:
-        sys.exit("bench_offload needs a CUDA GPU (or --smoke)")
+    if not torch.cuda.is_available():
+        sys.exit("bench_offload needs a CUDA GPU")
+    dev, cfg = torch.device("cuda"), KimiConfig()
+    t0 = time.perf_counter()
+    w = B.synthetic_weights(cfg, get_recipe(args.recipe).qtype, dev, expert_device="cpu")
+    net = build_net(cfg, w, dev, torch.bfloat16, expert_store="cpu")
+    del w
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
-    qtypes = ("Q4_K", "Q4_K", args.down)
-    g = torch.Generator(device=dev).manual_seed(0)
-    src = SyntheticExperts(cfg, layers, qtypes, pin=dev.type == "cuda")
-    expert_bytes = sum(t[0].numel() for t in src.pools(layers[0]))
-    rest = REST_BYTES if not args.smoke else 10**6
-    vram = parse_size(args.vram) if not args.smoke else vram_for_slots(cfg, args.ctx, rest, expert_bytes, 8)
-    place = plan_placement(cfg, vram, args.ctx, rest, expert_bytes)
-    bw = h2d_gbps(dev)
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)"
-    print(f"{name}: host->device {bw:.1f} GB/s (pinned, side stream); host store "
-          f"{src.host_bytes / 1e9:.1f} GB pinned in {src.pin_s:.1f} s; expert {expert_bytes:,} B; {place.describe()}",
-          flush=True)
-    dense_w = torch.randn(NON_EXPERT_ACTIVE // 27 // cfg.hidden_size // (1000 if args.smoke else 1), cfg.hidden_size,
-                          device=dev, dtype=torch.bfloat16)
-    rows = []
+    host_pools = {L: net.experts.pools(L) for L in layers}
+    qtypes = {L: net.experts.qtypes(L) for L in layers}
+    expert_bytes = sum(p[0].numel() * p.element_size() for p in host_pools[layers[0]])
+    print(f"built in {time.perf_counter() - t0:.0f} s; expert {expert_bytes:,} B", flush=True)
+    bw = memcpy_gbps(dev)
+    name = torch.cuda.get_device_name()
+    rows, zc = [], None
+    modes = args.modes.split(",")
     for routing in args.routing.split(","):
-        w = make_weights(cfg, layers, routing, args.zipf, dev, g)
-        for mode in args.modes.split(","):
+        set_routing(net, cfg, args.zipf if routing == "zipf" else 0.0)
+        for mode in modes:
             if mode == "resident":
-                ex = Resident(src, layers, dev)
-            elif mode == "naive":
-                ex = Naive(src, layers, place.slots, dev)
+                torch.cuda.set_per_process_memory_fraction(1.0)  # no budget
+                if not (isinstance(net.experts, GpuExperts) and net.experts.pools(layers[0])[0].is_cuda):
+                    net.experts = None
+                    net._graphs.clear()
+                    torch.cuda.empty_cache()
+                    net.experts = GpuExperts({L: (tuple(p.to(dev) for p in host_pools[L]), qtypes[L]) for L in layers})
+                    net.use_graph = True
+                    if hasattr(net, "expert_stats"):
+                        del net.expert_stats
             else:
-                store = HostStore(src, layers, pin=dev.type == "cuda")
-                ex = OffloadedExperts(cfg, w, store, place, dev, "lfu", True, None, {L: qtypes for L in layers})
-            r = run_mode(mode, cfg, ex, w, dense_w, args.tokens, args.warmup, args.prefill, args.chunk,
-                         args.drift, 1, dev)
-            r["routing"] = routing
+                if net.experts.pools(layers[0])[0].is_cuda and not hasattr(net.experts, "store"):
+                    net.experts = GpuExperts({L: (host_pools[L], qtypes[L]) for L in layers})  # drop the GPU copy
+                    net._graphs.clear()
+                    torch.cuda.empty_cache()
+                apply_vram_budget(dev, parse_size(args.vram))
+                o = MODES[mode]
+                off = apply_offload(net, parse_size(args.vram), args.ctx, o["policy"], prefetch=o["prefetch"],
+                                    loader=o["loader"])
+                if zc is None:
+                    zc = zero_copy_gbps(off.store, layers[0], dev)
+                    print(f"host->device: cudaMemcpy {bw:.1f} GB/s, zero-copy kernel {zc:.1f} GB/s; "
+                          f"{off.placement.describe()}", flush=True)
+            r = run_mode(net, cfg, args.tokens, args.warmup, args.prefill, args.chunk, args.depth)
+            r.update(routing=routing, mode=mode)
             rows.append(r)
             print(json.dumps(r), flush=True)
-            del ex
-            torch.cuda.empty_cache()
-    # predictions: the bound the hit rate and bandwidth allow, and the speed at a PCIe 4.0 card's 25 GB/s
-    for r in rows:
-        res = next(x for x in rows if x["routing"] == r["routing"] and x["mode"] == "resident")
-        if r["mode"] == "loader":
-            t_res = res["decode_ms_per_token"]
-            miss_ms = (1 - r["hit_rate"]) * len(layers) * cfg.num_experts_per_token * expert_bytes / bw / 1e6
-            r["bound_tok_s"] = 1e3 / max(t_res, miss_ms)
-            r["pct_of_bound"] = 100 * r["decode_tok_s"] / r["bound_tok_s"]
-            stall = r["stall_ms_per_token"]
-            r["pred_tok_s_at_pcie"] = 1e3 / (r["decode_ms_per_token"] - stall + stall * bw / args.pcie_gbps)
-    out = {"device": name, "h2d_gbps": bw, "expert_bytes": expert_bytes,
-           "slots": place.slots, "placement": place.describe(), "args": vars(args), "rows": rows}
+    for r in rows:  # bounds: what the hit rate and the bandwidth allow
+        res = next((x for x in rows if x["routing"] == r["routing"] and x["mode"] == "resident"), None)
+        if res is None or "mb_per_token" not in r:
+            continue
+        t_res = res["decode_ms_per_token"] / 1e3
+        moved = r["mb_per_token"] * 1e6
+        r["bound_tok_s"] = round(1 / max(t_res, moved / (zc * 1e9)), 1)
+        r["pct_of_bound"] = round(100 * r["decode_tok_s"] / r["bound_tok_s"], 1)
+        t = r["decode_ms_per_token"] / 1e3
+        r["pred_tok_s_at_pcie"] = round(1 / (t + moved * (1 / (args.pcie_gbps * 1e9) - 1 / (zc * 1e9))), 1)
+    for rt in args.routing.split(","):
+        b = next((x for x in rows if x["routing"] == rt and x["mode"] == "naive"), None)
+        c = next((x for x in rows if x["routing"] == rt and x["mode"] == "loader"), None)
+        if b and c:
+            c["x_naive"] = round(c["decode_tok_s"] / b["decode_tok_s"], 2)
+    out = {"device": name, "memcpy_h2d_gbps": round(bw, 1), "zero_copy_gbps": round(zc or 0, 1),
+           "expert_bytes": expert_bytes, "args": vars(args), "rows": rows}
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_offload.json").write_text(json.dumps(out, indent=2))
-    print(f"\n{out['device']}, host->device {bw:.1f} GB/s, {place.describe()}")
-    hdr = ("routing", "mode", "decode tok/s", "prefill tok/s", "hit", "recall", "MB/tok", "stall ms/tok",
-           "copy GB/s", "% bound", f"tok/s @{args.pcie_gbps:g}GB/s")
+    print(f"\n{name}: host->device cudaMemcpy {bw:.1f} GB/s, zero-copy kernel {zc or 0:.1f} GB/s; "
+          f"recipe {args.recipe}, --vram {args.vram}, ctx {args.ctx}, depth {args.depth}")
+    hdr = ("routing", "mode", "decode tok/s", "x naive", "prefill tok/s", "hit", "prec", "recall", "MB/tok",
+           "bound tok/s", "% bound", f"tok/s @{args.pcie_gbps:g}")
     print(" | ".join(f"{h:>12}" for h in hdr))
+    keys = ("routing", "mode", "decode_tok_s", "x_naive", "prefill_tok_s", "hit_rate", "prefetch_precision",
+            "prefetch_recall", "mb_per_token", "bound_tok_s", "pct_of_bound", "pred_tok_s_at_pcie")
     for r in rows:
-        f = lambda key, fmt: (fmt.format(r[key]) if key in r else "-")  # noqa: E731
-        print(" | ".join(f"{c:>12}" for c in (
-            r["routing"], r["mode"], f("decode_tok_s", "{:.1f}"), f("prefill_tok_s", "{:.0f}"),
-            f("hit_rate", "{:.3f}"), f("prefetch_recall", "{:.3f}"), f("mb_per_token", "{:.1f}"),
-            f("stall_ms_per_token", "{:.2f}"), f("copy_gbps", "{:.1f}"), f("pct_of_bound", "{:.0f}"),
-            f("pred_tok_s_at_pcie", "{:.1f}"))))
+        print(" | ".join(f"{str(r.get(k, '-')):>12}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,31 @@ def test_engine_with_offloaded_experts_equals_resident(tiny_dir):
     assert set(off.placement.slots.values()) == {k + 1}
     assert greedy(eng) == resident
     assert 0 < eng.expert_stats.hit_rate < 1
+
+
+def test_device_loader_tables_survive_prefill_chunks(tiny_dir):
+    """Device-side tables (decode) and the host mirror (prefill chunks, pulled and pushed around the
+    host-side work) stay one cache: after any mix of chunk and token steps, every slot the loader returns
+    holds the bytes of the expert asked for, and the statistics count both kinds of steps."""
+    from kimi_local.engine import GpuKimi
+    from kimi_local.offload import apply_offload, resident_bytes, vram_for_slots
+
+    ck = HFCheckpoint(tiny_dir)
+    cfg = ck.cfg
+    eng = GpuKimi(cfg, dict(load_dense(ck, "cpu", torch.float32)), "cpu", torch.bfloat16, use_graph=False)
+    k, E = cfg.num_experts_per_token, cfg.num_experts
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
+    expert_bytes = {L: sum(p[0].numel() * p.element_size() for p in eng.experts.pools(L)) for L in layers}
+    off = apply_offload(eng, vram_for_slots(cfg, 64, resident_bytes(eng.w), expert_bytes, k + 1), 64, "lru", None)
+    assert off.on_device
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, cfg.hidden_size, generator=g).to(torch.bfloat16)
+    for step, T in enumerate([3, 1, 1, 4, 1, 2, 1, 1]):
+        for L in layers:
+            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+            slots = off.prepare(L, ids, h[:T])
+            pools = off.pools(L)
+            for p, raw in zip(pools, off.store.raw[L]):
+                assert torch.equal(p[slots.long()], raw[ids.long()]), (step, L)
+    st = off.stats
+    assert st.lookups > 0 and 0 < st.hit_rate < 1 and st.misses > 0 and st.tokens == 3 + 1 + 1 + 4 + 1 + 2 + 1 + 1

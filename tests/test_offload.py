@@ -219,17 +219,21 @@ def test_run_with_vram_on_cpu(tiny_dir, tiny_model, tmp_path):
 
 # ---- the GPU (device suite) ------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_offloaded_generation_equals_resident_cuda(tiny_dir, prefetch):
-    """Side-stream copies, events, staging and prefetch on a real GPU: same greedy tokens."""
+@pytest.mark.parametrize("prefetch,loader,policy", [(True, "device", "lfu"), (False, "device", "lru"),
+                                                    (True, "host", "lfu"), (False, "host", "lru")])
+def test_offloaded_generation_equals_resident_cuda(tiny_dir, prefetch, loader, policy):
+    """Side-stream copies, events, staging and prefetch on a real GPU: same greedy tokens. The device
+    loader decodes from the CUDA graph (decisions + zero-copy miss copies inside it)."""
     import kimi_local
 
     ref = _greedy(kimi_local.load(tiny_dir, device="cuda").net)
     net = kimi_local.load(tiny_dir, device="cuda").net
     k = net.cfg.num_experts_per_token
-    off = apply_offload(net, _vram(net, k), 512, "lfu", None, prefetch=prefetch)
+    off = apply_offload(net, _vram(net, k), 512, policy, None, prefetch=prefetch, loader=loader)
     assert off.store.raw[1][0].is_pinned() and off.cache[1].pools[0].is_cuda
+    assert off.on_device == (loader == "device") and net.use_graph == (loader == "device")
     assert _greedy(net) == ref
+    assert bool(net._graphs) == (loader == "device")
     st = net.expert_stats
     assert st.misses > 0 and st.staged_steps > 0 and st.h2d_gbps > 0 and st.stall_ms_per_token >= 0
     assert st.h2d_bytes == (st.misses + st.prefetched) * off.store.expert_bytes[1]
