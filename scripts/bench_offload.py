@@ -99,6 +99,7 @@ def run_mode(net, cfg, tokens: int, warmup: int, prefill_n: int, chunk: int, dep
     B.time_decode(net, cache, warmup, depth)  # fills the cache to depth, builds the graph, warms the expert cache
     st = getattr(net, "expert_stats", None)
     before = snapshot(st) if st else None
+    cache.pos, cache.tokens = 0, []  # time_decode reserves from the current position
     s = B.time_decode(net, cache, tokens, depth)
     row = dict(decode_tok_s=round(1 / s, 2), decode_ms_per_token=round(1e3 * s, 3), graph=bool(net._graphs))
     if st:
