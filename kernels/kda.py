@@ -226,6 +226,202 @@ def kda_decode_step_v2_kernel(
             tl.atomic_xchg(ws_cnt + i_h, 0)
 
 
+try:  # programmatic dependent launch (sm_90+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = True
+except ImportError:  # older Triton: pdl=True is refused by the launcher, these stubs are never reached
+    _HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@triton.jit
+def _load_taps(t_ptr, w_ptr, ch, m, W: tl.constexpr):
+    """The tail side of one token's depthwise conv for channels ch, as 1D vectors in the layout their
+    consumer uses (no [C, W] tile to convert): old tail columns (t0, t1, t2) in the tail's dtype and fp32
+    weights (w0, w1, w2) for them, then wx = w[:, W-1] for the new input. Columns past W-2 repeat t0 / w0
+    (never used: the users branch on W). 2 <= W <= 4 (Kimi-Linear: 4)."""
+    p_t = t_ptr + ch * (W - 1)
+    p_w = w_ptr + ch * W
+    b_t0 = tl.load(p_t, mask=m, other=0)
+    b_w0 = tl.load(p_w, mask=m, other=0).to(tl.float32)
+    b_t1, b_w1, b_t2, b_w2 = b_t0, b_w0, b_t0, b_w0
+    if W > 2:
+        b_t1 = tl.load(p_t + 1, mask=m, other=0)
+        b_w1 = tl.load(p_w + 1, mask=m, other=0).to(tl.float32)
+    if W > 3:
+        b_t2 = tl.load(p_t + 2, mask=m, other=0)
+        b_w2 = tl.load(p_w + 2, mask=m, other=0).to(tl.float32)
+    b_wx = tl.load(p_w + (W - 1), mask=m, other=0).to(tl.float32)
+    return b_t0, b_t1, b_t2, b_w0, b_w1, b_w2, b_wx
+
+
+@triton.jit
+def _conv_silu(b_x, b_t0, b_t1, b_t2, b_w0, b_w1, b_w2, b_wx, W: tl.constexpr):
+    """SiLU(conv) [C] fp32 from _load_taps' registers and the new raw input b_x."""
+    b_y = b_x.to(tl.float32) * b_wx + b_t0.to(tl.float32) * b_w0
+    if W > 2:
+        b_y += b_t1.to(tl.float32) * b_w1
+    if W > 3:
+        b_y += b_t2.to(tl.float32) * b_w2
+    return b_y * tl.sigmoid(b_y)
+
+
+@triton.jit
+def _store_taps(t_ptr, b_x, b_t1, b_t2, ch, m, W: tl.constexpr):
+    """tail <- [old tail[1:], x] from registers (no second read of the old tail). Call only after every
+    reader of the old tail is done (a barrier in this program; the arrival counter across programs)."""
+    p_t = t_ptr + ch * (W - 1)
+    if W == 2:
+        tl.store(p_t, b_x.to(t_ptr.dtype.element_ty), mask=m)
+    if W == 3:
+        tl.store(p_t, b_t1, mask=m)
+        tl.store(p_t + 1, b_x.to(t_ptr.dtype.element_ty), mask=m)
+    if W == 4:
+        tl.store(p_t, b_t1, mask=m)
+        tl.store(p_t + 1, b_t2, mask=m)
+        tl.store(p_t + 2, b_x.to(t_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _add3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def kda_decode_step_v3_kernel(
+    q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+    ws_o, ws_cnt, scale, eps,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """kda_decode_step_kernel's contract (grid (NV, H), one program per (V block, head), K whole), rebuilt to
+    shorten the dependent chain that each program walks after its state block [BK, BV] arrives. v2 spends
+    most of its ~6.4 us (H200) in latency, not bytes: per program it moves only 2 * BK * BV * 4 B (16 KiB at
+    BV=16) but walks  state load -> conv -> L2-norm reductions -> S^T k reduction -> u -> S update -> S^T q
+    reduction -> ws_o store + fence + atomic -> (last block) z / norm_w / ws_o loads -> norm -> q/k tail
+    re-loads -> barrier -> stores. Each reduction over K ends in a cross-warp shared-memory round trip
+    with a barrier, and each global round trip after the arrival is L2/DRAM latency (0.3-0.8 us).
+    v3 cuts the chain:
+
+    1. Two independent reductions instead of four chained ones. The L2 norms are applied after them, using
+       S_new^T q^ = S_d^T q^ + (k^.q^) u and S_d^T k^ = rk S_d^T k (q^ = rq q, k^ = rk k, S_d = decayed S):
+       the column sums S_d^T k and S_d^T q are one tuple reduction, and sum q^2, sum k^2, q.k another,
+       independent of it. The state update S_d + (rk k) u^T is off the path to o.
+    2. Nothing is loaded after the arrival except the other blocks' o: z and norm_w of the whole head
+       (2 x 128 values) are loaded by every program at the start, beside the state, and the new conv
+       tails are stored from the registers the conv read (v2 re-reads the old tails, then barriers).
+    3. Optional programmatic dependent launch (PDL=True, launch_pdl): the state block, conv weights and
+       tails, A, dt_bias and norm_w (nothing the kernel right before this one writes) are requested
+       before griddepcontrol.wait, so the state's DRAM latency and this launch overlap the previous
+       kernel; the projections (q, k, v, f, beta, z) are read and everything is written after the wait.
+       The kernel then lets its own successor launch (it is past its wait, so a successor can only
+       overlap this kernel, never an older one).
+
+    Bytes are v2's (state read + written once: 2 MiB + 2 MiB per layer at H=32, K=V=128, plus ~70 KiB of
+    projections, taps and tails); the instruction count per state element stays ~4 FMA-class ops (decay,
+    two products into the reductions, the rank-1 update). The cross-block norm still costs the arrival
+    (fence + atomic) and one L2 read of the head's o (NV > 1); BV = V (NV = 1) has no arrival but only
+    H = 32 programs, each streaming 64 KiB (v2 measured that slower: per-SM bandwidth), the sweep decides.
+    Offline sm_90 compile (Triton 3.9, H=32, K=V=128, bf16 inputs), v2 -> v3 per program: BV=16 / 2 warps
+    1008 -> 880 SASS instructions, 71 -> 53 global loads, 2 -> 1 fences and atomics; BV=32 / 4 warps
+    784 -> 704, 34 -> 24 barriers. Still left: Triton loads the [BK] vectors (taps, q, k, decay) in their own
+    layout and converts each to the state tile's row slice through shared memory (3 conversions + v and o).
+    """
+    i_v, i_h = tl.program_id(0), tl.program_id(1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    ch_k = i_h * K + o_k
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    ch_v = i_h * V + o_v
+    o_f = tl.arange(0, BVF)  # the whole head's V, for the output norm
+    m_f = o_f < V
+
+    # ---- before the grid-dependency wait: data no recent kernel writes ----
+    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if EVEN:
+        b_s = tl.load(p_s)  # [BK, BV] fp32, 16-byte accesses
+    else:
+        b_s = tl.load(p_s, mask=m_s, other=0)
+    tq0, tq1, tq2, wq0, wq1, wq2, wqx = _load_taps(tq, wq, ch_k, m_k, W)  # [BK] each
+    tk0, tk1, tk2, wk0, wk1, wk2, wkx = _load_taps(tk, wk, ch_k, m_k, W)  # [BK] each
+    tv0, tv1, tv2, wv0, wv1, wv2, wvx = _load_taps(tv, wv, ch_v, m_v, W)  # [BV] each
+    b_dtb = tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
+    b_a = tl.load(a + i_h).to(tl.float32)
+    b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+    if PDL:
+        gdc_wait()  # the projections below come from the previous kernel; all writes come after this
+        gdc_launch_dependents()
+
+    # ---- projections (all loads issued together), conv + SiLU, gate ----
+    x_q = tl.load(q_raw + ch_k, mask=m_k, other=0)
+    x_k = tl.load(k_raw + ch_k, mask=m_k, other=0)
+    x_v = tl.load(v_raw + ch_v, mask=m_v, other=0)
+    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
+    b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
+    b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+    b_q = _conv_silu(x_q, tq0, tq1, tq2, wq0, wq1, wq2, wqx, W)
+    b_k = _conv_silu(x_k, tk0, tk1, tk2, wk0, wk1, wk2, wkx, W)
+    b_v = _conv_silu(x_v, tv0, tv1, tv2, wv0, wv1, wv2, wvx, W)
+    b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))  # softplus without overflow
+    b_sp = tl.where(b_f > 20.0, b_f, b_sp)
+    b_s = b_s * tl.exp(b_a * b_sp)[:, None]  # S_d: decay the key axis
+
+    # ---- the two independent reduction rounds over K ----
+    b_sk, b_sq = tl.reduce((b_s * b_k[:, None], b_s * b_q[:, None]), 0, _add2)  # [BV] S_d^T k, S_d^T q
+    b_qq, b_kk, b_qk = tl.reduce((b_q * b_q, b_k * b_k, b_q * b_k), 0, _add3)  # scalars
+    b_rq = tl.rsqrt(b_qq + 1e-6) * scale
+    b_rk = tl.rsqrt(b_kk + 1e-6)
+    b_u = b_beta * (b_v - b_rk * b_sk)  # [BV] beta * (v - S_d^T k^)
+    b_o = b_rq * (b_sq + (b_rk * b_qk) * b_u)  # [BV] S_new^T q^ (scale included)
+    b_s += (b_rk * b_k)[:, None] * b_u[None, :]  # S_new = S_d + k^ u^T
+
+    if NV == 1:
+        # whole head here (BV == BVF, so o_v == o_f): gated RMSNorm inline, no workspace
+        b_y = b_o * tl.rsqrt(tl.sum(b_o * b_o, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)  # masked columns are 0
+        tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
+        if EVEN:
+            tl.store(p_s, b_s)
+        else:
+            tl.store(p_s, b_s, mask=m_s)
+        tl.debug_barrier()  # every thread has read the old tails (replicated channels included)
+        _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
+        _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
+        _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
+    else:
+        tl.store(ws_o + ch_v, b_o, mask=m_v)
+        # the barrier orders this program's ws_o stores and old-tail reads before the release below, so
+        # the last block of the head reads every o and may overwrite the q/k tails all blocks read
+        tl.debug_barrier()
+        n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
+        if EVEN:  # after the arrival: the release fence does not wait for 8+ KiB of state stores
+            tl.store(p_s, b_s)
+        else:
+            tl.store(p_s, b_s, mask=m_s)
+        _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)  # this block's channels: read only here
+        if n_arrived == NV - 1:
+            b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")  # [BVF], from L2
+            b_y = b_of * tl.rsqrt(tl.sum(b_of * b_of, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)
+            tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
+            _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
+            _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
+            tl.store(ws_cnt + i_h, 0)  # the next launch sees it after this kernel's end
+
+
 def _workspace(device, H: int, V: int):
     key = (str(device), H, V)
     if key not in _WS:
@@ -239,7 +435,7 @@ DEFAULTS = dict(variant="v2", BV=16, num_warps=2)  # scripts/sweep_kda_mla.py me
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None, variant: str | None = None):
+                    workspace=None, variant: str | None = None, pdl: bool = False):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -249,8 +445,12 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     a [H] = -exp(A_log); dt_bias [H*K]; norm_w [V]; state [H, K, V] fp32, updated in place;
     out [H*V] (any float dtype) receives the gated-normed output. eps is the output norm's (rms_norm_eps).
     BV: value-block width (V = one program per head; smaller = more programs, cross-block norm via
-    an arrival counter). variant: "v2" (tap-wise conv, unmasked state, state stored after the arrival) or
-    "v1" (the first kernel); None: DEFAULTS (BV and num_warps too, when not given)."""
+    an arrival counter). variant: "v2" (tap-wise conv, unmasked state, state stored after the arrival),
+    "v3" (one reduction round, no loads after the arrival but the head's o, 2 <= W <= 4; see its kernel)
+    or "v1" (the first kernel); None: DEFAULTS (BV and num_warps too, when not given).
+    pdl (v3 only, sm_90+): programmatic dependent launch; the state, conv weights / tails and gate
+    parameters are read before waiting for the previous kernel, so that kernel must not write them
+    (in the engine the projection GEMVs come right before). Ignored under the interpreter."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -266,10 +466,21 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         BV = min(BVF, DEFAULTS["BV"]) if BV is None else BV
         if num_warps is None:
             num_warps = DEFAULTS["num_warps"] if BV == DEFAULTS["BV"] else max(1, min(8, BK * BV // 1024))
+    elif variant == "v3":
+        if not 2 <= W <= 4:
+            raise ValueError(f"variant v3 takes conv widths 2..4, not {W}")
+        pdl = pdl and not _INTERP
+        if pdl and not _HAS_PDL:
+            raise ValueError("pdl=True needs Triton's gdc_wait (Triton >= 3.4)")
+        BV = min(BVF, 16 if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
+        if num_warps is None:
+            num_warps = max(1, min(8, BK * BV // 1024))  # 16-64 state values per thread
     else:
         BV = min(BVF, 32) if BV is None else BV
         if num_warps is None:
             num_warps = max(4, min(16, BK * BV // 1024))  # <= 128 regs/thread on sm_90
+    if pdl and variant != "v3" and not _INTERP:
+        raise ValueError("pdl=True is implemented by variant v3 only")
     if _INTERP:
         num_warps = 1
     NV = triton.cdiv(V, BV)
@@ -279,6 +490,11 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     kw = dict(H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, BW=triton.next_power_of_2(W), NV=NV, num_warps=num_warps)
     if variant == "v2":
         kda_decode_step_v2_kernel[(NV, H)](*args, **kw)
+    elif variant == "v3":
+        kw.pop("BW")
+        if pdl:
+            kw["launch_pdl"] = True
+        kda_decode_step_v3_kernel[(NV, H)](*args, **kw, EVEN=(K == BK) and (V % BV == 0), PDL=pdl)
     elif variant == "v1":
         kda_decode_step_kernel[(NV, H)](*args, **kw)
     else:

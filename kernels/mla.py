@@ -37,7 +37,7 @@ def _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR: tl.constexpr, NS: tl.constex
 def mla_decode_split_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
-    stride_lat,
+    stride_lat, stride_qp,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -51,7 +51,7 @@ def mla_decode_split_kernel(
         o_d = tl.arange(0, BDR)
         m_d = o_d < DR
         b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0)  # [BH, R]
-        b_qp = tl.load(q_pe + o_h[:, None] * DR + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
+        b_qp = tl.load(q_pe + o_h[:, None] * stride_qp + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
         cdt = tl.float32 if UPCAST else (tl.bfloat16 if FP8 else lat.dtype.element_ty)
         b_qa = b_qa.to(cdt)
         b_qp = b_qp.to(cdt)
@@ -89,7 +89,7 @@ def mla_decode_split_kernel(
 def mla_decode_split_t_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
-    stride_lat,
+    stride_lat, stride_qp,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
@@ -107,7 +107,7 @@ def mla_decode_split_t_kernel(
         m_d = o_d < DR
         cdt = tl.float32 if UPCAST else CDT
         b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0).to(cdt)  # [BH, R]
-        b_qp = tl.load(q_pe + o_h[:, None] * DR + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0).to(cdt)
+        b_qp = tl.load(q_pe + o_h[:, None] * stride_qp + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0).to(cdt)
         b_qaT = tl.trans(b_qa)  # [R, BH]
         b_qpT = tl.trans(b_qp)
         b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
@@ -196,10 +196,11 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
                num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None):
     """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
 
-    q_abs [H, R], q_pe [H, Dr] (bf16 or fp32); latent [S_cap, R+Dr] bf16/fp32, or float8_e4m3fn with
-    latent_scale [S_cap] fp32 (row = stored * scale); seq_len: int, or a device int tensor [1] (>= 1)
-    read by the kernels (graph replay at growing lengths; the grid is fixed at num_splits programs and
-    each covers max(min_chunk, ceil(seq_len / num_splits)) rows). out [H, R] (default fp32).
+    q_abs [H, R], q_pe [H, Dr] (bf16 or fp32; q_pe's rows may be strided: a slice of q, no copy);
+    latent [S_cap, R+Dr] bf16/fp32, or float8_e4m3fn with latent_scale [S_cap] fp32 (row = stored * scale);
+    seq_len: int, or a device int tensor [1] (>= 1) read by the kernels (graph replay at growing lengths;
+    the grid is fixed at num_splits programs and each covers max(min_chunk, ceil(seq_len / num_splits))
+    rows). out [H, R] (default fp32; a bf16 out saves the caller a cast).
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64) or "hm" (heads as M,
     the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
@@ -220,7 +221,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
         variant, BS, num_warps, num_stages = "hm", 32, 8, 2
     DR = q_pe.shape[1]
     assert latent.shape[1] == R + DR and latent.stride(1) == 1 and R == triton.next_power_of_2(R)
-    assert q_abs.is_contiguous() and q_pe.is_contiguous()
+    assert q_abs.is_contiguous() and q_pe.stride(1) == 1
     fp8 = latent.dtype == torch.float8_e4m3fn
     assert not fp8 or latent_scale is not None
     out = torch.empty(H, R, dtype=torch.float32, device=q_abs.device) if out is None else out
@@ -234,7 +235,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     seq_ptr, seq_int = (seq_len, 0) if in_ptr else (ws_m, int(seq_len))
     common = dict(BS=BS, NS=NS, MIN_CHUNK=min_chunk, LEN_IN_PTR=in_ptr)
     args = (q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
-            scale * _LOG2E, latent.stride(0))
+            scale * _LOG2E, latent.stride(0), q_pe.stride(0))
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **common)

@@ -1,8 +1,12 @@
-"""MoE router selection in one launch (reference: naive.route, after the router GEMV).
+"""MoE router: the router GEMV and the selection (reference: naive.route).
 
-Per token: s = sigmoid(logits), pick the top-k of s + bias (bias for selection only), weights
+router_logits: logits [T, E] fp32 = x [T, D] (bf16 or any float, read as is: no cast kernel) @ w [E, D]^T,
+fp32 accumulation; a grid over blocks of experts (one program would take ~20 us for E x D = 256 x 2304),
+used for few tokens (decode); prefill (many tokens) uses the fp32 GEMM.
+route: per token, s = sigmoid(logits), pick the top-k of s + bias (bias for selection only), weights
 = s (or s + bias, the HF variant) renormalised to sum 1, times the routed scaling factor.
 One program per token; top-k by k successive arg-max passes over the E = 256 scores in registers.
+route_tokens: both, two launches per decode token.
 """
 from __future__ import annotations
 
@@ -13,6 +17,23 @@ import triton
 import triton.language as tl
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
+                         E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+    i_e, i_t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_e = o_e < E
+    p_w = w + o_e.to(tl.int64)[:, None] * stride_w  # [BE, 1] row pointers
+    b_acc = tl.zeros([BE, BD], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0.0).to(tl.float32)  # [BD]
+        b_w = tl.load(p_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BE, BD]
+        b_acc += b_w * b_x[None, :]
+    tl.store(out + i_t * stride_o + o_e, tl.sum(b_acc, 1), mask=m_e)
 
 
 @triton.jit
@@ -52,3 +73,35 @@ def route(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float, biased
                        E=E, BE=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k),
                        BIASED=biased_weights, RENORM=renormalize, num_warps=1 if _INTERP else 4)
     return ids_out, w_out
+
+
+GEMV_MAX_TOKENS = 8  # above this, the fp32 GEMM (weights read once, not once per token)
+GEMV_DEFAULTS = dict(BE=4, BD=256, num_warps=4)  # E=256 -> 64 programs of 4 rows x 2304 (36 KB each)
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor, out=None, BE: int | None = None, BD: int | None = None,
+                  num_warps: int | None = None) -> torch.Tensor:
+    """x [T, D] (any float dtype), w [E, D] (fp32 or bf16) -> logits [T, E] fp32, one launch.
+    Graph-capturable when out is given (or allocated by the capture's pool)."""
+    T, D = x.shape
+    E = w.shape[0]
+    assert w.shape[1] == D and x.stride(1) == 1 and w.stride(1) == 1
+    out = torch.empty(T, E, dtype=torch.float32, device=x.device) if out is None else out
+    assert out.shape == (T, E) and out.stride(1) == 1
+    BE = BE or GEMV_DEFAULTS["BE"]
+    BD = min(BD or GEMV_DEFAULTS["BD"], triton.next_power_of_2(D))
+    router_logits_kernel[(triton.cdiv(E, BE), T)](x, w, out, D, x.stride(0), w.stride(0), out.stride(0),
+                                                  E=E, BE=BE, BD=BD,
+                                                  num_warps=1 if _INTERP else (num_warps or GEMV_DEFAULTS["num_warps"]))
+    return out
+
+
+def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, scale: float,
+                 biased_weights: bool = False, renormalize: bool = True):
+    """naive.route's contract on the device: x [T, D], router w [E, D], bias [E] ->
+    (ids [T, k] int32, weights [T, k] fp32). Decode (T <= GEMV_MAX_TOKENS): two launches."""
+    if x.shape[0] <= GEMV_MAX_TOKENS:
+        logits = router_logits(x, w)
+    else:
+        logits = x.float() @ w.float().t()
+    return route(logits, bias, k, scale, biased_weights, renormalize)

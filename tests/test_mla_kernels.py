@@ -67,6 +67,24 @@ def test_mla_decode_split_shapes(min_chunk, splits):
     assert rel(out, _attend(q_abs, q_pe, lat, None, n, 0.25)) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["t", "hm"])
+def test_mla_decode_strided_q_pe_bf16_out(variant):
+    """q_pe as a slice of the q projection (rows strided by Dn + Dr, the engine passes it without a
+    copy) and a bf16 out (no cast kernel): same result as contiguous q_pe into fp32 out."""
+    gen = torch.Generator().manual_seed(7)
+    H, R, DN, DR, n = 5, 32, 24, 16, 70
+    lat = torch.randn(n, R + DR, generator=gen).to(torch.bfloat16).to(DEV)
+    q = torch.randn(H, DN + DR, generator=gen).to(torch.bfloat16).to(DEV)
+    q_abs = torch.randn(H, R, generator=gen).to(torch.bfloat16).to(DEV)
+    ref = mla.mla_decode(q_abs, q[:, DN:].contiguous(), lat, n, 0.3, num_splits=4, min_chunk=16, BS=16, variant=variant)
+    out = torch.empty(H, R, dtype=torch.bfloat16, device=DEV)
+    got = mla.mla_decode(q_abs, q[:, DN:], lat, n, 0.3, out, num_splits=4, min_chunk=16, BS=16, variant=variant)
+    assert got is out
+    # 1 bf16 ulp: the interpreter's fp32 -> bf16 conversion truncates, the GPU's rounds to nearest
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-6)
+    assert rel(out, _attend(q_abs.float(), q[:, DN:].float(), lat, None, n, 0.3)) < 1e-2  # bf16 output
+
+
 def test_mla_decode_full_layer_vs_absorbed():
     """Kernel + the caller's GEMMs (q_abs = W_UK^T q_nope, o = W_UV ctx) == naive.mla_absorbed."""
     gen = torch.Generator().manual_seed(0)

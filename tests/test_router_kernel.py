@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kimi_local.kernels import naive
-from kimi_local.kernels.router import route
+from kimi_local.kernels.router import route, route_tokens, router_logits
 
 
 @pytest.mark.parametrize("T,E,k,biased", [(1, 256, 8, False), (5, 37, 3, False), (4, 16, 4, True), (3, 8, 1, False)])
@@ -25,3 +25,65 @@ def test_route_matches_reference(T, E, k, biased):
         assert set(got) == set(ref)
         for e in ref:
             assert got[e] == pytest.approx(ref[e], rel=1e-5, abs=1e-6)
+
+
+def _same_selection(ids, wts, ids_ref, w_ref, rel=1e-5, abs=1e-6):
+    for t in range(ids_ref.shape[0]):
+        ref = dict(zip(ids_ref[t].tolist(), w_ref[t].tolist()))
+        got = dict(zip(ids[t].cpu().tolist(), wts[t].cpu().tolist()))
+        assert set(got) == set(ref)
+        for e in ref:
+            assert got[e] == pytest.approx(ref[e], rel=rel, abs=abs)
+
+
+@pytest.mark.parametrize("T,E,D,BE,BD", [(1, 37, 50, 4, 16), (3, 16, 300, 8, 64), (2, 9, 7, 2, 16),
+                                         (1, 256, 288, None, None)])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+def test_router_logits_matches_fp32_gemm(T, E, D, BE, BD, xdtype):
+    """The router GEMV reads x in its own dtype (bf16 from the norm, no cast kernel), fp32 weights,
+    fp32 accumulation; odd E and D exercise the masks, D > BD the loop."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(E * D + T)
+    x = torch.randn(T, D, generator=g).to(xdtype)
+    w = torch.randn(E, D, generator=g)
+    out = torch.full((T, E), float("nan"), device=dev)
+    got = router_logits(x.to(dev), w.to(dev), out, BE=BE, BD=BD)
+    assert got is out
+    torch.testing.assert_close(out.cpu(), x.float() @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])  # 9 > GEMV_MAX_TOKENS: the fp32 GEMM path
+def test_route_tokens_matches_reference(T):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    E, D, k = 24, 40, 5
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    w = torch.randn(E, D, generator=g)
+    bias = 0.3 * torch.randn(E, generator=g)
+    ids_ref, w_ref = naive.route(x, w, bias, k, 2.446)
+    ids, wts = route_tokens(x.to(dev), w.to(dev), bias.to(dev), k, 2.446)
+    assert ids.dtype == torch.int32 and wts.dtype == torch.float32
+    _same_selection(ids, wts, ids_ref, w_ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 4])
+def test_cuda_route_tokens_real_shapes(T):
+    """Real router: 256 experts x 2304, fp32 weights, bf16 activations, top-8, scale 2.446."""
+    g = torch.Generator().manual_seed(T)
+    E, D, k = 256, 2304, 8
+    x = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    w = 0.02 * torch.randn(E, D, generator=g)
+    bias = 0.05 * torch.randn(E, generator=g)
+    logits = router_logits(x.cuda(), w.cuda())
+    torch.testing.assert_close(logits.cpu(), x.double() @ w.double().t(), rtol=1e-4, atol=1e-4, check_dtype=False)
+    ids_ref, w_ref = naive.route(x, w, bias, k, 2.446)
+    ids, wts = route_tokens(x.cuda(), w.cuda(), bias.cuda(), k, 2.446)
+    _same_selection(ids, wts, ids_ref, w_ref, rel=1e-4)
+    graph = torch.cuda.CUDAGraph()  # capturable (kernels compiled above): the decode step is one graph
+    xs, wd, bd = x.cuda(), w.cuda(), bias.cuda()
+    with torch.cuda.graph(graph):
+        ids_g, wts_g = route_tokens(xs, wd, bd, k, 2.446)
+    graph.replay()
+    torch.cuda.synchronize()
+    _same_selection(ids_g, wts_g, ids_ref, w_ref, rel=1e-4)
