@@ -113,6 +113,65 @@ def weight_bytes_per_token(net, cfg: KimiConfig) -> int:
     return total
 
 
+def _tensors(obj):
+    """Every torch.Tensor inside a weight entry (tensor, QTensor, GpuWeight, tuples/lists of them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    else:
+        for name in ("data", "dense"):
+            t = getattr(obj, name, None)
+            if isinstance(t, torch.Tensor):
+                yield t
+
+
+def _category(name: str) -> str:
+    if name == "token_embd.weight":
+        return "token_embd"
+    if name == "output.weight":
+        return "lm_head"
+    if "shexp" in name:
+        return "shared experts"
+    if "_exps." in name:
+        return "routed experts"
+    if ".ffn_gate." in name or ".ffn_up." in name or ".ffn_down." in name:
+        return "dense FFN"
+    if name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+        return "MLA k_b/v_b (bf16)"
+    return "attention + KDA" if any(k in name for k in (".qkv", ".fgb_a", ".attn_", ".ssm_f_b", ".ssm_g_b")) \
+        and "norm" not in name else "vectors (fp32)"
+
+
+def memory_account(net) -> dict[str, int]:
+    """Bytes of the engine's weights by category, each storage counted once (views and a second
+    reference, e.g. the shared experts' kernel_form, share one). Keys: categories of the tensors
+    on the net's device, "total" (their sum), and "host" (weights kept in host memory: a host
+    embedding table, an expert store)."""
+    dev = torch.device(net.device)
+    seen, acc = set(), {}
+
+    def add(cat, obj):
+        for t in _tensors(obj):
+            key = (t.device, t.untyped_storage().data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            here = t.device.type == dev.type and (t.device.index or 0) == (dev.index or 0)
+            k = cat if here else "host"
+            acc[k] = acc.get(k, 0) + t.untyped_storage().nbytes()
+
+    for name, t in net.w.items():
+        add(_category(name), t)
+    experts = getattr(net, "experts", None)
+    for i in range(net.cfg.first_k_dense_replace, net.cfg.num_hidden_layers):
+        if experts is not None and hasattr(experts, "pools"):
+            add("routed experts", list(experts.pools(i)))
+    acc["total"] = sum(v for k, v in acc.items() if k != "host")
+    return acc
+
+
 def state_bytes_per_token(cfg: KimiConfig, ctx: int, kv_bytes: int) -> int:
     """KDA fp32 state read + written, conv tails, and the MLA latent rows read at depth ctx."""
     return 2 * cfg.kda_state_bytes() + ctx * cfg.latent_dim * kv_bytes * len(cfg.mla_layer_ids)
@@ -165,7 +224,8 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
     wbytes = weight_bytes_per_token(net, cfg) if dev.type == "cuda" else 0
     res.info.update(model=label, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    hbm_GBps=round(bw / 1e9, 1), weight_bytes_per_token=wbytes)
+                    hbm_GBps=round(bw / 1e9, 1), weight_bytes_per_token=wbytes,
+                    weights_GiB=round(memory_account(net)["total"] / 2**30, 3))
     for ctx in contexts:
         try:
             cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
@@ -193,6 +253,7 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
             res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, tok_s=round(n / s, 1), s=round(s, 3)))
     if dev.type == "cuda":
         res.info["peak_vram_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        res.info["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(dev) / 2**30, 2)
     return res
 
 

@@ -21,7 +21,7 @@ from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
 from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
-from kimi_local.kernels.router import route
+from kimi_local.kernels.router import route_tokens
 from kimi_local.model import KimiLinear
 
 KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
@@ -39,8 +39,30 @@ def apply_vram_budget(device, nbytes: int) -> None:
     if nbytes > total:
         raise ModelError(f"--vram {nbytes / 2**30:.1f} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
     index = torch.device(device).index or 0
+    _expandable_segments()
     torch.cuda.set_per_process_memory_fraction(nbytes / total, index)
     _VRAM_BUDGET[index] = nbytes
+
+
+def _expandable_segments() -> None:
+    """Under a tight budget the caching allocator's fragmentation decides what fits (run 7: 2.14 GiB
+    reserved but unallocated after the weights were built and repacked): grow segments by 2 MiB
+    pages instead, so freed memory is unmapped and reused at any size. Left alone if the user set
+    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF; applies to segments created from now on."""
+    import os
+
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # older torch / unsupported platform: plain segments
+        pass
+
+
+def budget_of(device) -> int | None:
+    """The --vram budget enforced on this CUDA device (bytes), or None."""
+    dev = torch.device(device)
+    return _VRAM_BUDGET.get(dev.index or 0) if dev.type == "cuda" else None
 
 
 def _is_q(w) -> bool:
@@ -120,15 +142,24 @@ class GpuExperts:
         return ids
 
 
-def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None) -> tuple[dict, GpuExperts]:
+def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
+                    embed_store: str | None = None) -> tuple[dict, GpuExperts]:
     """Canonical weights -> GPU weights. Linear weights become GpuWeight (fused where possible),
     vectors become fp32/bf16 device tensors, routed experts become kernel pools. Consumes `weights`
-    (entries are removed as they are converted) so that peak memory is the model plus one tensor."""
+    (entries are removed as they are converted) so that peak memory is the model plus one tensor.
+    The token embedding keeps its file type (bf16 if it is a float tensor); embed_store="cpu" keeps
+    it in (pinned) host memory: only the T rows of a call are copied, see GpuKimi._embed."""
     dev = torch.device(device)
     out, pools = {}, {}
     vec = lambda n, dt=torch.float32: weights.pop(n).to(dev, dt).contiguous()  # noqa: E731
-    emb = weights.pop("token_embd.weight")  # rows gathered per token, see _embed()
-    out["token_embd.weight"] = emb.to(dev, torch.bfloat16) if isinstance(emb, torch.Tensor) else emb.to(dev)
+    emb = weights.pop("token_embd.weight")
+    home = torch.device("cpu") if embed_store == "cpu" else dev
+    emb = emb.to(home, torch.bfloat16) if isinstance(emb, torch.Tensor) else emb.to(home)
+    if home.type == "cpu" and dev.type == "cuda":
+        data = emb if isinstance(emb, torch.Tensor) else emb.data
+        pinned = data.pin_memory()
+        emb = pinned if isinstance(emb, torch.Tensor) else type(emb)(pinned, emb.qtype, emb.shape)
+    out["token_embd.weight"] = emb
     out["output_norm.weight"] = vec("output_norm.weight")
     out["output.weight"] = GpuWeight(weights.pop("output.weight"), dev)
     for i in range(cfg.num_hidden_layers):
@@ -174,14 +205,20 @@ class GpuKimi(KimiLinear):
     """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
 
     def __init__(self, cfg, weights: dict, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
-                 use_graph: bool = True, prefill_chunk: int = 4096, expert_store: str | None = None):
-        """expert_store="cpu": routed experts stay in pinned host memory, for kimi_local.offload."""
-        w, experts = prepare_weights(cfg, weights, device, expert_store)
+                 use_graph: bool = True, prefill_chunk: int = 4096, expert_store: str | None = None,
+                 embed_store: str | None = "auto"):
+        """expert_store="cpu": routed experts stay in pinned host memory, for kimi_local.offload.
+        embed_store="cpu": the token embedding stays in pinned host memory (0.29 GiB at Q6_K); "auto"
+        does that under an enforced --vram budget (apply_vram_budget), else keeps it on the GPU."""
+        if embed_store == "auto":
+            embed_store = "cpu" if budget_of(device) is not None else None
+        w, experts = prepare_weights(cfg, weights, device, expert_store, embed_store)
         super().__init__(cfg, w, device, dtype)
         self.experts = experts
         self.kv_dtype = kv_dtype
         self.use_graph = use_graph
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = self.max_prefill_chunk = prefill_chunk
+        self.mla_key_block = 4 * prefill_chunk  # keys decompressed at a time by MLA prefill
         self._graphs: dict[int, DecodeGraph] = {}
 
     def default_ctx(self, reserve: int = 1536 << 20) -> int:
@@ -208,7 +245,21 @@ class GpuKimi(KimiLinear):
         c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True, kv_dtype=self.kv_dtype)
         c.pos_dev = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos, read by graph replays
         c.len_dev = torch.ones(1, dtype=torch.int32, device=self.device)  # pos + 1
+        self.fit_prefill_chunk()
         return c
+
+    def fit_prefill_chunk(self, decode_reserve: int = 256 << 20) -> int:
+        """Under an enforced --vram budget: the largest prefill chunk (max_prefill_chunk, halved down
+        to 256) whose estimated activations (prefill_peak_bytes) fit what the weights and caches
+        leave, keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces."""
+        budget = budget_of(self.device)
+        chunk = self.max_prefill_chunk
+        if budget is not None:
+            free = budget - torch.cuda.memory_allocated(self.device) - decode_reserve
+            while chunk > 256 and prefill_peak_bytes(self.cfg, chunk, 4 * chunk) > free:
+                chunk //= 2
+        self.prefill_chunk, self.mla_key_block = chunk, 4 * chunk
+        return chunk
 
     # ---- top level ---------------------------------------------------------------------
     @torch.no_grad()
@@ -223,19 +274,21 @@ class GpuKimi(KimiLinear):
         cache.reserve(T)
         cache.pos_dev.fill_(cache.pos)
         cache.len_dev.fill_(cache.pos + T)
-        out = self.body(ids.to(self.device), cache, logits)
+        out = self.body(self._embed(ids), cache, logits)
         cache.advance(ids.tolist())
         return out
 
-    def decode_body(self, ids: torch.Tensor, cache: KimiCache) -> torch.Tensor:
-        """One token with device-side positions (cache.pos_dev / len_dev): the captured region."""
-        return self.body(ids, cache, "last")
+    def decode_body(self, inp: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+        """One token with device-side positions (cache.pos_dev / len_dev): the captured region.
+        inp: token ids [1] on the device, or the embedded row [1, D] (host embedding table)."""
+        return self.body(inp, cache, "last")
 
-    def body(self, ids: torch.Tensor, cache: KimiCache, logits: str) -> torch.Tensor | None:
-        """All layers for ids [T] at the cache's device positions; does not advance the cache.
-        The residual stream x is updated in place by the fused add + RMSNorm kernel."""
+    def body(self, inp: torch.Tensor, cache: KimiCache, logits: str) -> torch.Tensor | None:
+        """All layers for inp (ids [T], or their embedding rows [T, D] on the device) at the cache's
+        device positions; does not advance the cache. The residual stream x is updated in place by
+        the fused add + RMSNorm kernel (an embedded input is overwritten)."""
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
-        x = self._embed(ids)  # [T, D] residual stream
+        x = inp if inp.is_floating_point() else self._embed(inp)  # [T, D] residual stream
         h = fused_rms_norm(x, w["blk.0.attn_norm.weight"], eps)
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
@@ -251,9 +304,18 @@ class GpuKimi(KimiLinear):
         h = fused_rms_norm(m, w["output_norm.weight"], eps, residual=x)
         return w["output.weight"].matmul(h).float()
 
-    def _embed(self, ids):
+    @property
+    def embed_on_host(self) -> bool:
+        return self.w["token_embd.weight"].device.type != self.device.type
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [T, D] on the device: gathered where the table lives (a host table sends
+        only the T rows), dequantized on the device."""
         e = self.w["token_embd.weight"]
-        return e[ids].to(self.dtype) if isinstance(e, torch.Tensor) else e[ids].dequantize(self.dtype)
+        rows = e[ids.to(e.device)]
+        if isinstance(rows, torch.Tensor):
+            return rows.to(self.device, self.dtype)
+        return type(rows)(rows.data.to(self.device), rows.qtype, rows.shape).dequantize(self.dtype)
 
     # ---- KDA -----------------------------------------------------------------------------
     def kda(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
@@ -293,11 +355,11 @@ class GpuKimi(KimiLinear):
         scale = naive.mla_scale(cfg.qk_head_dim)
         if T == 1:
             q_abs = torch.bmm(k_b, q[0, :, :Dn, None]).squeeze(-1)  # [H, R]
-            ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:].contiguous(), lat, cache.len_dev, scale,
-                             latent_scale=lsc)  # [H, R] fp32
-            o = torch.bmm(v_b, ctx.to(self.dtype)[:, :, None]).reshape(1, -1)  # [1, H*Dv]
+            ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:], lat, cache.len_dev, scale,
+                             out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
+            o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
         else:
-            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale).reshape(T, -1)
+            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
@@ -309,9 +371,8 @@ class GpuKimi(KimiLinear):
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
-        logits = h.float() @ w[b + "ffn_gate_inp.weight"].t()  # [T, E] fp32 router GEMV
-        ids, wts = route(logits, w[b + "exp_probs_b.bias"], cfg.num_experts_per_token, cfg.routed_scaling_factor,
-                         cfg.biased_router_weights, cfg.moe_renormalize)
+        ids, wts = route_tokens(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
+                                cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)
         slots = self.experts.prepare(i, ids, h).to(torch.int32)
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)
         shared, shq = w.get(b + "shexp", (None, None))
@@ -321,6 +382,27 @@ class GpuKimi(KimiLinear):
         else:
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out
+
+
+def prefill_peak_bytes(cfg, T: int, key_block: int) -> int:
+    """Estimated peak activation bytes of one prefill chunk of T tokens (computed from the code
+    paths, not measured): the residual stream + the largest of one layer's KDA, MLA (two key blocks
+    of decompressed keys/values alive while the next is built, deep context), MoE and dense-FFN
+    temporaries + one dequantized weight scratch (qgemm on cuBLAS)."""
+    D, P, I, F, k = cfg.hidden_size, cfg.kda_dim, cfg.intermediate_size, cfg.moe_intermediate_size, \
+        cfg.num_experts_per_token
+    Hm, Dq, Dv, Dn, L = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.qk_nope_head_dim, \
+        cfg.latent_dim
+    S = key_block
+    resid = 3 * T * D * 2  # x, h bf16 + one norm output
+    # qkv bf16 (6), f, z (4), conv outputs fp32 (12), l2norm/gate temps (8), fla chunk_kda (~16)
+    kda = 46 * T * P
+    mla = (2 * Hm * S * (Dq + Dv) * 2 + Hm * S * Dn * 2 + 2 * S * L * 4  # 2 blocks of k, v + temps
+           + 2 * T * Hm * Dq * 2 + 6 * T * Hm * Dv * 4)  # q (+ contiguous copy), lse merge in fp32
+    moe = 2 * k * T * F + 4 * k * T * D + 8 * T * D + 12 * T * F  # h, y fp32, sum, router, shared
+    dense = 16 * T * I  # layer 0: g, u bf16 + silu/product in fp32
+    scratch = 3 * P * D * 2  # the fused q/k/v matrix dequantized to bf16 for cuBLAS
+    return resid + max(kda, mla, moe, dense) + scratch
 
 
 def _sdpa_lse(q, k, v, causal: bool, scale: float):
@@ -367,18 +449,20 @@ class DecodeGraph:
 
     def __init__(self, net: GpuKimi, cache: KimiCache):
         self.net, self.cache = net, cache
-        self.ids = torch.zeros(1, dtype=torch.int64, device=net.device)
+        # graph input: the token id, or its embedded row when the table is in host memory
+        self.inp = torch.zeros(1, net.cfg.hidden_size, dtype=net.dtype, device=net.device) if net.embed_on_host \
+            else torch.zeros(1, dtype=torch.int64, device=net.device)
         saved = self._save_state()
         self._set_pos()
         s = torch.cuda.Stream(net.device)
         s.wait_stream(torch.cuda.current_stream(net.device))
         with torch.cuda.stream(s):  # warm-up: autotuning, workspaces, lazy inits
             for _ in range(2):
-                net.decode_body(self.ids, cache)
+                net.decode_body(self.inp, cache)
         torch.cuda.current_stream(net.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = net.decode_body(self.ids, cache)
+            self.logits = net.decode_body(self.inp, cache)
         self._load_state(saved)
 
     def _save_state(self):
@@ -404,7 +488,10 @@ class DecodeGraph:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         c = self.cache
         c.check_room(1)
-        self.ids.copy_(ids.reshape(1), non_blocking=True)
+        if self.inp.is_floating_point():
+            self.inp.copy_(self.net._embed(ids.reshape(1)))
+        else:
+            self.inp.copy_(ids.reshape(1), non_blocking=True)
         self._set_pos()
         self.graph.replay()
         c.advance(ids.reshape(1).tolist())

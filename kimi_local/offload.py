@@ -67,6 +67,8 @@ def resident_bytes(weights: dict) -> int:
         if "_exps." in name:
             continue
         for t in _tensors_of(w):
+            if t.device.type == "cpu" and t.is_pinned():  # kept in host memory (e.g. the embedding table)
+                continue
             key = (t.device, t.data_ptr(), t.numel())
             if key not in seen:
                 seen.add(key)

@@ -169,6 +169,45 @@ def weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = None) ->
     return sum(tensor_nbytes(recipe.qtype(n, s), s) for n, s in shapes.items())
 
 
+_FUSED = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ssm_f_a.weight", "ssm_g_a.weight", "ssm_beta.weight"))
+
+
+def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = None,
+                        embed_on_host: bool = False) -> int:
+    """Exact GPU bytes of the CUDA engine's prepared weights (kimi_local.engine.prepare_weights) for
+    a file written with this recipe. Differs from `weight_bytes` by: the kernels' packed layouts
+    (Q5_K/Q4_K/Q3_K unpack their 6-bit scales: +2.3/+2.8/+3.6 %); float matrices held as bf16; MLA
+    attn_k_b / attn_v_b dequantized to bf16; and token_embd in host memory when embed_on_host."""
+    from kimi_local.kernels.quant_matmul import PACKED_SIZE, QK
+
+    shapes = shapes or canonical_shapes(cfg)
+
+    def matrix(qtypes: list[str], shps: list[tuple[int, ...]]) -> int:  # one GpuWeight / expert pool
+        if len(set(qtypes)) == 1 and qtypes[0] in PACKED_SIZE and qtypes[0] != "BF16":
+            q = qtypes[0]
+            return sum(math.prod(s[:-1]) * s[-1] // QK[q] * PACKED_SIZE[q] for s in shps)
+        return sum(2 * math.prod(s) for s in shps)  # dequantized to bf16 once
+
+    total = 0
+    for name, s in shapes.items():
+        q = recipe.qtype(name, s)
+        b, short = name.rsplit(".", 2)[0] + ".", ".".join(name.rsplit(".", 2)[1:])
+        group = next((g for g in _FUSED if short in g), None) if b + "attn_k.weight" in shapes else None  # KDA
+        if name == "token_embd.weight":
+            if not embed_on_host:
+                total += tensor_nbytes(q, s) if q not in ("F32", "F16", "BF16") else 2 * math.prod(s)
+        elif stored_f32(name):
+            total += 4 * math.prod(s)  # fp32 vectors, conv taps, router
+        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+            total += 2 * math.prod(s)  # bf16 for the absorbed-MLA bmm
+        elif group is not None:
+            if short == group[0]:  # the fused matrix, counted once
+                total += matrix([recipe.qtype(b + n, shapes[b + n]) for n in group], [shapes[b + n] for n in group])
+        else:
+            total += matrix([q], [s])
+    return total
+
+
 def workspace_bytes(cfg: KimiConfig) -> int:
     """Estimated runtime memory besides weights and state: CUDA context + cuBLAS/Triton workspaces
     (~0.6 GiB) and prefill activations of a 4K-token chunk incl. its logits (~0.9 GiB) = 1.5 GiB on

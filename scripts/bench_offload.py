@@ -170,6 +170,7 @@ def main():
                     torch.cuda.empty_cache()
                 apply_vram_budget(dev, parse_size(args.vram))
                 o = MODES[mode]
+                off = None  # the previous mode's slot pools go before the new ones are allocated
                 off = apply_offload(net, parse_size(args.vram), args.ctx, o["policy"], prefetch=o["prefetch"],
                                     loader=o["loader"])
                 if zc is None:
