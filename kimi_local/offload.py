@@ -881,6 +881,13 @@ class OffloadedExperts:
         self._push(self.layers, scores=True)
         self.stats._device = self._collect_device
 
+    def release(self) -> None:
+        """Free the device memory (slot pools, staging, tables) now, whoever still holds this object."""
+        torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+        for c in self.cache.values():
+            c.pools, c.views = [], ()
+        self._staging, self._staged_views, self.tables = None, {}, {}
+
     def device_counters(self) -> list[torch.Tensor]:
         """Tensors a CUDA-graph warm-up must restore so that it does not count as traffic."""
         return [self._dev_stats, self._dev_counts] if self.on_device else []
@@ -1035,6 +1042,7 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
     if isinstance(source, OffloadedExperts):  # re-planned (another budget, policy or loader): same host store
         store, qtypes = source.store, source._qtypes
         expert_bytes = dict(store.expert_bytes)
+        source.release()
         net.experts = source = None
         if net.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -171,6 +171,7 @@ def main():
                 apply_vram_budget(dev, parse_size(args.vram))
                 o = MODES[mode]
                 off = None  # the previous mode's slot pools go before the new ones are allocated
+                print(f"[{mode}] allocated before planning: {torch.cuda.memory_allocated() / 2**30:.2f} GiB", flush=True)
                 off = apply_offload(net, parse_size(args.vram), args.ctx, o["policy"], prefetch=o["prefetch"],
                                     loader=o["loader"])
                 if zc is None:
