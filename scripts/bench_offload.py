@@ -156,6 +156,8 @@ def main():
             if mode == "resident":
                 torch.cuda.set_per_process_memory_fraction(1.0)  # no budget
                 if not (isinstance(net.experts, GpuExperts) and net.experts.pools(layers[0])[0].is_cuda):
+                    if hasattr(net.experts, "release"):
+                        net.experts.release()  # the loader's slot pools (its stats may keep the object alive)
                     net.experts = None
                     net._graphs.clear()
                     torch.cuda.empty_cache()
