@@ -875,6 +875,13 @@ class OffloadedExperts:
             t = LayerTables(c.S, self.E, self.k, self.device, self.policy_name)
             t.stats, t.counts = self._dev_stats[j], self._dev_counts[j]
             self.tables[L] = t
+        # prefetch guess in two launches: layer nxt's router with the norm ratio folded into its columns
+        # (bf16, [E, D]), read by the router GEMV kernel, then the top-k of the route kernel
+        self._guess_w = {}
+        for L, nxt in self.next_layer.items():
+            wr = self.w[f"blk.{nxt}.ffn_gate_inp.weight"].float().to(self.device)
+            r = self._norm_ratio.get(L)
+            self._guess_w[L] = (wr * r[None, :] if r is not None else wr).to(torch.bfloat16).contiguous()
         self._pf_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pf_pending: set[int] = set()  # layers whose decode prefetch copies run on _pf_stream
         self._host_pending: set[int] = set()  # layers whose prefill prefetch copies run on the copier stream
@@ -948,10 +955,10 @@ class OffloadedExperts:
         self._staged_views.pop(layer, None)
         t, c = self.tables[layer], self.cache[layer]
         slots = resolve(t, ids.reshape(-1).to(torch.int32))
-        copy_misses(t.miss, self.store.raw[layer], c.pools)
+        copy_misses(t.miss, self.store.raw[layer], c.pools, C=32)  # on the critical path: more programs
         if nxt is not None:
             tn, cn = self.tables[nxt], self.cache[nxt]
-            resolve(tn, self._route_guess(layer, nxt, h).reshape(-1).to(torch.int32), prefetch=True)
+            resolve(tn, self._device_guess(layer, nxt, h).reshape(-1), prefetch=True)
             if cuda:
                 self._pf_stream.wait_stream(cur)
                 with torch.cuda.stream(self._pf_stream):
@@ -960,6 +967,14 @@ class OffloadedExperts:
             else:
                 copy_misses(tn.pf_miss, self.store.raw[nxt], cn.pools)
         return slots.view(1, -1)
+
+    def _device_guess(self, layer: int, nxt: int, h: torch.Tensor) -> torch.Tensor:
+        """_route_guess for one token on the device: ids [1, k] int32 in two launches."""
+        from kimi_local.kernels.router import route, router_logits
+
+        logits = router_logits(h.reshape(1, -1), self._guess_w[layer])
+        ids, _ = route(logits, self.w[f"blk.{nxt}.exp_probs_b.bias"], self.k, 1.0)
+        return ids
 
     def _collect_device(self, st: "ExpertStats") -> None:
         d = self._dev_stats.to("cpu", copy=True)

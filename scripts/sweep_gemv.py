@@ -132,19 +132,29 @@ def gemv_variants(N, K, qt):
     v = [("word default", {})]
     nblk = K // qm.QK[qt]
     if N >= 32768:  # lm_head: many rows, no split
-        for bn, nw, ns in [(64, 4, 1), (256, 8, 1), (128, 8, 1), (128, 4, 2), (64, 2, 1)]:
+        for bn, nw, ns in [(64, 4, 1), (256, 8, 1), (128, 8, 1), (128, 4, 2), (64, 2, 1), (128, 4, 3)]:
             v.append((f"BN={bn} S=1 nw={nw} ns={ns}", dict(BN=bn, SPLIT=1, num_warps=nw, num_stages=ns)))
-    else:
-        full = min(nblk, 16)
-        for bn, sp, nw in [(16, 1, 4), (32, 2, 4), (16, full, 4), (64, full, 4), (32, full, 2),
-                           (32, max(2, full // 4), 4)]:
-            if f"BN={bn} S={sp} nw={nw}" not in [n for n, _ in v]:
-                v.append((f"BN={bn} S={sp} nw={nw}", dict(BN=bn, SPLIT=sp, num_warps=nw)))
+        return v
+    bn0, _, s0, nw0, _ = qm.gemv1_config(qt, N, K)
+    cand = [(bn0, min(nblk, 2 * s0), nw0, 1), (bn0, min(nblk, 4 * s0), nw0, 1), (bn0, max(1, s0 // 2), nw0, 1),
+            (bn0, s0, nw0, 2), (bn0, s0, nw0, 3), (bn0, s0, 1, 1), (bn0, s0, 4, 1), (16, min(nblk, 2 * s0), 2, 1),
+            (64, s0, 4, 1), (bn0, nblk, nw0, 1)]
+    for bn, sp, nw, ns in cand:
+        name = f"BN={bn} S={sp} nw={nw} ns={ns}"
+        if name not in [n for n, _ in v]:
+            v.append((name, dict(BN=bn, SPLIT=sp, num_warps=nw, num_stages=ns)))
     return v
 
 
+# the engine's decode GEMVs (Q4_K_M recipe: Q8_0 rest; Q2_K/Q3_K_M: Q6_K rest) and calls per token
+ENGINE_GEMVS = [("kda_qkv", 12288, 2304, 20), ("kda_o", 2304, 4096, 20), ("kda_fgb_a", 288, 2304, 20),
+                ("kda_f_b", 4096, 128, 40), ("mla_q", 6144, 2304, 7), ("mla_kv_a", 576, 2304, 7),
+                ("mla_o", 2304, 4096, 7), ("dense_gate", 9216, 2304, 2), ("dense_down", 2304, 9216, 1),
+                ("lm_head", 163840, 2304, 1)]
+
+
 def sweep_gemv(bw, args):
-    shapes = [("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("lm_head", 163840, 2304), ("qkv6144", 6144, 2304)]
+    shapes = [(n, N, K) for n, N, K, _ in ENGINE_GEMVS]
     if SMOKE:
         shapes = [("kda_qkv", 40, 512), ("o_proj", 24, 1024)]
     for name, N, K in shapes:
@@ -152,23 +162,24 @@ def sweep_gemv(bw, args):
         x = torch.randn(1, K, device=DEV, dtype=torch.bfloat16)
         # bf16 cuBLAS baseline
         wb = N * K * 2
-        R = n_copies(wb, most=8)
+        R = n_copies(wb, target=200e6, most=64)
         wbs = [torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * 0.01 for _ in range(R)]
         ob = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
         ms = graph_time([lambda w=w: torch.matmul(x, w.t(), out=ob) for w in wbs], args.quick)
         row("gemv", f"{case0} bf16", "cuBLAS", ms, wb + 2 * (K + N), bw=bw)
         del wbs
         empty_cache()
-        for qt in ["Q4_K", "Q6_K", "Q8_0"]:
+        for qt in args.qtypes.split(","):
+            if K % qm.QK[qt]:
+                continue
             case = f"{case0} {qt}"
             nbytes = N * qm.packed_row_bytes(qt, K) + 2 * (K + N)
-            R = n_copies(nbytes)
+            R = n_copies(nbytes, target=200e6, most=256)  # cold weights, as in a decode step
             ws = [rand_packed(qt, (), N, K) for _ in range(R)]
             ref = torch.full((1, N), float("nan"), device=DEV)
             qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
             out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
-            variants = [("tile (old fma)", dict(method="fma"))] + \
-                [(n, dict(method="word", **kw)) for n, kw in gemv_variants(N, K, qt)]
+            variants = [(n, dict(method="word", **kw)) for n, kw in gemv_variants(N, K, qt)]
             for vname, kw in variants:
                 if time.time() - T0 > args.budget:
                     row("gemv", case, vname, note="SKIPPED (time budget)")
@@ -259,6 +270,29 @@ def print_table(rows):
         print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
 
 
+def engine_summary(rows):
+    """Per weight type: the decode step's GEMV time per token with the default config vs the best."""
+    calls = {f"{n} [{N},{K}]": c for n, N, K, c in ENGINE_GEMVS}
+    tot = {}
+    for r in rows:
+        if r.get("ms") is None or "WRONG" in r["note"] or r["section"] != "gemv":
+            continue
+        case, _, qt = r["case"].rpartition(" ")
+        if case not in calls or qt == "bf16":
+            continue
+        d = tot.setdefault(qt, {}).setdefault(case, [None, None, ""])
+        if r["variant"] == "word default":
+            d[0] = r["us"]
+        if d[1] is None or r["us"] < d[1]:
+            d[1], d[2] = r["us"], r["variant"]
+    for qt, cases in tot.items():
+        dflt = sum(calls[c] * v[0] for c, v in cases.items() if v[0] is not None)
+        best = sum(calls[c] * v[1] for c, v in cases.items())
+        print(f"\nengine GEMVs per token, {qt}: default configs {dflt:.0f} us, best configs {best:.0f} us")
+        for c, v in cases.items():
+            print(f"  {c:28s} x{calls[c]:<3d} default {v[0] or 0:7.2f} us  best {v[1]:7.2f} us  {v[2]}")
+
+
 def best_summary(rows):
     """Per case: fastest correct variant."""
     best = {}
@@ -277,6 +311,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=155.0, help="seconds after which variants are skipped")
     ap.add_argument("--only", default="gemv,moe")
+    ap.add_argument("--qtypes", default="Q8_0,Q6_K", help="GEMV weight types")
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()
@@ -297,6 +332,7 @@ def main():
             indent=1))
     print_table(ROWS)
     best_summary(ROWS)
+    engine_summary(ROWS)
     print(f"elapsed {time.time() - T0:.0f} s")
     return 1 if any("WRONG" in r["note"] or "FAILED" in r["note"] for r in ROWS) else 0
 
