@@ -3,6 +3,13 @@ prefill, and the chunked prefill through fla-core's chunk_kda (pure-torch fallba
 
 Layouts (kimi_local/cache.py): state [H, K, V] fp32 K-major, decay on the key axis; conv tails [P, W-1]
 per projection (last W-1 raw inputs, oldest first); channel c = h * d + j (head-major).
+
+Decode step: one kernel, the third design tried (kda_decode_step_kernel's docstring says how it differs).
+scripts/sweep_kda_mla.py on an H100 (Kimi-Linear shapes H=32, K=V=128, W=4; time per layer, CUDA graph
+over 64 layers' states): this kernel at BV=16 / 1 warp 5.36 us, the second design (tap-wise conv, four chained
+reductions, tails re-read after the arrival) at its best configuration 6.68 us, the first ([C, W] conv
+window tiles, masked state) 8.28 us, fla-core's fused_recurrent_kda 5.54 us, in the same run; with
+pdl=True, chained layers 3.83 us. The two older kernels were removed.
 """
 from __future__ import annotations
 
@@ -16,214 +23,6 @@ from . import naive
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), shared by all layers
-
-
-@triton.jit
-def _conv_window(x_ptr, t_ptr, w_ptr, ch, m, W: tl.constexpr, BW: tl.constexpr):
-    """Window [BC, BW] (tail columns 0..W-2 then the new raw input at W-1) and SiLU(conv) [BC] fp32."""
-    o_w = tl.arange(0, BW)
-    b_t = tl.load(t_ptr + ch[:, None] * (W - 1) + o_w[None, :], mask=m[:, None] & (o_w[None, :] < W - 1), other=0)
-    b_x = tl.load(x_ptr + ch, mask=m, other=0).to(tl.float32)
-    b_win = tl.where(o_w[None, :] == W - 1, b_x[:, None], b_t.to(tl.float32))
-    b_w = tl.load(w_ptr + ch[:, None] * W + o_w[None, :], mask=m[:, None] & (o_w[None, :] < W), other=0)
-    b_y = tl.sum(b_win * b_w.to(tl.float32), 1)
-    return b_win, b_y * tl.sigmoid(b_y)
-
-
-@triton.jit
-def _store_tail(t_ptr, b_win, ch, m, W: tl.constexpr, BW: tl.constexpr):
-    """New tail = window columns 1..W-1 (drop the oldest)."""
-    o_w = tl.arange(0, BW)
-    tl.store(t_ptr + ch[:, None] * (W - 1) + o_w[None, :] - 1, b_win.to(t_ptr.dtype.element_ty),
-             mask=m[:, None] & (o_w[None, :] >= 1) & (o_w[None, :] < W))
-
-
-@triton.jit
-def kda_decode_step_kernel(
-    q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V]
-    wq, wk, wv,  # conv weights [H*K, W], [H*K, W], [H*V, W]
-    tq, tk, tv,  # conv tails [H*K, W-1], [H*K, W-1], [H*V, W-1] (updated in place)
-    a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
-    state, out,  # [H, K, V] fp32 (updated in place), [H*V]
-    ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
-    scale, eps,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
-):
-    # grid (NV, H): one program per (V block, head); the K axis is whole in every program.
-    i_v, i_h = tl.program_id(0), tl.program_id(1)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    ch_k = i_h * K + o_k
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    ch_v = i_h * V + o_v
-
-    # the state block first: its load is the long one and nothing before it depends on a reduction
-    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    b_s = tl.load(p_s, mask=m_s, other=0)  # [BK, BV] fp32
-
-    # short conv + SiLU; every V block recomputes q/k of its head (needed whole for the L2 norm)
-    win_q, b_q = _conv_window(q_raw, tq, wq, ch_k, m_k, W, BW)
-    win_k, b_k = _conv_window(k_raw, tk, wk, ch_k, m_k, W, BW)
-    win_v, b_v = _conv_window(v_raw, tv, wv, ch_v, m_v, W, BW)
-    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
-    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
-
-    # decay gate a * softplus(f + dt_bias) (softplus written overflow-free) and write strength
-    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
-    b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))
-    b_sp = tl.where(b_f > 20.0, b_f, b_sp)
-    b_decay = tl.exp(tl.load(a + i_h).to(tl.float32) * b_sp)  # [BK]
-    b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
-
-    # delta rule on the state block [BK, BV]: decay -> error -> write -> read
-    b_s = b_s * b_decay[:, None]
-    b_u = b_v - tl.sum(b_s * b_k[:, None], 0)
-    b_s += b_beta * b_k[:, None] * b_u[None, :]
-    b_o = tl.sum(b_s * b_q[:, None], 0)  # [BV]
-    tl.store(p_s, b_s, mask=m_s)
-
-    if NV == 1:
-        # whole head here: gated RMSNorm inline
-        b_ss = tl.sum(tl.where(m_v, b_o * b_o, 0.0), 0)
-        b_z = tl.load(z + ch_v, mask=m_v, other=0).to(tl.float32)
-        b_w = tl.load(norm_w + o_v, mask=m_v, other=0).to(tl.float32)
-        b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
-        tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
-        tl.debug_barrier()  # every thread has read the old tails
-        _store_tail(tq, win_q, ch_k, m_k, W, BW)
-        _store_tail(tk, win_k, ch_k, m_k, W, BW)
-        _store_tail(tv, win_v, ch_v, m_v, W, BW)
-    else:
-        # the last V block of the head to arrive normalises the whole head and writes the q/k tails
-        # (all other blocks have read them by then); o goes through the L2-resident workspace
-        tl.store(ws_o + ch_v, b_o, mask=m_v)
-        tl.debug_barrier()
-        _store_tail(tv, win_v, ch_v, m_v, W, BW)
-        n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
-        if n_arrived == NV - 1:
-            o_f = tl.arange(0, BVF)
-            m_f = o_f < V
-            b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")
-            b_ss = tl.sum(b_of * b_of, 0)
-            b_z = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)
-            b_w = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)
-            b_y = b_of * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
-            tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
-            _store_tail(tq, win_q, ch_k, m_k, W, BW)
-            _store_tail(tk, win_k, ch_k, m_k, W, BW)
-            tl.atomic_xchg(ws_cnt + i_h, 0)
-
-
-@triton.jit
-def _conv1d(x_ptr, t_ptr, w_ptr, ch, m, W: tl.constexpr):
-    """SiLU(depthwise conv) of one token for channels ch: taps 0..W-2 from the tail, W-1 = x. fp32.
-    Returns (y, x) with x the raw new input (in its dtype)."""
-    b_x = tl.load(x_ptr + ch, mask=m, other=0)
-    b_y = b_x.to(tl.float32) * tl.load(w_ptr + ch * W + (W - 1), mask=m, other=0).to(tl.float32)
-    for j in tl.static_range(W - 1):
-        b_y += (tl.load(t_ptr + ch * (W - 1) + j, mask=m, other=0).to(tl.float32)
-                * tl.load(w_ptr + ch * W + j, mask=m, other=0).to(tl.float32))
-    return b_y * tl.sigmoid(b_y), b_x
-
-
-@triton.jit
-def _load_tail2(t_ptr, ch, m, W: tl.constexpr, BW: tl.constexpr):
-    """Old tail columns 1..W-2 as a [BC, BW] tile in column positions 0..W-3 (the shifted tail)."""
-    o_w = tl.arange(0, BW)
-    return tl.load(t_ptr + ch[:, None] * (W - 1) + o_w[None, :] + 1, mask=m[:, None] & (o_w[None, :] < W - 2), other=0)
-
-
-@triton.jit
-def _store_tail2(t_ptr, b_old, b_x, ch, m, W: tl.constexpr, BW: tl.constexpr):
-    """tail <- [old tail[1:], x]; b_old from _load_tail (read by every thread before any store: barrier first)."""
-    o_w = tl.arange(0, BW)
-    b_new = tl.where(o_w[None, :] == W - 2, b_x[:, None].to(t_ptr.dtype.element_ty), b_old)
-    tl.store(t_ptr + ch[:, None] * (W - 1) + o_w[None, :], b_new, mask=m[:, None] & (o_w[None, :] < W - 1))
-
-
-@triton.jit
-def _store_state(p_s, b_s, m_s, EVEN: tl.constexpr):
-    if EVEN:
-        tl.store(p_s, b_s)
-    else:
-        tl.store(p_s, b_s, mask=m_s)
-
-
-@triton.jit
-def kda_decode_step_v2_kernel(
-    q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-    ws_o, ws_cnt, scale, eps,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, BW: tl.constexpr, NV: tl.constexpr,
-):
-    """kda_decode_step_kernel's contract. Differences: the conv is computed tap by tap on 1D vectors (no
-    [C, W] window tile and its layout conversions), the state block is loaded/stored unmasked when the
-    blocks tile [K, V] exactly (16-byte accesses), and with several V blocks the state is stored after the
-    arrival, so the release fence before the counter does not wait for the state writes."""
-    i_v, i_h = tl.program_id(0), tl.program_id(1)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    ch_k = i_h * K + o_k
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    ch_v = i_h * V + o_v
-    p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    if (K == BK) and (V % BV == 0):
-        b_s = tl.load(p_s)
-    else:
-        b_s = tl.load(p_s, mask=m_s, other=0)
-    b_q, x_q = _conv1d(q_raw, tq, wq, ch_k, m_k, W)
-    b_k, x_k = _conv1d(k_raw, tk, wk, ch_k, m_k, W)
-    b_v, x_v = _conv1d(v_raw, tv, wv, ch_v, m_v, W)
-    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
-    b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
-    b_a = tl.load(a + i_h).to(tl.float32)
-    b_q = b_q * (tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale)
-    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
-    b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))
-    b_sp = tl.where(b_f > 20.0, b_f, b_sp)
-    b_decay = tl.exp(b_a * b_sp)
-    b_s = b_s * b_decay[:, None]
-    b_u = (b_v - tl.sum(b_s * b_k[:, None], 0)) * b_beta
-    b_s += b_k[:, None] * b_u[None, :]
-    b_o = tl.sum(b_s * b_q[:, None], 0)
-    if NV == 1:
-        b_ss = tl.sum(tl.where(m_v, b_o * b_o, 0.0), 0)
-        b_z = tl.load(z + ch_v, mask=m_v, other=0).to(tl.float32)
-        b_w = tl.load(norm_w + o_v, mask=m_v, other=0).to(tl.float32)
-        b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
-        tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
-        _store_state(p_s, b_s, m_s, (K == BK) and (V % BV == 0))
-        o_q, o_kk, o_vv = _load_tail2(tq, ch_k, m_k, W, BW), _load_tail2(tk, ch_k, m_k, W, BW), _load_tail2(tv, ch_v, m_v, W, BW)
-        tl.debug_barrier()
-        _store_tail2(tq, o_q, x_q, ch_k, m_k, W, BW)
-        _store_tail2(tk, o_kk, x_k, ch_k, m_k, W, BW)
-        _store_tail2(tv, o_vv, x_v, ch_v, m_v, W, BW)
-    else:
-        tl.store(ws_o + ch_v, b_o, mask=m_v)
-        o_vv = _load_tail2(tv, ch_v, m_v, W, BW)
-        tl.debug_barrier()
-        n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
-        _store_state(p_s, b_s, m_s, (K == BK) and (V % BV == 0))  # after the arrival: the release fence does not wait for it
-        _store_tail2(tv, o_vv, x_v, ch_v, m_v, W, BW)
-        if n_arrived == NV - 1:
-            o_f = tl.arange(0, BVF)
-            m_f = o_f < V
-            b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")
-            b_ss = tl.sum(b_of * b_of, 0)
-            b_z = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)
-            b_w = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)
-            b_y = b_of * tl.rsqrt(b_ss / V + eps) * b_w * tl.sigmoid(b_z)
-            tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
-            o_q, o_kk = _load_tail2(tq, ch_k, m_k, W, BW), _load_tail2(tk, ch_k, m_k, W, BW)
-            tl.debug_barrier()
-            _store_tail2(tq, o_q, x_q, ch_k, m_k, W, BW)
-            _store_tail2(tk, o_kk, x_k, ch_k, m_k, W, BW)
-            tl.atomic_xchg(ws_cnt + i_h, 0)
 
 
 try:  # programmatic dependent launch (sm_90+): Triton >= 3.4
@@ -300,21 +99,28 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @triton.jit
-def kda_decode_step_v3_kernel(
-    q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-    ws_o, ws_cnt, scale, eps,
+def kda_decode_step_kernel(
+    q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V]
+    wq, wk, wv,  # conv weights [H*K, W], [H*K, W], [H*V, W]
+    tq, tk, tv,  # conv tails [H*K, W-1], [H*K, W-1], [H*V, W-1] (updated in place)
+    a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
+    state, out,  # [H, K, V] fp32 (updated in place), [H*V]
+    ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
+    scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """kda_decode_step_kernel's contract (grid (NV, H), one program per (V block, head), K whole), rebuilt to
-    shorten the dependent chain that each program walks after its state block [BK, BV] arrives. v2 spends
-    most of its ~6.4 us (H200) in latency, not bytes: per program it moves only 2 * BK * BV * 4 B (16 KiB at
-    BV=16) but walks  state load -> conv -> L2-norm reductions -> S^T k reduction -> u -> S update -> S^T q
+    """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
+    last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
+
+    Why this design (v3) beat the previous one (v2: 6.68 vs 5.36 us per layer, H100): the step is latency-
+    bound, not byte-bound. Per program it moves only 2 * BK * BV * 4 B (16 KiB at BV=16), but v2 walked the
+    dependent chain  state load -> conv -> L2-norm reductions -> S^T k reduction -> u -> S update -> S^T q
     reduction -> ws_o store + fence + atomic -> (last block) z / norm_w / ws_o loads -> norm -> q/k tail
     re-loads -> barrier -> stores. Each reduction over K ends in a cross-warp shared-memory round trip
     with a barrier, and each global round trip after the arrival is L2/DRAM latency (0.3-0.8 us).
-    v3 cuts the chain:
+    This kernel cuts the chain:
 
     1. Two independent reductions instead of four chained ones. The L2 norms are applied after them, using
        S_new^T q^ = S_d^T q^ + (k^.q^) u and S_d^T k^ = rk S_d^T k (q^ = rq q, k^ = rk k, S_d = decayed S):
@@ -322,23 +128,27 @@ def kda_decode_step_v3_kernel(
        independent of it. The state update S_d + (rk k) u^T is off the path to o.
     2. Nothing is loaded after the arrival except the other blocks' o: z and norm_w of the whole head
        (2 x 128 values) are loaded by every program at the start, beside the state, and the new conv
-       tails are stored from the registers the conv read (v2 re-reads the old tails, then barriers).
+       tails are stored from the registers the conv read (v2 re-read the old tails, then barriered).
+       The conv is computed tap by tap on 1D vectors (no [C, W] window tile and its layout conversions,
+       v1's), the state block is loaded/stored unmasked when the blocks tile [K, V] exactly (EVEN: 16-byte
+       accesses), and with NV > 1 the state is stored after the arrival, so the release fence before the
+       counter does not wait for the state writes.
     3. Optional programmatic dependent launch (PDL=True, launch_pdl): the state block, conv weights and
        tails, A, dt_bias and norm_w (nothing the kernel right before this one writes) are requested
        before griddepcontrol.wait, so the state's DRAM latency and this launch overlap the previous
        kernel; the projections (q, k, v, f, beta, z) are read and everything is written after the wait.
        The kernel then lets its own successor launch (it is past its wait, so a successor can only
-       overlap this kernel, never an older one).
+       overlap this kernel, never an older one). Measured: 3.83 us per layer chained (H100).
 
-    Bytes are v2's (state read + written once: 2 MiB + 2 MiB per layer at H=32, K=V=128, plus ~70 KiB of
-    projections, taps and tails); the instruction count per state element stays ~4 FMA-class ops (decay,
+    Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
+    projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
     two products into the reductions, the rank-1 update). The cross-block norm still costs the arrival
     (fence + atomic) and one L2 read of the head's o (NV > 1); BV = V (NV = 1) has no arrival but only
-    H = 32 programs, each streaming 64 KiB (v2 measured that slower: per-SM bandwidth), the sweep decides.
-    Offline sm_90 compile (Triton 3.9, H=32, K=V=128, bf16 inputs), v2 -> v3 per program: BV=16 / 2 warps
-    1008 -> 880 SASS instructions, 71 -> 53 global loads, 2 -> 1 fences and atomics; BV=32 / 4 warps
-    784 -> 704, 34 -> 24 barriers. Still left: Triton loads the [BK] vectors (taps, q, k, decay) in their own
-    layout and converts each to the state tile's row slice through shared memory (3 conversions + v and o).
+    H = 32 programs, each streaming 64 KiB (slower: per-SM bandwidth). Offline sm_90 compile (Triton 3.9,
+    H=32, K=V=128, bf16 inputs), v2 -> v3 per program: BV=16 / 2 warps 1008 -> 880 SASS instructions,
+    71 -> 53 global loads, 2 -> 1 fences and atomics; BV=32 / 4 warps 784 -> 704, 34 -> 24 barriers.
+    Still left: Triton loads the [BK] vectors (taps, q, k, decay) in their own layout and converts each
+    to the state tile's row slice through shared memory (3 conversions + v and o). 2 <= W <= 4.
     """
     i_v, i_h = tl.program_id(0), tl.program_id(1)
     o_k = tl.arange(0, BK)
@@ -422,6 +232,7 @@ def kda_decode_step_v3_kernel(
             tl.store(ws_cnt + i_h, 0)  # the next launch sees it after this kernel's end
 
 
+
 def _workspace(device, H: int, V: int):
     key = (str(device), H, V)
     if key not in _WS:
@@ -430,27 +241,26 @@ def _workspace(device, H: int, V: int):
     return _WS[key]
 
 
-DEFAULTS = dict(variant="v2", BV=16, num_warps=2)  # scripts/sweep_kda_mla.py measures the choices
+DEFAULTS = dict(BV=16, num_warps=1, pdl=False)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
 
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None, variant: str | None = None, pdl: bool = False):
+                    workspace=None, pdl: bool | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
     q_raw, k_raw [H*K], v_raw [H*V]: projected inputs (pre-conv); f [H*K]: f_b_proj output (pre-gate);
     beta_logit [H]: b_proj output; z [H*V]: g_b_proj output (output gate); conv_w: [3, P, W] or three
-    [P_i, W] tensors (q, k, v); conv_tail: [3, P, W-1] or three [P_i, W-1] tensors, updated in place;
-    a [H] = -exp(A_log); dt_bias [H*K]; norm_w [V]; state [H, K, V] fp32, updated in place;
+    [P_i, W] tensors (q, k, v), 2 <= W <= 4; conv_tail: [3, P, W-1] or three [P_i, W-1] tensors, updated
+    in place; a [H] = -exp(A_log); dt_bias [H*K]; norm_w [V]; state [H, K, V] fp32, updated in place;
     out [H*V] (any float dtype) receives the gated-normed output. eps is the output norm's (rms_norm_eps).
     BV: value-block width (V = one program per head; smaller = more programs, cross-block norm via
-    an arrival counter). variant: "v2" (tap-wise conv, unmasked state, state stored after the arrival),
-    "v3" (one reduction round, no loads after the arrival but the head's o, 2 <= W <= 4; see its kernel)
-    or "v1" (the first kernel); None: DEFAULTS (BV and num_warps too, when not given).
-    pdl (v3 only, sm_90+): programmatic dependent launch; the state, conv weights / tails and gate
-    parameters are read before waiting for the previous kernel, so that kernel must not write them
-    (in the engine the projection GEMVs come right before). Ignored under the interpreter."""
+    an arrival counter). None knobs: DEFAULTS (num_warps: DEFAULTS' at the default BV, else 16-64 state
+    values per thread).
+    pdl (sm_90+): programmatic dependent launch; the state, conv weights / tails and gate parameters are
+    read before waiting for the previous kernel, so that kernel must not write them (in the engine the
+    projection GEMVs come right before). Ignored under the interpreter."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -459,46 +269,24 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     for t in (q_raw, k_raw, v_raw, f, z, wq, wk, wv, tq, tk, tv, dt_bias, out):
         assert t.is_contiguous()
     assert wq.shape == (H * K, W) and wv.shape == (H * V, W) and tq.shape == (H * K, W - 1) and tv.shape == (H * V, W - 1)
+    if not 2 <= W <= 4:
+        raise ValueError(f"kda_decode_step takes conv widths 2..4, not {W}")
     scale = K**-0.5 if scale is None else scale
     BK, BVF = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    variant = variant or DEFAULTS["variant"]
-    if variant == "v2":
-        BV = min(BVF, DEFAULTS["BV"]) if BV is None else BV
-        if num_warps is None:
-            num_warps = DEFAULTS["num_warps"] if BV == DEFAULTS["BV"] else max(1, min(8, BK * BV // 1024))
-    elif variant == "v3":
-        if not 2 <= W <= 4:
-            raise ValueError(f"variant v3 takes conv widths 2..4, not {W}")
-        pdl = pdl and not _INTERP
-        if pdl and not _HAS_PDL:
-            raise ValueError("pdl=True needs Triton's gdc_wait (Triton >= 3.4)")
-        BV = min(BVF, 16 if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
-        if num_warps is None:
-            num_warps = max(1, min(8, BK * BV // 1024))  # 16-64 state values per thread
-    else:
-        BV = min(BVF, 32) if BV is None else BV
-        if num_warps is None:
-            num_warps = max(4, min(16, BK * BV // 1024))  # <= 128 regs/thread on sm_90
-    if pdl and variant != "v3" and not _INTERP:
-        raise ValueError("pdl=True is implemented by variant v3 only")
+    pdl = (DEFAULTS["pdl"] if pdl is None else pdl) and not _INTERP
+    if pdl and not _HAS_PDL:
+        raise ValueError("pdl=True needs Triton's gdc_wait (Triton >= 3.4)")
+    BV = min(BVF, DEFAULTS["BV"] if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
+    if num_warps is None:
+        num_warps = DEFAULTS["num_warps"] if BV == DEFAULTS["BV"] else max(1, min(8, BK * BV // 1024))
     if _INTERP:
         num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
-    args = (q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-            ws_o, ws_cnt, scale, eps)
-    kw = dict(H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, BW=triton.next_power_of_2(W), NV=NV, num_warps=num_warps)
-    if variant == "v2":
-        kda_decode_step_v2_kernel[(NV, H)](*args, **kw)
-    elif variant == "v3":
-        kw.pop("BW")
-        if pdl:
-            kw["launch_pdl"] = True
-        kda_decode_step_v3_kernel[(NV, H)](*args, **kw, EVEN=(K == BK) and (V % BV == 0), PDL=pdl)
-    elif variant == "v1":
-        kda_decode_step_kernel[(NV, H)](*args, **kw)
-    else:
-        raise ValueError(f"unknown KDA decode variant {variant!r}")
+    kda_decode_step_kernel[(NV, H)](
+        q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+        ws_o, ws_cnt, scale, eps, H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
+        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

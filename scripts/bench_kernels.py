@@ -379,12 +379,12 @@ def bench_kda_decode(ctx):
     t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
-    for variant, BV in (("v1", 16), ("v2", None), ("v2", 8), ("v2", 32), ("v2", 128)):  # None: kda.DEFAULTS
+    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (128, False)):  # None: kda.DEFAULTS
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
-                                                   states[i], out, 1e-5, BV=BV, variant=variant) for i in range(L)],
+                                                   states[i], out, 1e-5, BV=BV, pdl=pdl) for i in range(L)],
                       graph=True, calls=L)
-        ctx.row("kda", f"decode step fused (conv+l2+gate+delta+gated norm) {variant} BV={BV or 'default'}", ms,
-                nbytes=nbytes, base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
+        name = f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV or 'default'}" + (" pdl" if pdl else "")
+        ctx.row("kda", name, ms, nbytes=nbytes, base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
 
 
 @section("kda_prefill")

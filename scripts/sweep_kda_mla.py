@@ -1,4 +1,4 @@
-"""GPU sweep of the KDA decode-step and MLA decode variants (kernels/kda.py, kernels/mla.py).
+"""GPU sweep of the KDA decode-step configurations and MLA decode variants (kernels/kda.py, kernels/mla.py).
 
     python3 scripts/sweep_kda_mla.py [--only kda,mla] [--sizes 4096,131072,1048576]
     python3 scripts/sweep_kda_mla.py --smoke   # CPU, Triton interpreter, tiny shapes: checks the script
@@ -107,16 +107,12 @@ def measure_copy():
 
 
 # ------------------------------------------------------------------------------------------------
-KDA_VARIANTS = [  # (variant, BV, num_warps, pdl); None = the kernel's rule
-    ("v1", 16, None, False),  # the first kernel's best measured config (7.5 us on H200)
-    ("v2", 8, 1, False), ("v2", 16, 1, False), ("v2", 16, 2, False), ("v2", 16, 4, False), ("v2", 32, 2, False),
-    ("v2", 32, 4, False), ("v2", 64, 4, False), ("v2", 128, 8, False), ("v2", 128, 16, False),  # 128: NV = 1
-    ("v3", 8, 1, False), ("v3", 8, 2, False), ("v3", 16, 1, False), ("v3", 16, 2, False), ("v3", 16, 4, False),
-    ("v3", 32, 2, False), ("v3", 32, 4, False), ("v3", 64, 4, False), ("v3", 128, 4, False), ("v3", 128, 8, False),
-    ("v3", 128, 16, False),
+KDA_CONFIGS = [  # (BV, num_warps, pdl); None = the kernel's rule. v1 and v2 kernels removed after the H100 sweep
+    (8, 1, False), (8, 2, False), (16, 1, False), (16, 2, False), (16, 4, False), (32, 2, False), (32, 4, False),
+    (64, 4, False), (128, 4, False), (128, 8, False), (128, 16, False),  # 128: NV = 1
     # programmatic dependent launch: here each step's prologue (state load) overlaps the previous layer's
     # step, an upper bound for the engine, where the kernel before the KDA step is a projection GEMV
-    ("v3", 8, 1, True), ("v3", 16, 2, True), ("v3", 32, 4, True), ("v3", 128, 8, True),
+    (8, 1, True), (16, 1, True), (16, 2, True), (32, 4, True), (128, 8, True),
 ]
 
 
@@ -164,23 +160,22 @@ def sweep_kda():
                 2 * H * K * V * 4 + 5 * P * 2 + P * 2)
         except Exception as e:
             fail_row("kda", "fla fused_recurrent_kda", e)
-    for variant, BV, nw, pdl in KDA_VARIANTS:
+    for BV, nw, pdl in KDA_CONFIGS:
         if BV > V:
             continue
-        case = f"kda_decode_step {variant} BV={BV} num_warps={nw or 'auto'}" + (" pdl (chained steps overlap)" if pdl else "")
+        case = f"kda_decode_step BV={BV} num_warps={nw or 'auto'}" + (" pdl (chained steps overlap)" if pdl else "")
         try:
             # check: same step on a copy of layer 0, fp32 output (tight bound), NaN-poisoned
             s_chk, t_chk = s0.clone(), t0.clone()
             o_chk = torch.full((P,), float("nan"), device=DEV)
             kda.kda_decode_step(q, k, v, f, beta, z, conv_w[0], t_chk, a, dt_bias, norm_w, s_chk, o_chk, 1e-5,
-                                BV=BV, num_warps=nw, variant=variant, pdl=pdl)
+                                BV=BV, num_warps=nw, pdl=pdl)
             sync()
             err = max(rel(o_chk, o_ref), rel(s_chk, s_ref))
             if not torch.equal(t_chk, t_ref):
                 err = float("inf")
             ms = bench(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
-                                                    states[i], out, 1e-5, BV=BV, num_warps=nw, variant=variant,
-                                                    pdl=pdl)
+                                                    states[i], out, 1e-5, BV=BV, num_warps=nw, pdl=pdl)
                                 for i in range(L)], graph=True, calls=L)
             row("kda", case, ms, nbytes, err, 1e-4)
         except Exception as e:

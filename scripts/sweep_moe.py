@@ -1,10 +1,12 @@
-"""GPU sweep of the fused MoE decode: v1 (word path, split-K + last-arriver reductions; kernels.moe.moe_decode
-default) vs v2 (all experts of a row tile per program, flat pipelined K loop; moe_decode(variant="v2")).
+"""GPU sweep of the fused MoE decode (kernels.moe.moe_decode: word path, split-K + last-arriver reductions):
+its default configuration (moe_decode_config) against nearby knob settings and the older tile kernels.
+A second design (all experts of a row tile per program, flat pipelined K loop) was swept here too and
+measured 1.6-2.7x slower on an H100, so it and its rows were removed.
 
     python3 scripts/sweep_moe.py [--budget 150] [--smoke]
 
 Real shapes: D=2304, F=1024, 256 experts, top-8 + a Q8_0 shared expert; cases Q4_K/Q4_K/Q6_K and
-Q3_K/Q3_K/Q4_K. Each variant: one call on a NaN-poisoned fp32 output checked against the dense reference
+Q3_K/Q3_K/Q4_K. Each configuration: one call on a NaN-poisoned fp32 output checked against the dense reference
 (naive.moe_ref on the dequantized selected experts; rel. error < 1e-4 else WRONG), timed as CUDA-graph
 replays of R calls over R expert selections (triton.testing.do_bench median), then checked again after the
 replays. GB/s counts the selected experts' packed bytes + shared + x/out; %bw is against a device-to-device
@@ -39,24 +41,19 @@ FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K
 T0 = time.time()
 ROWS = []
 
-# (name, moe_decode kwargs); v1 rows first (baseline), then v2 configurations
+# (name, moe_decode kwargs); the default first (baseline), then knob settings around it (BF/S1: rows and
+# D-splits of gate/up, BD/S2: rows and F-splits of down), then the tile kernels
 VARIANTS = [
-    ("v1 default", dict(variant="v1")),
-    ("v2 default", dict(variant="v2")),
-    ("v2 BF=8 BD=8 nw=4 ns=2", dict(variant="v2", BF=8, BD=8, num_warps=4, num_stages=2)),
-    ("v2 BF=8 BD=8 nw=4 ns=4", dict(variant="v2", BF=8, BD=8, num_warps=4, num_stages=4)),
-    ("v2 BF=8 BD=8 nw=2 ns=3", dict(variant="v2", BF=8, BD=8, num_warps=2, num_stages=3)),
-    ("v2 BF=8 BD=8 nw=4 ns=1", dict(variant="v2", BF=8, BD=8, num_warps=4, num_stages=1)),
-    ("v2 BF=4 BD=4 nw=2 ns=3", dict(variant="v2", BF=4, BD=4, num_warps=2, num_stages=3)),
-    ("v2 BF=4 BD=8 nw=4 ns=3", dict(variant="v2", BF=4, BD=8, num_warps=4, num_stages=3)),
-    ("v2 BF=16 BD=16 nw=4 ns=3", dict(variant="v2", BF=16, BD=16, num_warps=4, num_stages=3)),
-    ("v2 BF=16 BD=16 nw=8 ns=3", dict(variant="v2", BF=16, BD=16, num_warps=8, num_stages=3)),
-    ("v2 BF=8 BD=8 IPP=2 nw=4 ns=3", dict(variant="v2", BF=8, BD=8, IPP1=2, IPP2=2, num_warps=4, num_stages=3)),
-    ("v2 BF=4 BD=4 IPP=2 nw=2 ns=4", dict(variant="v2", BF=4, BD=4, IPP1=2, IPP2=2, num_warps=2, num_stages=4)),
+    ("default", {}),
+    ("BF=16 S1=9 BD=16 S2=4 nw=4", dict(BF=16, S1=9, BD=16, S2=4, num_warps=4)),
+    ("BF=8 S1=9 BD=8 S2=4 nw=1", dict(BF=8, S1=9, BD=8, S2=4, num_warps=1)),
+    ("BF=32 S1=9 BD=32 S2=4 nw=4", dict(BF=32, S1=9, BD=32, S2=4, num_warps=4)),
+    ("BF=16 S1=3 BD=16 S2=2 nw=2", dict(BF=16, S1=3, BD=16, S2=2, num_warps=2)),
+    ("BF=16 S1=9 BD=16 S2=4 nw=2 ns=2", dict(BF=16, S1=9, BD=16, S2=4, num_warps=2, num_stages=2)),
+    ("tile (old)", dict(impl="tile")),
 ]
 if SMOKE:
-    VARIANTS = [VARIANTS[0], VARIANTS[1], ("v2 BF=64 BD=128 IPP=2 ns=1",
-                                           dict(variant="v2", BF=64, BD=128, IPP1=2, IPP2=2, num_stages=1))]
+    VARIANTS = [VARIANTS[0], ("BF=64 S1=2 BD=128 S2=1", dict(BF=64, S1=2, BD=128, S2=1)), VARIANTS[-1]]
 
 
 def rand_packed(qtype, lead, N, K, scale=0.002):
@@ -167,10 +164,8 @@ def sweep(bw, args):
                 sync()
                 err = max(err, rel_err(o32, refs[1]))
                 note = ""
-                if vname == "v1 default":
+                if vname == "default":
                     note = str(moe.moe_decode_config(qtypes, shq, D, Fe))
-                elif vname == "v2 default":
-                    note = str(moe.DEFAULTS["v2"])
                 row(case, vname, ms, nbytes, err, note=note, bw=bw)
             except Exception as e:  # keep sweeping
                 row(case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
@@ -194,14 +189,14 @@ def print_table(rows):
         if r.get("ms") is not None and "WRONG" not in r["note"] and r["case"] != "bw":
             if r["case"] not in best or r["ms"] < best[r["case"]]["ms"]:
                 best[r["case"]] = r
-    print("\nfastest correct variant per case:")
+    print("\nfastest correct configuration per case:")
     for case, r in best.items():
         print(f"  {case:36s} {r['variant']:32s} {r['us']:.2f} us  {r.get('%bw', 0):.1f}%bw")
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which variants are skipped")
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds after which configurations are skipped")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run (Triton interpreter, tiny shapes)")
     args = ap.parse_args()
     name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()

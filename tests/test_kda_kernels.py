@@ -37,7 +37,7 @@ def _token(H, K, V, gen, dev=DEV, dtype=torch.float32):
     return r(H * K), r(H * K), r(H * V), r(H * K) * 2, r(H), r(H * V)  # q_raw k_raw v_raw f beta_logit z
 
 
-def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False, variant=None,
+def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False,
                num_warps=None, pdl=False):
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, tail_dtype)
@@ -49,7 +49,7 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     if graph:
         bufs = [torch.empty_like(x) for x in toks[0]]
         step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,  # noqa: E731
-                                          variant=variant, num_warps=num_warps, pdl=pdl)
+                                          num_warps=num_warps, pdl=pdl)
         for b, x in zip(bufs, toks[0]):
             b.copy_(x)
         s_save, t_save = S.clone(), [t.clone() for t in t_k]
@@ -70,8 +70,8 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
                 b.copy_(x)
             g.replay()
         else:
-            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, variant=variant,
-                                num_warps=num_warps, pdl=pdl)
+            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, num_warps=num_warps,
+                                pdl=pdl)
         assert not out.isnan().any()
         errs.append(rel(out, ref))
     for t, tr in zip(t_k, t_ref):
@@ -79,48 +79,44 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     return max(errs), rel(S, S_ref)
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("BV", [None, 8])  # 8: V=12 -> a full and a partial V block
+@pytest.mark.parametrize("BV", [None, 4, 8])  # None: DEFAULTS (one block here); 8: V=12 -> a full and a partial block
 @pytest.mark.parametrize("H,K,V,W", [(3, 8, 12, 4), (2, 16, 8, 3)])
-def test_decode_step_matches_reference(H, K, V, W, BV, variant):
-    e_out, e_state = _run_steps(H, K, V, W, 6, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K,
-                                variant=variant)
+def test_decode_step_matches_reference(H, K, V, W, BV):
+    e_out, e_state = _run_steps(H, K, V, W, 6, BV, torch.float32, torch.float32, torch.float32, seed=H * 7 + K)
     assert e_out < 1e-5 and e_state < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
-def test_decode_step_bf16_io(variant):
+def test_decode_step_bf16_io():
     # bf16 projections, bf16 tails and bf16 output (the GPU setting); the interpreter truncates fp32->bf16
-    e_out, e_state = _run_steps(3, 8, 12, 4, 4, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3,
-                                variant=variant)  # 3 V blocks
+    e_out, e_state = _run_steps(3, 8, 12, 4, 4, 4, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=3)  # 3 V blocks
     assert e_out < 1e-2 and e_state < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-@pytest.mark.parametrize("BV", [8, 16])  # 16 = V: one program per head (v3: no workspace)
-def test_decode_step_even_blocks_w2(variant, BV):
+@pytest.mark.parametrize("BV", [8, 16])  # 16 = V: one program per head (no workspace)
+def test_decode_step_even_blocks_w2(BV):
     # V % BV == 0 and K == BK (the unmasked state path), W = 2 (a one-column tail)
-    e_out, e_state = _run_steps(2, 8, 16, 2, 5, BV, torch.float32, torch.float32, torch.float32, seed=21, variant=variant)
+    e_out, e_state = _run_steps(2, 8, 16, 2, 5, BV, torch.float32, torch.float32, torch.float32, seed=21)
     assert e_out < 1e-5 and e_state < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["v3"])
 @pytest.mark.parametrize("H,K,V,W,BV", [(2, 5, 7, 4, 4), (1, 16, 32, 3, 32), (4, 8, 8, 4, 2)])
-def test_decode_step_odd_shapes(H, K, V, W, BV, variant):
+def test_decode_step_odd_shapes(H, K, V, W, BV):
     # K, V not powers of two (masked rows and columns), one head, V = BV, many tiny V blocks
-    e_out, e_state = _run_steps(H, K, V, W, 4, BV, torch.float32, torch.float32, torch.float32, seed=K * V,
-                                variant=variant)
+    e_out, e_state = _run_steps(H, K, V, W, 4, BV, torch.float32, torch.float32, torch.float32, seed=K * V)
     assert e_out < 1e-5 and e_state < 1e-5
 
 
-def test_decode_step_v3_rejects_wide_conv():
+def test_decode_step_rejects_wide_conv():
     with pytest.raises(ValueError, match="conv widths"):
-        _run_steps(2, 8, 8, 5, 1, 4, torch.float32, torch.float32, torch.float32, seed=0, variant="v3")
+        _run_steps(2, 8, 8, 5, 1, 4, torch.float32, torch.float32, torch.float32, seed=0)
 
 
-@pytest.mark.parametrize("variant", ["v2", "v3"])
-def test_decode_step_counters_reset(variant):
-    _run_steps(3, 8, 12, 4, 3, 4, torch.float32, torch.float32, torch.float32, seed=5, variant=variant)
+def test_decode_step_defaults():
+    assert kda.DEFAULTS == dict(BV=16, num_warps=1, pdl=False)
+
+
+def test_decode_step_counters_reset():
+    _run_steps(3, 8, 12, 4, 3, 4, torch.float32, torch.float32, torch.float32, seed=5)
     ws_o, ws_cnt = kda._workspace(torch.empty(0, device=DEV).device, 3, 12)
     assert int(ws_cnt.abs().sum()) == 0
 
@@ -286,33 +282,32 @@ def test_gated_rms_norm(H, V):
 
 # ---- GPU, real shapes ------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("pdl", [False, True])
 @pytest.mark.parametrize("BV", [8, 16, 32, 64, 128])
-def test_decode_step_real_shapes(BV, variant):
+def test_decode_step_real_shapes(BV, pdl):
     e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=BV,
-                                variant=variant)
+                                pdl=pdl)
     assert e_out < 1e-4 and e_state < 1e-4
     e_out, _ = _run_steps(32, 128, 128, 4, 5, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=BV + 1,
-                          variant=variant)
+                          pdl=pdl)
     assert e_out < 1e-2
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant,BV,pdl", [(None, 32, False), (None, 128, False), ("v3", 16, False), ("v3", 16, True),
-                                            ("v3", 128, True)])
-def test_decode_step_cuda_graph(variant, BV, pdl):
+@pytest.mark.parametrize("BV,pdl", [(None, False), (None, True), (32, False), (128, False), (128, True)])
+def test_decode_step_cuda_graph(BV, pdl):
     e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=9, graph=True,
-                                variant=variant, pdl=pdl)
+                                pdl=pdl)
     assert e_out < 1e-4 and e_state < 1e-4
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant,BV,num_warps", [("v1", 16, None), ("v2", 16, 2), ("v2", 8, 1), ("v2", 32, 4),
-                                               ("v3", 16, 2), ("v3", 8, 1), ("v3", 32, 4)])
-def test_decode_step_long_horizon(variant, BV, num_warps):
+@pytest.mark.parametrize("BV,num_warps,pdl", [(None, None, False), (None, None, True), (16, 2, False), (8, 1, False),
+                                              (8, 1, True), (32, 4, False), (128, 8, False)])
+def test_decode_step_long_horizon(BV, num_warps, pdl):
     # 500 steps, K != V, many V blocks: drift or a racy cross-block norm shows up here
     e_out, e_state = _run_steps(32, 128, 96, 4, 500, BV, torch.float32, torch.float32, torch.float32, seed=13,
-                                variant=variant, num_warps=num_warps)
+                                num_warps=num_warps, pdl=pdl)
     assert e_out < 1e-4 and e_state < 1e-4
 
 

@@ -93,37 +93,6 @@ def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw):
         assert int(cnt.abs().sum()) == 0, key
 
 
-@pytest.mark.parametrize("qtypes,shared_qtypes,D,k,kw", [
-    # every word-path type as routed gate/up/down and as shared; k not a power of two (padded lanes),
-    # ragged last row tile (BD=512 over D=768), several row tiles per program (IPP), both pipelining modes
-    (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, 3, dict(BF=128, BD=512, IPP1=2, IPP2=1)),
-    (("Q3_K", "Q8_0", "Q4_K"), None, 512, 2, dict(BF=64, BD=128, IPP1=1, IPP2=3, num_stages=1)),
-    (("Q6_K", "Q3_K", "Q8_0"), ("Q4_K", "Q6_K", "Q3_K"), 256, 1, dict(BF=256, BD=64, IPP1=1, IPP2=2)),
-    # types without a v2 path fall back to the tile kernels
-    (("Q5_K", "Q2_K", "Q5_K"), ("BF16", "BF16", "Q2_K"), 256, 2, {}),
-])
-def test_moe_decode_v2(qtypes, shared_qtypes, D, k, kw):
-    """v2 decode (all experts of a row tile per program, flat pipelined K loop) vs the reference,
-    run twice on a NaN-poisoned output (the second run reuses the cached workspace)."""
-    S, F = 4, 256
-    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=11)
-    g = torch.Generator().manual_seed(12)
-    for rep in range(2):
-        x = torch.randn(D, generator=g).to(torch.bfloat16 if rep else torch.float32)
-        slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
-        w = torch.rand(k, generator=g)
-        out = torch.full((D,), float("nan"))
-        moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=None if shared is None else shared[0],
-                       shared_qtypes=shared_qtypes, variant="v2", **kw)
-        ref = moe_ref(x, slots[None], w[None], gd, ud, dd, shared=None if shared is None else shared[1])
-        check(out, ref, 1e-5)
-
-
-def test_moe_decode_default_variant():
-    assert moe.DEFAULTS["variant"] in ("v1", "v2")
-    assert set(moe.DEFAULTS["v2"]) == {"BF", "BD", "IPP1", "IPP2", "num_warps", "num_stages"}
-
-
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
     (("Q3_K", "Q5_K", "Q2_K"), None),
@@ -161,10 +130,9 @@ def test_route_tiles():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q5_K"), ("Q3_K", "Q3_K", "Q4_K"), ("Q2_K", "Q2_K", "Q3_K"),
                                     ("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q6_K", "Q3_K")])
-def test_cuda_moe_decode(qtypes, variant):
+def test_cuda_moe_decode(qtypes):
     S, D, F, k = 256, 2304, 1024, 8
     shq = ("Q8_0", "Q8_0", "Q6_K")
     g = torch.Generator().manual_seed(7)
@@ -178,7 +146,7 @@ def test_cuda_moe_decode(qtypes, variant):
     slots = torch.randperm(S, generator=g)[:k].to(torch.int32).cuda()
     w = torch.rand(k, generator=g).cuda()
     out = torch.empty(D, device="cuda", dtype=torch.float32)
-    moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, variant=variant)  # autotune
+    moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)  # autotune
     sel = slots.long()
     raw_dense = []
     for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F))):
@@ -187,7 +155,7 @@ def test_cuda_moe_decode(qtypes, variant):
     ref = moe_ref(x, torch.arange(k, device="cuda")[None], w[None], *raw_dense, shared=shared_d)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, variant=variant)
+        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
