@@ -999,6 +999,7 @@ class OffloadedExperts:
     # ---- profile --------------------------------------------------------------------------------
     def save_profile(self, path: Path, base: dict[int, torch.Tensor] | None = None) -> None:
         """Routing counts of this run (plus `base`, e.g. the profile it started from) as JSON."""
+        self.stats.collect()  # the device loader keeps its counts on the GPU until asked
         counts = {L: c + (base or {}).get(L, 0) for L, c in self.stats.counts.items()}
         save_profile(path, counts, self.cfg, self.stats.tokens)
 
