@@ -13,6 +13,15 @@ chosen experts resident and returns their slots; `pools(layer)` returns the pool
 `prepare(L)` it also guesses layer L+1's experts by applying L+1's router to the current hidden
 state and starts their copies (prefetch), so they overlap with layer L's compute.
 
+Two places decide hits and victims (`apply_offload(loader=...)`):
+  device (default with the GPU engine and a pinned store): the tables live in device memory and a decode
+      token's decisions, miss copies (a kernel reading the pinned host store over PCIe) and the next
+      layer's prefetch all run inside the decode CUDA graph (kernels/expert_cache.py): no host sync per
+      layer. Measured 7x naive load-on-miss (docs/perf-notes.md, session 2); prefill chunks still decide
+      on the host, pulling the tables before and pushing them after (one sync per layer per chunk).
+  host: every step decides on the host (one sync per MoE layer; no decode graph): the reference model on
+      CPU, and the baseline the device loader was measured against.
+
 A prefill chunk whose union of experts exceeds S_L goes through a shared staging pool of E slots
 (resident experts copied device-to-device, the rest from the host): each needed expert crosses the
 bus once per chunk. On CPU the same placement, pools and copies run with plain `copy_` (an

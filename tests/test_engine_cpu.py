@@ -64,7 +64,7 @@ def test_engine_with_offloaded_experts_equals_resident(tiny_dir):
     assert 0 < eng.expert_stats.hit_rate < 1
 
 
-def test_device_loader_tables_survive_prefill_chunks(tiny_dir):
+def test_device_loader_tables_survive_prefill_chunks(tiny_dir, tmp_path):
     """Device-side tables (decode) and the host mirror (prefill chunks, pulled and pushed around the
     host-side work) stay one cache: after any mix of chunk and token steps, every slot the loader returns
     holds the bytes of the expert asked for, and the statistics count both kinds of steps."""
@@ -88,5 +88,10 @@ def test_device_loader_tables_survive_prefill_chunks(tiny_dir):
             pools = off.pools(L)
             for p, raw in zip(pools, off.store.raw[L]):
                 assert torch.equal(p[slots.long()], raw[ids.long()]), (step, L)
+    from kimi_local.offload import load_profile
+
+    off.save_profile(tmp_path / "p.json")  # device-side counts (token steps) + host counts (chunks)
+    prof = load_profile(tmp_path / "p.json", cfg)
+    assert all(float(prof[L].sum()) == 14 * k for L in layers)
     st = off.stats
     assert st.lookups > 0 and 0 < st.hit_rate < 1 and st.misses > 0 and st.tokens == 3 + 1 + 1 + 4 + 1 + 2 + 1 + 1
