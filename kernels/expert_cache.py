@@ -30,7 +30,7 @@ import triton.language as tl
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
-# stats columns
+# stats columns (the names of the kimi_local.offload.ExpertStats fields they add to; "demands" = tokens)
 STAT = ("demands", "lookups", "hits", "misses", "prefetched", "prefetch_hits", "guessed", "guess_right",
         "guess_needed")
 

@@ -113,20 +113,6 @@ def weight_bytes_per_token(net, cfg: KimiConfig) -> int:
     return total
 
 
-def _tensors(obj):
-    """Every torch.Tensor inside a weight entry (tensor, QTensor, GpuWeight, tuples/lists of them)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _tensors(o)
-    else:
-        for name in ("data", "dense"):
-            t = getattr(obj, name, None)
-            if isinstance(t, torch.Tensor):
-                yield t
-
-
 def _category(name: str) -> str:
     if name == "token_embd.weight":
         return "token_embd"
@@ -149,11 +135,13 @@ def memory_account(net) -> dict[str, int]:
     reference, e.g. the shared experts' kernel_form, share one). Keys: categories of the tensors
     on the net's device, "total" (their sum), and "host" (weights kept in host memory: a host
     embedding table, an expert store)."""
+    from kimi_local.offload import _tensors_of
+
     dev = torch.device(net.device)
     seen, acc = set(), {}
 
     def add(cat, obj):
-        for t in _tensors(obj):
+        for t in _tensors_of(obj):
             key = (t.device, t.untyped_storage().data_ptr())
             if key in seen:
                 continue

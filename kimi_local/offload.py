@@ -710,11 +710,12 @@ class OffloadedExperts:
         if self.on_device:
             if ids.shape[0] == 1:
                 return self._prepare_device(layer, ids, h, nxt)
-            self._pull([layer] + ([nxt] if nxt is not None else []))
+            touched = [layer] + ([nxt] if nxt is not None else [])
+            self._pull(touched)
             try:
                 return self._prepare_host(layer, ids, h, nxt)
             finally:
-                self._push([layer] + ([nxt] if nxt is not None else []))
+                self._push(touched)
         return self._prepare_host(layer, ids, h, nxt)
 
     def _prepare_host(self, layer: int, ids: torch.Tensor, h: torch.Tensor | None, nxt: int | None) -> torch.Tensor:
@@ -899,7 +900,8 @@ class OffloadedExperts:
 
     def release(self) -> None:
         """Free the device memory (slot pools, staging, tables) now, whoever still holds this object."""
-        torch.cuda.synchronize(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         for c in self.cache.values():
             c.pools, c.views = [], ()
         self._staging, self._staged_views, self.tables = None, {}, {}
@@ -986,21 +988,19 @@ class OffloadedExperts:
         return ids
 
     def _collect_device(self, st: "ExpertStats") -> None:
+        """Add the device counters (columns named as ExpertStats fields, see expert_cache.STAT) to st
+        and zero them; the counts are only copied when something was counted."""
+        from kimi_local.kernels.expert_cache import STAT
+
         d = self._dev_stats.to("cpu", copy=True)
-        counts = self._dev_counts.to("cpu", copy=True)
         if not bool(d.any()):
             return
+        counts = self._dev_counts.to("cpu", copy=True)
         self._dev_stats.zero_()
         self._dev_counts.zero_()
-        st.tokens += int(d[0, 0])
-        st.lookups += int(d[:, 1].sum())
-        st.hits += int(d[:, 2].sum())
-        st.misses += int(d[:, 3].sum())
-        st.prefetched += int(d[:, 4].sum())
-        st.prefetch_hits += int(d[:, 5].sum())
-        st.guessed += int(d[:, 6].sum())
-        st.guess_right += int(d[:, 7].sum())
-        st.guess_needed += int(d[:, 8].sum())
+        st.tokens += int(d[0, 0])  # "demands" of the first MoE layer: one per decode token
+        for j, name in enumerate(STAT[1:], 1):
+            setattr(st, name, getattr(st, name) + int(d[:, j].sum()))
         for j, L in enumerate(self.layers):
             st.h2d_bytes += int(d[j, 3] + d[j, 4]) * self.store.expert_bytes[L]
             st.counts[L] += counts[j].double()
@@ -1068,15 +1068,11 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
         store, qtypes = source.store, source._qtypes
         expert_bytes = dict(store.expert_bytes)
         source.release()
-        net.experts = source = None
-        if net.device.type == "cuda":
-            torch.cuda.empty_cache()
-        place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
     else:
         expert_bytes = {L: sum(_nbytes(_raw(b)[0]) for b in source.pools(L)) for L in layers}
-        place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
         qtypes = {L: source.qtypes(L) for L in layers} if hasattr(source, "qtypes") else None
         store = HostStore(source, layers, pin=net.device.type == "cuda")
+    place = plan_placement(cfg, vram, ctx, resident_bytes(net.w), expert_bytes, kv_bytes_per_value, prof)
     net.experts = source = None  # drop the device copies (if any) before the pools are allocated
     for L in layers:  # the model's own references to the full stacks now point at the host store
         for p, raw, like in zip(PROJ, store.raw[L], store.like[L]):
@@ -1087,8 +1083,7 @@ def apply_offload(local_model, vram: int, ctx: int | None, policy: str = DEFAULT
     if net.device.type == "cuda":
         torch.cuda.empty_cache()
     on_device = (loader == "device" and qtypes is not None and hasattr(net, "use_graph")
-                 and all(len(store.raw[L]) == 3 and all(r.is_pinned() or net.device.type == "cpu" for r in store.raw[L])
-                         for L in layers))
+                 and all(r.is_pinned() or net.device.type == "cpu" for L in layers for r in store.raw[L]))
     off = OffloadedExperts(cfg, net.w, store, place, net.device, policy, prefetch, prof, qtypes, on_device=on_device)
     net.experts = off
     net.expert_stats = off.stats

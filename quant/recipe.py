@@ -178,14 +178,14 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
     a file written with this recipe. Differs from `weight_bytes` by: the kernels' packed layouts
     (Q5_K/Q4_K/Q3_K unpack their 6-bit scales: +2.3/+2.8/+3.6 %); float matrices held as bf16; MLA
     attn_k_b / attn_v_b dequantized to bf16; and token_embd in host memory when embed_on_host."""
-    from kimi_local.kernels.quant_matmul import PACKED_SIZE, QK
+    from kimi_local.kernels.quant_matmul import PACKED_SIZE, packed_row_bytes
 
     shapes = shapes or canonical_shapes(cfg)
 
     def matrix(qtypes: list[str], shps: list[tuple[int, ...]]) -> int:  # one GpuWeight / expert pool
         if len(set(qtypes)) == 1 and qtypes[0] in PACKED_SIZE and qtypes[0] != "BF16":
             q = qtypes[0]
-            return sum(math.prod(s[:-1]) * s[-1] // QK[q] * PACKED_SIZE[q] for s in shps)
+            return sum(math.prod(s[:-1]) * packed_row_bytes(q, s[-1]) for s in shps)
         return sum(2 * math.prod(s) for s in shps)  # dequantized to bf16 once
 
     total = 0
