@@ -25,19 +25,8 @@ _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), shared by all layers
 
 
-try:  # programmatic dependent launch (sm_90+): Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_PDL = True
-except ImportError:  # older Triton: pdl=True is refused by the launcher, these stubs are never reached
-    _HAS_PDL = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
+from . import pdl as _pdl
+from .pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -241,7 +230,7 @@ def _workspace(device, H: int, V: int):
     return _WS[key]
 
 
-DEFAULTS = dict(BV=16, num_warps=1, pdl=False)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
+DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
 
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
@@ -260,7 +249,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     values per thread).
     pdl (sm_90+): programmatic dependent launch; the state, conv weights / tails and gate parameters are
     read before waiting for the previous kernel, so that kernel must not write them (in the engine the
-    projection GEMVs come right before). Ignored under the interpreter."""
+    projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -273,8 +262,8 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         raise ValueError(f"kda_decode_step takes conv widths 2..4, not {W}")
     scale = K**-0.5 if scale is None else scale
     BK, BVF = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    pdl = (DEFAULTS["pdl"] if pdl is None else pdl) and not _INTERP
-    if pdl and not _HAS_PDL:
+    pdl = (_pdl.enabled() if pdl is None else pdl) and not _INTERP
+    if pdl and not _pdl.AVAILABLE:
         raise ValueError("pdl=True needs Triton's gdc_wait (Triton >= 3.4)")
     BV = min(BVF, DEFAULTS["BV"] if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
     if num_warps is None:

@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 FP8_MAX = 448.0  # float8_e4m3fn
@@ -40,9 +43,12 @@ def mla_decode_split_kernel(
     stride_lat, stride_qp,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     i_s = tl.program_id(0)
+    if PDL:  # the length, q and the newest cache row come from earlier kernels (see kernels/pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
     if s0 < n:
         o_h = tl.arange(0, BH)
@@ -93,11 +99,15 @@ def mla_decode_split_t_kernel(
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Same contract as mla_decode_split_kernel, with the products transposed ("swap AB"): cache rows are the
     M axis (scores^T [BS, BH] = C q^T; acc^T [R, BH] += C^T p^T), so a 64-row tile fills a Hopper
     warpgroup MMA with 32 heads and no padding, both operands read from the pipelined shared tile."""
     i_s = tl.program_id(0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
     if s0 < n:
         o_h = tl.arange(0, BH)
@@ -147,9 +157,12 @@ def mla_decode_split_t_kernel(
 def mla_decode_combine_kernel(
     ws_m, ws_l, ws_acc, seq_ptr, seq_int, out,  # out [H, R]
     H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr,
-    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr,
+    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr, PDL: tl.constexpr,
 ):
     i_h, i_r = tl.program_id(0), tl.program_id(1)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
     o_n = tl.arange(0, BNS)
     b_mx = tl.max(tl.load(ws_m + o_n * H + i_h, mask=o_n < n_used, other=float("-inf")), 0)
@@ -238,7 +251,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
             scale * _LOG2E, latent.stride(0), q_pe.stride(0))
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
-              num_warps=num_warps, num_stages=num_stages, **common)
+              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), **pdl.launch_kw(), **common)
     if variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
@@ -255,7 +268,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     BR = min(R, 128)
     mla_decode_combine_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
-        num_warps=1 if _INTERP else 4, **common,
+        num_warps=1 if _INTERP else 4, PDL=pdl.enabled(), **pdl.launch_kw(), **common,
     )
     return out
 
@@ -275,9 +288,12 @@ def mla_cache_write_kernel(
     kv, norm_w, lat, lat_scale, pos_ptr, pos_int, eps,  # kv [T, R+DR] rows strided; lat [S_cap, R+DR]
     stride_kv, stride_lat,
     R: tl.constexpr, DR: tl.constexpr, BDR: tl.constexpr, POS_IN_PTR: tl.constexpr, FP8: tl.constexpr,
-    FMAX: tl.constexpr, ROUND: tl.constexpr,
+    FMAX: tl.constexpr, ROUND: tl.constexpr, PDL: tl.constexpr,
 ):
     i_t = tl.program_id(0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     if POS_IN_PTR:
         p = tl.load(pos_ptr).to(tl.int64) + i_t
     else:
@@ -320,6 +336,6 @@ def mla_cache_write(kv, norm_w, eps: float, latent, pos, latent_scale=None):
         kv, norm_w, latent, latent_scale if fp8 else norm_w, pos if in_ptr else norm_w, 0 if in_ptr else int(pos), eps,
         kv.stride(0), latent.stride(0),
         R=R, DR=DR, BDR=triton.next_power_of_2(DR), POS_IN_PTR=in_ptr, FP8=fp8, FMAX=FP8_MAX, ROUND=_INTERP,
-        num_warps=1 if _INTERP else 4,
+        num_warps=1 if _INTERP else 4, PDL=pdl.enabled(), **pdl.launch_kw(),
     )
     return latent

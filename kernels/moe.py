@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, _dot_w, _dq_dot_rows, _dq_tile,
                            _wdot, packed_row_bytes, qlinear, split_workspace, word_c)
 
@@ -122,8 +124,11 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
-                          QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr):
+                          QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr):
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:  # x and slot_ids come from the previous kernels
+        gdc_wait()
+        gdc_launch_dependents()
     f = i_f * BF + tl.arange(0, BF)
     fl = tl.minimum(f, F - 1)
     f_mask = f < F
@@ -160,8 +165,11 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
-                       QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr):
+                       QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     d = i_d * BD + tl.arange(0, BD)
     dl = tl.minimum(d, D - 1)
     d_mask = d < D
@@ -230,7 +238,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     for t in (gate_pool, up_pool, down_pool, sg, su, sd):
         assert t.data_ptr() % 16 == 0
     assert gate_pool[0].numel() % 16 == 0 and up_pool[0].numel() % 16 == 0 and down_pool[0].numel() % 16 == 0
-    if not all_word:  # the word path has no split/fast path for Q5_K, Q2_K, BF16: use the tile kernels
+    if not all_word:  # the word path has no BF16 reader: use the tile kernels
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
     # K slices in elements, multiples of 256
@@ -257,14 +265,14 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         x, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
-        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
-        num_warps=num_warps, num_stages=num_stages)
+        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(),
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        num_warps=num_warps, num_stages=num_stages)
+        PDL=pdl.enabled(), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

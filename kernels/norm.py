@@ -9,6 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -16,12 +19,16 @@ _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def rms_norm_kernel(
     x, res, res_out, w, out, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]
     stride_x, stride_r, stride_ro, stride_o,
-    D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     xdt = x.dtype.element_ty
+    b_w = tl.load(w + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)  # a weight: read before the PDL wait
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0)
     if HAS_RES:
         # h = x + residual in the activation dtype (a bf16 add rounds once, like torch)
@@ -29,14 +36,14 @@ def rms_norm_kernel(
         tl.store(res_out + i_t * stride_ro + o_d, b_x, mask=m_d)
     b_xf = b_x.to(tl.float32)
     b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
-    b_y = b_n * tl.load(w + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)
+    b_y = b_n * b_w
     tl.store(out + i_t * stride_o + o_d, b_y.to(out.dtype.element_ty), mask=m_d)
 
 
 def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None):
     """y = naive.rms_norm(x + residual if residual is given else x, w, eps) over the last axis.
     x [T, D] or [D]; residual like x; residual_out (default: residual, in place) receives x + residual.
-    Returns out (x's dtype unless given). One program per row; graph-capturable."""
+    Returns out (x's dtype unless given). One program per row; graph-capturable; PDL-aware (kernels.pdl)."""
     x2 = x.view(-1, x.shape[-1])
     T, D = x2.shape
     out = torch.empty_like(x) if out is None else out
@@ -48,7 +55,8 @@ def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None):
         assert t.stride(-1) == 1
     BD = triton.next_power_of_2(D)
     rms_norm_kernel[(T,)](x2, r2, ro2, w, o2, eps, x2.stride(0), r2.stride(0), ro2.stride(0), o2.stride(0),
-                          D=D, BD=BD, HAS_RES=has_res, num_warps=1 if _INTERP else min(16, max(1, BD // 256)))
+                          D=D, BD=BD, HAS_RES=has_res, PDL=pdl.enabled(),
+                          num_warps=1 if _INTERP else min(16, max(1, BD // 256)), **pdl.launch_kw())
     return out
 
 

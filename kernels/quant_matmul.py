@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait, prefetch_l2_bulk
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 QK = {"Q8_0": 32, "Q6_K": 256, "Q5_K": 256, "Q4_K": 256, "Q3_K": 256, "Q2_K": 256, "BF16": 1}
@@ -313,7 +316,7 @@ def qgemv(x, data, qtype, N, out=None, method="auto", **word_kw):
 
 
 # ----------------------------------------------------------------------------------------------
-# M = 1 GEMV on 32-bit words ("word path"; Q4_K, Q6_K, Q8_0, Q3_K): the decode hot path.
+# M = 1 GEMV on 32-bit words ("word path"; Q4_K, Q5_K, Q6_K, Q8_0, Q3_K, Q2_K): the decode hot path.
 #
 # Why: the tile path above spends ~20 instructions per weight (per-element 64-bit addresses and masks,
 # byte loads, cross-thread reductions every iteration), so it is issue-bound at 10-25% of HBM. Here each
@@ -321,7 +324,8 @@ def qgemv(x, data, qtype, N, out=None, method="auto", **word_kw):
 # `bits & (mask << s)` reinterpreted as fp32 is the denormal q * 2^(s - 149) (exact while the field sits
 # below bit 23), and the FFMA against x * 2^(93 - s) gives q * x * 2^-56 exactly as q * x would round
 # (scaling by powers of two is exact; FFMA handles denormals at full rate). Fields at bits >= 20 are
-# reached through one shift per word. Per weight: ~1 AND + 1 FFMA (+ ~1 for Q6_K/Q3_K field merging),
+# reached through one shift per word. Per weight: ~1 AND + 1 FFMA (+ ~1 for Q6_K/Q5_K/Q3_K field merging:
+# the high bits are OR-ed next to the low bits first, so every field is one AND; Q2_K needs no merging),
 # plus per-thread x preparation shared by BN / 16 rows. Offsets of the lower bound (q - 32, q - 128,
 # - 4 * (1 - hbit), mins) go through per-group sums of x. Valid for |x| < 2^34 (x * 2^93 stays finite)
 # and products above ~2^-70 (smaller ones flush to zero: irrelevant at fp32 accumulation).
@@ -333,11 +337,15 @@ _P89 = tl.constexpr(2.0 ** 89)
 _P85 = tl.constexpr(2.0 ** 85)
 _P81 = tl.constexpr(2.0 ** 81)
 _P77 = tl.constexpr(2.0 ** 77)
+_P91 = tl.constexpr(2.0 ** 91)
+_P87 = tl.constexpr(2.0 ** 87)
+_P83 = tl.constexpr(2.0 ** 83)
+_P79 = tl.constexpr(2.0 ** 79)
 _PM56 = tl.constexpr(2.0 ** -56)
 _P56 = tl.constexpr(2.0 ** 56)
-WORD_QTYPES = ("Q8_0", "Q6_K", "Q4_K", "Q3_K")
-# 16-byte chunks per ggml block (per row) in the word path
-CHUNKS_PER_BLOCK = {"Q8_0": 2, "Q6_K": 4, "Q4_K": 8, "Q3_K": 4}
+WORD_QTYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+# 16-byte chunks of the main quant plane (qs / ql) per ggml block (per row) in the word path
+CHUNKS_PER_BLOCK = {"Q8_0": 2, "Q6_K": 4, "Q5_K": 8, "Q4_K": 8, "Q3_K": 4, "Q2_K": 4}
 
 
 @triton.jit
@@ -402,6 +410,74 @@ def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         d = _h16(dd & 0xFFFF)
         dmin = _h16(dd >> 16)
         part = d * (_i2f(scp & 0xFF, 0.0) * tl.sum(s_lo, axis=2) + _i2f(scp >> 8, 0.0) * tl.sum(s_hi, axis=2)) \
+            - dmin * (_i2f(mp & 0xFF, 0.0) * xs_lo[None, :] + _i2f(mp >> 8, 0.0) * xs_hi[None, :])
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
+def _s5(v, x0, x1, x2, x3):
+    # 4 five-bit fields at bits 0-4 of the bytes of v (bits 5-7 ignored), dotted with x (scaled domain)
+    s = _bf(v & 0x1F) * (x0 * _P93)[None]
+    s += _bf(v & 0x1F00) * (x1 * _P85)[None]
+    s += _bf(v & 0x1F0000) * (x2 * _P77)[None]
+    s += _bf((v >> 16) & 0x1F00) * (x3 * _P85)[None]
+    return tl.sum(s, axis=2)
+
+
+@triton.jit
+def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # Q4_K's nibbles plus a 5th bit per element from qh (bit `sub` of qh byte e % 32 for element e of
+    # sub-block `sub`). A qs chunk (group j of the block, half h) holds sub-blocks 2j (low nibbles) and
+    # 2j + 1 (high nibbles) at qh bytes 16h..16h+15: one 16-byte qh load, shifted right by 2j, puts
+    # their 5th bits at bits 0 / 1 of every byte; they are OR-ed above the nibbles (bit 4 of each byte,
+    # fields stay below bit 23 except byte 3, reached by a shift as in Q6_K) and each field is one AND.
+    NB = K // 256
+    RW4 = K // 32
+    NBT = N * NB
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
+    sc16 = (w + NBT * 160).to(tl.pointer_type(tl.uint16))
+    m16 = (w + NBT * 168).to(tl.pointer_type(tl.uint16))
+    dd32 = (w + NBT * 176).to(tl.pointer_type(tl.uint32))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 8
+        j = (cg // 2) % 4
+        h = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
+        hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
+        # bitselects: nibble in bits 0-3, its 5th bit in bit 4 (bits 5-7: other qh bits, masked later)
+        v_lo = (q & 0x0F0F0F0F) | ((hs << 4) & 0xF0F0F0F0)
+        v_hi = ((q >> 4) & 0x0F0F0F0F) | ((hs << 3) & 0xF0F0F0F0)
+        base = 32 * cg - 16 * h
+        xl0 = _xg(x, sxk, base, ii, 0, 0)
+        xl1 = _xg(x, sxk, base, ii, 1, 0)
+        xl2 = _xg(x, sxk, base, ii, 2, 0)
+        xl3 = _xg(x, sxk, base, ii, 3, 0)
+        xh0 = _xg(x, sxk, base + 32, ii, 0, 0)
+        xh1 = _xg(x, sxk, base + 32, ii, 1, 0)
+        xh2 = _xg(x, sxk, base + 32, ii, 2, 0)
+        xh3 = _xg(x, sxk, base + 32, ii, 3, 0)
+        s_lo = _s5(v_lo, xl0, xl1, xl2, xl3)
+        s_hi = _s5(v_hi, xh0, xh1, xh2, xh3)
+        xs_lo = _xs4(xl0, xl1, xl2, xl3)
+        xs_hi = _xs4(xh0, xh1, xh2, xh3)
+        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
+        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
+        dd = tl.load(dd32 + rb)
+        d = _h16(dd & 0xFFFF)
+        dmin = _h16(dd >> 16)
+        part = d * (_i2f(scp & 0xFF, 0.0) * s_lo + _i2f(scp >> 8, 0.0) * s_hi) \
             - dmin * (_i2f(mp & 0xFF, 0.0) * xs_lo[None, :] + _i2f(mp >> 8, 0.0) * xs_hi[None, :])
         if EVEN:
             acc += part
@@ -573,13 +649,81 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
 
 
 @triton.jit
+def _s2(qs, t, x0, x1, x2, x3, M0: tl.constexpr, M1: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr):
+    # the 2-bit fields at bits 2 * jj of the 4 bytes of qs (t = qs >> 16 for bytes 2 and 3; masks
+    # M0 = 3 << 2 jj, M1 = M0 << 8, scales P0 = 2^(93 - 2 jj), P1 = 2^(85 - 2 jj)), dotted with x
+    s = _bf(qs & M0) * (x0 * P0)[None]
+    s += _bf(qs & M1) * (x1 * P1)[None]
+    s += _bf(t & M0) * (x2 * P0)[None]
+    s += _bf(t & M1) * (x3 * P1)[None]
+    return tl.sum(s, axis=2)
+
+
+@triton.jit
+def _wdot_q2k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # Q3_K's element order without the high bit: a qs chunk (half nh of the block, g) holds 4 groups of
+    # 16 (jj = 0..3, bits 2 jj of every byte). Every field is one AND of qs or of t = qs >> 16 (the
+    # fields of bytes 2 and 3 would reach bit 23): ~1 AND + 1 FFMA per weight; per-group scale and min
+    # nibbles (scale | min << 4) apply after the 16-wide sums, the mins through sums of x.
+    NB = K // 256
+    NBT = N * NB
+    wqs = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    scp = w + NBT * 64
+    dd32 = (w + NBT * 80).to(tl.pointer_type(tl.uint32))
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        t = qs >> 16
+        base = 256 * blk + 128 * nh + 16 * g
+        so = rb * 16 + (8 * nh + g)[None, :]
+        pd = tl.zeros([BN, C], tl.float32)
+        pm = tl.zeros([BN, C], tl.float32)
+        for jj in tl.static_range(4):
+            xb = base + 32 * jj
+            x0 = _xg(x, sxk, xb, ii, 0, 0)
+            x1 = _xg(x, sxk, xb, ii, 1, 0)
+            x2 = _xg(x, sxk, xb, ii, 2, 0)
+            x3 = _xg(x, sxk, xb, ii, 3, 0)
+            if jj == 0:
+                sj = _s2(qs, t, x0, x1, x2, x3, 0x3, 0x300, _P93, _P85)
+            elif jj == 1:
+                sj = _s2(qs, t, x0, x1, x2, x3, 0xC, 0xC00, _P91, _P83)
+            elif jj == 2:
+                sj = _s2(qs, t, x0, x1, x2, x3, 0x30, 0x3000, _P89, _P81)
+            else:
+                sj = _s2(qs, t, x0, x1, x2, x3, 0xC0, 0xC000, _P87, _P79)
+            sc = tl.load(scp + so + 2 * jj).to(tl.int32)
+            pd += _i2f(sc & 15, 0.0) * sj
+            pm += _i2f(sc >> 4, 0.0) * _xs4(x0, x1, x2, x3)[None, :]
+        dd = tl.load(dd32 + rb)
+        part = _h16(dd & 0xFFFF) * pd - _h16(dd >> 16) * pm
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1) * _P56
+
+
+@triton.jit
 def _wdot(x, sxk, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr,
           EVEN: tl.constexpr):
     """[BN] fp32: rows `n` (int32, in range) of the packed [N, K] matrix at `w`, dotted with x over
     ggml blocks [b0, b1) (blocks of 32 elements for Q8_0, 256 otherwise). Word path for Q8_0, Q6_K,
-    Q4_K, Q3_K (C 16-byte chunks per row per step); the tile path for the other types (whole K only)."""
+    Q5_K, Q4_K, Q3_K, Q2_K (C 16-byte chunks per row per step); the tile path for BF16 (whole K only)."""
     if QT == 3:
         return _wdot_q4k(x, sxk, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    elif QT == 2:
+        return _wdot_q5k(x, sxk, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    elif QT == 5:
+        return _wdot_q2k(x, sxk, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
     elif QT == 0:
         return _wdot_q8_0(x, sxk, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     elif QT == 1:
@@ -610,13 +754,48 @@ def _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
+    """L2-prefetch the ggml blocks [b0, b1) of rows `n` of the packed matrix at `w`: one bulk request per
+    row for each 16-byte-aligned plane (the quant bytes: ~90 % of the matrix); the small scale planes are
+    read normally after the wait."""
+    if QT == 0:
+        NB = K // 32
+    else:
+        NB = K // 256
+    NBT = N.to(tl.int64) * NB
+    rb = n.to(tl.int64) * NB + b0  # [BN] first block of each row's slice
+    nb = tl.zeros_like(n) + (b1 - b0)
+    if QT == 0:  # Q8_0 qs 32
+        prefetch_l2_bulk(w + rb * 32, nb * 32)
+    elif QT == 1:  # Q6_K ql 128, qh 64, sc 16
+        prefetch_l2_bulk(w + rb * 128, nb * 128)
+        prefetch_l2_bulk(w + NBT * 128 + rb * 64, nb * 64)
+    elif QT == 2:  # Q5_K qs 128, qh 32
+        prefetch_l2_bulk(w + rb * 128, nb * 128)
+        prefetch_l2_bulk(w + NBT * 128 + rb * 32, nb * 32)
+    elif QT == 3:  # Q4_K qs 128
+        prefetch_l2_bulk(w + rb * 128, nb * 128)
+    elif QT == 4:  # Q3_K qs 64, hm 32, sc 16
+        prefetch_l2_bulk(w + rb * 64, nb * 64)
+        prefetch_l2_bulk(w + NBT * 64 + rb * 32, nb * 32)
+    elif QT == 5:  # Q2_K qs 64, sc 16
+        prefetch_l2_bulk(w + rb * 64, nb * 64)
+        prefetch_l2_bulk(w + NBT * 64 + rb * 16, nb * 16)
+
+
+@triton.jit
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
-                   EVEN: tl.constexpr):
+                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
     b1 = tl.minimum(b0 + BPS, NBLK)
+    if PREFETCH:  # weights only: no kernel writes them (kernels/pdl.py)
+        _prefetch_rows(w, tl.minimum(n, N - 1), N, K, b0, b1, QT)
+    if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
+        gdc_wait()
+        gdc_launch_dependents()
     y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
 
@@ -634,7 +813,7 @@ def split_workspace(device, nparts, ntiles):
     return _SPLIT_WS[key]
 
 
-_WORD_C = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4}
+_WORD_C = {"Q4_K": 8, "Q5_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4, "Q2_K": 4}
 
 
 def word_c(qtype, elems, pref=None):
@@ -694,8 +873,8 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     xs = x.reshape(-1)
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
-                                   BN=BN, C=C, SPLIT=SPLIT, EVEN=even, num_warps=num_warps,
-                                   num_stages=num_stages)
+                                   BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(), PREFETCH=pdl.prefetch(),
+                                   num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

@@ -16,16 +16,22 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import gdc_launch_dependents, gdc_wait
+
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
-                         E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+                         E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     i_e, i_t = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_e = i_e * BE + tl.arange(0, BE)
     m_e = o_e < E
     p_w = w + o_e.to(tl.int64)[:, None] * stride_w  # [BE, 1] row pointers
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b_acc = tl.zeros([BE, BD], dtype=tl.float32)
     for d0 in range(0, D, BD):
         o_d = d0 + tl.arange(0, BD)
@@ -39,12 +45,16 @@ def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
 @triton.jit
 def route_kernel(logits, bias, ids_out, w_out, scale, stride_l,
                  E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                 BIASED: tl.constexpr, RENORM: tl.constexpr):
+                 BIASED: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
     i_t = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BE)
     m_e = o_e < E
+    b_bias = tl.load(bias + o_e, mask=m_e, other=0.0)  # a weight: read before the PDL wait
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     b_s = tl.sigmoid(tl.load(logits + i_t * stride_l + o_e, mask=m_e, other=0.0).to(tl.float32))
-    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))  # [BE]
+    b_sel = tl.where(m_e, b_s + b_bias, float("-inf"))  # [BE]
     b_w = b_sel if BIASED else b_s
     o_k = tl.arange(0, BK)
     ids = tl.zeros([BK], dtype=tl.int32)
@@ -71,7 +81,8 @@ def route(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float, biased
     w_out = torch.empty(T, k, dtype=torch.float32, device=logits.device) if w_out is None else w_out
     route_kernel[(T,)](logits, bias, ids_out, w_out, float(scale), logits.stride(0),
                        E=E, BE=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k),
-                       BIASED=biased_weights, RENORM=renormalize, num_warps=1 if _INTERP else 4)
+                       BIASED=biased_weights, RENORM=renormalize, PDL=pdl.enabled(),
+                       num_warps=1 if _INTERP else 4, **pdl.launch_kw())
     return ids_out, w_out
 
 
@@ -93,7 +104,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, out=None, BE: int | None = N
     BE = BE or GEMV_DEFAULTS["BE"]
     BD = min(BD or GEMV_DEFAULTS["BD"], triton.next_power_of_2(D))
     router_logits_kernel[(triton.cdiv(E, BE), T)](x, w, out, D, x.stride(0), w.stride(0), out.stride(0),
-                                                  E=E, BE=BE, BD=BD,
+                                                  E=E, BE=BE, BD=BD, PDL=pdl.enabled(), **pdl.launch_kw(),
                                                   num_warps=1 if _INTERP else (num_warps or GEMV_DEFAULTS["num_warps"]))
     return out
 

@@ -214,6 +214,10 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
     res.info.update(model=label, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     hbm_GBps=round(bw / 1e9, 1), weight_bytes_per_token=wbytes,
                     weights_GiB=round(memory_account(net)["total"] / 2**30, 3))
+    if dev.type == "cuda":
+        from kimi_local.kernels import pdl
+
+        res.info["pdl"] = pdl.supported(dev)  # the decode graph's kernels chained by PDL (KIMI_LOCAL_PDL=0: off)
     for ctx in contexts:
         try:
             cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)

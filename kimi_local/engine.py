@@ -3,21 +3,26 @@
 `GpuKimi(cfg, weights)` takes canonical weights (dense tensors or QTensors, on any device),
 moves them to the GPU once (quantized blocks repacked losslessly for the kernels, q/k/v and the
 small KDA projections fused row-wise), and overrides the three mixer/FFN blocks:
-  prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through SDPA over the
-                   decompressed keys in key blocks merged by log-sum-exp, grouped-GEMM MoE;
+  prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through the Triton flash
+                   kernel of `kernels/mla_prefill.py` over keys decompressed one key block at a time
+                   (KIMI_LOCAL_MLA_PREFILL=sdpa: the older SDPA path below), grouped-GEMM MoE;
   decode  (T = 1): GEMVs, the fused KDA step kernel on the persistent fp32 state, split-sequence MLA
                    over the latent cache, fused MoE through expert slots; the whole step is
-                   captured in one CUDA graph per cache (`DecodeGraph`), replayed per token.
+                   captured in one CUDA graph per cache (`DecodeGraph`), replayed per token,
+                   its Triton kernels chained by programmatic dependent launch (`kernels/pdl.py`).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from kimi_local.cache import KimiCache
-from kimi_local.kernels import naive
+from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
+from kimi_local.kernels.mla_prefill import mla_prefill_attention as flash_mla_prefill
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
 from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
@@ -359,7 +364,8 @@ class GpuKimi(KimiLinear):
                              out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
             o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
         else:
-            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
+            attn = mla_prefill_attention if os.environ.get("KIMI_LOCAL_MLA_PREFILL") == "sdpa" else flash_mla_prefill
+            o = attn(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
@@ -454,14 +460,16 @@ class DecodeGraph:
             else torch.zeros(1, dtype=torch.int64, device=net.device)
         saved = self._save_state()
         self._set_pos()
+        # programmatic dependent launch between the step's Triton kernels (sm_90+; KIMI_LOCAL_PDL=0: off)
+        self.pdl = pdl.supported(net.device)
         s = torch.cuda.Stream(net.device)
         s.wait_stream(torch.cuda.current_stream(net.device))
-        with torch.cuda.stream(s):  # warm-up: autotuning, workspaces, lazy inits
+        with torch.cuda.stream(s), pdl.active(self.pdl):  # warm-up: autotuning, workspaces, lazy inits
             for _ in range(2):
                 net.decode_body(self.inp, cache)
         torch.cuda.current_stream(net.device).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), pdl.active(self.pdl):
             self.logits = net.decode_body(self.inp, cache)
         self._load_state(saved)
 

@@ -24,10 +24,19 @@ import torch.nn.functional as F
 import triton
 
 try:
-    from kimi_local.kernels import moe, quant_matmul as qm
+    from kimi_local.kernels import moe, pdl, quant_matmul as qm
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import moe, quant_matmul as qm
+    from kernels import moe, pdl, quant_matmul as qm
+
+
+def pdl_mode(tag: str):
+    """Context for a variant tag: "+pdl" launches the PDL-aware kernels with programmatic dependent launch
+    (graph replays then chain the R calls), "+pdl-nopf" the same without the L2 weight prefetch."""
+    if "+pdl" not in tag:
+        return pdl.active(False)
+    os.environ["KIMI_LOCAL_PREFETCH"] = "0" if "nopf" in tag else "1"
+    return pdl.active(True)
 
 SECTIONS = []  # (name, fn)
 
@@ -141,8 +150,8 @@ def bench_dequant(ctx):
 
 @section("qgemv")
 def bench_qgemv(ctx):
-    shapes = [("lm_head", 163840, 2304), ("kda_qkv", 4096, 2304), ("o_proj", 2304, 4096), ("expert_up", 1024, 2304)]
-    qtypes = ["Q4_K", "Q6_K", "Q8_0"]
+    shapes = [("lm_head", 163840, 2304), ("kda_qkv", 12288, 2304), ("o_proj", 2304, 4096), ("expert_up", 1024, 2304)]
+    qtypes = ["Q4_K", "Q6_K", "Q8_0", "Q5_K", "Q2_K"]
     Ms = [1] if ctx.quick else [1, 8]
     for name, N, K in shapes:
         wb_bytes = N * K * 2
@@ -158,10 +167,14 @@ def bench_qgemv(ctx):
                 R = n_copies(nbytes)
                 ws = [rand_packed(qt, (), N, K) for _ in range(R)]
                 out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                methods = ["auto", "fma"] if M == 1 else ["fma", "dot"]  # auto (M=1): word path
-                for meth in methods:
-                    ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth) for w in ws], graph=True,
-                                  calls=R)
+                # auto (M=1): word path, alone and chained by PDL (with / without the L2 prefetch)
+                methods = ["auto", "auto+pdl", "auto+pdl-nopf", "fma"] if M == 1 else ["fma", "dot"]
+                for tag in methods:
+                    meth = tag.split("+")[0]
+                    with pdl_mode(tag):
+                        ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth) for w in ws], graph=True,
+                                      calls=R)
+                    meth = tag
                     ctx.row("qgemv", f"{name} [{N},{K}] M={M} {qt} {meth}", ms, nbytes=nbytes + M * (K + N) * 2,
                             base="bf16 cuBLAS", base_ms=base_ms)
                 del ws
@@ -218,7 +231,7 @@ def bench_moe_decode(ctx):
     bf_ms = ctx.time(lambda: [torch_moe(wbf, s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
     ctx.row("moe", "decode k=8+shared bf16 experts, torch per expert", bf_ms, nbytes=(k + 1) * 3 * Fe * D * 2)
     del wbf
-    for qtypes in [("Q4_K", "Q4_K", "Q4_K"), ("Q3_K", "Q3_K", "Q3_K"), ("Q4_K", "Q4_K", "Q5_K")]:
+    for qtypes in [("Q4_K", "Q4_K", "Q4_K"), ("Q3_K", "Q3_K", "Q3_K"), ("Q4_K", "Q4_K", "Q5_K"), ("Q2_K", "Q2_K", "Q3_K")]:
         pools = _moe_pools(qtypes, S, D, Fe)
         nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes
         # baseline 2: dequantize each selected expert to bf16 scratch (Triton) + torch matmuls
@@ -238,10 +251,12 @@ def bench_moe_decode(ctx):
         base_ms = ctx.time(lambda: [deq_moe(s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
         name = "/".join(qtypes)
         ctx.row("moe", f"decode {name} dequant+torch per expert", base_ms, nbytes=nbytes)
-        for impl in ["word", "tile"]:
-            ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq,
-                                                  impl=impl) for s, w in zip(slot_ts, wts)], graph=True, calls=R)
-            ctx.row("moe", f"decode {name} fused {impl} (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
+        for tag in ["word", "word+pdl", "tile"]:
+            impl = tag.split("+")[0]
+            with pdl_mode(tag):
+                ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq,
+                                                      impl=impl) for s, w in zip(slot_ts, wts)], graph=True, calls=R)
+            ctx.row("moe", f"decode {name} fused {tag} (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
                     base_ms=base_ms, note=f"bf16-torch x{ms / bf_ms:.2f}")
         del pools
 
@@ -486,7 +501,7 @@ def print_table(rows):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="", help="comma list of section-name prefixes (bandwidth always runs)")
+    ap.add_argument("--only", default="", help="comma list of section names, or prefixes ending in '*' (bandwidth always runs)")
     ap.add_argument("--quick", action="store_true", help="fewer sizes, shorter timing")
     args = ap.parse_args()
     only = [s for s in args.only.split(",") if s]
@@ -494,7 +509,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     failed = []
     for name, fn in SECTIONS:
-        if name != "bandwidth" and only and not any(name.startswith(o) for o in only):
+        if name != "bandwidth" and only and not any(name == o or (o.endswith("*") and name.startswith(o[:-1]))
+                                                      for o in only):
             continue
         try:
             fn(ctx)

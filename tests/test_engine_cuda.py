@@ -83,6 +83,31 @@ def test_graph_decode_equals_eager_for_256_tokens():
     assert seqs[0] == seqs[1]
 
 
+def test_pdl_graph_equals_plain_graph_bitwise(monkeypatch):
+    """Programmatic dependent launch only overlaps launches: the decode graph's logits must be bit-identical
+    with it on and off (a missing wait would read stale activations)."""
+    from kimi_local.kernels import pdl
+
+    if not pdl.supported("cuda"):
+        pytest.skip("PDL needs sm_90+ and Triton >= 3.4")
+    cfg = small_config()
+    prompt = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4))
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KIMI_LOCAL_PDL", flag)
+        net = _models()[2]
+        cache = net.new_cache(max_ctx=256)
+        logits = net.forward(prompt, cache)
+        out = []
+        for _ in range(64):
+            t = torch.argmax(logits[-1]).reshape(1).cpu()
+            logits = net.forward(t, cache)
+            out.append(logits[-1].float().cpu())
+        assert net._graphs and all(g.pdl == (flag == "1") for g in net._graphs.values())
+        runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_mla_prefill_attention_blocks_match_reference():
     from kimi_local.engine import mla_prefill_attention
 

@@ -112,7 +112,7 @@ def test_decode_step_rejects_wide_conv():
 
 
 def test_decode_step_defaults():
-    assert kda.DEFAULTS == dict(BV=16, num_warps=1, pdl=False)
+    assert kda.DEFAULTS == dict(BV=16, num_warps=1)
 
 
 def test_decode_step_counters_reset():

@@ -53,12 +53,28 @@ def make_moe(qtypes, S, D, F, shared_qtypes=None, device="cpu", seed=0, scale=0.
     return [p[0] for p in pools], [p[1] for p in pools], shared
 
 
+def _expect_word_path(monkeypatch, qtypes, shared_qtypes):
+    """moe_decode must not fall back to its tile kernels when every type has the word path."""
+    word = all(q in qm.WORD_QTYPES for q in qtypes + (shared_qtypes or ()))
+    if word:
+        def no_tile(*a, **k):
+            raise AssertionError("moe_decode fell back to the tile kernels")
+
+        monkeypatch.setattr(moe, "moe_decode_tile", no_tile)
+    return word
+
+
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
-    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q6_K", "Q8_0")),
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q6_K", "Q8_0")),  # recipe Q4_K_M experts
     (("Q3_K", "Q3_K", "Q4_K"), None),
-    (("Q2_K", "Q2_K", "Q3_K"), ("BF16", "BF16", "BF16")),
+    # recipe Q2_K experts (a Q6_K shared expert would be ~1e5x larger with random blocks: the test could
+    # not see the routed experts)
+    (("Q2_K", "Q2_K", "Q3_K"), ("Q2_K", "Q3_K", "Q2_K")),
+    (("Q2_K", "Q2_K", "Q3_K"), ("BF16", "BF16", "BF16")),  # BF16: tile fallback
 ])
-def test_moe_decode(qtypes, shared_qtypes):
+def test_moe_decode(qtypes, shared_qtypes, monkeypatch):
+    word = _expect_word_path(monkeypatch, qtypes, shared_qtypes)
+    assert word == ("BF16" not in (shared_qtypes or ()))
     S, D, F, k = 5, 256, 256, 3
     (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes)
     g = torch.Generator().manual_seed(1)
@@ -75,9 +91,14 @@ def test_moe_decode(qtypes, shared_qtypes):
 @pytest.mark.parametrize("qtypes,shared_qtypes,D,kw", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=256, S1=2, BD=256, S2=2)),  # uneven D split
     (("Q6_K", "Q8_0", "Q3_K"), None, 512, dict(BF=256, S1=1, BD=256, S2=2, C=16)),
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=256, S1=2, BD=256, S2=2)),  # Q5_K down
+    # Q2_K gate/up: D slices of 512 + 256 elements (8 + 4 chunks at C=8: clamped), F split in two
+    (("Q2_K", "Q2_K", "Q3_K"), ("Q3_K", "Q2_K", "Q3_K"), 768, dict(BF=256, S1=2, BD=256, S2=2, C=16)),
+    (("Q5_K", "Q2_K", "Q5_K"), None, 512, dict(BF=256, S1=2, BD=256, S2=2, C=4)),
 ])
-def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw):
+def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
     """Split-K word-path decode: partials + last-arriver reductions; counters re-armed afterwards."""
+    assert _expect_word_path(monkeypatch, qtypes, shared_qtypes)
     S, F, k = 3, 512, 2
     (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=5)
     g = torch.Generator().manual_seed(6)

@@ -136,7 +136,13 @@ def test_qgemv_1d_bf16():
     ("Q8_0", 33, 512, dict(BN=32, C=8, SPLIT=4)),
     ("Q3_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),
     ("Q3_K", 16, 256, dict(BN=16, C=2, SPLIT=1)),
-    ("Q5_K", 7, 256, dict()),  # not a word type: falls back to the tile path
+    ("Q5_K", 37, 768, dict(BN=16, C=8, SPLIT=1)),
+    ("Q5_K", 20, 768, dict(BN=16, C=16, SPLIT=2)),  # uneven split (2 + 1 blocks) + clamped chunks (8 of C=16)
+    ("Q5_K", 9, 512, dict(BN=8, C=2, SPLIT=1)),
+    ("Q2_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),  # uneven split
+    ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2)),  # uneven split + clamped chunks (4 of C=8)
+    ("Q2_K", 16, 256, dict(BN=16, C=2, SPLIT=1)),
+    ("BF16", 7, 256, dict()),  # not a word type: method "auto" takes the tile path
 ])
 def test_qgemv_word(qtype, N, K, kw):
     g = torch.Generator().manual_seed(20 + N)
@@ -144,18 +150,29 @@ def test_qgemv_word(qtype, N, K, kw):
     for _ in range(2):  # second call: counters re-armed by the kernel
         x = torch.randn(K, 2, generator=g)[:, 1]  # strided [K]
         out = torch.full((N,), float("nan"))
-        qm.qgemv(x, p, qtype, N, out=out, method="word" if qtype != "Q5_K" else "auto", **kw)
+        qm.qgemv(x, p, qtype, N, out=out, method="word" if qtype in qm.WORD_QTYPES else "auto", **kw)
         check(out, qlinear_ref(x, wd), TOL_F32)
     if kw.get("SPLIT", 1) > 1:
         _, cnt = qm.split_workspace(out.device, kw["SPLIT"] * N, -(-N // kw["BN"]))
         assert int(cnt.abs().sum()) == 0
 
 
+def test_word_qtypes():
+    """Every ggml type has the word path (the fused MoE decode needs all six of its types there)."""
+    assert set(qm.WORD_QTYPES) == set(QUANT)
+    assert set(qm.CHUNKS_PER_BLOCK) == set(qm._WORD_C) == set(QUANT)
+    for q in QUANT:  # 16-byte chunks of the main quant plane per block
+        assert qm.CHUNKS_PER_BLOCK[q] == {"Q8_0": 32, "Q6_K": 64, "Q5_K": 128, "Q4_K": 128, "Q3_K": 64,
+                                          "Q2_K": 64}[q] // 16
+    assert qm.word_c("Q5_K", 768, 16) == (8, True) and qm.word_c("Q2_K", 768, 8) == (4, True)
+    assert qm.word_c("BF16", 256) == (1, True)
+
+
 def test_qgemv_word_extreme_x():
     """Activations from 2^-40 to 2^30 (the word path scales x by up to 2^93 and back)."""
     g = torch.Generator().manual_seed(30)
     N, K = 16, 256
-    for qtype in ["Q4_K", "Q8_0", "Q6_K", "Q3_K"]:
+    for qtype in ["Q4_K", "Q8_0", "Q6_K", "Q3_K", "Q5_K", "Q2_K"]:
         p, wd = make_weight(qtype, N, K, gen=g)
         x = torch.randn(K, generator=g) * torch.exp2(torch.randint(-40, 30, (K,), generator=g).float())
         out = torch.full((N,), float("nan"))

@@ -1,0 +1,95 @@
+"""Programmatic dependent launch (kernels/pdl.py): off where it cannot work; on the GPU, a CUDA graph of
+dependent PDL-launched kernels (GEMVs with split-K and the L2 prefetch, norm, router, MoE) gives results
+bit-identical to the same graph without PDL (a wait in the wrong place would read stale inputs)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from kimi_local.kernels import moe, norm, pdl, quant_matmul as qm, router
+except ImportError:  # not pip-installed (device machine): import the source dirs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import moe, norm, pdl, quant_matmul as qm, router
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_quant_matmul import random_blocks  # noqa: E402
+
+
+def test_pdl_off_on_cpu_and_under_interpreter(monkeypatch):
+    assert not pdl.supported("cpu")
+    with pdl.active(True):
+        if os.environ.get("TRITON_INTERPRET") == "1" or not pdl.AVAILABLE:
+            assert not pdl.enabled() and pdl.launch_kw() == {} and not pdl.prefetch()
+        else:
+            assert pdl.enabled() and pdl.launch_kw() == {"launch_pdl": True}
+            monkeypatch.setenv("KIMI_LOCAL_PREFETCH", "0")
+            assert not pdl.prefetch()
+    assert not pdl.enabled() and pdl.launch_kw() == {}
+    monkeypatch.setenv("KIMI_LOCAL_PDL", "0")
+    assert not pdl.supported("cuda")
+
+
+def _packed(qtype, N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    return qm.repack(random_blocks(qtype, N, K, "cuda", g, scale=0.002), qtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prefetch", ["1", "0"])
+def test_pdl_chain_bitwise_equal(monkeypatch, prefetch):
+    if not pdl.supported("cuda"):
+        pytest.skip("PDL needs sm_90+ and Triton >= 3.4")
+    monkeypatch.setenv("KIMI_LOCAL_PREFETCH", prefetch)
+    D, F, E, k = 2304, 1024, 64, 8
+    types = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+    mats = [(_packed(t, 4096 if i % 2 == 0 else D, D, i), t, 4096 if i % 2 == 0 else D) for i, t in enumerate(types)]
+    back = [(_packed(t, D, 4096, 10 + i), t) for i, t in enumerate(types)]  # 4096 -> D
+    nw = torch.rand(D, device="cuda") + 0.5
+    rw = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * 0.05
+    rb = torch.randn(E, device="cuda") * 0.1
+    pools = [_packed(q, E * r, c, 20 + j).view(E, r, -1) for j, (q, r, c) in
+             enumerate(zip(("Q4_K", "Q4_K", "Q5_K"), (F, F, D), (D, D, F)))]
+    shared = [_packed("Q8_0", r, c, 30 + j) for j, (r, c) in enumerate(((F, D), (F, D), (D, F)))]
+    x0 = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    h = torch.empty(1, D, device="cuda", dtype=torch.bfloat16)
+    res = torch.empty(1, D, device="cuda", dtype=torch.bfloat16)
+    big = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(1, D, device="cuda", dtype=torch.bfloat16)
+    logits = torch.empty(1, E, device="cuda")
+    ids = torch.empty(1, k, device="cuda", dtype=torch.int32)
+    wts = torch.empty(1, k, device="cuda")
+
+    def chain():
+        res.copy_(x0)
+        y.copy_(x0)
+        for (w1, t1, n1), (w2, t2) in zip(mats, back):  # norm -> GEMV -> GEMV -> router -> MoE, 6 times
+            norm.rms_norm(y, nw, 1e-6, out=h, residual=res)
+            if n1 == 4096:
+                qm.qgemv(h, w1, t1, n1, out=big)
+                qm.qgemv(big, w2, t2, D, out=y)
+            else:
+                qm.qgemv(h, w1, t1, n1, out=y)
+            router.router_logits(y, rw, out=logits)
+            router.route(logits, rb, k, 2.5, ids_out=ids, w_out=wts)
+            moe.moe_decode(y[0], ids[0], wts[0], *pools, ("Q4_K", "Q4_K", "Q5_K"), h[0], shared=shared,
+                           shared_qtypes=("Q8_0", "Q8_0", "Q8_0"))
+            y.copy_(h)
+        return torch.cat([y.float(), res.float(), logits, wts], 1).clone()
+
+    outs = []
+    for on in (True, False):
+        with pdl.active(on):
+            chain()  # warm-up: compile, workspaces
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = chain()
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
