@@ -801,6 +801,10 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
 
 
 _SPLIT_WS = {}
+# L2 prefetch before the PDL wait only for matrices up to this size: chains of [1024, 2304] GEMVs ran
+# 10-22 % faster with it, chains of 30 MB ([12288, 2304] Q6_K/Q8_0) and lm_head 10-35 % slower (H200,
+# session 3, scripts/bench_kernels.py)
+PREFETCH_MAX_BYTES = 12 << 20
 
 
 def split_workspace(device, nparts, ntiles):
@@ -873,7 +877,8 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     xs = x.reshape(-1)
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
-                                   BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(), PREFETCH=pdl.prefetch(),
+                                   BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
+                                   PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

@@ -10,6 +10,7 @@ same run by a device-to-device copy.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -205,8 +206,29 @@ def time_prefill(net, n: int, chunk: int, vocab: int) -> float:
     return time.perf_counter() - t0
 
 
+# decode variants for `--pdl-ab`: (name, environment) — read when a decode graph is captured (kernels/pdl.py)
+PDL_VARIANTS = [("pdl+prefetch", {"KIMI_LOCAL_PDL": "1", "KIMI_LOCAL_PREFETCH": "1"}),
+                ("pdl", {"KIMI_LOCAL_PDL": "1", "KIMI_LOCAL_PREFETCH": "0"}),
+                ("no pdl", {"KIMI_LOCAL_PDL": "0", "KIMI_LOCAL_PREFETCH": "0"})]
+
+
+def _with_env(env: dict, fn):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int,
-              chunks: list[int], kv_bytes: int, label: str) -> BenchResult:
+              chunks: list[int], kv_bytes: int, label: str, decode_variants: list | None = None) -> BenchResult:
+    """decode_variants: [(name, env)] to time each decode depth under each environment (a fresh decode graph
+    per variant; rows get a "variant" field), e.g. PDL_VARIANTS."""
     dev = net.device
     res = BenchResult()
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
@@ -219,22 +241,25 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
 
         res.info["pdl"] = pdl.supported(dev)  # the decode graph's kernels chained by PDL (KIMI_LOCAL_PDL=0: off)
     for ctx in contexts:
-        try:
-            cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
-        except torch.cuda.OutOfMemoryError:
-            res.rows.append(dict(kind="decode", ctx=ctx, note="does not fit"))
-            continue
-        s = time_decode(net, cache, decode_tokens, ctx - 1)
-        nbytes = wbytes + state_bytes_per_token(cfg, ctx, kv_bytes)
-        row = dict(kind="decode", ctx=ctx, tok_s=round(1 / s, 1), ms_per_tok=round(1e3 * s, 3))
-        if bw:
-            row.update(GBps=round(nbytes / s / 1e9, 1), roofline_pct=round(100 * nbytes / bw / s, 1),
-                       roofline_tok_s=round(bw / nbytes, 1))
-        res.rows.append(row)
-        del cache
-        net._graphs.clear() if hasattr(net, "_graphs") else None
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        for name, env in decode_variants or [(None, {})]:
+            try:
+                cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
+            except torch.cuda.OutOfMemoryError:
+                res.rows.append(dict(kind="decode", ctx=ctx, note="does not fit"))
+                break
+            s = _with_env(env, lambda: time_decode(net, cache, decode_tokens, ctx - 1))
+            nbytes = wbytes + state_bytes_per_token(cfg, ctx, kv_bytes)
+            row = dict(kind="decode", ctx=ctx, tok_s=round(1 / s, 1), ms_per_tok=round(1e3 * s, 3))
+            if name:
+                row["note"] = name
+            if bw:
+                row.update(GBps=round(nbytes / s / 1e9, 1), roofline_pct=round(100 * nbytes / bw / s, 1),
+                           roofline_tok_s=round(bw / nbytes, 1))
+            res.rows.append(row)
+            del cache
+            net._graphs.clear() if hasattr(net, "_graphs") else None  # each variant captures its own graph
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     for n in prompts:
         for chunk in chunks:
             try:

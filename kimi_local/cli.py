@@ -382,6 +382,7 @@ def bench(
     policy: str = typer.Option("lfu", "--expert-policy", help="With --vram: expert cache eviction, lfu or lru."),
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --vram: prefetch the next layer's experts."),
     expert_loader: str = typer.Option("device", "--expert-loader", help="With --vram: where cache decisions run: device (inside the decode graph) or host (one sync per MoE layer)."),
+    pdl_ab: bool = typer.Option(False, "--pdl-ab", help="Time each decode depth three ways: kernels chained by programmatic dependent launch with the L2 weight prefetch (the default), without the prefetch, and without PDL."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Decode tok/s at several depths, prefill tok/s, peak VRAM, GB/s and % of the HBM roofline.
@@ -436,7 +437,7 @@ def bench(
             fail(str(e))
         net, cfg, label = lm.net, lm.cfg, str(model)
     res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens, _ints(chunks),
-                      1 if kv_cache == "fp8" else 2, label)
+                      1 if kv_cache == "fp8" else 2, label, decode_variants=B.PDL_VARIANTS if pdl_ab else None)
     print(B.to_json(res) if json_out else B.format_table(res))
 
 

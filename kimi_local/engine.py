@@ -3,9 +3,9 @@
 `GpuKimi(cfg, weights)` takes canonical weights (dense tensors or QTensors, on any device),
 moves them to the GPU once (quantized blocks repacked losslessly for the kernels, q/k/v and the
 small KDA projections fused row-wise), and overrides the three mixer/FFN blocks:
-  prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through the Triton flash
-                   kernel of `kernels/mla_prefill.py` over keys decompressed one key block at a time
-                   (KIMI_LOCAL_MLA_PREFILL=sdpa: the older SDPA path below), grouped-GEMM MoE;
+  prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through fused attention
+                   (cuDNN; PyTorch's memory-efficient kernel as the fallback) over keys decompressed one
+                   key block at a time, blocks merged by log-sum-exp, grouped-GEMM MoE;
   decode  (T = 1): GEMVs, the fused KDA step kernel on the persistent fp32 state, split-sequence MLA
                    over the latent cache, fused MoE through expert slots; the whole step is
                    captured in one CUDA graph per cache (`DecodeGraph`), replayed per token,
@@ -22,7 +22,6 @@ from kimi_local.cache import KimiCache
 from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
-from kimi_local.kernels.mla_prefill import mla_prefill_attention as flash_mla_prefill
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
 from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
@@ -364,8 +363,7 @@ class GpuKimi(KimiLinear):
                              out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
             o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
         else:
-            attn = mla_prefill_attention if os.environ.get("KIMI_LOCAL_MLA_PREFILL") == "sdpa" else flash_mla_prefill
-            o = attn(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
+            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
@@ -411,14 +409,35 @@ def prefill_peak_bytes(cfg, T: int, key_block: int) -> int:
     return resid + max(kda, mla, moe, dense) + scratch
 
 
-def _sdpa_lse(q, k, v, causal: bool, scale: float):
+_CUDNN_FAILED: list = []  # the first error of cuDNN attention on this process (then: memory-efficient kernel)
+
+
+def prefill_attention_backend() -> str:
+    """"cudnn" (default: 3.0-3.4x the memory-efficient kernel at T=4096, H=32, 16K-128K keys on an H200,
+    scripts/bench_prefill_attn.py) or "efficient" (KIMI_LOCAL_MLA_PREFILL=efficient, or after cuDNN failed)."""
+    b = os.environ.get("KIMI_LOCAL_MLA_PREFILL", "cudnn")
+    if b not in ("cudnn", "efficient"):
+        raise ValueError(f"KIMI_LOCAL_MLA_PREFILL must be cudnn or efficient, not {b!r}")
+    return "efficient" if _CUDNN_FAILED else b
+
+
+def _sdpa_lse(q, k, v, causal: bool, scale: float, backend: str | None = None):
     """Attention with its log-sum-exp: q [1, H, T, Dq], k [1, H, S, Dq], v [1, H, S, Dv] ->
-    (out [1, H, T, Dv], lse [1, H, T] fp32), through PyTorch's memory-efficient kernel."""
+    (out [1, H, T, Dv], lse [1, H, T] fp32), through cuDNN's fused attention (Dq = 192 != Dv = 128 is
+    supported on sm_80+), or PyTorch's memory-efficient kernel (the fallback when cuDNN refuses)."""
+    if (backend or prefill_attention_backend()) == "cudnn" and not _CUDNN_FAILED:
+        try:
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                   scale=scale)
+            return r[0], r[1].reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
+        except RuntimeError as e:  # no cuDNN attention for this GPU / shape: remember, use the fallback
+            _CUDNN_FAILED.append(str(e)[:200])
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     return out, lse[..., : q.shape[2]]
 
 
-def mla_prefill_attention(q, latent, latent_scale, k_b, v_b, p0: int, scale: float, key_block: int = 16384):
+def mla_prefill_attention(q, latent, latent_scale, k_b, v_b, p0: int, scale: float, key_block: int = 16384,
+                          backend: str | None = None):
     """Causal MLA for a chunk of T queries at positions p0..p0+T-1 over latent rows 0..p0+T-1.
     q [T, H, Dn+Dr]; latent [cap, R+Dr]; k_b [H, R, Dn]; v_b [H, Dv, R]. Returns [T, H, Dv].
     Keys/values are decompressed one key block at a time (memory bounded at any context); the past
@@ -439,7 +458,7 @@ def mla_prefill_attention(q, latent, latent_scale, k_b, v_b, p0: int, scale: flo
     out, lse = None, None
     for a, b in blocks:
         k, v = kv(a, b)
-        o_b, l_b = _sdpa_lse(qh, k, v, causal=(a == p0), scale=scale)
+        o_b, l_b = _sdpa_lse(qh, k, v, causal=(a == p0), scale=scale, backend=backend)
         if out is None:
             out, lse = o_b.float(), l_b
             continue

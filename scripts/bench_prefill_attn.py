@@ -1,17 +1,16 @@
 """GPU benchmark of MLA prefill attention: one chunk of T = 4096 queries, 32 heads, after P past tokens.
 
     python3 scripts/bench_prefill_attn.py [--sizes 16384,65536,131072] [--T 4096] [--key-block 16384] [--fp8]
-    python3 scripts/bench_prefill_attn.py --smoke   # CPU, Triton interpreter, tiny shapes: checks the script
+    python3 scripts/bench_prefill_attn.py --smoke   # CPU, tiny shapes: checks the script (SDPA rows FAIL there)
 
 Variants, all with the engine's contract (q [T, H, 192], latent cache [P+T, 512+64], k_b, v_b -> [T, H, 128]
 fp32), keys/values decompressed <= key_block rows at a time:
-  (a) engine      kimi_local.engine.mla_prefill_attention: PyTorch's memory-efficient SDPA per key block,
-                  blocks merged by log-sum-exp in torch (the baseline; every error is measured against it);
-  (b) cudnn       the same code with its SDPA call switched to aten._scaled_dot_product_cudnn_attention
-                  (compute_log_sumexp=True); reported as FAILED where cuDNN refuses the shapes;
-  (c) triton      kernels/mla_prefill.py (one decompression GEMM per block, k_pe shared by the heads, block
-                  merging inside the kernel) for each candidate launch configuration (mla_prefill.SWEEP).
-Plus "decompress only": the Triton path's GEMMs alone (part of its total).
+  (a) efficient   kimi_local.engine.mla_prefill_attention(backend="efficient"): PyTorch's memory-efficient
+                  SDPA per key block, blocks merged by log-sum-exp in torch (the baseline; every error is
+                  measured against it);
+  (b) cudnn       the same code with cuDNN's fused attention (the engine's default; FAILED where cuDNN refuses).
+A Triton flash kernel (two dots per tile: nope + the shared rope key) measured 99-100 TFLOP/s here on an H200,
+below (a)'s 128, and was removed (docs/perf-notes.md, session 3).
 Each row: median ms over several calls (CUDA events), attention TFLOP/s (2*T*H*S_eff*(192+128), S_eff = keys
 attended: P + (T+1)/2 on average), speed-up over (a), relative Frobenius error vs (a) and (smallest size
 only, chunked per head) vs an fp32 torch reference, and the peak memory the call allocated. A variant with
@@ -34,12 +33,6 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
-
-try:
-    from kimi_local.kernels import mla_prefill
-except ImportError:  # not pip-installed (device machine): import the source dirs
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import mla_prefill
 
 try:
     from kimi_local import engine
@@ -127,14 +120,6 @@ def fp32_reference(q, latent, latent_scale, k_b, v_b, p0, scale):
     return out
 
 
-def cudnn_sdpa_lse(q, k, v, causal: bool, scale: float):
-    """engine._sdpa_lse's contract through cuDNN: q [1, H, T, Dq], k [1, H, S, Dq], v [1, H, S, Dv] ->
-    (out [1, H, T, Dv], lse [1, H, T] fp32)."""
-    r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
-    out, lse = r[0], r[1]
-    return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
-
-
 def bench_size(P, T, H, key_block, fp8, with_fp32_ref, args):
     Dn, Dr, Dv, R = 128, 64, 128, 512
     scale = 1 / math.sqrt(Dn + Dr)
@@ -167,15 +152,15 @@ def bench_size(P, T, H, key_block, fp8, with_fp32_ref, args):
     # (a) engine (memory-efficient SDPA)
     base, base_ms = None, None
     if engine is None:
-        fail_row(P, pre + "(a) engine mem-efficient SDPA", ENGINE_ERR)
+        fail_row(P, pre + "(a) engine, memory-efficient SDPA", ENGINE_ERR)
     else:
         try:
-            fn = lambda: engine.mla_prefill_attention(*args_, key_block)  # noqa: E731
+            fn = lambda: engine.mla_prefill_attention(*args_, key_block, backend="efficient")  # noqa: E731
             base, peak = checked_call(fn)
             base_ms = timeit(fn)
-            row(P, pre + "(a) engine mem-efficient SDPA", base_ms, flop, err32=e32(base), peak=peak)
+            row(P, pre + "(a) engine, memory-efficient SDPA", base_ms, flop, err32=e32(base), peak=peak)
         except Exception as e:  # noqa: BLE001 (no CPU kernel in --smoke)
-            fail_row(P, pre + "(a) engine mem-efficient SDPA", e)
+            fail_row(P, pre + "(a) engine, memory-efficient SDPA", e)
             base = None
     if base is None:  # errors are then measured against the fp32 reference (err_vs_a = err_vs_fp32)
         base = ref32 if ref32 is not None else fp32_reference(*args_)
@@ -183,50 +168,18 @@ def bench_size(P, T, H, key_block, fp8, with_fp32_ref, args):
 
     # (b) cuDNN SDPA in the engine's loop
     if engine is not None and not args.no_cudnn:
-        saved = engine._sdpa_lse
         try:
-            engine._sdpa_lse = cudnn_sdpa_lse
-            fn = lambda: engine.mla_prefill_attention(*args_, key_block)  # noqa: E731
+            fn = lambda: engine.mla_prefill_attention(*args_, key_block, backend="cudnn")  # noqa: E731
+            if engine._CUDNN_FAILED:
+                raise RuntimeError(engine._CUDNN_FAILED[0])
             o, peak = checked_call(fn)
             ms = timeit(fn)
             row(P, pre + "(b) engine loop, cuDNN SDPA", ms, flop, rel(o, base), e32(o), base_ms, peak)
+            if engine._CUDNN_FAILED:
+                raise RuntimeError(engine._CUDNN_FAILED[0])
         except Exception as e:  # noqa: BLE001
             fail_row(P, pre + "(b) engine loop, cuDNN SDPA", e)
-        finally:
-            engine._sdpa_lse = saved
 
-    # (c) Triton kernel, each candidate configuration
-    cfgs = mla_prefill.CONFIGS["interp"] if SMOKE else mla_prefill.SWEEP
-    default = mla_prefill._config_list(q.device)[0]
-    for cfg in cfgs:
-        case = pre + "(c) triton BM={BM} BN={BN} w{num_warps} s{num_stages}".format(**cfg)
-        if cfg == default:
-            case += " (default)"
-        try:
-            out = torch.empty(T, H, Dv, device=DEV)
-            fn = lambda: mla_prefill.mla_prefill_attention(*args_, key_block, config=cfg, out=out)  # noqa: E731
-            o, peak = checked_call(fn)
-            err = rel(o, base)
-            ms = timeit(fn)
-            row(P, case, ms, flop, err, e32(o), base_ms, peak)
-        except Exception as e:  # noqa: BLE001
-            fail_row(P, case, e)
-
-    # the Triton path's decompression GEMMs alone
-    try:
-        w = mla_prefill._kv_weight(k_b, v_b)
-
-        def decomp():
-            for a in range(0, n, key_block):
-                rows = lat[a:min(a + key_block, n)]
-                if sc is not None:
-                    rows = rows.float() * sc[a:a + rows.shape[0], None]
-                torch.matmul(rows.to(torch.bfloat16)[:, :R], w)
-
-        ms = timeit(decomp)
-        row(P, pre + "    decompress only (part of (c))", ms, 2 * n * R * H * (Dn + Dv), note="TFLOP/s of the GEMMs")
-    except Exception as e:  # noqa: BLE001
-        fail_row(P, pre + "decompress only", e)
     del q, lat, sc, base, ref32
     if not SMOKE:
         torch.cuda.empty_cache()

@@ -54,3 +54,16 @@ def test_demo(tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     out = r.stdout.decode()
     assert "demo ok" in out and "prefilled only the" in out and "piped document" in out
+
+
+def test_bench_tiny_cpu_json_with_decode_variants(tiny_dir):
+    """`kimi-local bench` on the tiny model on the CPU: JSON rows for each depth, prompt and --pdl-ab variant."""
+    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--contexts", "16,40", "--prompts", "24",
+              "--decode-tokens", "2", "--chunk", "8", "--pdl-ab", "--json"])
+    assert r.returncode == 0, r.stderr.decode()
+    rows = json.loads(r.stdout)["rows"]
+    dec = [x for x in rows if x["kind"] == "decode"]
+    assert [(x["ctx"], x["note"]) for x in dec] == [(c, v) for c in (16, 40) for v in ("pdl+prefetch", "pdl", "no pdl")]
+    assert all(x["tok_s"] > 0 for x in dec)
+    pre = [x for x in rows if x["kind"] == "prefill"]
+    assert len(pre) == 1 and pre[0]["ctx"] == 24 and pre[0]["tok_s"] > 0
