@@ -33,9 +33,14 @@ def test_pdl_off_on_cpu_and_under_interpreter(monkeypatch):
     assert not pdl.supported("cuda")
 
 
-def _packed(qtype, N, K, seed):
+def _packed(qtype, N, K, seed, lead=1):
+    """Packed random weight [N, K], or `lead` independent matrices [lead, N, ...] (an expert pool: the
+    struct-of-arrays repack is per matrix)."""
     g = torch.Generator().manual_seed(seed)
-    return qm.repack(random_blocks(qtype, N, K, "cuda", g, scale=3e-4), qtype)
+    raw = random_blocks(qtype, lead * N, K, "cuda", g, scale=3e-4)
+    if lead == 1:
+        return qm.repack(raw, qtype)
+    return qm.repack(raw.view(lead, N, -1), qtype)
 
 
 @pytest.mark.cuda
@@ -51,7 +56,7 @@ def test_pdl_chain_bitwise_equal(monkeypatch, prefetch):
     nw = torch.rand(D, device="cuda") + 0.5
     rw = torch.randn(E, D, device="cuda", dtype=torch.bfloat16) * 0.05
     rb = torch.randn(E, device="cuda") * 0.1
-    pools = [_packed(q, E * r, c, 20 + j).view(E, r, -1) for j, (q, r, c) in
+    pools = [_packed(q, r, c, 20 + j, lead=E) for j, (q, r, c) in
              enumerate(zip(("Q4_K", "Q4_K", "Q5_K"), (F, F, D), (D, D, F)))]
     shared = [_packed("Q8_0", r, c, 30 + j) for j, (r, c) in enumerate(((F, D), (F, D), (D, F)))]
     x0 = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
