@@ -241,12 +241,12 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     if not all_word:  # the word path has no BF16 reader: use the tile kernels
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
-    # K slices in elements, multiples of 256
+    # K slices in elements, multiples of 256 (a K below 256, Q8_0 only, is one slice)
     S1 = max(1, min(S1, D // 256))
-    eps = triton.cdiv(D // 256, S1) * 256
+    eps = triton.cdiv(D // 256, S1) * 256 if D >= 256 else D
     S1 = triton.cdiv(D, eps)
     S2 = max(1, min(S2, F // 256))
-    fps = triton.cdiv(F // 256, S2) * 256
+    fps = triton.cdiv(F // 256, S2) * 256 if F >= 256 else F
     S2 = triton.cdiv(F, fps)
     ntf, ntd = triton.cdiv(F, BF), triton.cdiv(D, BD)
 

@@ -146,6 +146,11 @@ class GpuExperts:
         return ids
 
 
+def _same_qtype(ws: list) -> bool:
+    """All quantized with one kernel type: their rows can be concatenated into one matrix (one GEMV)."""
+    return all(_is_q(w) for w in ws) and len({w.qtype for w in ws}) == 1 and ws[0].qtype in KERNEL_QTYPES
+
+
 def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
                     embed_store: str | None = None) -> tuple[dict, GpuExperts]:
     """Canonical weights -> GPU weights. Linear weights become GpuWeight (fused where possible),
@@ -173,8 +178,12 @@ def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
         out[b + "ffn_norm.weight"] = vec(b + "ffn_norm.weight")
         out[b + "attn_output.weight"] = GpuWeight(g("attn_output.weight"), dev)
         if cfg.is_kda(i):
-            out[b + "qkv"] = GpuWeight.cat([g("attn_q.weight"), g("attn_k.weight"), g("attn_v.weight")], dev)
-            out[b + "fgb_a"] = GpuWeight.cat([g("ssm_f_a.weight"), g("ssm_g_a.weight"), g("ssm_beta.weight")], dev)
+            qkv = [g("attn_q.weight"), g("attn_k.weight"), g("attn_v.weight")]
+            fgb = [g("ssm_f_a.weight"), g("ssm_g_a.weight"), g("ssm_beta.weight")]
+            if _same_qtype(qkv + fgb):  # one GEMV reads all six projections of h
+                out[b + "qkvfgb"] = GpuWeight.cat(qkv + fgb, dev)
+            else:
+                out[b + "qkv"], out[b + "fgb_a"] = GpuWeight.cat(qkv, dev), GpuWeight.cat(fgb, dev)
             out[b + "ssm_f_b.weight"] = GpuWeight(g("ssm_f_b.weight"), dev)
             out[b + "ssm_g_b.weight"] = GpuWeight(g("ssm_g_b.weight"), dev)
             out[b + "conv"] = torch.stack([g(f"ssm_conv1d_{n}.weight").float() for n in "qkv"]).to(dev).contiguous()
@@ -182,8 +191,11 @@ def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
             out[b + "ssm_dt.bias"] = vec(b + "ssm_dt.bias")
             out[b + "ssm_norm.weight"] = vec(b + "ssm_norm.weight")
         else:
-            out[b + "attn_q.weight"] = GpuWeight(g("attn_q.weight"), dev)
-            out[b + "attn_kv_a_mqa.weight"] = GpuWeight(g("attn_kv_a_mqa.weight"), dev)
+            q_kv = [g("attn_q.weight"), g("attn_kv_a_mqa.weight")]
+            if _same_qtype(q_kv):  # q and the latent projection in one GEMV
+                out[b + "attn_q_kv_a"] = GpuWeight.cat(q_kv, dev)
+            else:
+                out[b + "attn_q.weight"], out[b + "attn_kv_a_mqa.weight"] = (GpuWeight(t, dev) for t in q_kv)
             out[b + "attn_kv_a_norm.weight"] = vec(b + "attn_kv_a_norm.weight")
             out[b + "attn_k_b.weight"] = vec(b + "attn_k_b.weight", torch.bfloat16)  # [H, R, Dn]
             out[b + "attn_v_b.weight"] = vec(b + "attn_v_b.weight", torch.bfloat16)  # [H, Dv, R]
@@ -325,8 +337,12 @@ class GpuKimi(KimiLinear):
     def kda(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         T, H, K, P = h.shape[0], cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_dim
-        qkv = w[b + "qkv"].matmul(h)  # [T, 3P]
-        fgb = w[b + "fgb_a"].matmul(h)  # [T, K + K + H]
+        if b + "qkvfgb" in w:  # one GEMV: [T, 3P + K + K + H], sliced (row-strided views)
+            proj = w[b + "qkvfgb"].matmul(h)
+            qkv, fgb = proj[:, : 3 * P], proj[:, 3 * P :]
+        else:
+            qkv = w[b + "qkv"].matmul(h)  # [T, 3P]
+            fgb = w[b + "fgb_a"].matmul(h)  # [T, K + K + H]
         f = w[b + "ssm_f_b.weight"].matmul(fgb[:, :K])  # [T, P]
         z = w[b + "ssm_g_b.weight"].matmul(fgb[:, K : 2 * K])  # [T, P]
         beta_logit = fgb[:, 2 * K :]
@@ -351,8 +367,12 @@ class GpuKimi(KimiLinear):
     def mla(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         T, Hm, R, Dn = h.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
-        q = w[b + "attn_q.weight"].matmul(h).view(T, Hm, cfg.qk_head_dim)
-        kv = w[b + "attn_kv_a_mqa.weight"].matmul(h)  # [T, R + Dr]
+        if b + "attn_q_kv_a" in w:  # one GEMV: [T, Hm * Dq + R + Dr], sliced (row-strided views)
+            proj = w[b + "attn_q_kv_a"].matmul(h)
+            q, kv = proj[:, : Hm * cfg.qk_head_dim].view(T, Hm, cfg.qk_head_dim), proj[:, Hm * cfg.qk_head_dim :]
+        else:
+            q = w[b + "attn_q.weight"].matmul(h).view(T, Hm, cfg.qk_head_dim)
+            kv = w[b + "attn_kv_a_mqa.weight"].matmul(h)  # [T, R + Dr]
         lat, lsc = cache.latent[i], getattr(cache, "latent_scale", {}).get(i)
         mla_cache_write(kv, w[b + "attn_kv_a_norm.weight"], cfg.kv_a_norm_eps, lat, cache.pos_dev, lsc)
         k_b, v_b = w[b + "attn_k_b.weight"], w[b + "attn_v_b.weight"]
@@ -405,7 +425,7 @@ def prefill_peak_bytes(cfg, T: int, key_block: int) -> int:
            + 2 * T * Hm * Dq * 2 + 6 * T * Hm * Dv * 4)  # q (+ contiguous copy), lse merge in fp32
     moe = 2 * k * T * F + 4 * k * T * D + 8 * T * D + 12 * T * F  # h, y fp32, sum, router, shared
     dense = 16 * T * I  # layer 0: g, u bf16 + silu/product in fp32
-    scratch = 3 * P * D * 2  # the fused q/k/v matrix dequantized to bf16 for cuBLAS
+    scratch = (3 * P + 2 * cfg.kda_head_dim + cfg.kda_num_heads) * D * 2  # fused q/k/v/f/g/b rows as bf16 (cuBLAS)
     return resid + max(kda, mla, moe, dense) + scratch
 
 

@@ -37,6 +37,32 @@ def test_engine_decode_steps_match_reference(tiny_dir):
             2 * _rel(caches[1].kda_state[i], caches[0].kda_state[i]), 1e-2)
 
 
+def test_engine_fused_quantized_projections_match_reference(tiny_dir, monkeypatch):
+    """Quantized (Q8_0) projections of one type are fused: q/k/v/f_a/g_a/beta of a KDA layer and q/kv_a of an
+    MLA layer each become one GEMV whose output is sliced. Decode is bit-identical to the unfused engine and
+    within the bf16 band of the reference."""
+    import kimi_local.engine as E
+    from kimi_local.bench import synthetic_weights
+
+    cfg = HFCheckpoint(tiny_dir).cfg
+    w = synthetic_weights(cfg, lambda name, shape: "Q8_0" if shape[-1] % 32 == 0 else "BF16", "cpu", seed=1)
+    ref = KimiLinear(cfg, dict(w), "cpu", torch.float32)
+    band = KimiLinear(cfg, dict(w), "cpu", torch.bfloat16)
+    eng = E.GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False)
+    assert sum(k.endswith(".qkvfgb") for k in eng.w) == len(cfg.kda_layer_ids)
+    assert sum(k.endswith(".attn_q_kv_a") for k in eng.w) == cfg.num_hidden_layers - len(cfg.kda_layer_ids)
+    monkeypatch.setattr(E, "_same_qtype", lambda ws: False)
+    sep = E.GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False)
+    assert not any(k.endswith((".qkvfgb", ".attn_q_kv_a")) for k in sep.w)
+    nets = (ref, band, eng, sep)
+    caches = [ref.new_cache(), band.new_cache(), eng.new_cache(max_ctx=64), sep.new_cache(max_ctx=64)]
+    for t in [7, 300, 41, 650]:
+        ids = torch.tensor([t])
+        r, b, e, s_ = (net.forward(ids, c) for net, c in zip(nets, caches))
+        assert torch.isfinite(e).all() and torch.equal(e, s_)
+        assert _rel(e, r) < max(3 * _rel(b, r), 1e-2), (_rel(e, r), _rel(b, r))
+
+
 def test_engine_with_offloaded_experts_equals_resident(tiny_dir):
     """The engine reading its packed expert pools through kimi_local.offload's slot cache (2 + 1
     slots of 8 per layer, prefetch on) decodes the same greedy tokens as with all experts resident."""
