@@ -6,7 +6,8 @@ used for few tokens (decode); prefill (many tokens) uses the fp32 GEMM.
 route: per token, s = sigmoid(logits), pick the top-k of s + bias (bias for selection only), weights
 = s (or s + bias, the HF variant) renormalised to sum 1, times the routed scaling factor.
 One program per token; top-k by k successive arg-max passes over the E = 256 scores in registers.
-route_tokens: both, two launches per decode token.
+router_route: both in one launch (the last program of a token to finish its logits does the top-k);
+route_tokens uses it for decode.
 """
 from __future__ import annotations
 
@@ -43,18 +44,19 @@ def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
 
 
 @triton.jit
-def route_kernel(logits, bias, ids_out, w_out, scale, stride_l,
-                 E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                 BIASED: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    i_t = tl.program_id(0).to(tl.int64)
+def _route_row(logits_row, bias, ids_row, w_row, scale,
+               E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+               BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
+    """Top-k of one token's E logits -> ids [K] int32, weights [K] fp32 (CG: read the logits past L1,
+    for logits other programs of this launch wrote)."""
     o_e = tl.arange(0, BE)
     m_e = o_e < E
-    b_bias = tl.load(bias + o_e, mask=m_e, other=0.0)  # a weight: read before the PDL wait
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    b_s = tl.sigmoid(tl.load(logits + i_t * stride_l + o_e, mask=m_e, other=0.0).to(tl.float32))
-    b_sel = tl.where(m_e, b_s + b_bias, float("-inf"))  # [BE]
+    if CG:
+        b_l = tl.load(logits_row + o_e, mask=m_e, other=0.0, cache_modifier=".cg")
+    else:
+        b_l = tl.load(logits_row + o_e, mask=m_e, other=0.0)
+    b_s = tl.sigmoid(b_l.to(tl.float32))
+    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))  # [BE]
     b_w = b_sel if BIASED else b_s
     o_k = tl.arange(0, BK)
     ids = tl.zeros([BK], dtype=tl.int32)
@@ -67,8 +69,50 @@ def route_kernel(logits, bias, ids_out, w_out, scale, stride_l,
     if RENORM:
         wts = wts / (tl.sum(wts, 0) + 1e-20)
     m_k = o_k < K
-    tl.store(ids_out + i_t * K + o_k, ids, mask=m_k)
-    tl.store(w_out + i_t * K + o_k, wts * scale, mask=m_k)
+    tl.store(ids_row + o_k, ids, mask=m_k)
+    tl.store(w_row + o_k, wts * scale, mask=m_k)
+
+
+@triton.jit
+def route_kernel(logits, bias, ids_out, w_out, scale, stride_l,
+                 E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                 BIASED: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
+    i_t = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    _route_row(logits + i_t * stride_l, bias, ids_out + i_t * K, w_out + i_t * K, scale,
+               E, BE, K, BK, BIASED, RENORM, False)
+
+
+@triton.jit
+def router_route_kernel(x, w, logits, cnt, bias, ids_out, w_out, scale, D, stride_x, stride_w, stride_l,
+                        E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, BEF: tl.constexpr,
+                        K: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr,
+                        PDL: tl.constexpr):
+    """router_logits_kernel, then the last of the cdiv(E, BE) programs of token i_t (arrival counter
+    cnt[i_t], re-armed to 0 by it) runs the top-k over the token's E logits: one launch per decode token."""
+    i_e, i_t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_e = o_e < E
+    p_w = w + o_e.to(tl.int64)[:, None] * stride_w
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    b_acc = tl.zeros([BE, BD], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_w = tl.load(p_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_acc += b_w * b_x[None, :]
+    tl.store(logits + i_t * stride_l + o_e, tl.sum(b_acc, 1), mask=m_e)
+    tl.debug_barrier()  # every thread's logits stored before the (releasing) arrival
+    c = tl.atomic_add(cnt + i_t, 1, sem="acq_rel", scope="gpu")
+    if c == tl.num_programs(0) - 1:
+        _route_row(logits + i_t * stride_l, bias, ids_out + i_t * K, w_out + i_t * K, scale,
+                   E, BEF, K, BK, BIASED, RENORM, True)
+        tl.atomic_xchg(cnt + i_t, 0, sem="relaxed", scope="gpu")
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float, biased_weights: bool = False,
@@ -109,11 +153,42 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, out=None, BE: int | None = N
     return out
 
 
+_CNT: dict = {}  # device -> int32 arrival counters [GEMV_MAX_TOKENS], zero between launches
+
+
+def router_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, scale: float,
+                 biased_weights: bool = False, renormalize: bool = True, BE: int | None = None,
+                 BD: int | None = None, num_warps: int | None = None):
+    """router_logits + route in one launch for T <= GEMV_MAX_TOKENS tokens: (ids [T, k] int32,
+    weights [T, k] fp32). Graph-capturable after the first call on a device (counter allocation)."""
+    T, D = x.shape
+    E = w.shape[0]
+    assert T <= GEMV_MAX_TOKENS and w.shape[1] == D and x.stride(1) == 1 and w.stride(1) == 1
+    assert bias.is_contiguous()
+    key = str(x.device)
+    if key not in _CNT:
+        _CNT[key] = torch.zeros(GEMV_MAX_TOKENS, dtype=torch.int32, device=x.device)
+    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    wts = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    BE = BE or GEMV_DEFAULTS["BE"]
+    BD = min(BD or GEMV_DEFAULTS["BD"], triton.next_power_of_2(D))
+    router_route_kernel[(triton.cdiv(E, BE), T)](
+        x, w, logits, _CNT[key], bias, ids, wts, float(scale), D, x.stride(0), w.stride(0), logits.stride(0),
+        E=E, BE=BE, BD=BD, BEF=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k),
+        BIASED=biased_weights, RENORM=renormalize, PDL=pdl.enabled(), **pdl.launch_kw(),
+        num_warps=1 if _INTERP else (num_warps or GEMV_DEFAULTS["num_warps"]))
+    return ids, wts
+
+
 def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, scale: float,
                  biased_weights: bool = False, renormalize: bool = True):
     """naive.route's contract on the device: x [T, D], router w [E, D], bias [E] ->
-    (ids [T, k] int32, weights [T, k] fp32). Decode (T <= GEMV_MAX_TOKENS): two launches."""
+    (ids [T, k] int32, weights [T, k] fp32). Decode (T <= GEMV_MAX_TOKENS): one launch (router_route;
+    KIMI_LOCAL_ROUTE_FUSED=0: the two launches router_logits + route)."""
     if x.shape[0] <= GEMV_MAX_TOKENS:
+        if os.environ.get("KIMI_LOCAL_ROUTE_FUSED", "1") != "0":
+            return router_route(x, w, bias, k, scale, biased_weights, renormalize)
         logits = router_logits(x, w)
     else:
         logits = x.float() @ w.float().t()

@@ -886,7 +886,8 @@ class OffloadedExperts:
             t.stats, t.counts = self._dev_stats[j], self._dev_counts[j]
             self.tables[L] = t
         # prefetch guess in two launches: layer nxt's router with the norm ratio folded into its columns
-        # (bf16, [E, D]), read by the router GEMV kernel, then the top-k of the route kernel
+        # (bf16, [E, D]), read by the router GEMV kernel, then the top-k of the route kernel (not the
+        # one-launch router_route: its arrival counters are shared, and this runs on the prefetch stream)
         self._guess_w = {}
         for L, nxt in self.next_layer.items():
             wr = self.w[f"blk.{nxt}.ffn_gate_inp.weight"].float().to(self.device)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kimi_local.kernels import naive
-from kimi_local.kernels.router import route, route_tokens, router_logits
+from kimi_local.kernels import router as router_mod
+from kimi_local.kernels.router import route, route_tokens, router_logits, router_route
 
 
 @pytest.mark.parametrize("T,E,k,biased", [(1, 256, 8, False), (5, 37, 3, False), (4, 16, 4, True), (3, 8, 1, False)])
@@ -52,8 +53,27 @@ def test_router_logits_matches_fp32_gemm(T, E, D, BE, BD, xdtype):
     torch.testing.assert_close(out.cpu(), x.float() @ w.t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("T,E,D,k,BE,BD,biased", [(1, 37, 50, 3, 4, 16, False), (3, 16, 300, 4, 8, 64, True),
+                                                   (2, 9, 7, 1, 2, 16, False), (1, 64, 288, 8, None, None, False)])
+def test_router_route_one_launch(T, E, D, k, BE, BD, biased):
+    """GEMV + top-k in one launch (the last program of each token selects): the reference's experts and
+    weights, twice in a row (the arrival counters are re-armed by the kernel)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(E * D + T + k)
+    w = torch.randn(E, D, generator=g)
+    bias = 0.3 * torch.randn(E, generator=g)
+    for _ in range(2):
+        x = torch.randn(T, D, generator=g).to(torch.bfloat16)
+        ids_ref, w_ref = naive.route(x, w, bias, k, 2.446, biased_weights=biased)
+        ids, wts = router_route(x.to(dev), w.to(dev), bias.to(dev), k, 2.446, biased_weights=biased, BE=BE, BD=BD)
+        _same_selection(ids, wts, ids_ref, w_ref)
+        assert int(router_mod._CNT[str(ids.device)].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
 @pytest.mark.parametrize("T", [1, 2, 9])  # 9 > GEMV_MAX_TOKENS: the fp32 GEMM path
-def test_route_tokens_matches_reference(T):
+def test_route_tokens_matches_reference(T, fused, monkeypatch):
+    monkeypatch.setenv("KIMI_LOCAL_ROUTE_FUSED", fused)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     E, D, k = 24, 40, 5
     g = torch.Generator().manual_seed(T)
