@@ -419,16 +419,6 @@ def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
 
 
 @triton.jit
-def _s5(v, x0, x1, x2, x3):
-    # 4 five-bit fields at bits 0-4 of the bytes of v (bits 5-7 ignored), dotted with x (scaled domain)
-    s = _bf(v & 0x1F) * (x0 * _P93)[None]
-    s += _bf(v & 0x1F00) * (x1 * _P85)[None]
-    s += _bf(v & 0x1F0000) * (x2 * _P77)[None]
-    s += _bf((v >> 16) & 0x1F00) * (x3 * _P85)[None]
-    return tl.sum(s, axis=2)
-
-
-@triton.jit
 def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # Q4_K's nibbles plus a 5th bit per element from qh (bit `sub` of qh byte e % 32 for element e of
     # sub-block `sub`). A qs chunk (group j of the block, half h) holds sub-blocks 2j (low nibbles) and
@@ -468,8 +458,8 @@ def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         xh1 = _xg(x, sxk, base + 32, ii, 1, 0)
         xh2 = _xg(x, sxk, base + 32, ii, 2, 0)
         xh3 = _xg(x, sxk, base + 32, ii, 3, 0)
-        s_lo = _s5(v_lo, xl0, xl1, xl2, xl3)
-        s_hi = _s5(v_hi, xh0, xh1, xh2, xh3)
+        s_lo = _sb(v_lo, 0x1F, xl0, xl1, xl2, xl3)
+        s_hi = _sb(v_hi, 0x1F, xh0, xh1, xh2, xh3)
         xs_lo = _xs4(xl0, xl1, xl2, xl3)
         xs_hi = _xs4(xh0, xh1, xh2, xh3)
         scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
@@ -521,12 +511,13 @@ def _wdot_q8_0(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EV
 
 
 @triton.jit
-def _s6(v, x0, x1, x2, x3):
-    # 4 six-bit fields at bytes of v, dotted with x (scaled domain)
-    s = _bf(v & 0x3F) * (x0 * _P93)[None]
-    s += _bf(v & 0x3F00) * (x1 * _P85)[None]
-    s += _bf(v & 0x3F0000) * (x2 * _P77)[None]
-    s += _bf((v >> 16) & 0x3F00) * (x3 * _P85)[None]
+def _sb(v, M: tl.constexpr, x0, x1, x2, x3):
+    """The M-masked field at bit 0 of each of the 4 bytes of v (M = 0x7 / 0x1F / 0x3F: 3-, 5-, 6-bit fields;
+    higher bits ignored), dotted with x (scaled domain; byte 3 through one shift, below bit 23)."""
+    s = _bf(v & M) * (x0 * _P93)[None]
+    s += _bf(v & (M << 8)) * (x1 * _P85)[None]
+    s += _bf(v & (M << 16)) * (x2 * _P77)[None]
+    s += _bf((v >> 16) & (M << 8)) * (x3 * _P85)[None]
     return tl.sum(s, axis=2)
 
 
@@ -572,13 +563,13 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             x2 = _xg(x, sxk, xb, ii, 2, 0)
             x3 = _xg(x, sxk, xb, ii, 3, 0)
             if k == 0:
-                sk = _s6(c_0, x0, x1, x2, x3)
+                sk = _sb(c_0, 0x3F, x0, x1, x2, x3)
             elif k == 1:
-                sk = _s6(c_1, x0, x1, x2, x3)
+                sk = _sb(c_1, 0x3F, x0, x1, x2, x3)
             elif k == 2:
-                sk = _s6(c_2, x0, x1, x2, x3)
+                sk = _sb(c_2, 0x3F, x0, x1, x2, x3)
             else:
-                sk = _s6(c_3, x0, x1, x2, x3)
+                sk = _sb(c_3, 0x3F, x0, x1, x2, x3)
             sc = tl.load(scp + so + 2 * k).to(tl.float32)
             part += sc * (sk - 32.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part
@@ -587,15 +578,6 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         else:
             acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
     return tl.sum(acc, axis=1) * _P56
-
-
-@triton.jit
-def _s3(v, x0, x1, x2, x3):
-    s = _bf(v & 0x7) * (x0 * _P93)[None]
-    s += _bf(v & 0x700) * (x1 * _P85)[None]
-    s += _bf(v & 0x70000) * (x2 * _P77)[None]
-    s += _bf((v >> 16) & 0x700) * (x3 * _P85)[None]
-    return tl.sum(s, axis=2)
 
 
 @triton.jit
@@ -637,7 +619,7 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
                 v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
             else:
                 v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
-            sj = _s3(v, x0, x1, x2, x3)
+            sj = _sb(v, 0x7, x0, x1, x2, x3)
             sc = tl.load(scp + so + 2 * jj).to(tl.float32)
             part += sc * (sj - 4.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part

@@ -24,8 +24,9 @@ _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
-                         E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+def _logits_block(x, w, out, D, stride_x, stride_w, stride_o,
+                  E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    """Program (i_e, i_t): logits of experts i_e * BE .. + BE for token i_t, stored to out[i_t]."""
     i_e, i_t = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_e = i_e * BE + tl.arange(0, BE)
     m_e = o_e < E
@@ -41,6 +42,12 @@ def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
         b_w = tl.load(p_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [BE, BD]
         b_acc += b_w * b_x[None, :]
     tl.store(out + i_t * stride_o + o_e, tl.sum(b_acc, 1), mask=m_e)
+
+
+@triton.jit
+def router_logits_kernel(x, w, out, D, stride_x, stride_w, stride_o,
+                         E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    _logits_block(x, w, out, D, stride_x, stride_w, stride_o, E, BE, BD, PDL)
 
 
 @triton.jit
@@ -92,21 +99,8 @@ def router_route_kernel(x, w, logits, cnt, bias, ids_out, w_out, scale, D, strid
                         PDL: tl.constexpr):
     """router_logits_kernel, then the last of the cdiv(E, BE) programs of token i_t (arrival counter
     cnt[i_t], re-armed to 0 by it) runs the top-k over the token's E logits: one launch per decode token."""
-    i_e, i_t = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_e = i_e * BE + tl.arange(0, BE)
-    m_e = o_e < E
-    p_w = w + o_e.to(tl.int64)[:, None] * stride_w
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    b_acc = tl.zeros([BE, BD], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        o_d = d0 + tl.arange(0, BD)
-        m_d = o_d < D
-        b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_w = tl.load(p_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        b_acc += b_w * b_x[None, :]
-    tl.store(logits + i_t * stride_l + o_e, tl.sum(b_acc, 1), mask=m_e)
+    i_t = tl.program_id(1).to(tl.int64)
+    _logits_block(x, w, logits, D, stride_x, stride_w, stride_l, E, BE, BD, PDL)
     tl.debug_barrier()  # every thread's logits stored before the (releasing) arrival
     c = tl.atomic_add(cnt + i_t, 1, sem="acq_rel", scope="gpu")
     if c == tl.num_programs(0) - 1:
