@@ -210,6 +210,9 @@ MOE_VARIANTS = [
     ("BF=64 S1=3 BD=64 S2=4", dict(BF=64, S1=3, BD=64, S2=4)),
     ("BF=32 S1=3 BD=32 S2=2 nw=8", dict(BF=32, S1=3, BD=32, S2=2, num_warps=8)),
     ("BF=16 S1=9 BD=16 S2=4 nw=2", dict(BF=16, S1=9, BD=16, S2=4, num_warps=2)),
+    ("BF=8 S1=9 BD=8 S2=4 nw=1", dict(BF=8, S1=9, BD=8, S2=4, num_warps=1)),
+    ("BF=16 S1=9 BD=16 S2=4 nw=1", dict(BF=16, S1=9, BD=16, S2=4, num_warps=1)),
+    ("BF=32 S1=9 BD=32 S2=4 nw=4", dict(BF=32, S1=9, BD=32, S2=4, num_warps=4)),
 ]
 
 
@@ -223,7 +226,8 @@ def sweep_moe(bw, args):
     sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(R)]
     wts = [torch.rand(k, generator=gen).to(DEV) for _ in range(R)]
     x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
-    for qtypes in [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q3_K", "Q4_K")]:
+    for qtypes in [("Q4_K", "Q4_K", "Q5_K"), ("Q2_K", "Q2_K", "Q3_K"), ("Q4_K", "Q4_K", "Q6_K"),
+                   ("Q3_K", "Q3_K", "Q4_K")]:  # the Q4_K_M and Q2_K recipes' experts first
         case = "/".join(qtypes) + " k=8 +Q8_0 shared"
         pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
         nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes + 2 * D * 2
