@@ -239,7 +239,7 @@ def _gpu_dense(raw, qtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q4_K", 163840, 2304), ("Q8_0", 4096, 2304),
                                        ("Q5_K", 4096, 2304), ("Q3_K", 2304, 4096), ("Q2_K", 1024, 2304),
-                                       ("Q8_0", 4096, 128)])
+                                       ("Q8_0", 4096, 128), ("Q6_K", 2304, 4096), ("Q4_K", 1024, 2304)])
 @pytest.mark.parametrize("M", [1, 8])
 def test_cuda_qgemv(qtype, N, K, M):
     p, raw = _gpu_weight(qtype, N, K, 10)
