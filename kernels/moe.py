@@ -200,7 +200,9 @@ def moe_decode_config(qtypes, shared_qtypes, D, F):
     """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
     if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
         return 128, 1, 128, 1, 4
-    return 16, 9, 16, 4, 2  # run 3 sweep (H200): 48.9 us Q4_K/Q4_K/Q6_K, 46.3 us Q3_K/Q3_K/Q4_K (+Q8_0 shared)
+    # session 3 sweep (H200, scripts/sweep_gemv.py --only moe): 1 warp per program instead of 2: 38.8 vs 47.0 us
+    # Q4_K/Q4_K/Q5_K (the Q4_K_M recipe), 40.8 vs 47.8 us Q2_K/Q2_K/Q3_K (+Q8_0 shared)
+    return 16, 9, 16, 4, 1
 
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
