@@ -284,5 +284,27 @@ def format_table(res: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def text_table(rows: list[dict], cols: list[str], fmt: dict | None = None) -> str:
+    """Rows (dicts) as an aligned text table of `cols` (the device scripts print theirs last): a missing or
+    None value is blank, "ok" prints ok / FAIL, "note" is cut at 100 characters, fmt maps a column to a
+    format string."""
+    fmt = fmt or {}
+
+    def cell(r, c):
+        v = r.get(c)
+        if v is None:
+            return ""
+        if c == "ok":
+            return "ok" if v else "FAIL"
+        if c == "note":
+            return str(v)[:100]
+        return fmt.get(c, "{}").format(v)
+
+    cells = [[cell(r, c) for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = ["", " | ".join(c.ljust(w) for c, w in zip(cols, width)), "-+-".join("-" * w for w in width)]
+    return "\n".join(lines + [" | ".join(v.ljust(w) for v, w in zip(x, width)) for x in cells])
+
+
 def to_json(res: BenchResult) -> str:
     return json.dumps({"info": res.info, "rows": res.rows}, indent=2)

@@ -28,6 +28,7 @@ try:
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import moe, pdl, quant_matmul as qm
+from kimi_local.bench import text_table  # noqa: E402 (the repo root is on sys.path either way)
 
 
 def pdl_mode(tag: str):
@@ -491,12 +492,7 @@ def print_table(rows):
             "note"]
     fmt = {"ms": "{:.4f}", "floor_ms": "{:.4f}", "base_ms": "{:.4f}", "GB/s": "{:.0f}", "%bw": "{:.1f}",
            "TFLOP/s": "{:.1f}", "%mm": "{:.1f}", "x_base": "{:.2f}"}
-    cells = [[fmt.get(c, "{}").format(r[c]) if c in r else "" for c in cols] for r in rows]
-    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
-    print("-+-".join("-" * w for w in width))
-    for x in cells:
-        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+    print(text_table(rows, cols, fmt))
 
 
 def main():

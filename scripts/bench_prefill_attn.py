@@ -34,6 +34,9 @@ import triton  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when not pip-installed
+from kimi_local.bench import text_table  # noqa: E402
+
 try:
     from kimi_local import engine
 except Exception as e:  # noqa: BLE001
@@ -189,22 +192,7 @@ def print_table():
     cols = ["P", "case", "ms", "TFLOP/s", "speedup", "err_vs_a", "err_vs_fp32", "peak_MB", "ok", "note"]
     fmt = {"ms": "{:.2f}", "TFLOP/s": "{:.0f}", "speedup": "{:.2f}x", "err_vs_a": "{:.1e}", "err_vs_fp32": "{:.1e}",
            "peak_MB": "{:.0f}"}
-
-    def cell(r, c):
-        if c not in r or r[c] is None:
-            return ""
-        if c == "ok":
-            return "ok" if r[c] else "FAIL"
-        if c == "note":
-            return r[c][:100]
-        return fmt.get(c, "{}").format(r[c])
-
-    cells = [[cell(r, c) for c in cols] for r in ROWS]
-    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
-    print("-+-".join("-" * w for w in width))
-    for x in cells:
-        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+    print(text_table(ROWS, cols, fmt))
 
 
 def main():

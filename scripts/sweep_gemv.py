@@ -33,6 +33,7 @@ try:
 except ImportError:  # device machine: import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import moe, quant_matmul as qm
+from kimi_local.bench import text_table  # noqa: E402 (the repo root is on sys.path either way)
 
 FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
 T0 = time.time()
@@ -266,12 +267,7 @@ def sweep_moe(bw, args):
 def print_table(rows):
     cols = ["section", "case", "variant", "us", "GB/s", "%bw", "rel_err", "note"]
     fmt = {"us": "{:.2f}", "GB/s": "{:.0f}", "%bw": "{:.1f}", "rel_err": "{:.1e}"}
-    cells = [[fmt.get(c, "{}").format(r[c]) if r.get(c) is not None else "" for c in cols] for r in rows]
-    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
-    print("-+-".join("-" * w for w in width))
-    for x in cells:
-        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+    print(text_table(rows, cols, fmt))
 
 
 def engine_summary(rows):

@@ -38,6 +38,7 @@ try:
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import kda, mla, naive
+from kimi_local.bench import text_table  # noqa: E402 (the repo root is on sys.path either way)
 
 ROWS = []
 BW = None  # bytes/s of the d2d copy
@@ -279,20 +280,7 @@ def sweep_mla(sizes):
 def print_table():
     cols = ["section", "case", "us", "floor_us", "GB/s", "%copy", "err", "ok", "note"]
     fmt = {"us": "{:.2f}", "floor_us": "{:.2f}", "GB/s": "{:.0f}", "%copy": "{:.1f}", "err": "{:.1e}"}
-
-    def cell(r, c):
-        if c not in r or r[c] is None:
-            return ""
-        if c == "ok":
-            return "ok" if r[c] else "FAIL"
-        return fmt.get(c, "{}").format(r[c])
-
-    cells = [[cell(r, c) for c in cols] for r in ROWS]
-    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    print("\n" + " | ".join(c.ljust(w) for c, w in zip(cols, width)))
-    print("-+-".join("-" * w for w in width))
-    for x in cells:
-        print(" | ".join(v.ljust(w) for v, w in zip(x, width)))
+    print(text_table(ROWS, cols, fmt))
 
 
 def main():

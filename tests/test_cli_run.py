@@ -67,3 +67,15 @@ def test_bench_tiny_cpu_json_with_decode_variants(tiny_dir):
     assert all(x["tok_s"] > 0 for x in dec)
     pre = [x for x in rows if x["kind"] == "prefill"]
     assert len(pre) == 1 and pre[0]["ctx"] == 24 and pre[0]["tok_s"] > 0
+
+
+def test_text_table_alignment_and_cells():
+    from kimi_local.bench import text_table
+
+    out = text_table([{"a": 1.23456, "ok": False, "note": "x" * 150}, {"a": None, "ok": True, "b": "long value"}],
+                     ["a", "b", "ok", "note"], {"a": "{:.2f}"})
+    lines = out.split("\n")
+    assert lines[0] == "" and lines[1].split(" | ")[:3] == ["a   ", "b         ", "ok  "]
+    assert lines[3].startswith("1.23 |            | FAIL | " + "x" * 100) and "x" * 101 not in out
+    assert lines[4].startswith("     | long value | ok   |")
+    assert len({len(x) for x in lines[1:]}) == 1  # every row as wide as the header
