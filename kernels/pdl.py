@@ -93,9 +93,3 @@ def prefetch_l2_bulk(ptr, nbytes):
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                               [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
-
-@triton.jit
-def prefetch_l2_line(ptr):
-    """Prefetch the 128-byte line holding each element of the pointer tensor `ptr` into L2."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                              is_pure=False, pack=1)

@@ -228,7 +228,7 @@ def _with_env(env: dict, fn):
 def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int,
               chunks: list[int], kv_bytes: int, label: str, decode_variants: list | None = None) -> BenchResult:
     """decode_variants: [(name, env)] to time each decode depth under each environment (a fresh decode graph
-    per variant; rows get a "variant" field), e.g. PDL_VARIANTS."""
+    per variant; a row's "note" names its variant), e.g. PDL_VARIANTS."""
     dev = net.device
     res = BenchResult()
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0

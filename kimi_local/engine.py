@@ -450,6 +450,8 @@ def _sdpa_lse(q, k, v, causal: bool, scale: float, backend: str | None = None):
             r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                    scale=scale)
             return r[0], r[1].reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
+        except torch.cuda.OutOfMemoryError:  # a budget problem, not a missing kernel: the caller reports it
+            raise
         except RuntimeError as e:  # no cuDNN attention for this GPU / shape: remember, use the fallback
             _CUDNN_FAILED.append(str(e)[:200])
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
