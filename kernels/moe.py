@@ -34,8 +34,9 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, _dot_w, _dq_dot_rows, _dq_tile,
-                           _wdot, packed_row_bytes, qlinear, split_workspace, word_c)
+from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
+                           _wdot, _x8_quant, _x8_store, packed_row_bytes, qlinear, quantize_x8, split_workspace,
+                           word_c, x8_default, x8_words)
 
 
 def _cfgs(opts, names):
@@ -107,15 +108,31 @@ def _workspace(n, device):
 
 
 @triton.jit
-def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
-    """_wdot over elements [e0, e1) of K (multiples of the type's block)."""
+def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
+            X8: tl.constexpr):
+    """_wdot (X8: _i8dot, x an x8 buffer) over elements [e0, e1) of K (multiples of the type's block)."""
     if QT == 0:
         b0 = e0 // 32
         b1 = tl.minimum(e1, K) // 32
     else:
         b0 = e0 // 256
         b1 = tl.minimum(e1, K) // 256
+    if X8:
+        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN)
     return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
+
+
+@triton.jit
+def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexpr):
+    """act[e, f] = h ([BF] fp32); X8: act is [E, x8_words(F)] int32 and BF a multiple of 16: each 16-group
+    of h is quantized to int8 here, once, for the down kernel's dp4a."""
+    if X8:
+        G: tl.constexpr = BF // 16
+        words, dx, sq = _x8_quant(tl.reshape(h, [G, 16]))
+        g = i_f * G + tl.arange(0, G)
+        _x8_store(act + i_e * (F // 4 + F // 8), F, g, g < F // 16, words, dx, sq)
+    else:
+        tl.store(act + i_e * F + f, h, mask=f_mask)
 
 
 @triton.jit
@@ -124,7 +141,9 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
-                          QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr):
+                          QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
+                          X8: tl.constexpr):
+    # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:  # x and slot_ids come from the previous kernels
         gdc_wait()
@@ -136,13 +155,13 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     e1 = e0 + EPS
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
-        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG)
-        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU)
+        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
+        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
-        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG)
-        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU)
+        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
+        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
     if S1 == 1:
-        tl.store(act + i_e * F + f, b_g * tl.sigmoid(b_g) * b_u, mask=f_mask)
+        _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
     else:
         pg = part + (i_s * E + i_e) * 2 * F
         tl.store(pg + f, b_g, mask=f_mask)
@@ -157,7 +176,7 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                 ps = part + (s * E + i_e) * 2 * F
                 g += tl.load(ps + f, mask=f_mask, other=0.0, cache_modifier=".cg")
                 u += tl.load(ps + F + f, mask=f_mask, other=0.0, cache_modifier=".cg")
-            tl.store(act + i_e * F + f, g * tl.sigmoid(g) * u, mask=f_mask)
+            _act_store(act, i_e, i_f, f, f_mask, F, g * tl.sigmoid(g) * u, BF, X8)
             tl.atomic_xchg(cnt + i_e * nt + i_f, 0, sem="relaxed", scope="gpu")
 
 
@@ -165,8 +184,13 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
-                       QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr):
+                       QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
+                       X8: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if X8:
+        a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
+    else:
+        a_e = act + i_e * F
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -178,9 +202,9 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
         wt = tl.load(weights + i_e).to(tl.float32)
-        y = wt * _wdot_e(act + i_e * F, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD)
+        y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8)
     else:
-        y = _wdot_e(act + i_e * F, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD)
+        y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
     NP: tl.constexpr = E * S2
     if NP == 1:
         tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
@@ -207,14 +231,16 @@ def moe_decode_config(qtypes, shared_qtypes, D, F):
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None):
+               num_warps=None, num_stages=1, C=None, x8=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
     Writes out [D]. impl "word" (default): split-K word-path kernels, knobs BF/S1 (rows per program and
     D-splits of gate/up), BD/S2 (rows and F-splits of down), num_warps, num_stages, C (chunks per step);
     "tile": the older tile kernels. Workspaces are cached per device and size (graph-capturable after
-    the first call)."""
+    the first call). x8 (word path): int8 activations and dp4a (quant_matmul's x8 section): None =
+    x8_default(), True = quantize x here (one more launch), an int32 tensor = x's x8 buffer, False = fp;
+    the gate/up kernel then also writes act as int8 for the down kernel."""
     if impl == "tile":
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
@@ -262,19 +288,29 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     CSU, EVSU = ce(qsu, eps, D)
     CD, EVD = ce(qd, fps, F)
     CSD, EVSD = ce(qsd, fps, F)
+    if x8 is None:
+        x8 = x8_default()
+    use_x8 = isinstance(x8, torch.Tensor) or (bool(x8) and BF % X8_GROUP == 0 and F % X8_GROUP == 0
+                                              and D % X8_GROUP == 0)
     act = workspace if workspace is not None else _workspace(E * F, x.device)
+    xin = x
+    if use_x8:  # act's fp32 [E, F] workspace holds the [E, x8_words(F)] int32 rows (3/8 of the size)
+        assert BF % X8_GROUP == 0 and act.numel() >= E * x8_words(F)
+        act = act.view(torch.int32)
+        xin = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
+        assert xin.dtype == torch.int32 and xin.numel() == x8_words(D)
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if S1 > 1 else 0, E * ntf if S1 > 1 else 0)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
-        x, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
+        xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
-        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(),
+        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        PDL=pdl.enabled(), X8=use_x8, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

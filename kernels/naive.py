@@ -184,6 +184,21 @@ def mla_latent_attend(q_abs, q_pe, c, kpe, scale):
 
 
 # ---- quantized matmul / MoE references (for kernels/quant_matmul.py, kernels/moe.py) ----------
+def quantize_x8_ref(x: torch.Tensor):
+    """Int8 activations of the x8 GEMV path (kernels/quant_matmul.py): x [K] -> (q [K/16, 16] fp32 holding
+    integers in [-127, 127], dx [K/16]) with x ~ q * dx per group of 16; q = floor(x * 127 / amax + 0.5)."""
+    g = x.float().reshape(-1, 16)
+    amax = g.abs().amax(1)
+    inv = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), torch.zeros_like(amax))
+    return torch.floor(g * inv[:, None] + 0.5), amax / 127.0
+
+
+def dequantize_x8_ref(x: torch.Tensor) -> torch.Tensor:
+    """The values the x8 path multiplies by: q * dx (fp32 [K])."""
+    q, dx = quantize_x8_ref(x)
+    return (q * dx[:, None]).reshape(-1)
+
+
 def qlinear_ref(x, w_dense):
     """x [..., K] @ w_dense [N, K]^T in fp32 (w_dense: the dequantized weight)."""
     return x.float() @ w_dense.float().t()

@@ -11,15 +11,16 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
+from .quant_matmul import _x8_quant, _x8_store, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
 def rms_norm_kernel(
-    x, res, res_out, w, out, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]
+    x, res, res_out, w, out, x8, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]; x8 (X8)
     stride_x, stride_r, stride_ro, stride_o,
-    D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, X8: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
@@ -37,13 +38,20 @@ def rms_norm_kernel(
     b_xf = b_x.to(tl.float32)
     b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
     b_y = b_n * b_w
-    tl.store(out + i_t * stride_o + o_d, b_y.to(out.dtype.element_ty), mask=m_d)
+    b_o = b_y.to(out.dtype.element_ty)
+    tl.store(out + i_t * stride_o + o_d, b_o, mask=m_d)
+    if X8:  # the stored values as int8 activations (quant_matmul's x8 buffer; one row, D % 16 == 0)
+        words, dx, sq = _x8_quant(tl.reshape(b_o.to(tl.float32), [BD // 16, 16]))
+        g = tl.arange(0, BD // 16)
+        _x8_store(x8, D, g, g < D // 16, words, dx, sq)
 
 
-def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None):
+def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None, x8_out=None):
     """y = naive.rms_norm(x + residual if residual is given else x, w, eps) over the last axis.
     x [T, D] or [D]; residual like x; residual_out (default: residual, in place) receives x + residual.
-    Returns out (x's dtype unless given). One program per row; graph-capturable; PDL-aware (kernels.pdl)."""
+    x8_out (T = 1): int32 [x8_words(D)], also receives y as int8 activations (quant_matmul.quantize_x8 of
+    the stored y) for the GEMVs that read it. Returns out (x's dtype unless given). One program per row;
+    graph-capturable; PDL-aware (kernels.pdl)."""
     x2 = x.view(-1, x.shape[-1])
     T, D = x2.shape
     out = torch.empty_like(x) if out is None else out
@@ -54,8 +62,11 @@ def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None):
     for t in (x2, r2, ro2, o2):
         assert t.stride(-1) == 1
     BD = triton.next_power_of_2(D)
-    rms_norm_kernel[(T,)](x2, r2, ro2, w, o2, eps, x2.stride(0), r2.stride(0), ro2.stride(0), o2.stride(0),
-                          D=D, BD=BD, HAS_RES=has_res, PDL=pdl.enabled(),
+    if x8_out is not None:
+        assert T == 1 and x8_out.dtype == torch.int32 and x8_out.numel() == x8_words(D) and x8_out.is_contiguous()
+    rms_norm_kernel[(T,)](x2, r2, ro2, w, o2, x8_out if x8_out is not None else o2, eps, x2.stride(0), r2.stride(0),
+                          ro2.stride(0), o2.stride(0),
+                          D=D, BD=max(BD, 16), HAS_RES=has_res, PDL=pdl.enabled(), X8=x8_out is not None,
                           num_warps=1 if _INTERP else min(16, max(1, BD // 256)), **pdl.launch_kw())
     return out
 

@@ -716,6 +716,370 @@ def _wdot(x, sxk, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.
         return _dq_dot_rows(x, sxk, w, n.to(tl.int64), n < N, N, K, QT, BN, 16)
 
 
+# ----------------------------------------------------------------------------------------------
+# Int8 activations ("x8"): the word path with x quantized to int8 per group of 16 values (symmetric,
+# scale amax / 127), so that the inner products are dp4a (4 int8 multiply-adds in one instruction) on the
+# weight words as loaded: per 8 Q4_K weights 2 LOP + 2 dp4a, against 8 LOP + 8 FFMA on fp x (ncu, H200,
+# session 4: the fp word path issued ~8 instructions per weight and read at 23-35 % of DRAM bandwidth).
+# The cost is the activation rounding (relative error ~0.3 %, far below the weights' own quantization
+# error; ggml's CPU and CUDA dot products quantize activations the same way, per 32 values).
+# An x8 buffer for a K-vector is int32 [x8_words(K)]: K/4 words of 4 int8 (element 4i + b in byte b),
+# then K/16 fp32 scales dx, then K/16 fp32 sq = dx * (sum of the group's int8 values), which carries
+# the weight offsets (Q6_K's -32, Q3_K's -4, the mins of Q4_K/Q5_K/Q2_K). Every 16-group of x meets
+# exactly one weight sub-scale in every type (sub-blocks of 16 or 32, Q8_0 blocks of 32), so a group's
+# integer sum is scaled once: part = d * sc * dx * isum - offset * sq.
+
+X8_GROUP = 16
+X8_MIN_BYTES = 4 << 20
+_INTERP_C = tl.constexpr(INTERPRET)
+
+
+def x8_words(K):
+    assert K % X8_GROUP == 0, f"K={K} is not a multiple of {X8_GROUP}"
+    return K // 4 + 2 * (K // X8_GROUP)
+
+
+@triton.jit
+def _dp4a(a, b):
+    """Per 32-bit lane: the sum of the 4 products of the signed bytes of a and b (int32)."""
+    a = a.to(tl.int32, bitcast=True)
+    b = b.to(tl.int32, bitcast=True)
+    if _INTERP_C:
+        return (((a << 24) >> 24) * ((b << 24) >> 24) + ((a << 16) >> 24) * ((b << 16) >> 24)
+                + ((a << 8) >> 24) * ((b << 8) >> 24) + (a >> 24) * (b >> 24))
+    else:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, tl.zeros_like(a)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x8_quant(xf):
+    """xf fp32 [G, 16] -> (words int32 [G, 4], dx [G], sq [G]) of the x8 format."""
+    G: tl.constexpr = xf.shape[0]
+    amax = tl.max(tl.abs(xf), axis=1)
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.floor(xf * inv[:, None] + 0.5)  # integral, in [-127, 127]
+    dx = amax / 127.0
+    sq = dx * tl.sum(q, axis=1)
+    qb = tl.reshape(q.to(tl.int32) & 0xFF, [G, 4, 4])
+    words = tl.sum(qb << (8 * tl.arange(0, 4))[None, None, :], axis=2)  # disjoint bytes: sum == OR
+    return words, dx, sq
+
+
+@triton.jit
+def _x8_store(x8, K, g, g_mask, words, dx, sq):
+    """Store groups g ([G], masked) of an x8 buffer for a K-vector."""
+    tl.store(x8 + (g * 4)[:, None] + tl.arange(0, 4)[None, :], words, mask=g_mask[:, None])
+    fp = (x8 + K // 4).to(tl.pointer_type(tl.float32))
+    tl.store(fp + g, dx, mask=g_mask)
+    tl.store(fp + K // 16 + g, sq, mask=g_mask)
+
+
+@triton.jit
+def _x8_kernel(x, sxk, x8, K, BG: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    g = tl.program_id(0) * BG + tl.arange(0, BG)
+    g_mask = g < K // 16
+    e = g[:, None] * 16 + tl.arange(0, 16)[None, :]
+    xf = tl.load(x + e * sxk, mask=g_mask[:, None], other=0.0).to(tl.float32)
+    words, dx, sq = _x8_quant(xf)
+    _x8_store(x8, K, g, g_mask, words, dx, sq)
+
+
+def quantize_x8(x, out=None):
+    """x [K] (or [1, K]; any float dtype, any stride) -> its x8 buffer int32 [x8_words(K)] (see above).
+    Graph-capturable, PDL-aware."""
+    K = x.shape[-1]
+    assert x.numel() == K
+    if out is None:
+        out = torch.empty(x8_words(K), dtype=torch.int32, device=x.device)
+    assert out.numel() == x8_words(K) and out.dtype == torch.int32 and out.is_contiguous()
+    xs = x.reshape(-1)
+    BG = 64 if INTERPRET else 32
+    _x8_kernel[(triton.cdiv(K // 16, BG),)](xs, xs.stride(0), out, K, BG=BG, PDL=pdl.enabled(), num_warps=1,
+                                           **pdl.launch_kw())
+    return out
+
+
+def dequantize_x8(x8, K):
+    """The fp32 [K] values an x8 buffer stands for (q * dx): what the x8 kernels multiply by."""
+    q = x8[:K // 4].contiguous().view(torch.int8).float().view(-1, 16)
+    dx = x8[K // 4:K // 4 + K // 16].view(torch.float32)
+    return (q * dx[:, None]).reshape(K)
+
+
+@triton.jit
+def _x8_ptrs(x8, K):
+    fp = (x8 + K // 4).to(tl.pointer_type(tl.float32))
+    return x8, fp, fp + K // 16
+
+
+@triton.jit
+def _isum(v, xw, grp, ii):
+    """[BN, C] int32: dp4a of weight words v [BN, C, 4] with the x8 words of 16-groups grp [C]."""
+    xv = tl.load(xw + (grp * 4)[:, None] + ii[None, :])  # [C, 4]
+    return tl.sum(_dp4a(v, tl.broadcast_to(xv[None, :, :], v.shape)), axis=2)
+
+
+@triton.jit
+def _i8dot_q4k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles (group gl + 2)
+    NB = K // 256
+    RW4 = K // 32
+    NBT = N * NB
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    sc16 = (w + NBT * 128).to(tl.pointer_type(tl.uint16))
+    m16 = (w + NBT * 136).to(tl.pointer_type(tl.uint16))
+    dd32 = (w + NBT * 144).to(tl.pointer_type(tl.uint32))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 8
+        j = (cg // 2) % 4
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        gl = 2 * cg - (cg % 2)
+        i_lo = _isum(q & 0x0F0F0F0F, xw, gl, ii).to(tl.float32)
+        i_hi = _isum((q >> 4) & 0x0F0F0F0F, xw, gl + 2, ii).to(tl.float32)
+        rb = n[:, None] * NB + blk[None, :]
+        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
+        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
+        dd = tl.load(dd32 + rb)
+        s_lo = _i2f(scp & 0xFF, 0.0) * tl.load(dxp + gl)[None, :] * i_lo
+        s_hi = _i2f(scp >> 8, 0.0) * tl.load(dxp + gl + 2)[None, :] * i_hi
+        m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
+        m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
+        part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot_q5k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # Q4_K's chunks with the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte
+    NB = K // 256
+    RW4 = K // 32
+    NBT = N * NB
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
+    sc16 = (w + NBT * 160).to(tl.pointer_type(tl.uint16))
+    m16 = (w + NBT * 168).to(tl.pointer_type(tl.uint16))
+    dd32 = (w + NBT * 176).to(tl.pointer_type(tl.uint32))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 8
+        j = (cg // 2) % 4
+        h = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
+        hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
+        v_lo = (q & 0x0F0F0F0F) | ((hs << 4) & 0x10101010)
+        v_hi = ((q >> 4) & 0x0F0F0F0F) | ((hs << 3) & 0x10101010)
+        gl = 2 * cg - h
+        i_lo = _isum(v_lo, xw, gl, ii).to(tl.float32)
+        i_hi = _isum(v_hi, xw, gl + 2, ii).to(tl.float32)
+        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
+        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
+        dd = tl.load(dd32 + rb)
+        s_lo = _i2f(scp & 0xFF, 0.0) * tl.load(dxp + gl)[None, :] * i_lo
+        s_hi = _i2f(scp >> 8, 0.0) * tl.load(dxp + gl + 2)[None, :] * i_hi
+        m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
+        m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
+        part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
+    NB = K // 32
+    RW4 = K // 16
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+        s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
+        part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot_q6k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # element layout as _wdot_q6k: 4 groups of 16 (k = 0..3, at elements base + 32 k), 6-bit q - 32
+    NB = K // 256
+    NBT = N * NB
+    wl = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
+    scp = (w + NBT * 192).to(tl.pointer_type(tl.int8))
+    dp = (w + NBT * 208).to(tl.pointer_type(tl.float16))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
+        a0 = tl.load(wl + ol)
+        a1 = tl.load(wl + ol + 8)
+        hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        g0 = 16 * blk + 8 * nh + g  # x's 16-group of k = 0; k adds 2 k
+        so = rb * 16 + (8 * nh + g)[None, :]
+        part = tl.zeros([BN, C], tl.float32)
+        for k in tl.static_range(4):
+            if k == 0:
+                v = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
+            elif k == 1:
+                v = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
+            elif k == 2:
+                v = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
+            else:
+                v = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
+            gk = g0 + 2 * k
+            sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
+            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - 32.0 * tl.load(sqp + gk)[None, :])
+        part = tl.load(dp + rb).to(tl.float32) * part
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot_q3k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # element layout as _wdot_q3k: 4 groups of 16 (jj = 0..3), 3-bit q (high bit set = +4) - 4
+    NB = K // 256
+    NBT = N * NB
+    wqs = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    whm = tl.multiple_of((w + NBT * 64).to(tl.pointer_type(tl.uint32)), 16)
+    scp = (w + NBT * 96).to(tl.pointer_type(tl.int8))
+    dp = (w + NBT * 112).to(tl.pointer_type(tl.float16))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        hm = tl.load(whm + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]
+        g0 = 16 * blk + 8 * nh + g
+        so = rb * 16 + (8 * nh + g)[None, :]
+        part = tl.zeros([BN, C], tl.float32)
+        for jj in tl.static_range(4):
+            if jj == 0:
+                v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
+            elif jj == 1:
+                v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
+            elif jj == 2:
+                v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
+            else:
+                v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
+            gj = g0 + 2 * jj
+            sj = _isum(v, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
+            part += tl.load(scp + so + 2 * jj).to(tl.float32) * (sj - 4.0 * tl.load(sqp + gj)[None, :])
+        part = tl.load(dp + rb).to(tl.float32) * part
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # element layout as _wdot_q2k: 4 groups of 16 (jj = 0..3, bits 2 jj of every byte); scale | min << 4
+    NB = K // 256
+    NBT = N * NB
+    wqs = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    scp = w + NBT * 64
+    dd32 = (w + NBT * 80).to(tl.pointer_type(tl.uint32))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([BN, C], tl.float32)
+    for cb in range(c0, c1, C):
+        cg = cb + tl.arange(0, C)
+        if not EVEN:
+            cg = tl.minimum(cg, c1 - 1)
+        blk = cg // 4
+        nh = (cg // 2) % 2
+        g = cg % 2
+        rb = n[:, None] * NB + blk[None, :]
+        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        g0 = 16 * blk + 8 * nh + g
+        so = rb * 16 + (8 * nh + g)[None, :]
+        pd = tl.zeros([BN, C], tl.float32)
+        pm = tl.zeros([BN, C], tl.float32)
+        for jj in tl.static_range(4):
+            gj = g0 + 2 * jj
+            sj = _isum((qs >> (2 * jj)) & 0x03030303, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
+            sc = tl.load(scp + so + 2 * jj).to(tl.int32)
+            pd += _i2f(sc & 15, 0.0) * sj
+            pm += _i2f(sc >> 4, 0.0) * tl.load(sqp + gj)[None, :]
+        dd = tl.load(dd32 + rb)
+        part = _h16(dd & 0xFFFF) * pd - _h16(dd >> 16) * pm
+        if EVEN:
+            acc += part
+        else:
+            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1)."""
+    if QT == 3:
+        return _i8dot_q4k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    elif QT == 2:
+        return _i8dot_q5k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    elif QT == 5:
+        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+    elif QT == 0:
+        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
+    elif QT == 1:
+        return _i8dot_q6k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+    else:
+        return _i8dot_q3k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+
+
 @triton.jit
 def _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT: tl.constexpr):
     """Store [BN] partial sums of split i_s; the last split to arrive for row tile i_n adds all
@@ -768,7 +1132,8 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 @triton.jit
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
-                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr):
+    # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -778,7 +1143,10 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
     if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
         gdc_wait()
         gdc_launch_dependents()
-    y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
+    if X8:
+        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
+    else:
+        y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
 
 
@@ -835,11 +1203,22 @@ def gemv1_config(qtype, N, K):
     return BN, None, split, 1 if qtype == "Q8_0" else 2, 1
 
 
-def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None):
+def x8_default() -> bool:
+    """Int8 activations (dp4a) on the word path unless KIMI_LOCAL_X8=0 (read at each call: graphs
+    capture what was set when they were captured)."""
+    return os.environ.get("KIMI_LOCAL_X8", "1") != "0"
+
+
+def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None):
     """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
-    others go to the tile path. Tuning knobs default to gemv1_config()."""
+    others go to the tile path. Tuning knobs default to gemv1_config().
+    x8: True = quantize x to int8 (quantize_x8, one more launch) and use dp4a; an int32 tensor = x's x8
+    buffer, already made (x then only gives K, dtype and shape); False = fp x; None = x8_default() for
+    matrices of X8_MIN_BYTES or more (below, the extra launch costs more than dp4a saves)."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
+    if x8 is None:
+        x8 = x8_default() and data.numel() >= X8_MIN_BYTES
     if out is None:
         out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     assert out.is_contiguous()
@@ -857,10 +1236,15 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     C, even = word_c(qtype, bps * QK[qtype], C or dC)
     even = even and nblk % bps == 0
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
-    xs = x.reshape(-1)
+    use_x8 = isinstance(x8, torch.Tensor) or (x8 and K % X8_GROUP == 0)
+    if use_x8:
+        xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
+        assert xs.dtype == torch.int32 and xs.numel() == x8_words(K)
+    else:
+        xs = x.reshape(-1)
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
-                                   PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES,
+                                   PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
@@ -945,14 +1329,14 @@ def qgemm(x, data, qtype, N, out=None, method="fused", scratch=None):
 GEMM_CUBLAS_MIN_M = 2048
 
 
-def qlinear(x, data, qtype, N, out=None):
-    """y = x @ W^T for x [..., K]; M <= 8 -> GEMV, else GEMM."""
+def qlinear(x, data, qtype, N, out=None, x8=None):
+    """y = x @ W^T for x [..., K]; M <= 8 -> GEMV, else GEMM. x8: see qgemv1 (M = 1 only)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     M = x2.shape[0]
     o2 = None if out is None else out.view(M, N)
     if M <= 8:
-        y = qgemv(x2, data, qtype, N, out=o2)
+        y = qgemv(x2, data, qtype, N, out=o2, **({} if x8 is None else {"x8": x8}))
     elif M >= GEMM_CUBLAS_MIN_M and out is None:
         y = qgemm(x2, data, qtype, N, method="cublas")
     else:

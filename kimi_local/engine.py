@@ -24,7 +24,7 @@ from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_pre
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import QT_ID, qlinear, repack
+from kimi_local.kernels.quant_matmul import QT_ID, X8_GROUP, qlinear, repack, x8_default, x8_words
 from kimi_local.kernels.router import route_tokens
 from kimi_local.model import KimiLinear
 
@@ -98,11 +98,12 @@ class GpuWeight:
         dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in ws]
         return cls(torch.cat([d.to(device) for d in dense], 0), device)
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, x8: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T; x8: x's int8-activation buffer (one token) when the caller has it (quant_matmul.qgemv1)."""
         if self.dense is not None:
             y = x.to(self.dense.dtype) @ self.dense.t()
             return y if out is None else out.copy_(y)
-        return qlinear(x, self.data, self.qtype, self.N, out=out)
+        return qlinear(x, self.data, self.qtype, self.N, out=out, x8=x8)
 
     @property
     def kernel_form(self):
@@ -305,20 +306,28 @@ class GpuKimi(KimiLinear):
         the fused add + RMSNorm kernel (an embedded input is overwritten)."""
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
         x = inp if inp.is_floating_point() else self._embed(inp)  # [T, D] residual stream
-        h = fused_rms_norm(x, w["blk.0.attn_norm.weight"], eps)
+        # one token: each norm also writes its output as int8 activations (h8) for the GEMVs / MoE that read
+        # it (dp4a word path, kernels/quant_matmul.py "x8"); KIMI_LOCAL_X8=0 keeps fp activations
+        use_x8 = x.shape[0] == 1 and x8_default() and cfg.hidden_size % X8_GROUP == 0
+
+        def norm(v, name, residual=None):  # -> (h, h8 or None); with residual: x += v, h = norm(x)
+            h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
+            return fused_rms_norm(v, w[name], eps, residual=residual, x8_out=h8), h8
+
+        h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
-            a = self.kda(i, h, cache) if cfg.is_kda(i) else self.mla(i, h, cache)
-            h = fused_rms_norm(a, w[b + "ffn_norm.weight"], eps, residual=x)  # x += a; h = norm(x)
-            m = self.moe(i, h) if cfg.is_moe(i) else self.dense_mlp(i, h)
+            a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
+            h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
+            m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
             if i + 1 < cfg.num_hidden_layers:
-                h = fused_rms_norm(m, w[f"blk.{i + 1}.attn_norm.weight"], eps, residual=x)
+                h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
             return None
         if logits == "last":
             x, m = x[-1:], m[-1:]
-        h = fused_rms_norm(m, w["output_norm.weight"], eps, residual=x)
-        return w["output.weight"].matmul(h).float()
+        h, h8 = norm(m, "output_norm.weight", residual=x)
+        return w["output.weight"].matmul(h, x8=h8).float()
 
     @property
     def embed_on_host(self) -> bool:
@@ -334,15 +343,15 @@ class GpuKimi(KimiLinear):
         return type(rows)(rows.data.to(self.device), rows.qtype, rows.shape).dequantize(self.dtype)
 
     # ---- KDA -----------------------------------------------------------------------------
-    def kda(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+    def kda(self, i: int, h: torch.Tensor, cache: KimiCache, h8: torch.Tensor | None = None) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         T, H, K, P = h.shape[0], cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_dim
         if b + "qkvfgb" in w:  # one GEMV: [T, 3P + K + K + H], sliced (row-strided views)
-            proj = w[b + "qkvfgb"].matmul(h)
+            proj = w[b + "qkvfgb"].matmul(h, x8=h8)
             qkv, fgb = proj[:, : 3 * P], proj[:, 3 * P :]
         else:
-            qkv = w[b + "qkv"].matmul(h)  # [T, 3P]
-            fgb = w[b + "fgb_a"].matmul(h)  # [T, K + K + H]
+            qkv = w[b + "qkv"].matmul(h, x8=h8)  # [T, 3P]
+            fgb = w[b + "fgb_a"].matmul(h, x8=h8)  # [T, K + K + H]
         f = w[b + "ssm_f_b.weight"].matmul(fgb[:, :K])  # [T, P]
         z = w[b + "ssm_g_b.weight"].matmul(fgb[:, K : 2 * K])  # [T, P]
         beta_logit = fgb[:, 2 * K :]
@@ -364,15 +373,15 @@ class GpuKimi(KimiLinear):
         return w[b + "attn_output.weight"].matmul(o.reshape(T, P).to(self.dtype))
 
     # ---- MLA -----------------------------------------------------------------------------
-    def mla(self, i: int, h: torch.Tensor, cache: KimiCache) -> torch.Tensor:
+    def mla(self, i: int, h: torch.Tensor, cache: KimiCache, h8: torch.Tensor | None = None) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         T, Hm, R, Dn = h.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
         if b + "attn_q_kv_a" in w:  # one GEMV: [T, Hm * Dq + R + Dr], sliced (row-strided views)
-            proj = w[b + "attn_q_kv_a"].matmul(h)
+            proj = w[b + "attn_q_kv_a"].matmul(h, x8=h8)
             q, kv = proj[:, : Hm * cfg.qk_head_dim].view(T, Hm, cfg.qk_head_dim), proj[:, Hm * cfg.qk_head_dim :]
         else:
-            q = w[b + "attn_q.weight"].matmul(h).view(T, Hm, cfg.qk_head_dim)
-            kv = w[b + "attn_kv_a_mqa.weight"].matmul(h)  # [T, R + Dr]
+            q = w[b + "attn_q.weight"].matmul(h, x8=h8).view(T, Hm, cfg.qk_head_dim)
+            kv = w[b + "attn_kv_a_mqa.weight"].matmul(h, x8=h8)  # [T, R + Dr]
         lat, lsc = cache.latent[i], getattr(cache, "latent_scale", {}).get(i)
         mla_cache_write(kv, w[b + "attn_kv_a_norm.weight"], cfg.kv_a_norm_eps, lat, cache.pos_dev, lsc)
         k_b, v_b = w[b + "attn_k_b.weight"], w[b + "attn_v_b.weight"]
@@ -387,13 +396,13 @@ class GpuKimi(KimiLinear):
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
-    def dense_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.w, f"blk.{i}."
-        g = w[b + "ffn_gate.weight"].matmul(h)
-        u = w[b + "ffn_up.weight"].matmul(h)
+        g = w[b + "ffn_gate.weight"].matmul(h, x8=h8)
+        u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
         return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
 
-    def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         ids, wts = route_tokens(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                 cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)
@@ -402,7 +411,8 @@ class GpuKimi(KimiLinear):
         shared, shq = w.get(b + "shexp", (None, None))
         out = torch.empty_like(h)
         if h.shape[0] == 1:
-            moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq)
+            moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
+                       x8=h8)
         else:
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out

@@ -168,13 +168,17 @@ def bench_qgemv(ctx):
                 R = n_copies(nbytes)
                 ws = [rand_packed(qt, (), N, K) for _ in range(R)]
                 out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-                # auto (M=1): word path, alone and chained by PDL (with / without the L2 prefetch)
-                methods = ["auto", "auto+pdl", "auto+pdl-nopf", "fma"] if M == 1 else ["fma", "dot"]
+                # M=1: word path with fp activations and with int8 activations (x8, quantized beforehand as
+                # the engine's norms do), alone and chained by PDL (no L2 prefetch: the engine's default)
+                methods = ["word", "word+pdl-nopf", "x8", "x8+pdl-nopf", "fma"] if M == 1 else ["fma", "dot"]
+                x8 = qm.quantize_x8(x[0])
                 for tag in methods:
                     meth = tag.split("+")[0]
+                    kw = {"x8": x8 if meth == "x8" else False} if M == 1 and meth != "fma" else {}
+                    meth = "word" if meth == "x8" else meth
                     with pdl_mode(tag):
-                        ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth) for w in ws], graph=True,
-                                      calls=R)
+                        ms = ctx.time(lambda: [qm.qgemv(x, w, qt, N, out=out, method=meth, **kw) for w in ws],
+                                      graph=True, calls=R)
                     meth = tag
                     ctx.row("qgemv", f"{name} [{N},{K}] M={M} {qt} {meth}", ms, nbytes=nbytes + M * (K + N) * 2,
                             base="bf16 cuBLAS", base_ms=base_ms)
@@ -252,11 +256,15 @@ def bench_moe_decode(ctx):
         base_ms = ctx.time(lambda: [deq_moe(s, w) for s, w in zip(sel, wts)], graph=True, calls=R)
         name = "/".join(qtypes)
         ctx.row("moe", f"decode {name} dequant+torch per expert", base_ms, nbytes=nbytes)
-        for tag in ["word", "word+pdl", "tile"]:
+        x8 = qm.quantize_x8(x)
+        for tag in ["word", "word+pdl-nopf", "x8", "x8+pdl-nopf", "tile"]:
             impl = tag.split("+")[0]
+            kw = {"x8": x8 if impl == "x8" else False}
+            impl = "word" if impl == "x8" else impl
             with pdl_mode(tag):
                 ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq,
-                                                      impl=impl) for s, w in zip(slot_ts, wts)], graph=True, calls=R)
+                                                      impl=impl, **kw) for s, w in zip(slot_ts, wts)],
+                              graph=True, calls=R)
             ctx.row("moe", f"decode {name} fused {tag} (+Q8_0 shared)", ms, nbytes=nbytes, base="dequant+torch",
                     base_ms=base_ms, note=f"bf16-torch x{ms / bf_ms:.2f}")
         del pools

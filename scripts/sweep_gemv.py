@@ -96,14 +96,14 @@ def rel_err(y, ref):
     return ((y - ref).norm() / ref.norm()).item()
 
 
-def row(sec, case, variant, ms=None, nbytes=None, err=None, note="", bw=None, **kw):
+def row(sec, case, variant, ms=None, nbytes=None, err=None, note="", bw=None, tol=1e-3, **kw):
     r = {"section": sec, "case": case, "variant": variant, "ms": ms, "us": None if ms is None else ms * 1e3}
     if ms is not None and nbytes is not None:
         r["GB/s"] = nbytes / ms / 1e6
         r["%bw"] = 100 * nbytes / (ms * 1e-3) / bw
     if err is not None:
         r["rel_err"] = err
-        if not err < 1e-3:
+        if not err < tol:
             note = ("WRONG " + note).strip()
     r["note"] = note
     r.update(kw)
@@ -180,7 +180,10 @@ def sweep_gemv(bw, args):
             ref = torch.full((1, N), float("nan"), device=DEV)
             qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
             out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
-            variants = [(n, dict(method="word", **kw)) for n, kw in gemv_variants(N, K, qt)]
+            variants = [(n, dict(method="word", x8=False, **kw)) for n, kw in gemv_variants(N, K, qt)]
+            if args.x8:  # the fp default beside the int8-activation variants (x quantized beforehand)
+                x8 = qm.quantize_x8(x)
+                variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
             for vname, kw in variants:
                 if time.time() - T0 > args.budget:
                     row("gemv", case, vname, note="SKIPPED (time budget)")
@@ -191,8 +194,9 @@ def sweep_gemv(bw, args):
                     sync()
                     err = rel_err(o32, ref)
                     ms = graph_time([lambda w=w: qm.qgemv(x, w, qt, N, out=out, **kw) for w in ws], args.quick)
-                    cfg = qm.gemv1_config(qt, N, K) if vname == "word default" else ""
-                    row("gemv", case, vname, ms, nbytes, err, note=str(cfg) if cfg else "", bw=bw)
+                    cfg = qm.gemv1_config(qt, N, K) if vname.endswith("word default") else ""
+                    row("gemv", case, vname, ms, nbytes, err, note=str(cfg) if cfg else "", bw=bw,
+                        tol=3e-2 if vname.startswith("x8") else 1e-3)
                 except Exception as e:  # keep sweeping
                     row("gemv", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                     traceback.print_exc()
@@ -235,7 +239,12 @@ def sweep_moe(bw, args):
         ref = torch.full((D,), float("nan"), device=DEV)
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
         out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
-        for vname, kw in [("tile (old)", dict(impl="tile"))] + MOE_VARIANTS:
+        variants = [("tile (old)", dict(impl="tile"))] + [(n, dict(kw, x8=False)) for n, kw in MOE_VARIANTS]
+        if args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
+            x8 = qm.quantize_x8(x)
+            variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
+                                       if kw.get("BF", 16) % 16 == 0]
+        for vname, kw in variants:
             if time.time() - T0 > args.budget:
                 row("moe", case, vname, note="SKIPPED (time budget)")
                 continue
@@ -255,8 +264,8 @@ def sweep_moe(bw, args):
                                impl="tile")
                 sync()
                 err = max(err, rel_err(o32, ref1))
-                note = str(moe.moe_decode_config(qtypes, shq, D, Fe)) if vname == "word default" else ""
-                row("moe", case, vname, ms, nbytes, err, note=note, bw=bw)
+                note = str(moe.moe_decode_config(qtypes, shq, D, Fe)) if vname.endswith("word default") else ""
+                row("moe", case, vname, ms, nbytes, err, note=note, bw=bw, tol=3e-2 if vname.startswith("x8") else 1e-3)
             except Exception as e:
                 row("moe", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                 traceback.print_exc()
@@ -313,6 +322,7 @@ def main():
     ap.add_argument("--only", default="gemv,moe")
     ap.add_argument("--qtypes", default="Q8_0,Q6_K", help="GEMV weight types")
     ap.add_argument("--quick", action="store_true", default=True)
+    ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()
     name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()

@@ -267,6 +267,21 @@ def test_rms_norm_residual(dtype):
     assert out1.shape == (D,) and _ulp_ok(out1, ref[0], 4 if dtype == torch.bfloat16 else 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [48, 2304])
+def test_rms_norm_x8_out(dtype, D):
+    """The norm's int8-activation output equals quantize_x8 of the values it stored (both on this device)."""
+    from test_quant_matmul import qm
+
+    gen = torch.Generator().manual_seed(D)
+    x = (torch.randn(1, D, generator=gen) * 3).to(dtype).to(DEV)
+    r = torch.randn(1, D, generator=gen).to(dtype).to(DEV)
+    w = (torch.rand(D, generator=gen) + 0.5).to(DEV)
+    x8 = torch.full((qm.x8_words(D),), -1, dtype=torch.int32, device=DEV)
+    out = norm.rms_norm(x, w, 1e-5, residual=r, x8_out=x8)
+    assert torch.equal(x8, qm.quantize_x8(out[0]))
+
+
 @pytest.mark.parametrize("H,V", [(3, 12), (2, 5)])
 def test_gated_rms_norm(H, V):
     gen = torch.Generator().manual_seed(V)

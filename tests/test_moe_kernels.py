@@ -15,13 +15,32 @@ from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks  
 
 try:
     from kimi_local.kernels import moe, quant_matmul as qm
-    from kimi_local.kernels.naive import moe_ref
+    from kimi_local.kernels.naive import dequantize_x8_ref, moe_ref
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import moe, quant_matmul as qm
-    from kernels.naive import moe_ref
+    from kernels.naive import dequantize_x8_ref, moe_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _fp_activations(monkeypatch):
+    """Decode defaults to int8 activations (x8); the fp tests here pin the fp path, the x8 tests pass x8."""
+    monkeypatch.setenv("KIMI_LOCAL_X8", "0")
+
+
+def moe_ref_x8(x, slots, w, gate_w, up_w, down_w, shared=None):
+    """moe_ref with the x8 path's roundings: x and each expert's act rounded by dequantize_x8_ref."""
+    xq = dequantize_x8_ref(x)
+    experts = [(gate_w[s].float(), up_w[s].float(), down_w[s].float(), wt) for s, wt in zip(slots.tolist(), w)]
+    if shared is not None:
+        experts.append((*(t.float() for t in shared), 1.0))
+    out = torch.zeros_like(xq)
+    for g, u, d, wt in experts:
+        h = torch.nn.functional.silu(g @ xq) * (u @ xq)
+        out += wt * (d @ dequantize_x8_ref(h))
+    return out
 
 
 def make_pool(qtype, S, rows, K, device="cpu", gen=None, scale=0.01, dense=True):
@@ -114,6 +133,28 @@ def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
         assert int(cnt.abs().sum()) == 0, key
 
 
+@pytest.mark.parametrize("qtypes,shared_qtypes,D,kw", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=16, S1=2, BD=256, S2=2)),  # split K
+    (("Q2_K", "Q2_K", "Q3_K"), ("Q6_K", "Q3_K", "Q8_0"), 512, dict(BF=32, S1=1, BD=128, S2=1)),
+])
+def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
+    """int8 activations: equal to the reference with the same roundings (x, act), close to the fp one."""
+    assert _expect_word_path(monkeypatch, qtypes, shared_qtypes)
+    S, F, k = 3, 256, 2
+    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(D, generator=g)
+    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
+    w = torch.rand(k, generator=g)
+    out = torch.full((D,), float("nan"))
+    for x8 in (True, qm.quantize_x8(x)):
+        out.fill_(float("nan"))
+        moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=shared[0], shared_qtypes=shared_qtypes,
+                       x8=x8, **kw)
+        check(out, moe_ref_x8(x, slots, w, gd, ud, dd, shared=shared[1]), 1e-4)
+    check(out, moe_ref(x, slots[None], w[None], gd, ud, dd, shared=shared[1]), 3e-2)
+
+
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
     (("Q3_K", "Q5_K", "Q2_K"), None),
@@ -181,6 +222,15 @@ def test_cuda_moe_decode(qtypes):
     graph.replay()
     torch.cuda.synchronize()
     check(out, ref, 1e-5)
+    # int8 activations (x8): x and each expert's act rounded like the kernel (act from its own fp32 sums:
+    # a rare different rounding of one act value stays far below the tolerance)
+    ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), w, *raw_dense, shared=shared_d)
+    for x8 in (True, qm.quantize_x8(x)):
+        out.fill_(float("nan"))
+        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=x8)
+        torch.cuda.synchronize()
+        check(out, ref8, 1e-3)
+    check(out, ref, 3e-2)
 
 
 @pytest.mark.cuda

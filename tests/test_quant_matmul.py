@@ -25,6 +25,12 @@ QUANT = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 FP16_FIELDS = {"Q8_0": [0], "Q6_K": [208], "Q5_K": [0, 2], "Q4_K": [0, 2], "Q3_K": [108], "Q2_K": [80, 82]}
 
 
+@pytest.fixture(autouse=True)
+def _fp_activations(monkeypatch):
+    """The word path's default is int8 activations (x8); these tests check the fp path unless they pass x8."""
+    monkeypatch.setenv("KIMI_LOCAL_X8", "0")
+
+
 def random_blocks(qtype, N, K, device="cpu", gen=None, scale=0.01):
     """Random valid ggml rows uint8 [N, row_bytes]: random bytes, fp16 scale fields set to sane values."""
     nb, ts = K // qm.QK[qtype], qm.TYPE_SIZE[qtype]
@@ -290,3 +296,73 @@ def test_cuda_qgemv_graph_capture():
         graph.replay()
         torch.cuda.synchronize()
         check(out.float(), qlinear_ref(x, wd), 1e-2)
+
+
+# ---- int8 activations (x8): dp4a word path ---------------------------------------------------------
+try:
+    from kimi_local.kernels.naive import dequantize_x8_ref, quantize_x8_ref
+except ImportError:
+    from kernels.naive import dequantize_x8_ref, quantize_x8_ref
+
+
+@pytest.mark.parametrize("K", [16, 160, 2304])
+def test_quantize_x8(K):
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(K, 3, generator=g)[:, 1] * 3.0  # strided
+    x[:16] = 0.0  # an all-zero group: scale 0, values 0
+    x8 = torch.full((qm.x8_words(K),), -1, dtype=torch.int32)
+    qm.quantize_x8(x, out=x8)
+    q, dx = quantize_x8_ref(x)
+    got_q = x8[:K // 4].view(torch.int8).float().view(-1, 16)
+    assert torch.equal(got_q, q)
+    assert torch.equal(x8[K // 4:K // 4 + K // 16].view(torch.float32), dx)
+    sq = x8[K // 4 + K // 16:].view(torch.float32)
+    torch.testing.assert_close(sq, dx * q.sum(1), rtol=1e-6, atol=1e-6)
+    assert torch.equal(qm.dequantize_x8(x8, K), dequantize_x8_ref(x))
+    assert ((dequantize_x8_ref(x) - x).abs() <= dx.repeat_interleave(16) / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("qtype,N,K,kw", [
+    ("Q4_K", 37, 768, dict(BN=16, C=8, SPLIT=1)),
+    ("Q4_K", 20, 768, dict(BN=16, C=16, SPLIT=2)),
+    ("Q5_K", 37, 768, dict(BN=16, C=8, SPLIT=1)),
+    ("Q5_K", 20, 768, dict(BN=16, C=16, SPLIT=2)),
+    ("Q6_K", 19, 768, dict(BN=8, C=4, SPLIT=3)),
+    ("Q8_0", 17, 160, dict(BN=8, C=4, SPLIT=2)),
+    ("Q8_0", 33, 512, dict(BN=32, C=8, SPLIT=4)),
+    ("Q3_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),
+    ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2)),
+])
+def test_qgemv_x8(qtype, N, K, kw):
+    """dp4a word path == dequantized weights @ the int8-rounded x (exact up to fp32 order), and within the
+    activation rounding of the fp result; an x8 buffer made beforehand gives the same values."""
+    g = torch.Generator().manual_seed(40 + N)
+    p, wd = make_weight(qtype, N, K, gen=g)
+    x = torch.randn(K, 2, generator=g)[:, 1]
+    out = torch.full((N,), float("nan"))
+    qm.qgemv(x, p, qtype, N, out=out, method="word", x8=True, **kw)
+    check(out, qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
+    check(out, qlinear_ref(x, wd), 2e-2)
+    out2 = torch.full((N,), float("nan"))
+    qm.qgemv(x, p, qtype, N, out=out2, method="word", x8=qm.quantize_x8(x), **kw)
+    assert torch.equal(out, out2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q8_0", 12576, 2304), ("Q8_0", 2304, 4096),
+                                       ("Q5_K", 4096, 2304), ("Q4_K", 1024, 2304), ("Q3_K", 2304, 4096),
+                                       ("Q2_K", 1024, 2304)])
+def test_cuda_qgemv_x8(qtype, N, K):
+    """dp4a path at real shapes: the GPU's int8 rounding equals the reference's (but for rare ties under FMA
+    contraction), and the GEMV equals the dequantized weights times those int8 activations."""
+    p, raw = _gpu_weight(qtype, N, K, 13)
+    wd = _gpu_dense(raw, qtype)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    x8 = qm.quantize_x8(x)
+    q_ref, _ = quantize_x8_ref(x[0])
+    assert (x8[:K // 4].view(torch.int8).float().view(-1, 16) != q_ref).sum().item() <= K // 1000
+    out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float32)
+    qm.qgemv(x, p, qtype, N, out=out, x8=x8)
+    torch.cuda.synchronize()
+    check(out, qlinear_ref(qm.dequantize_x8(x8, K)[None], wd), 1e-5)
+    check(out, qlinear_ref(x, wd), 2e-2)
