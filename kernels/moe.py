@@ -220,10 +220,13 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
 
 
-def moe_decode_config(qtypes, shared_qtypes, D, F):
+def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
     """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
     if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
         return 128, 1, 128, 1, 4
+    if x8:  # session 4 sweep (H200, --x8): 27.9 vs 32.4 us (16, 9, 16, 4) for Q4_K/Q4_K/Q5_K, 23.3 vs 26.8 Q2_K/Q2_K/Q3_K,
+        # 28.9 vs 34.4 Q4_K/Q4_K/Q6_K (+Q8_0 shared); the fp path's default measured 38.7 / 40.9 / 42.8 us
+        return 16, 3, 16, 2, 1
     # session 3 sweep (H200, scripts/sweep_gemv.py --only moe): 1 warp per program instead of 2: 38.8 vs 47.0 us
     # Q4_K/Q4_K/Q5_K (the Q4_K_M recipe), 40.8 vs 47.8 us Q2_K/Q2_K/Q3_K (+Q8_0 shared)
     return 16, 9, 16, 4, 1
@@ -259,7 +262,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         sg, su, sd = gate_pool, up_pool, down_pool
         qsg, qsu, qsd = qg, qu, qd
     E = K + int(has_shared)
-    dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F)
+    if x8 is None:
+        x8 = x8_default()
+    dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False)
     BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
     num_warps = num_warps or dW
     all_word = all(q in WORD_QTYPES for q in (qg, qu, qd, qsg, qsu, qsd))
@@ -288,8 +293,6 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     CSU, EVSU = ce(qsu, eps, D)
     CD, EVD = ce(qd, fps, F)
     CSD, EVSD = ce(qsd, fps, F)
-    if x8 is None:
-        x8 = x8_default()
     use_x8 = isinstance(x8, torch.Tensor) or (bool(x8) and BF % X8_GROUP == 0 and F % X8_GROUP == 0
                                               and D % X8_GROUP == 0)
     act = workspace if workspace is not None else _workspace(E * F, x.device)

@@ -222,7 +222,7 @@ class GpuKimi(KimiLinear):
     """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
 
     def __init__(self, cfg, weights: dict, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
-                 use_graph: bool = True, prefill_chunk: int = 4096, expert_store: str | None = None,
+                 use_graph: bool = True, prefill_chunk: int = 8192, expert_store: str | None = None,
                  embed_store: str | None = "auto"):
         """expert_store="cpu": routed experts stay in pinned host memory, for kimi_local.offload.
         embed_store="cpu": the token embedding stays in pinned host memory (0.29 GiB at Q6_K); "auto"
@@ -266,10 +266,13 @@ class GpuKimi(KimiLinear):
         return c
 
     def fit_prefill_chunk(self, decode_reserve: int = 256 << 20) -> int:
-        """Under an enforced --vram budget: the largest prefill chunk (max_prefill_chunk, halved down
-        to 256) whose estimated activations (prefill_peak_bytes) fit what the weights and caches
-        leave, keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces."""
+        """The largest prefill chunk (max_prefill_chunk, halved down to 256) whose estimated activations
+        (prefill_peak_bytes) fit what the weights and caches leave of the --vram budget (without one: of
+        the GPU's memory), keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces.
+        Default 8192: 1.16x the prefill speed of 4096 for an 8K prompt (H200, session 4, run 1)."""
         budget = budget_of(self.device)
+        if budget is None and torch.device(self.device).type == "cuda":
+            budget = torch.cuda.get_device_properties(self.device).total_memory
         chunk = self.max_prefill_chunk
         if budget is not None:
             free = budget - torch.cuda.memory_allocated(self.device) - decode_reserve

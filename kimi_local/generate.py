@@ -104,8 +104,8 @@ class Stats:
 def prefill(model, cache, ids: list[int], chunk: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
     """Feed ids through the model in chunks; returns the last position's logits [1, vocab].
-    chunk None: the model's `prefill_chunk` (the engine: 4096, the fastest measured on an H200, 1.4x
-    2048's speed; the CPU reference: 2048)."""
+    chunk None: the model's `prefill_chunk` (the engine: up to 8192, fitted to the GPU memory left; the
+    CPU reference: 2048)."""
     if not ids:
         return None
     chunk = chunk or getattr(model, "prefill_chunk", 2048)

@@ -218,6 +218,9 @@ MOE_VARIANTS = [
     ("BF=8 S1=9 BD=8 S2=4 nw=1", dict(BF=8, S1=9, BD=8, S2=4, num_warps=1)),
     ("BF=16 S1=9 BD=16 S2=4 nw=1", dict(BF=16, S1=9, BD=16, S2=4, num_warps=1)),
     ("BF=32 S1=9 BD=32 S2=4 nw=4", dict(BF=32, S1=9, BD=32, S2=4, num_warps=4)),
+    ("BF=16 S1=3 BD=32 S2=2 nw=1", dict(BF=16, S1=3, BD=32, S2=2, num_warps=1)),
+    ("BF=32 S1=3 BD=16 S2=2 nw=1", dict(BF=32, S1=3, BD=16, S2=2, num_warps=1)),
+    ("BF=16 S1=3 BD=16 S2=1 nw=1", dict(BF=16, S1=3, BD=16, S2=1, num_warps=1)),
 ]
 
 
@@ -264,7 +267,8 @@ def sweep_moe(bw, args):
                                impl="tile")
                 sync()
                 err = max(err, rel_err(o32, ref1))
-                note = str(moe.moe_decode_config(qtypes, shq, D, Fe)) if vname.endswith("word default") else ""
+                note = (str(moe.moe_decode_config(qtypes, shq, D, Fe, x8=vname.startswith("x8")))
+                        if vname.endswith("word default") else "")
                 row("moe", case, vname, ms, nbytes, err, note=note, bw=bw, tol=3e-2 if vname.startswith("x8") else 1e-3)
             except Exception as e:
                 row("moe", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
