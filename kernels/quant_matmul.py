@@ -730,7 +730,6 @@ def _wdot(x, sxk, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.
 # integer sum is scaled once: part = d * sc * dx * isum - offset * sq.
 
 X8_GROUP = 16
-X8_MIN_BYTES = 4 << 20
 _INTERP_C = tl.constexpr(INTERPRET)
 
 
@@ -1185,7 +1184,7 @@ def word_c(qtype, elems, pref=None):
     return c0, False
 
 
-def gemv1_config(qtype, N, K):
+def gemv1_config(qtype, N, K, x8=False):
     """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c.
     Big N (lm_head): 128 rows per program (x preparation shared by 8 rows per thread), no split.
     Small N: 32 rows per program and split K until ~1024 programs, so that every program has only a
@@ -1194,6 +1193,8 @@ def gemv1_config(qtype, N, K):
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
     if N >= 65536:
+        if x8:  # session-4 sweep (H200): lm_head Q8_0 x8 196.4 us at 4 warps, 240.0 at 2 (fp default: 205.5)
+            return 64, None, 1, 4, 1
         return 64, None, 1, 2, 1  # session-2 sweep (H100): lm_head Q8_0 225 us vs 231 us at (128, 4 warps)
     BN = 32
     tiles = triton.cdiv(N, BN)
@@ -1212,20 +1213,20 @@ def x8_default() -> bool:
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None):
     """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
     others go to the tile path. Tuning knobs default to gemv1_config().
-    x8: True = quantize x to int8 (quantize_x8, one more launch) and use dp4a; an int32 tensor = x's x8
-    buffer, already made (x then only gives K, dtype and shape); False = fp x; None = x8_default() for
-    matrices of X8_MIN_BYTES or more (below, the extra launch costs more than dp4a saves)."""
+    x8: an int32 tensor = x's x8 buffer, already made (x then only gives K, dtype and shape): dp4a; True =
+    quantize x here (quantize_x8, one more launch); False / None = fp x (KIMI_LOCAL_X8=0 makes the engine
+    pass no buffer). A GEMV alone gains too little from dp4a to pay for its own quantize launch (H200,
+    session 4: 11.4 vs 12.2 us for [2304, 4096] Q8_0): the engine's norms write the buffer as they normalize."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
-    if x8 is None:
-        x8 = x8_default() and data.numel() >= X8_MIN_BYTES
     if out is None:
         out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     assert out.is_contiguous()
     if qtype not in WORD_QTYPES:
         return qgemv(x, data, qtype, N, out=out, method="fma")
     assert data.numel() < 2 ** 31
-    dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K)
+    use_x8 = isinstance(x8, torch.Tensor) or (x8 is True and K % X8_GROUP == 0)
+    dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K, x8=use_x8)
     BN, SPLIT = BN or dBN, SPLIT or dS
     num_warps, num_stages = num_warps or dW, num_stages or dST
     nblk = K // QK[qtype]
@@ -1236,7 +1237,6 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     C, even = word_c(qtype, bps * QK[qtype], C or dC)
     even = even and nblk % bps == 0
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
-    use_x8 = isinstance(x8, torch.Tensor) or (x8 and K % X8_GROUP == 0)
     if use_x8:
         xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
         assert xs.dtype == torch.int32 and xs.numel() == x8_words(K)

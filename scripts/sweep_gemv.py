@@ -194,7 +194,7 @@ def sweep_gemv(bw, args):
                     sync()
                     err = rel_err(o32, ref)
                     ms = graph_time([lambda w=w: qm.qgemv(x, w, qt, N, out=out, **kw) for w in ws], args.quick)
-                    cfg = qm.gemv1_config(qt, N, K) if vname.endswith("word default") else ""
+                    cfg = qm.gemv1_config(qt, N, K, x8=vname.startswith("x8")) if vname.endswith("word default") else ""
                     row("gemv", case, vname, ms, nbytes, err, note=str(cfg) if cfg else "", bw=bw,
                         tol=3e-2 if vname.startswith("x8") else 1e-3)
                 except Exception as e:  # keep sweeping
