@@ -366,6 +366,23 @@ def _h16(u16):
 
 
 @triton.jit
+def _chunks(cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
+    """The C chunk ids of the word-path step at chunk cb; past the range (not EVEN) clamped to c1 - 1."""
+    cg = cb + tl.arange(0, C)
+    if not EVEN:
+        cg = tl.minimum(cg, c1 - 1)
+    return cg
+
+
+@triton.jit
+def _add_part(acc, part, cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
+    """acc + part ([BN, C]), the clamped chunks' columns zeroed."""
+    if EVEN:
+        return acc + part
+    return acc + tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+
+
+@triton.jit
 def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     NB = K // 256
     RW4 = K // 32  # 16-byte chunks per row (written as RW4 * 4 words: 16-byte alignment is visible)
@@ -377,9 +394,7 @@ def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 8
         j = (cg // 2) % 4
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
@@ -411,10 +426,7 @@ def _wdot_q4k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         dmin = _h16(dd >> 16)
         part = d * (_i2f(scp & 0xFF, 0.0) * tl.sum(s_lo, axis=2) + _i2f(scp >> 8, 0.0) * tl.sum(s_hi, axis=2)) \
             - dmin * (_i2f(mp & 0xFF, 0.0) * xs_lo[None, :] + _i2f(mp >> 8, 0.0) * xs_hi[None, :])
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -436,9 +448,7 @@ def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 8
         j = (cg // 2) % 4
         h = cg % 2
@@ -469,10 +479,7 @@ def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         dmin = _h16(dd >> 16)
         part = d * (_i2f(scp & 0xFF, 0.0) * s_lo + _i2f(scp >> 8, 0.0) * s_hi) \
             - dmin * (_i2f(mp & 0xFF, 0.0) * xs_lo[None, :] + _i2f(mp >> 8, 0.0) * xs_hi[None, :])
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -485,9 +492,7 @@ def _wdot_q8_0(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EV
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         base = 16 * cg
         x0 = _xg(x, sxk, base, ii, 0, 0)
@@ -503,10 +508,7 @@ def _wdot_q8_0(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EV
         xs = tl.sum(x0 + x1 + x2 + x3, axis=1) * (128.0 * _PM56)
         d = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32)
         part = d * (tl.sum(s, axis=2) - xs[None, :])
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -537,9 +539,7 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -573,10 +573,7 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             sc = tl.load(scp + so + 2 * k).to(tl.float32)
             part += sc * (sk - 32.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -591,9 +588,7 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -623,10 +618,7 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             sc = tl.load(scp + so + 2 * jj).to(tl.float32)
             part += sc * (sj - 4.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -655,9 +647,7 @@ def _wdot_q2k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -687,10 +677,7 @@ def _wdot_q2k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             pm += _i2f(sc >> 4, 0.0) * _xs4(x0, x1, x2, x3)[None, :]
         dd = tl.load(dd32 + rb)
         part = _h16(dd & 0xFFFF) * pd - _h16(dd >> 16) * pm
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1) * _P56
 
 
@@ -836,9 +823,7 @@ def _i8dot_q4k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 8
         j = (cg // 2) % 4
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
@@ -854,10 +839,7 @@ def _i8dot_q4k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
         m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
         part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
@@ -876,9 +858,7 @@ def _i8dot_q5k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 8
         j = (cg // 2) % 4
         h = cg % 2
@@ -899,10 +879,7 @@ def _i8dot_q5k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
         m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
         part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
@@ -917,16 +894,11 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
         part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
@@ -943,9 +915,7 @@ def _i8dot_q6k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -970,10 +940,7 @@ def _i8dot_q6k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
             sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
             part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - 32.0 * tl.load(sqp + gk)[None, :])
         part = tl.load(dp + rb).to(tl.float32) * part
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
@@ -990,9 +957,7 @@ def _i8dot_q3k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -1016,10 +981,7 @@ def _i8dot_q3k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
             sj = _isum(v, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
             part += tl.load(scp + so + 2 * jj).to(tl.float32) * (sj - 4.0 * tl.load(sqp + gj)[None, :])
         part = tl.load(dp + rb).to(tl.float32) * part
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
@@ -1035,9 +997,7 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = cb + tl.arange(0, C)
-        if not EVEN:
-            cg = tl.minimum(cg, c1 - 1)
+        cg = _chunks(cb, c1, C, EVEN)
         blk = cg // 4
         nh = (cg // 2) % 2
         g = cg % 2
@@ -1055,10 +1015,7 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
             pm += _i2f(sc >> 4, 0.0) * tl.load(sqp + gj)[None, :]
         dd = tl.load(dd32 + rb)
         part = _h16(dd & 0xFFFF) * pd - _h16(dd >> 16) * pm
-        if EVEN:
-            acc += part
-        else:
-            acc += tl.where((cb + tl.arange(0, C) < c1)[None, :], part, 0.0)
+        acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 

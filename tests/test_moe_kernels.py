@@ -107,6 +107,15 @@ def test_moe_decode(qtypes, shared_qtypes, monkeypatch):
     check(out, ref, 1e-5)
 
 
+def _decode_case(qtypes, shared_qtypes, D, F, seed, S=3, k=2):
+    """Pools (packed, dense), shared expert, and one token's x, slots, routing weights."""
+    pools, dense, shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(D, generator=g)
+    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
+    return pools, dense, shared, x, slots, torch.rand(k, generator=g)
+
+
 @pytest.mark.parametrize("qtypes,shared_qtypes,D,kw", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=256, S1=2, BD=256, S2=2)),  # uneven D split
     (("Q6_K", "Q8_0", "Q3_K"), None, 512, dict(BF=256, S1=1, BD=256, S2=2, C=16)),
@@ -118,12 +127,7 @@ def test_moe_decode(qtypes, shared_qtypes, monkeypatch):
 def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
     """Split-K word-path decode: partials + last-arriver reductions; counters re-armed afterwards."""
     assert _expect_word_path(monkeypatch, qtypes, shared_qtypes)
-    S, F, k = 3, 512, 2
-    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=5)
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(D, generator=g)
-    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
-    w = torch.rand(k, generator=g)
+    (gp, up, dp), (gd, ud, dd), shared, x, slots, w = _decode_case(qtypes, shared_qtypes, D, 512, seed=5)
     out = torch.full((D,), float("nan"))
     moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=None if shared is None else shared[0],
                    shared_qtypes=shared_qtypes, **kw)
@@ -140,12 +144,7 @@ def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
 def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     """int8 activations: equal to the reference with the same roundings (x, act), close to the fp one."""
     assert _expect_word_path(monkeypatch, qtypes, shared_qtypes)
-    S, F, k = 3, 256, 2
-    (gp, up, dp), (gd, ud, dd), shared = make_moe(qtypes, S, D, F, shared_qtypes, seed=7)
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(D, generator=g)
-    slots = torch.randperm(S, generator=g)[:k].to(torch.int32)
-    w = torch.rand(k, generator=g)
+    (gp, up, dp), (gd, ud, dd), shared, x, slots, w = _decode_case(qtypes, shared_qtypes, D, 256, seed=7)
     out = torch.full((D,), float("nan"))
     for x8 in (True, qm.quantize_x8(x)):
         out.fill_(float("nan"))
