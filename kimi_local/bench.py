@@ -274,6 +274,60 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
     return res
 
 
+def llama_cpp_rows(path, contexts: list[int], prompts: list[int], decode_tokens: int, vocab: int, gpu: bool,
+                   n_batch: int = 4096) -> tuple[list[dict], dict]:
+    """The same measurements through llama.cpp (llama-cpp-python) on the same GGUF file: prefill tok/s for
+    each prompt (one eval of random tokens, in llama.cpp's own n_batch micro-batches) and decode tok/s at
+    each depth (the depth filled by such a prefill: llama.cpp has no synthetic cache fill; then one token
+    per eval, like a generation loop without sampling). gpu: offload every layer (needs a CUDA build of
+    llama-cpp-python: info["gpu_offload"] says whether it has one). Returns (rows, info)."""
+    import random
+
+    import llama_cpp
+
+    n_ctx = max(contexts + prompts) + decode_tokens + 8
+    info = {"llama_cpp": getattr(llama_cpp, "__version__", "?"), "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            "n_batch": min(n_batch, n_ctx)}
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=info["n_batch"], n_ubatch=info["n_batch"],
+                          n_gpu_layers=-1 if gpu else 0, logits_all=False, verbose=False)
+    rng = random.Random(0)
+
+    def ids(n):
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    llm.eval(ids(8))  # warm-up: graph build, allocations
+    rows = []
+    for n in prompts:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids(n))
+        s = time.perf_counter() - t0
+        rows.append(dict(kind="prefill", ctx=n, tok_s=round(n / s, 1), s=round(s, 3), note="llama.cpp"))
+    for ctx in contexts:
+        llm.reset()
+        llm.eval(ids(ctx - 1))
+        t0 = time.perf_counter()
+        for t in ids(decode_tokens):
+            llm.eval([t])
+        s = (time.perf_counter() - t0) / decode_tokens
+        rows.append(dict(kind="decode", ctx=ctx, tok_s=round(1 / s, 1), ms_per_tok=round(1e3 * s, 3), note="llama.cpp"))
+    llm.close()
+    return rows, info
+
+
+def add_baseline(res: BenchResult, rows: list[dict], info: dict) -> None:
+    """Append llama.cpp's rows to res and give each of ours with a matching (kind, ctx) the ratio
+    x_llama_cpp = our tok/s / llama.cpp's."""
+    theirs = {(r["kind"], r["ctx"]): r["tok_s"] for r in rows}
+    for r in res.rows:
+        base = theirs.get((r["kind"], r["ctx"]))
+        if base and r.get("tok_s"):
+            r["x_llama_cpp"] = round(r["tok_s"] / base, 2)
+            r["note"] = (r.get("note", "") + f" {r['x_llama_cpp']}x llama.cpp").strip()
+    res.rows.extend(rows)
+    res.info.update(info)
+
+
 def format_table(res: BenchResult) -> str:
     lines = [" ".join(f"{k}={v}" for k, v in res.info.items())]
     lines.append(f"{'kind':8} {'ctx':>8} {'chunk':>6} {'tok/s':>10} {'GB/s':>8} {'%roof':>6} {'roof tok/s':>10}  note")

@@ -383,6 +383,7 @@ def bench(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --vram: prefetch the next layer's experts."),
     expert_loader: str = typer.Option("device", "--expert-loader", help="With --vram: where cache decisions run: device (inside the decode graph) or host (one sync per MoE layer)."),
     pdl_ab: bool = typer.Option(False, "--pdl-ab", help="Time each decode depth three ways: kernels chained by programmatic dependent launch with the L2 weight prefetch (the default), without the prefetch, and without PDL."),
+    llama_cpp: bool = typer.Option(False, "--llama-cpp", help="Also time llama.cpp (llama-cpp-python) on the same GGUF file, same depths and prompts, and print our speed as a multiple of its (on CUDA it needs a CUDA build of llama-cpp-python)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Decode tok/s at several depths, prefill tok/s, peak VRAM, GB/s and % of the HBM roofline.
@@ -398,6 +399,14 @@ def bench(
         fail("--kv-cache must be bf16 or fp8", 2)
     if not synthetic and model is None:
         fail("give a MODEL path or --synthetic", 2)
+    if llama_cpp:
+        if synthetic or model.suffix != ".gguf":
+            fail("--llama-cpp times llama.cpp on the same file: give a .gguf MODEL (kimi-local convert makes one)", 2)
+        try:
+            import llama_cpp as _  # noqa: F401
+        except ImportError:
+            fail("--llama-cpp needs llama-cpp-python: pip install llama-cpp-python "
+                 "(for the GPU: CMAKE_ARGS=-DGGML_CUDA=on pip install llama-cpp-python)", 2)
     dev = resolve_device(device)
     if vram:
         from kimi_local.engine import apply_vram_budget
@@ -438,6 +447,12 @@ def bench(
         net, cfg, label = lm.net, lm.cfg, str(model)
     res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens, _ints(chunks),
                       1 if kv_cache == "fp8" else 2, label, decode_variants=B.PDL_VARIANTS if pdl_ab else None)
+    if llama_cpp:
+        del net, lm  # its memory goes back before llama.cpp loads the file
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        B.add_baseline(res, *B.llama_cpp_rows(model, _ints(contexts), _ints(prompts), decode_tokens, cfg.vocab_size,
+                                              gpu=dev.type == "cuda"))
     print(B.to_json(res) if json_out else B.format_table(res))
 
 

@@ -1,5 +1,9 @@
 """Loading kimi-linear GGUFs: ours, llama.cpp's variations (rewritten with gguf-py), bad files,
 tokenizer from metadata, `kimi-local info`, and (opt-in) llama.cpp on our file."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +207,30 @@ def test_llama_cpp_loads_our_gguf_and_logits_match(ours, hf_logits):
     llm.eval(IDS)
     theirs = torch.tensor(np.array(llm.scores[: len(IDS)]), dtype=torch.float32)
     assert rel_rmse(theirs, hf_logits) < 1e-4  # spec 10 measured ~3e-6
+
+
+def _bench(args):
+    r = subprocess.run([sys.executable, "-m", "kimi_local.cli", "bench", *args], capture_output=True, timeout=600)
+    return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+
+def test_bench_llama_cpp_needs_a_gguf(tiny_dir):
+    code, _, err = _bench([str(tiny_dir), "--device", "cpu", "--llama-cpp"])
+    assert code == 2 and "--llama-cpp times llama.cpp on the same file" in err
+
+
+@pytest.mark.llama
+def test_bench_llama_cpp_baseline(ours):
+    """`bench MODEL.gguf --llama-cpp`: llama.cpp's rows for the same depths and prompts, and our ratio."""
+    pytest.importorskip("llama_cpp")
+    code, out, err = _bench([str(ours / "Q8_0.gguf"), "--device", "cpu", "--contexts", "16,40", "--prompts", "24",
+                             "--decode-tokens", "3", "--chunk", "8", "--llama-cpp", "--json"])
+    assert code == 0, err
+    res = json.loads(out)
+    theirs = {(r["kind"], r["ctx"]): r for r in res["rows"] if r.get("note") == "llama.cpp"}
+    assert set(theirs) == {("decode", 16), ("decode", 40), ("prefill", 24)}
+    assert all(r["tok_s"] > 0 for r in theirs.values()) and res["info"]["gpu_offload"] in (True, False)
+    mine = [r for r in res["rows"] if r.get("note") != "llama.cpp"]
+    assert len(mine) == 3
+    for r in mine:
+        assert r["x_llama_cpp"] == round(r["tok_s"] / theirs[(r["kind"], r["ctx"])]["tok_s"], 2)
