@@ -193,17 +193,23 @@ def time_decode(net, cache, n_tokens: int, depth: int) -> float:
     return (time.perf_counter() - t0) / n_tokens
 
 
-def time_prefill(net, n: int, chunk: int, vocab: int) -> float:
+def time_prefill(net, n: int, chunk: int | None, vocab: int) -> tuple[float, int]:
+    """(seconds, chunk) of prefilling n random tokens; chunk None: the engine's own, fitted when its cache
+    is made (net.prefill_chunk), as generation uses it."""
     from kimi_local.generate import prefill
 
     ids = torch.randint(0, vocab, (n,)).tolist()
-    prefill(net, net.new_cache(max_ctx=2 * chunk + 8), ids[: 2 * chunk], chunk)  # warm-up: compile, autotune
+    if chunk is None:  # the chunk the engine fits beside a cache of this size
+        net.new_cache(max_ctx=n + 8)
+        chunk = getattr(net, "prefill_chunk", 2048)
+    warm = min(n, 2 * chunk)
+    prefill(net, net.new_cache(max_ctx=warm + 8), ids[:warm], chunk)  # warm-up: compile, autotune
     cache = net.new_cache(max_ctx=n + 8)
     _sync(net.device)
     t0 = time.perf_counter()
     prefill(net, cache, ids, chunk)
     _sync(net.device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, chunk
 
 
 # decode variants for `--pdl-ab`: (name, environment) — read when a decode graph is captured (kernels/pdl.py)
@@ -263,7 +269,7 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
     for n in prompts:
         for chunk in chunks:
             try:
-                s = time_prefill(net, n, chunk, cfg.vocab_size)
+                s, chunk = time_prefill(net, n, chunk, cfg.vocab_size)
             except torch.cuda.OutOfMemoryError:
                 res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, note="does not fit"))
                 continue

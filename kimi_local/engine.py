@@ -268,14 +268,17 @@ class GpuKimi(KimiLinear):
     def fit_prefill_chunk(self, decode_reserve: int = 256 << 20) -> int:
         """The largest prefill chunk (max_prefill_chunk, halved down to 256) whose estimated activations
         (prefill_peak_bytes) fit what the weights and caches leave of the --vram budget (without one: of
-        the GPU's memory), keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces.
+        the GPU's free memory), keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces.
         Default 8192: 1.16x the prefill speed of 4096 for an 8K prompt (H200, session 4, run 1)."""
         budget = budget_of(self.device)
-        if budget is None and torch.device(self.device).type == "cuda":
-            budget = torch.cuda.get_device_properties(self.device).total_memory
         chunk = self.max_prefill_chunk
+        free = None
         if budget is not None:
             free = budget - torch.cuda.memory_allocated(self.device) - decode_reserve
+        elif torch.device(self.device).type == "cuda":  # what the GPU has free, plus what our allocator holds unused
+            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+                    - torch.cuda.memory_allocated(self.device) - decode_reserve)
+        if free is not None:
             while chunk > 256 and prefill_peak_bytes(self.cfg, chunk, 4 * chunk) > free:
                 chunk //= 2
         self.prefill_chunk, self.mla_key_block = chunk, 4 * chunk

@@ -114,7 +114,7 @@ def run_mode(net, cfg, tokens: int, warmup: int, prefill_n: int, chunk: int, dep
     net._graphs.clear()
     torch.cuda.empty_cache()
     if prefill_n:
-        t = B.time_prefill(net, prefill_n, chunk, cfg.vocab_size)
+        t, _ = B.time_prefill(net, prefill_n, chunk, cfg.vocab_size)
         row["prefill_tok_s"] = round(prefill_n / t, 1)
     return row
 

@@ -66,7 +66,13 @@ def test_bench_tiny_cpu_json_with_decode_variants(tiny_dir):
     assert [(x["ctx"], x["note"]) for x in dec] == [(c, v) for c in (16, 40) for v in ("pdl+prefetch", "pdl", "no pdl")]
     assert all(x["tok_s"] > 0 for x in dec)
     pre = [x for x in rows if x["kind"] == "prefill"]
-    assert len(pre) == 1 and pre[0]["ctx"] == 24 and pre[0]["tok_s"] > 0
+    assert len(pre) == 1 and pre[0]["ctx"] == 24 and pre[0]["chunk"] == 8 and pre[0]["tok_s"] > 0
+    # --chunk auto (default): the model's own chunk, reported
+    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--contexts", "16", "--prompts", "24", "--decode-tokens", "1",
+              "--json"])
+    assert r.returncode == 0, r.stderr.decode()
+    pre = [x for x in json.loads(r.stdout)["rows"] if x["kind"] == "prefill"]
+    assert pre[0]["chunk"] == 2048 and pre[0]["tok_s"] > 0  # the CPU reference's chunk
 
 
 def test_text_table_alignment_and_cells():
