@@ -810,50 +810,19 @@ def _isum(v, xw, grp, ii):
 
 
 @triton.jit
-def _i8dot_q4k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
-    # chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles (group gl + 2)
+def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr):
+    # Q4_K (Q5: Q5_K). Chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles
+    # (group gl + 2); Q5_K adds the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte. Planes (bytes
+    # per block): qs 128, [qh 32,] sc 8, m 8, dd 4.
     NB = K // 256
     RW4 = K // 32
     NBT = N * NB
-    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    sc16 = (w + NBT * 128).to(tl.pointer_type(tl.uint16))
-    m16 = (w + NBT * 136).to(tl.pointer_type(tl.uint16))
-    dd32 = (w + NBT * 144).to(tl.pointer_type(tl.uint32))
-    xw, dxp, sqp = _x8_ptrs(x8, K)
-    ii = tl.arange(0, 4)
-    acc = tl.zeros([BN, C], tl.float32)
-    for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 8
-        j = (cg // 2) % 4
-        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
-        gl = 2 * cg - (cg % 2)
-        i_lo = _isum(q & 0x0F0F0F0F, xw, gl, ii).to(tl.float32)
-        i_hi = _isum((q >> 4) & 0x0F0F0F0F, xw, gl + 2, ii).to(tl.float32)
-        rb = n[:, None] * NB + blk[None, :]
-        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
-        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
-        dd = tl.load(dd32 + rb)
-        s_lo = _i2f(scp & 0xFF, 0.0) * tl.load(dxp + gl)[None, :] * i_lo
-        s_hi = _i2f(scp >> 8, 0.0) * tl.load(dxp + gl + 2)[None, :] * i_hi
-        m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
-        m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
-        part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
-        acc = _add_part(acc, part, cb, c1, C, EVEN)
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _i8dot_q5k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
-    # Q4_K's chunks with the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte
-    NB = K // 256
-    RW4 = K // 32
-    NBT = N * NB
+    P: tl.constexpr = 160 if Q5 else 128  # offset of the scale planes
     wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
     wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
-    sc16 = (w + NBT * 160).to(tl.pointer_type(tl.uint16))
-    m16 = (w + NBT * 168).to(tl.pointer_type(tl.uint16))
-    dd32 = (w + NBT * 176).to(tl.pointer_type(tl.uint32))
+    sc16 = (w + NBT * P).to(tl.pointer_type(tl.uint16))
+    m16 = (w + NBT * (P + 8)).to(tl.pointer_type(tl.uint16))
+    dd32 = (w + NBT * (P + 16)).to(tl.pointer_type(tl.uint32))
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
@@ -864,10 +833,13 @@ def _i8dot_q5k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         h = cg % 2
         rb = n[:, None] * NB + blk[None, :]
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
-        hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
-        hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
-        v_lo = (q & 0x0F0F0F0F) | ((hs << 4) & 0x10101010)
-        v_hi = ((q >> 4) & 0x0F0F0F0F) | ((hs << 3) & 0x10101010)
+        v_lo = q & 0x0F0F0F0F
+        v_hi = (q >> 4) & 0x0F0F0F0F
+        if Q5:
+            hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
+            hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
+            v_lo = v_lo | ((hs << 4) & 0x10101010)
+            v_hi = v_hi | ((hs << 3) & 0x10101010)
         gl = 2 * cg - h
         i_lo = _isum(v_lo, xw, gl, ii).to(tl.float32)
         i_hi = _isum(v_hi, xw, gl + 2, ii).to(tl.float32)
@@ -1022,10 +994,8 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
 @triton.jit
 def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1)."""
-    if QT == 3:
-        return _i8dot_q4k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
-    elif QT == 2:
-        return _i8dot_q5k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN)
+    if QT == 3 or QT == 2:
+        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2)
     elif QT == 5:
         return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
     elif QT == 0:

@@ -199,12 +199,10 @@ def time_prefill(net, n: int, chunk: int | None, vocab: int) -> tuple[float, int
     from kimi_local.generate import prefill
 
     ids = torch.randint(0, vocab, (n,)).tolist()
-    if chunk is None:  # the chunk the engine fits beside a cache of this size
-        net.new_cache(max_ctx=n + 8)
-        chunk = getattr(net, "prefill_chunk", 2048)
+    cache = net.new_cache(max_ctx=n + 8)
+    chunk = chunk or getattr(net, "prefill_chunk", 2048)  # None: what the engine fitted beside this cache
     warm = min(n, 2 * chunk)
     prefill(net, net.new_cache(max_ctx=warm + 8), ids[:warm], chunk)  # warm-up: compile, autotune
-    cache = net.new_cache(max_ctx=n + 8)
     _sync(net.device)
     t0 = time.perf_counter()
     prefill(net, cache, ids, chunk)
