@@ -24,7 +24,7 @@ from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_pre
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import QT_ID, X8_GROUP, qlinear, repack, x8_default, x8_words
+from kimi_local.kernels.quant_matmul import QK, QT_ID, X8_GROUP, qlinear, repack, x8_default, x8_words
 from kimi_local.kernels.router import route_tokens
 from kimi_local.model import KimiLinear
 
@@ -80,6 +80,7 @@ class GpuWeight:
     def __init__(self, w, device, dense_dtype=torch.bfloat16):
         self.N, self.K = w.shape[-2], w.shape[-1]
         self.qtype, self.data, self.dense = None, None, None
+        self.zero_bytes = 0  # bytes of structural zeros (block_diag) that a matmul reads but the model has not
         if _is_q(w) and w.qtype in KERNEL_QTYPES:
             self.qtype = w.qtype
             self.data = repack(w.data.to(device), w.qtype).contiguous()
@@ -97,6 +98,29 @@ class GpuWeight:
             return cls(QTensor(data, ws[0].qtype, (sum(w.shape[0] for w in ws), ws[0].shape[1])), device)
         dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in ws]
         return cls(torch.cat([d.to(device) for d in dense], 0), device)
+
+    @classmethod
+    def block_diag(cls, a, b, device) -> "GpuWeight":
+        """[[A, 0], [0, B]]: two GEMVs on different inputs (x_a, x_b adjacent in memory) as one launch,
+        y = [A x_a ; B x_b]. Quantized with one type whose block divides both widths: all-zero ggml blocks
+        decode to 0 in every type (scales 0), so the zeros are exact; else dense. The matmul reads the zero
+        blocks too (for KDA's f_b / g_b, [4096, 128] each: +1.1 MB per layer in Q8_0, one launch fewer)."""
+        from kimi_local.quant.formats import QTensor, row_nbytes
+
+        (na, ka), (nb, kb) = a.shape[-2:], b.shape[-2:]
+        qt = a.qtype if _is_q(a) and _is_q(b) and a.qtype == b.qtype else None
+        if qt in KERNEL_QTYPES and ka % QK[qt] == 0 and kb % QK[qt] == 0:
+            ra, rb = row_nbytes(qt, ka), row_nbytes(qt, kb)
+            data = torch.zeros(na + nb, ra + rb, dtype=torch.uint8)
+            data[:na, :ra] = a.data.reshape(na, ra).cpu()
+            data[na:, ra:] = b.data.reshape(nb, rb).cpu()
+            gw = cls(QTensor(data, qt, (na + nb, ka + kb)), device)
+            gw.zero_bytes = na * rb + nb * ra
+            return gw
+        dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in (a, b)]
+        gw = cls(torch.block_diag(*[d.cpu() for d in dense]), device)
+        gw.zero_bytes = (na * kb + nb * ka) * gw.dense.element_size()
+        return gw
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, x8: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T; x8: x's int8-activation buffer (one token) when the caller has it (quant_matmul.qgemv1)."""
@@ -185,8 +209,8 @@ def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
                 out[b + "qkvfgb"] = GpuWeight.cat(qkv + fgb, dev)
             else:
                 out[b + "qkv"], out[b + "fgb_a"] = GpuWeight.cat(qkv, dev), GpuWeight.cat(fgb, dev)
-            out[b + "ssm_f_b.weight"] = GpuWeight(g("ssm_f_b.weight"), dev)
-            out[b + "ssm_g_b.weight"] = GpuWeight(g("ssm_g_b.weight"), dev)
+            # f = f_b f_a(h) and z = g_b g_a(h) as one GEMV over the adjacent [f_a(h) ; g_a(h)] slice
+            out[b + "ssm_fg_b"] = GpuWeight.block_diag(g("ssm_f_b.weight"), g("ssm_g_b.weight"), dev)
             out[b + "conv"] = torch.stack([g(f"ssm_conv1d_{n}.weight").float() for n in "qkv"]).to(dev).contiguous()
             out[b + "ssm_a"] = vec(b + "ssm_a")
             out[b + "ssm_dt.bias"] = vec(b + "ssm_dt.bias")
@@ -358,8 +382,8 @@ class GpuKimi(KimiLinear):
         else:
             qkv = w[b + "qkv"].matmul(h, x8=h8)  # [T, 3P]
             fgb = w[b + "fgb_a"].matmul(h, x8=h8)  # [T, K + K + H]
-        f = w[b + "ssm_f_b.weight"].matmul(fgb[:, :K])  # [T, P]
-        z = w[b + "ssm_g_b.weight"].matmul(fgb[:, K : 2 * K])  # [T, P]
+        fz = w[b + "ssm_fg_b"].matmul(fgb[:, : 2 * K])  # [T, 2P]: f_b f_a(h) || g_b g_a(h)
+        f, z = fz[:, :P], fz[:, P:]
         beta_logit = fgb[:, 2 * K :]
         conv_w, tail, state = w[b + "conv"], cache.conv[i], cache.kda_state[i]
         if T == 1:

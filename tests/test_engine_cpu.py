@@ -121,3 +121,28 @@ def test_device_loader_tables_survive_prefill_chunks(tiny_dir, tmp_path):
     assert all(float(prof[L].sum()) == 14 * k for L in layers)
     st = off.stats
     assert st.lookups > 0 and 0 < st.hit_rate < 1 and st.misses > 0 and st.tokens == 3 + 1 + 1 + 4 + 1 + 2 + 1 + 1
+
+
+@pytest.mark.parametrize("qtypes", [("Q8_0", "Q8_0"), ("BF16", "BF16"), ("Q8_0", "BF16")])
+def test_block_diag_weight_is_two_gemvs(qtypes):
+    """KDA's f_b and g_b as one block-diagonal GEMV: [A x_a ; B x_b] equals the two GEMVs (quantized: same
+    blocks, exact zeros), and zero_bytes counts the structural zeros (not model bytes)."""
+    from kimi_local.engine import GpuWeight
+    from kimi_local.quant.formats import QTensor
+
+    g = torch.Generator().manual_seed(3)
+    a32, b32 = torch.randn(96, 64, generator=g), torch.randn(80, 32, generator=g)
+    a, b = (QTensor.from_float(t, q) if q != "BF16" else t.bfloat16() for t, q in zip((a32, b32), qtypes))
+    bd = GpuWeight.block_diag(a, b, "cpu")
+    assert (bd.N, bd.K) == (176, 96)
+    x = torch.randn(1, 96, generator=g).bfloat16()
+    y = bd.matmul(x).float()
+    ya = GpuWeight(a, "cpu").matmul(x[:, :64]).float()
+    yb = GpuWeight(b, "cpu").matmul(x[:, 64:]).float()
+    if qtypes == ("Q8_0", "Q8_0"):
+        assert bd.qtype == "Q8_0" and bd.zero_bytes == 96 * 34 + 80 * 2 * 34
+        torch.testing.assert_close(y, torch.cat([ya, yb], 1), rtol=1e-2, atol=1e-2)
+    else:  # dense bf16 (mixed types are dequantized)
+        assert bd.dense is not None and bd.zero_bytes == (96 * 32 + 80 * 64) * 2
+        torch.testing.assert_close(y, torch.cat([ya, yb], 1), rtol=2e-2, atol=2e-2)
+    assert y[0, :96].abs().sum() > 0 and y[0, 96:].abs().sum() > 0
