@@ -8,6 +8,9 @@ route: per token, s = sigmoid(logits), pick the top-k of s + bias (bias for sele
 One program per token; top-k by k successive arg-max passes over the E = 256 scores in registers.
 router_route: both in one launch (the last program of a token to finish its logits does the top-k);
 route_tokens uses it for decode.
+norm_router_route: the MoE layer's add + RMSNorm (kernels/norm.rms_norm with a residual and x8 output)
+fused in front of router_route: every program normalises the whole row itself (2304 values from L2), so the
+norm is not a launch of its own in the decode chain.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
+from .quant_matmul import _x8_quant, _x8_store, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -187,3 +191,78 @@ def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, s
     else:
         logits = x.float() @ w.float().t()
     return route(logits, bias, k, scale, biased_weights, renormalize)
+
+
+@triton.jit
+def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w_out, eps, scale, stride_w,
+                             D: tl.constexpr, BDN: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
+                             BEF: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr,
+                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr):
+    """One token. Program i_e: x = res + v, h = rms_norm(x) * nw (norm.rms_norm_kernel's roundings), logits of
+    experts i_e * BE .. + BE from h; the last program to arrive (counter cnt, re-armed by it) runs the top-k
+    and stores x (to res: every other program has read res before its releasing arrival), h and h's x8."""
+    i_e = tl.program_id(0)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_e = o_e < E
+    o_d = tl.arange(0, BDN)
+    m_d = o_d < D
+    xdt = v.dtype.element_ty
+    # weights first (no kernel writes them): their DRAM latency overlaps the previous kernel under PDL
+    b_w = tl.load(w + o_e.to(tl.int64)[:, None] * stride_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :],
+                  other=0.0).to(tl.float32)  # [BE, BDN]
+    b_nw = tl.load(nw + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    b_x = (tl.load(v + o_d, mask=m_d, other=0).to(tl.float32)
+           + tl.load(res + o_d, mask=m_d, other=0).to(tl.float32)).to(xdt)
+    b_xf = b_x.to(tl.float32)
+    b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
+    b_h = (b_n * b_nw).to(h.dtype.element_ty)
+    b_l = tl.sum(b_w * b_h.to(tl.float32)[None, :], 1)  # [BE]
+    tl.store(logits + o_e, b_l, mask=m_e)
+    tl.debug_barrier()  # every thread's logits and reads of res before the (releasing) arrival
+    c = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    if c == tl.num_programs(0) - 1:
+        _route_row(logits, bias, ids_out, w_out, scale, E, BEF, K, BK, BIASED, RENORM, True)
+        tl.store(res + o_d, b_x, mask=m_d)
+        tl.store(h + o_d, b_h, mask=m_d)
+        if X8:
+            words, dx, sq = _x8_quant(tl.reshape(b_h.to(tl.float32), [BDN // 16, 16]))
+            g = tl.arange(0, BDN // 16)
+            _x8_store(h8, D, g, g < D // 16, words, dx, sq)
+        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+
+
+NORM_ROUTE_DEFAULTS = dict(BE=2, num_warps=4)
+
+
+def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: float, h=None, x8_out=None,
+                      biased_weights: bool = False, renormalize: bool = True, BE: int | None = None,
+                      num_warps: int | None = None):
+    """One token: residual += v; h = naive.rms_norm(residual, norm_w, eps) (x8_out, if given: h's int8
+    activations, as norm.rms_norm writes them); then router_route(h, w, bias, k, scale): all in one launch.
+    v, residual [1, D] or [D] (residual updated in place); w [E, D] fp32; returns (h, ids [1, k] int32,
+    weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation)."""
+    D = v.shape[-1]
+    E = w.shape[0]
+    assert v.numel() == D and residual.numel() == D and v.is_contiguous() and residual.is_contiguous()
+    assert w.shape[1] == D and w.stride(1) == 1 and bias.is_contiguous() and norm_w.numel() == D
+    h = torch.empty_like(v) if h is None else h
+    if x8_out is not None:
+        assert x8_out.dtype == torch.int32 and x8_out.numel() == x8_words(D) and x8_out.is_contiguous()
+    key = str(v.device)
+    if key not in _CNT:
+        _CNT[key] = torch.zeros(GEMV_MAX_TOKENS, dtype=torch.int32, device=v.device)
+    logits = torch.empty(1, E, dtype=torch.float32, device=v.device)
+    ids = torch.empty(1, k, dtype=torch.int32, device=v.device)
+    wts = torch.empty(1, k, dtype=torch.float32, device=v.device)
+    BE = BE or NORM_ROUTE_DEFAULTS["BE"]
+    BDN = max(16, triton.next_power_of_2(D))
+    norm_router_route_kernel[(triton.cdiv(E, BE),)](
+        v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, _CNT[key], bias, ids, wts,
+        eps, float(scale), w.stride(0), D=D, BDN=BDN, E=E, BE=BE, BEF=triton.next_power_of_2(E), K=k,
+        BK=triton.next_power_of_2(k), BIASED=biased_weights, RENORM=renormalize, X8=x8_out is not None,
+        PDL=pdl.enabled(), **pdl.launch_kw(),
+        num_warps=1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"]))
+    return h, ids, wts

@@ -25,7 +25,7 @@ from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
 from kimi_local.kernels.quant_matmul import QK, QT_ID, X8_GROUP, qlinear, repack, x8_default, x8_words
-from kimi_local.kernels.router import route_tokens
+from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
 KERNEL_QTYPES = {q for q in QT_ID if q != "BF16"}
@@ -344,12 +344,29 @@ class GpuKimi(KimiLinear):
             h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
             return fused_rms_norm(v, w[name], eps, residual=residual, x8_out=h8), h8
 
+        # one token: a MoE layer's add + RMSNorm runs inside its router launch (router.norm_router_route);
+        # KIMI_LOCAL_NORM_ROUTE=0 keeps them two launches
+        fuse_route = x.shape[0] == 1 and os.environ.get("KIMI_LOCAL_NORM_ROUTE", "1") != "0"
+
+        def norm_route(v, i):  # -> (h, h8, (ids, weights)); x += v, h = norm(x), the router's top-k of h
+            b = f"blk.{i}."
+            h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
+            h, ids, wts = norm_router_route(v, x, w[b + "ffn_norm.weight"], eps, w[b + "ffn_gate_inp.weight"],
+                                            w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
+                                            cfg.routed_scaling_factor, x8_out=h8,
+                                            biased_weights=cfg.biased_router_weights, renormalize=cfg.moe_renormalize)
+            return h, h8, (ids, wts)
+
         h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
-            h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
-            m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
+            if cfg.is_moe(i) and fuse_route:
+                h, h8, routed = norm_route(a, i)
+                m = self.moe(i, h, h8, routed)
+            else:
+                h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
+                m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
             if i + 1 < cfg.num_hidden_layers:
                 h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
@@ -432,10 +449,12 @@ class GpuKimi(KimiLinear):
         u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
         return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
 
-    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
+    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None) -> torch.Tensor:
+        """routed: (ids, weights) when the router already ran (norm_router_route), else routed here."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
-        ids, wts = route_tokens(h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
-                                cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)
+        ids, wts = routed if routed is not None else route_tokens(
+            h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
+            cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)
         slots = self.experts.prepare(i, ids, h).to(torch.int32)
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)
         shared, shq = w.get(b + "shexp", (None, None))

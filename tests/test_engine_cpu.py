@@ -17,8 +17,11 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_engine_decode_steps_match_reference(tiny_dir):
+@pytest.mark.parametrize("norm_route", ["1", "0"])  # the MoE layers' add + norm inside the router launch, or not
+def test_engine_decode_steps_match_reference(tiny_dir, norm_route, monkeypatch):
     from kimi_local.engine import GpuKimi
+
+    monkeypatch.setenv("KIMI_LOCAL_NORM_ROUTE", norm_route)
 
     ck = HFCheckpoint(tiny_dir)
     w = load_dense(ck, "cpu", torch.float32)

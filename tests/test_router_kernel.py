@@ -4,7 +4,7 @@ import torch
 
 from kimi_local.kernels import naive
 from kimi_local.kernels import router as router_mod
-from kimi_local.kernels.router import route, route_tokens, router_logits, router_route
+from kimi_local.kernels.router import norm_router_route, route, route_tokens, router_logits, router_route
 
 
 @pytest.mark.parametrize("T,E,k,biased", [(1, 256, 8, False), (5, 37, 3, False), (4, 16, 4, True), (3, 8, 1, False)])
@@ -107,3 +107,64 @@ def test_cuda_route_tokens_real_shapes(T):
     graph.replay()
     torch.cuda.synchronize()
     _same_selection(ids_g, wts_g, ids_ref, w_ref, rel=1e-4)
+
+
+def _norm_route_case(E, D, k, seed, dev):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(D, generator=g).to(torch.bfloat16)
+    res = (3 * torch.randn(D, generator=g)).to(torch.bfloat16)
+    nw = 1 + 0.2 * torch.randn(D, generator=g)
+    w = 0.05 * torch.randn(E, D, generator=g)
+    bias = 0.05 * torch.randn(E, generator=g)
+    return [t.to(dev) for t in (v, res, nw, w, bias)]
+
+
+def _check_norm_route(E, D, k, seed, dev, x8, BE=None, num_warps=None, rounds=2):
+    """norm_router_route vs its two-launch form (norm.rms_norm with residual and x8, then naive.route on the
+    stored h): residual updated identically, h within one bf16 rounding, x8 = quantize_x8 of the stored h,
+    the reference's experts and weights; twice (the counter is re-armed)."""
+    from kimi_local.kernels.norm import rms_norm
+    from kimi_local.kernels.quant_matmul import quantize_x8, x8_words
+
+    v, res, nw, w, bias = _norm_route_case(E, D, k, seed, dev)
+    for r in range(rounds):
+        res_ref = res.clone()
+        h_ref = rms_norm(v, nw, 1e-5, residual=res_ref)
+        h8 = torch.full((x8_words(D),), -7, dtype=torch.int32, device=dev) if x8 else None
+        h = torch.full_like(v, float("nan"))
+        got_h, ids, wts = norm_router_route(v, res, nw, 1e-5, w, bias, k, 2.446, h=h, x8_out=h8, BE=BE,
+                                            num_warps=num_warps)
+        assert got_h is h
+        torch.testing.assert_close(res, res_ref, rtol=0, atol=0)
+        torch.testing.assert_close(h.float(), h_ref.float(), rtol=8e-3, atol=1e-6)
+        if x8:
+            assert torch.equal(h8, quantize_x8(h))
+        ids_ref, w_ref = naive.route(h.cpu()[None].float(), w.cpu(), bias.cpu(), k, 2.446)
+        _same_selection(ids, wts, ids_ref, w_ref, rel=1e-4)
+        assert int(router_mod._CNT[str(ids.device)].abs().sum()) == 0
+        v = v.flip(0)
+
+
+@pytest.mark.parametrize("E,D,k,BE,x8", [(37, 48, 3, 4, True), (16, 100, 4, 2, False), (64, 288, 8, None, True)])
+def test_norm_router_route_matches_two_launches(E, D, k, BE, x8):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_norm_route(E, D, k, E + D, dev, x8, BE=BE)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_warps", [None, 8])
+def test_cuda_norm_router_route_real_shapes(num_warps):
+    """256 experts x 2304, top-8, x8 output, and one CUDA graph replay of it."""
+    _check_norm_route(256, 2304, 8, 5, "cuda", True, num_warps=num_warps)
+    v, res, nw, w, bias = _norm_route_case(256, 2304, 8, 6, "cuda")
+    res0 = res.clone()
+    norm_router_route(v, res, nw, 1e-5, w, bias, 8, 2.446)  # compiled outside the capture
+    res.copy_(res0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, ids, wts = norm_router_route(v, res, nw, 1e-5, w, bias, 8, 2.446)
+    graph.replay()
+    torch.cuda.synchronize()
+    ids_ref, w_ref = naive.route(h.cpu()[None].float(), w.cpu(), bias.cpu(), 8, 2.446)
+    _same_selection(ids, wts, ids_ref, w_ref, rel=1e-4)
+    torch.testing.assert_close(res, (res0.float() + v.float()).bfloat16(), rtol=0, atol=0)
