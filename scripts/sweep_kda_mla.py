@@ -196,6 +196,10 @@ def mla_variants(dtype, S, n_sm):
         v += [("hm BS=32 w8 s2", hm), ("hm BS=64 w8 s2", dict(hm, BS=64)), ("hm BS=16 w8 s3", dict(hm, BS=16, num_stages=3)),
               ("t BS=64 w8 s2", t), ("t BS=64 w4 s2", dict(t, num_warps=4)),
               ("t BS=64 w8 s2 2xSM splits", dict(t, num_splits=2 * n_sm)),
+              ("t BS=64 w4 s3", dict(t, num_warps=4, num_stages=3)),
+              ("t BS=32 w4 s4", dict(t, BS=32, num_warps=4, num_stages=4)),
+              ("t BS=32 w4 s3 2xSM splits", dict(t, BS=32, num_warps=4, num_stages=3, num_splits=2 * n_sm)),
+              ("t BS=64 w4 s2 min_chunk=512", dict(t, num_warps=4, min_chunk=512)),
               ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm))]
         if S <= 8192:
             v += [("t BS=64 w8 s2 min_chunk=64", dict(t, min_chunk=64))]
