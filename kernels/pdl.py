@@ -64,6 +64,13 @@ def prefetch() -> bool:
     return _ON and os.environ.get("KIMI_LOCAL_PREFETCH", "0") == "1"
 
 
+def prefetch_next() -> bool:
+    """Low-traffic decode kernels prefetch the NEXT kernel's weights into L2 (prefetch_share below): the KDA step
+    and the MLA split kernel the o-projection's, the MoE gate/up kernel the selected experts' down matrices.
+    With PDL only (the decode step on sm_90+); KIMI_LOCAL_PREFETCH_NEXT=0 turns it off."""
+    return _ON and os.environ.get("KIMI_LOCAL_PREFETCH_NEXT", "1") != "0"
+
+
 def launch_kw() -> dict:
     """Extra launch arguments for a PDL-aware kernel: {"launch_pdl": True} while enabled."""
     return {"launch_pdl": True} if _ON else {}
@@ -93,3 +100,23 @@ def prefetch_l2_bulk(ptr, nbytes):
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                               [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
+
+
+@triton.jit
+def prefetch_share(base, nbytes, pid, nprog, NT: tl.constexpr):
+    """Program pid of nprog prefetches its share of the bytes [base, base + nbytes) into L2: NT requests (one
+    per thread: NT = 32 * num_warps), a contiguous slice each, so the whole range is spread over every SM's
+    copy engine. nbytes a multiple of 16, base 16-byte aligned. Returns nothing the caller must wait for."""
+    base = base.to(tl.pointer_type(tl.uint8))  # byte offsets whatever the tensor's dtype
+    nb = nbytes.to(tl.int64)
+    per_thr = tl.cdiv(tl.cdiv(nb, nprog * NT), 16) * 16  # bytes per request, a multiple of 16
+    off = (pid * NT + tl.arange(0, NT)).to(tl.int64) * per_thr
+    n = tl.minimum(per_thr, nb - off).to(tl.int32)  # <= 0: nothing left for this thread (predicated off)
+    tl.inline_asm_elementwise(
+        "{\n\t.reg .pred p;\n\tsetp.gt.s32 p, $2, 0;\n\t@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\t"
+        "mov.u32 $0, 0;\n\t}", "=r,l,r", [base + off, n], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_bytes(t) -> int:
+    """The prefetchable byte count of a weight tensor (a multiple of 16; 0 = nothing)."""
+    return 0 if t is None else (t.numel() * t.element_size()) // 16 * 16
