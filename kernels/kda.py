@@ -254,7 +254,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     read before waiting for the previous kernel, so that kernel must not write them (in the engine the
     projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter.
     prefetch: the next kernel's weights (any tensor; the o-projection's in the engine), pulled into L2 while
-    this latency-bound kernel runs (with PDL and kernels.pdl.prefetch_next())."""
+    this latency-bound kernel runs (with PDL and kernels.pdl.prefetch_next("kda"))."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -277,12 +277,12 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
-    pf = prefetch is not None and pdl and _pdl.prefetch_next() and _pdl.prefetch_bytes(prefetch) > 0
+    pf = prefetch is not None and pdl and _pdl.prefetch_next("kda") and _pdl.prefetch_bytes(prefetch) > 0
     kda_decode_step_kernel[(NV, H)](
         q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
         ws_o, ws_cnt, prefetch if pf else state, _pdl.prefetch_bytes(prefetch) if pf else 0, scale, eps,
         H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=(K == BK) and (V % BV == 0), PDL=pdl,
-        PF=pf, NT=32 * num_warps, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        PF=pf, NT=_pdl.prefetch_nt(num_warps), num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -227,7 +227,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
     widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
     prefetch: weights of a later kernel (the engine: the o-projection's), pulled into L2 by the split kernel's
-    programs first thing (with PDL and kernels.pdl.prefetch_next())."""
+    programs first thing (with PDL and kernels.pdl.prefetch_next("mla"))."""
     H, R = q_abs.shape
     kind = {torch.float8_e4m3fn: "fp8", torch.float32: "fp32"}.get(latent.dtype, "bf16")
     d = DEFAULTS[kind]
@@ -257,13 +257,13 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     in_ptr = isinstance(seq_len, torch.Tensor)
     seq_ptr, seq_int = (seq_len, 0) if in_ptr else (ws_m, int(seq_len))
     common = dict(BS=BS, NS=NS, MIN_CHUNK=min_chunk, LEN_IN_PTR=in_ptr)
-    pf = prefetch is not None and pdl.prefetch_next() and pdl.prefetch_bytes(prefetch) > 0
+    pf = prefetch is not None and pdl.prefetch_next("mla") and pdl.prefetch_bytes(prefetch) > 0
     args = (q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
             scale * _LOG2E, prefetch if pf else ws_m, pdl.prefetch_bytes(prefetch) if pf else 0,
             latent.stride(0), q_pe.stride(0))
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
-              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), PF=pf, NT=32 * num_warps,
+              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), PF=pf, NT=pdl.prefetch_nt(num_warps),
               **pdl.launch_kw(), **common)
     if variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (

@@ -252,8 +252,8 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     the first call). x8 (word path): int8 activations and dp4a (quant_matmul's x8 section): None =
     x8_default(), True = quantize x here (one more launch), an int32 tensor = x's x8 buffer, False = fp;
     the gate/up kernel then also writes act as int8 for the down kernel.
-    With PDL and kernels.pdl.prefetch_next() the gate/up kernel pulls the selected experts' down matrices into
-    L2 for the down kernel, and the down kernel pulls `prefetch` (a later kernel's weights) if given."""
+    With PDL and kernels.pdl.prefetch_next("moe") the gate/up kernel pulls the selected experts' down matrices into
+    L2 for the down kernel; with prefetch_next("proj") the down kernel pulls `prefetch` (a later kernel's weights)."""
     if impl == "tile":
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
@@ -317,15 +317,15 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, down_pool, sd, down_pool[0].numel(), pdl.prefetch_bytes(sd), KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        PF=pdl.prefetch_next(), NT=32 * num_warps, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        PF=pdl.prefetch_next("moe"), NT=pdl.prefetch_nt(num_warps), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
-    pf = prefetch is not None and pdl.prefetch_next() and pdl.prefetch_bytes(prefetch) > 0
+    pf = prefetch is not None and pdl.prefetch_next("proj") and pdl.prefetch_bytes(prefetch) > 0
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         prefetch if pf else sd, pdl.prefetch_bytes(prefetch) if pf else 0,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, PF=pf, NT=32 * num_warps, num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl.enabled(), X8=use_x8, PF=pf, NT=pdl.prefetch_nt(num_warps), num_warps=num_warps, num_stages=num_stages,
         **pdl.launch_kw())
     return out
 

@@ -250,7 +250,7 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     v, residual [1, D] or [D] (residual updated in place); w [E, D] fp32; returns (h, ids [1, k] int32,
     weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation).
     prefetch: up to two tensors of a later kernel's weights to pull into L2 (with PDL and
-    kernels.pdl.prefetch_next())."""
+    kernels.pdl.prefetch_next("router"))."""
     D = v.shape[-1]
     E = w.shape[0]
     assert v.numel() == D and residual.numel() == D and v.is_contiguous() and residual.is_contiguous()
@@ -267,13 +267,13 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     BE = BE or NORM_ROUTE_DEFAULTS["BE"]
     BDN = max(16, triton.next_power_of_2(D))
     num_warps = 1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"])
-    pfs = [t for t in prefetch if t is not None and pdl.prefetch_bytes(t) > 0][:2] if pdl.prefetch_next() else []
+    pfs = [t for t in prefetch if t is not None and pdl.prefetch_bytes(t) > 0][:2] if pdl.prefetch_next("router") else []
     pfs += [w] * (2 - len(pfs))
     nbytes = [pdl.prefetch_bytes(t) if t is not w else 0 for t in pfs]
     norm_router_route_kernel[(triton.cdiv(E, BE),)](
         v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, _CNT[key], bias, ids, wts,
         eps, float(scale), w.stride(0), pfs[0], nbytes[0], pfs[1], nbytes[1], D=D, BDN=BDN, E=E, BE=BE,
         BEF=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k), BIASED=biased_weights,
-        RENORM=renormalize, X8=x8_out is not None, PDL=pdl.enabled(), PF=sum(nbytes) > 0, NT=32 * num_warps,
+        RENORM=renormalize, X8=x8_out is not None, PDL=pdl.enabled(), PF=sum(nbytes) > 0, NT=pdl.prefetch_nt(num_warps),
         **pdl.launch_kw(), num_warps=num_warps)
     return h, ids, wts

@@ -211,9 +211,27 @@ def time_prefill(net, n: int, chunk: int | None, vocab: int) -> tuple[float, int
 
 
 # decode variants for `--pdl-ab`: (name, environment) — read when a decode graph is captured (kernels/pdl.py)
-PDL_VARIANTS = [("pdl+prefetch", {"KIMI_LOCAL_PDL": "1", "KIMI_LOCAL_PREFETCH": "1"}),
+PDL_VARIANTS = [("pdl+prefetch", {"KIMI_LOCAL_PDL": "1", "KIMI_LOCAL_PREFETCH": "1"}),  # own weights, before the wait
                 ("pdl", {"KIMI_LOCAL_PDL": "1", "KIMI_LOCAL_PREFETCH": "0"}),
                 ("no pdl", {"KIMI_LOCAL_PDL": "0", "KIMI_LOCAL_PREFETCH": "0"})]
+
+
+def parse_variants(specs: list[str]) -> list[tuple[str, dict]]:
+    """`--variant` values ("VAR=value[;VAR=value...]", e.g. "KIMI_LOCAL_PREFETCH_NEXT=kda,mla;KIMI_LOCAL_X8=0")
+    -> decode variants [(name, env)], the unchanged environment ("default") first. Raises ValueError on a
+    malformed entry."""
+    out = [("default", {})]
+    for spec in specs:
+        env = {}
+        for item in filter(None, (p.strip() for p in spec.split(";"))):
+            key, sep, val = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--variant {spec!r}: expected VAR=value[;VAR=value...]")
+            env[key.strip()] = val.strip()
+        if not env:
+            raise ValueError(f"--variant {spec!r} sets nothing")
+        out.append((spec, env))
+    return out
 
 
 def _with_env(env: dict, fn):

@@ -24,7 +24,7 @@ from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_pre
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import QK, QT_ID, X8_GROUP, qlinear, repack, x8_default, x8_words
+from kimi_local.kernels.quant_matmul import QK, QT_ID, WORD_QTYPES, X8_GROUP, qlinear, repack, x8_default, x8_words
 from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
@@ -452,8 +452,8 @@ class GpuKimi(KimiLinear):
 
     def _next_projection(self, i: int):
         """Layer i + 1's first weight matrix (KDA q/k/v/f/g/beta or MLA q/kv_a, when fused), for the MoE down
-        kernel to pull into L2 (KIMI_LOCAL_PREFETCH_PROJ=1; off by default: see docs/perf-notes.md)."""
-        if os.environ.get("KIMI_LOCAL_PREFETCH_PROJ", "0") != "1" or i + 1 >= self.cfg.num_hidden_layers:
+        kernel to pull into L2 (prefetch site "proj" of kernels.pdl.prefetch_next)."""
+        if i + 1 >= self.cfg.num_hidden_layers:
             return None
         b = f"blk.{i + 1}."
         gw = self.w.get(b + "qkvfgb") or self.w.get(b + "attn_q_kv_a")
@@ -462,6 +462,17 @@ class GpuKimi(KimiLinear):
     # ---- FFNs ----------------------------------------------------------------------------
     def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.w, f"blk.{i}."
+        mats = [w[b + f"ffn_{n}.weight"] for n in ("gate", "up", "down")]
+        if h.shape[0] == 1 and all(m.qtype in WORD_QTYPES for m in mats) \
+                and os.environ.get("KIMI_LOCAL_DENSE_FUSED", "1") != "0":
+            # one token: the fused MoE decode kernels with the FFN as the only ("shared") expert: gate + up +
+            # SiLU * up in one launch, down in the next (instead of 3 GEMVs and 4 elementwise torch kernels)
+            data, qts = tuple(m.data for m in mats), tuple(m.qtype for m in mats)
+            out = torch.empty_like(h)
+            none_i = torch.empty(0, dtype=torch.int32, device=h.device)
+            moe_decode(h[0], none_i, none_i.float(), *(d[None] for d in data), qts, out[0], shared=data,
+                       shared_qtypes=qts, x8=h8)
+            return out
         g = w[b + "ffn_gate.weight"].matmul(h, x8=h8)
         u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
         return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))

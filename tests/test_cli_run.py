@@ -75,6 +75,23 @@ def test_bench_tiny_cpu_json_with_decode_variants(tiny_dir):
     assert pre[0]["chunk"] == 2048 and pre[0]["tok_s"] > 0  # the CPU reference's chunk
 
 
+def test_bench_variant_option(tiny_dir):
+    """--variant VAR=value[;VAR=value]: the default environment first, then each variant, per depth; a malformed
+    one is a usage error before anything loads."""
+    from kimi_local.bench import parse_variants
+
+    assert parse_variants(["KIMI_LOCAL_PREFETCH_NEXT=kda,mla; KIMI_LOCAL_X8=0"]) == [
+        ("default", {}), ("KIMI_LOCAL_PREFETCH_NEXT=kda,mla; KIMI_LOCAL_X8=0",
+                          {"KIMI_LOCAL_PREFETCH_NEXT": "kda,mla", "KIMI_LOCAL_X8": "0"})]
+    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--contexts", "16", "--prompts", "", "--decode-tokens", "1",
+              "--variant", "KIMI_LOCAL_NORM_ROUTE=0", "--json"])
+    assert r.returncode == 0, r.stderr.decode()
+    dec = [x for x in json.loads(r.stdout)["rows"] if x["kind"] == "decode"]
+    assert [x.get("note") for x in dec] == ["default", "KIMI_LOCAL_NORM_ROUTE=0"] and all(x["tok_s"] > 0 for x in dec)
+    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--variant", "X8", "--json"])
+    assert r.returncode == 2 and "VAR=value" in r.stderr.decode()
+
+
 def test_text_table_alignment_and_cells():
     from kimi_local.bench import text_table
 
