@@ -172,8 +172,7 @@ class BenchResult:
     info: dict = field(default_factory=dict)
 
 
-def time_decode(net, cache, n_tokens: int, depth: int) -> float:
-    """Seconds per decoded token at context depth `depth` (graph replays on CUDA)."""
+def _fill_cache(cache, depth: int, n_tokens: int) -> None:
     cache.reserve(depth + n_tokens + 1)
     for lat in cache.latent.values():  # never time on zeros (filled in slices: bounded extra memory)
         for a in range(0, depth, 65536):
@@ -181,6 +180,34 @@ def time_decode(net, cache, n_tokens: int, depth: int) -> float:
             lat[a:b].copy_(torch.randn(b - a, lat.shape[1], device=lat.device).to(lat.dtype))
     cache.pos = depth
     cache.tokens = [0] * depth
+
+
+def time_decode_variants(net, cache, variants: list, n_tokens: int, depth: int, rounds: int = 5) -> list[float]:
+    """Seconds per decoded token at `depth` for each (name, env) variant, CUDA graphs only: one graph captured
+    per variant over the same cache, then `rounds` rounds that replay n_tokens with each variant in turn
+    (interleaved, so clock and thermal drift hit every variant alike); the median round per variant."""
+    from kimi_local.engine import DecodeGraph
+
+    _fill_cache(cache, depth, n_tokens)
+    graphs = [_with_env(env, lambda: DecodeGraph(net, cache)) for _, env in variants]
+    times = [[] for _ in variants]
+    for _ in range(rounds + 1):  # round 0: warm-up, not kept
+        for j, g in enumerate(graphs):
+            cache.pos, cache.tokens = depth, [0] * depth
+            ids = torch.tensor([1])
+            _sync(net.device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                ids = torch.argmax(g.step(ids)[-1]).reshape(1).cpu()
+            _sync(net.device)
+            times[j].append((time.perf_counter() - t0) / n_tokens)
+    del graphs
+    return [sorted(t[1:])[len(t[1:]) // 2] for t in times]
+
+
+def time_decode(net, cache, n_tokens: int, depth: int) -> float:
+    """Seconds per decoded token at context depth `depth` (graph replays on CUDA)."""
+    _fill_cache(cache, depth, n_tokens)
     ids = torch.tensor([1])
     net.forward(ids, cache)  # builds / warms the graph
     _sync(net.device)
@@ -249,8 +276,9 @@ def _with_env(env: dict, fn):
 
 def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int,
               chunks: list[int], kv_bytes: int, label: str, decode_variants: list | None = None) -> BenchResult:
-    """decode_variants: [(name, env)] to time each decode depth under each environment (a fresh decode graph
-    per variant; a row's "note" names its variant), e.g. PDL_VARIANTS."""
+    """decode_variants: [(name, env)] to time each decode depth under each environment (a decode graph per
+    variant, captured under its environment; a row's "note" names its variant), e.g. PDL_VARIANTS. On CUDA
+    with graphs the variants are timed in interleaved rounds (time_decode_variants)."""
     dev = net.device
     res = BenchResult()
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
@@ -262,14 +290,28 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
         from kimi_local.kernels import pdl
 
         res.info["pdl"] = pdl.supported(dev)  # the decode graph's kernels chained by PDL (KIMI_LOCAL_PDL=0: off)
+    interleave = bool(decode_variants) and dev.type == "cuda" and getattr(net, "use_graph", False)
     for ctx in contexts:
-        for name, env in decode_variants or [(None, {})]:
+        if interleave:  # every variant's graph over one cache, timed in interleaved rounds
             try:
                 cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
             except torch.cuda.OutOfMemoryError:
                 res.rows.append(dict(kind="decode", ctx=ctx, note="does not fit"))
-                break
-            s = _with_env(env, lambda: time_decode(net, cache, decode_tokens, ctx - 1))
+                continue
+            secs = time_decode_variants(net, cache, decode_variants, decode_tokens, ctx - 1)
+            del cache
+            torch.cuda.empty_cache()
+        for j, (name, env) in enumerate(decode_variants or [(None, {})]):
+            if interleave:
+                s = secs[j]
+            else:
+                try:
+                    cache = net.new_cache(max_ctx=ctx + decode_tokens + 8)
+                except torch.cuda.OutOfMemoryError:
+                    res.rows.append(dict(kind="decode", ctx=ctx, note="does not fit"))
+                    break
+                s = _with_env(env, lambda: time_decode(net, cache, decode_tokens, ctx - 1))
+                del cache
             nbytes = wbytes + state_bytes_per_token(cfg, ctx, kv_bytes)
             row = dict(kind="decode", ctx=ctx, tok_s=round(1 / s, 1), ms_per_tok=round(1e3 * s, 3))
             if name:
@@ -278,7 +320,6 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
                 row.update(GBps=round(nbytes / s / 1e9, 1), roofline_pct=round(100 * nbytes / bw / s, 1),
                            roofline_tok_s=round(bw / nbytes, 1))
             res.rows.append(row)
-            del cache
             net._graphs.clear() if hasattr(net, "_graphs") else None  # each variant captures its own graph
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
