@@ -26,7 +26,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 
 from . import pdl as _pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_share
+from .pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -95,11 +95,10 @@ def kda_decode_step_kernel(
     a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
     state, out,  # [H, K, V] fp32 (updated in place), [H*V]
     ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
-    pf, pf_bytes,  # PF: the next kernel's weight bytes, prefetched into L2 (pdl.prefetch_share)
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, PF: tl.constexpr, NT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
     last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
@@ -163,8 +162,6 @@ def kda_decode_step_kernel(
     b_dtb = tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
     b_a = tl.load(a + i_h).to(tl.float32)
     b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
-    if PF:  # after the state's loads are issued: the o-projection's weights stream into L2 meanwhile
-        prefetch_share(pf, pf_bytes, i_h * NV + i_v, NV * H, NT)
     if PDL:
         gdc_wait()  # the projections below come from the previous kernel; all writes come after this
         gdc_launch_dependents()
@@ -238,7 +235,7 @@ DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None, pdl: bool | None = None, prefetch: torch.Tensor | None = None):
+                    workspace=None, pdl: bool | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -252,9 +249,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     values per thread).
     pdl (sm_90+): programmatic dependent launch; the state, conv weights / tails and gate parameters are
     read before waiting for the previous kernel, so that kernel must not write them (in the engine the
-    projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter.
-    prefetch: the next kernel's weights (any tensor; the o-projection's in the engine), pulled into L2 while
-    this latency-bound kernel runs (with PDL and kernels.pdl.prefetch_next("kda"))."""
+    projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -277,12 +272,10 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
-    pf = prefetch is not None and pdl and _pdl.prefetch_next("kda") and _pdl.prefetch_bytes(prefetch) > 0
     kda_decode_step_kernel[(NV, H)](
         q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-        ws_o, ws_cnt, prefetch if pf else state, _pdl.prefetch_bytes(prefetch) if pf else 0, scale, eps,
-        H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=(K == BK) and (V % BV == 0), PDL=pdl,
-        PF=pf, NT=_pdl.prefetch_nt(num_warps), num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        ws_o, ws_cnt, scale, eps, H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
+        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

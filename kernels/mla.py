@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_share
+from .pdl import gdc_launch_dependents, gdc_wait
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -40,16 +40,12 @@ def _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR: tl.constexpr, NS: tl.constex
 def mla_decode_split_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
-    pf, pf_bytes,  # PF: the next kernels' weight bytes, prefetched into L2 (pdl.prefetch_share)
     stride_lat, stride_qp,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-    PF: tl.constexpr, NT: tl.constexpr,
 ):
     i_s = tl.program_id(0)
-    if PF:
-        prefetch_share(pf, pf_bytes, i_s, NS, NT)
     if PDL:  # the length, q and the newest cache row come from earlier kernels (see kernels/pdl.py)
         gdc_wait()
         gdc_launch_dependents()
@@ -99,19 +95,16 @@ def mla_decode_split_kernel(
 def mla_decode_split_t_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
-    pf, pf_bytes,  # PF: the next kernels' weight bytes, prefetched into L2 (pdl.prefetch_share)
     stride_lat, stride_qp,
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
-    PDL: tl.constexpr, PF: tl.constexpr, NT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Same contract as mla_decode_split_kernel, with the products transposed ("swap AB"): cache rows are the
     M axis (scores^T [BS, BH] = C q^T; acc^T [R, BH] += C^T p^T), so a 64-row tile fills a Hopper
     warpgroup MMA with 32 heads and no padding, both operands read from the pipelined shared tile."""
     i_s = tl.program_id(0)
-    if PF:
-        prefetch_share(pf, pf_bytes, i_s, NS, NT)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -213,8 +206,7 @@ _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared
 
 def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
                min_chunk: int | None = None, BS: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None,
-               prefetch: torch.Tensor | None = None):
+               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None):
     """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
 
     q_abs [H, R], q_pe [H, Dr] (bf16 or fp32; q_pe's rows may be strided: a slice of q, no copy);
@@ -225,9 +217,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64) or "hm" (heads as M,
     the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
-    widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
-    prefetch: weights of a later kernel (the engine: the o-projection's), pulled into L2 by the split kernel's
-    programs first thing (with PDL and kernels.pdl.prefetch_next("mla"))."""
+    widened to for the products ("bf16" or "fp16"; q and p are cast to it too)."""
     H, R = q_abs.shape
     kind = {torch.float8_e4m3fn: "fp8", torch.float32: "fp32"}.get(latent.dtype, "bf16")
     d = DEFAULTS[kind]
@@ -257,14 +247,11 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     in_ptr = isinstance(seq_len, torch.Tensor)
     seq_ptr, seq_int = (seq_len, 0) if in_ptr else (ws_m, int(seq_len))
     common = dict(BS=BS, NS=NS, MIN_CHUNK=min_chunk, LEN_IN_PTR=in_ptr)
-    pf = prefetch is not None and pdl.prefetch_next("mla") and pdl.prefetch_bytes(prefetch) > 0
     args = (q_abs, q_pe, latent, latent_scale if fp8 else ws_m, seq_ptr, seq_int, ws_m, ws_l, ws_acc,
-            scale * _LOG2E, prefetch if pf else ws_m, pdl.prefetch_bytes(prefetch) if pf else 0,
-            latent.stride(0), q_pe.stride(0))
+            scale * _LOG2E, latent.stride(0), q_pe.stride(0))
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
-              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), PF=pf, NT=pdl.prefetch_nt(num_warps),
-              **pdl.launch_kw(), **common)
+              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), **pdl.launch_kw(), **common)
     if variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
@@ -273,7 +260,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
         except triton.runtime.errors.OutOfResources:  # e.g. the tile stages exceed this GPU's shared memory
             _FALLBACK.add(key)
             return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,
-                              BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm", prefetch=prefetch)
+                              BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm")
     elif variant == "hm":
         mla_decode_split_kernel[(NS,)](*args, **kw)
     else:

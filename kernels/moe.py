@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_share
+from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _wdot, _x8_quant, _x8_store, packed_row_bytes, qlinear, quantize_x8, split_workspace,
                            word_c, x8_default, x8_words)
@@ -137,18 +137,14 @@ def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexp
 
 @triton.jit
 def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS,
-                          down, sdown, mat_d, sd_bytes,
                           KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr,
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr, PF: tl.constexpr, NT: tl.constexpr):
-    # X8: x is an x8 buffer and act gets x8 rows (see _act_store). PF: the programs of expert slot i_e also
-    # pull that expert's down matrix (mat_d bytes; the shared one: sd_bytes) into L2 for the down kernel
+                          X8: tl.constexpr):
+    # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if PF and i_e == KTOP:  # the shared expert's down matrix: known before the wait
-        prefetch_share(sdown, sd_bytes, i_f * S1 + i_s, tl.num_programs(0) * S1, NT)
     if PDL:  # x and slot_ids come from the previous kernels
         gdc_wait()
         gdc_launch_dependents()
@@ -159,8 +155,6 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     e1 = e0 + EPS
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
-        if PF:
-            prefetch_share(down + slot * mat_d, mat_d, i_f * S1 + i_s, tl.num_programs(0) * S1, NT)
         b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
         b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
@@ -187,14 +181,12 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 
 
 @triton.jit
-def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, pf, pf_bytes,
+def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
-                       X8: tl.constexpr, PF: tl.constexpr, NT: tl.constexpr):
+                       X8: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if PF:  # a later kernel's constant weights into L2 (the engine: the next layer's first projection)
-        prefetch_share(pf, pf_bytes, (i_e * S2 + i_s) * tl.num_programs(0) + i_d, tl.num_programs(0) * E * S2, NT)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
     else:
@@ -242,7 +234,7 @@ def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, prefetch=None):
+               num_warps=None, num_stages=1, C=None, x8=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -251,9 +243,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     "tile": the older tile kernels. Workspaces are cached per device and size (graph-capturable after
     the first call). x8 (word path): int8 activations and dp4a (quant_matmul's x8 section): None =
     x8_default(), True = quantize x here (one more launch), an int32 tensor = x's x8 buffer, False = fp;
-    the gate/up kernel then also writes act as int8 for the down kernel.
-    With PDL and kernels.pdl.prefetch_next("moe") the gate/up kernel pulls the selected experts' down matrices into
-    L2 for the down kernel; with prefetch_next("proj") the down kernel pulls `prefetch` (a later kernel's weights)."""
+    the gate/up kernel then also writes act as int8 for the down kernel."""
     if impl == "tile":
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
@@ -315,18 +305,15 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if S1 > 1 else 0, E * ntf if S1 > 1 else 0)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
-        eps, down_pool, sd, down_pool[0].numel(), pdl.prefetch_bytes(sd), KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
+        eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        PF=pdl.prefetch_next("moe"), NT=pdl.prefetch_nt(num_warps), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
-    pf = prefetch is not None and pdl.prefetch_next("proj") and pdl.prefetch_bytes(prefetch) > 0
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
-        prefetch if pf else sd, pdl.prefetch_bytes(prefetch) if pf else 0,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, PF=pf, NT=pdl.prefetch_nt(num_warps), num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch_kw())
+        PDL=pdl.enabled(), X8=use_x8, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

@@ -64,26 +64,6 @@ def prefetch() -> bool:
     return _ON and os.environ.get("KIMI_LOCAL_PREFETCH", "0") == "1"
 
 
-PREFETCH_SITES = ("kda", "mla", "router", "moe", "proj")
-
-
-def prefetch_next(site: str) -> bool:
-    """Whether the decode kernel at `site` prefetches the NEXT kernel's weights into L2 (prefetch_share below):
-    "kda" (KDA step -> o-projection), "mla" (MLA split -> o-projection), "router" (norm + router -> the shared
-    expert's gate/up), "moe" (MoE gate/up -> the selected experts' down matrices), "proj" (MoE down -> the next
-    layer's first projection). With PDL only (the decode
-    step on sm_90+). KIMI_LOCAL_PREFETCH_NEXT: "1" all sites, "0" none, or a comma list of sites. Default:
-    none (all four together measured 5.6 % slower at 4K, H200, session 5: docs/perf-notes.md)."""
-    v = os.environ.get("KIMI_LOCAL_PREFETCH_NEXT", "0")
-    return _ON and (v == "1" or site in v.split(","))
-
-
-def prefetch_nt(num_warps: int) -> int:
-    """prefetch_share's NT for a kernel of num_warps warps: one request per thread (KIMI_LOCAL_PREFETCH_REQ=
-    thread, the default), or one large request per program (=cta: NT = 1)."""
-    return 1 if os.environ.get("KIMI_LOCAL_PREFETCH_REQ", "thread") == "cta" else 32 * num_warps
-
-
 def launch_kw() -> dict:
     """Extra launch arguments for a PDL-aware kernel: {"launch_pdl": True} while enabled."""
     return {"launch_pdl": True} if _ON else {}
@@ -113,30 +93,3 @@ def prefetch_l2_bulk(ptr, nbytes):
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                               [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
-
-
-@triton.jit
-def prefetch_share(base, nbytes, pid, nprog, NT: tl.constexpr):
-    """Program pid of nprog prefetches its share of the bytes [base, base + nbytes) into L2: NT requests (one
-    per thread: NT = 32 * num_warps; NT = 1: one request by thread 0), a contiguous slice each, so the whole
-    range is spread over every SM's copy engine. nbytes a multiple of 16, base 16-byte aligned. Returns nothing
-    the caller must wait for."""
-    base = base.to(tl.pointer_type(tl.uint8))  # byte offsets whatever the tensor's dtype
-    nb = nbytes.to(tl.int64)
-    per_thr = tl.cdiv(tl.cdiv(nb, nprog * NT), 16) * 16  # bytes per request, a multiple of 16
-    off = (pid * NT + tl.arange(0, NT)).to(tl.int64) * per_thr
-    n = tl.minimum(per_thr, nb - off).to(tl.int32)  # <= 0: nothing left for this thread (predicated off)
-    if NT == 1:  # the [1] tensor is replicated in every thread: only thread 0 issues it
-        tl.inline_asm_elementwise(
-            "{\n\t.reg .pred p, q;\n\t.reg .u32 t;\n\tmov.u32 t, %tid.x;\n\tsetp.gt.s32 p, $2, 0;\n\t"
-            "setp.eq.and.u32 q, t, 0, p;\n\t@q cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
-            "=r,l,r", [base + off, n], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(
-            "{\n\t.reg .pred p;\n\tsetp.gt.s32 p, $2, 0;\n\t@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\t"
-            "mov.u32 $0, 0;\n\t}", "=r,l,r", [base + off, n], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def prefetch_bytes(t) -> int:
-    """The prefetchable byte count of a weight tensor (a multiple of 16; 0 = nothing)."""
-    return 0 if t is None else (t.numel() * t.element_size()) // 16 * 16

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_share
+from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import _x8_quant, _x8_store, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -195,11 +195,9 @@ def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, s
 
 @triton.jit
 def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w_out, eps, scale, stride_w,
-                             pf0, pf0_bytes, pf1, pf1_bytes,
                              D: tl.constexpr, BDN: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
                              BEF: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr,
-                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
-                             NT: tl.constexpr):
+                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr):
     """One token. Program i_e: x = res + v, h = rms_norm(x) * nw (norm.rms_norm_kernel's roundings), logits of
     experts i_e * BE .. + BE from h; the last program to arrive (counter cnt, re-armed by it) runs the top-k
     and stores x (to res: every other program has read res before its releasing arrival), h and h's x8."""
@@ -213,9 +211,6 @@ def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w
     b_w = tl.load(w + o_e.to(tl.int64)[:, None] * stride_w + o_d[None, :], mask=m_e[:, None] & m_d[None, :],
                   other=0.0).to(tl.float32)  # [BE, BDN]
     b_nw = tl.load(nw + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)
-    if PF:  # the next kernel's constant weights (the engine: the shared expert's gate and up) into L2
-        prefetch_share(pf0, pf0_bytes, i_e, tl.num_programs(0), NT)
-        prefetch_share(pf1, pf1_bytes, i_e, tl.num_programs(0), NT)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -244,13 +239,11 @@ NORM_ROUTE_DEFAULTS = dict(BE=2, num_warps=4)
 
 def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: float, h=None, x8_out=None,
                       biased_weights: bool = False, renormalize: bool = True, BE: int | None = None,
-                      num_warps: int | None = None, prefetch=()):
+                      num_warps: int | None = None):
     """One token: residual += v; h = naive.rms_norm(residual, norm_w, eps) (x8_out, if given: h's int8
     activations, as norm.rms_norm writes them); then router_route(h, w, bias, k, scale): all in one launch.
     v, residual [1, D] or [D] (residual updated in place); w [E, D] fp32; returns (h, ids [1, k] int32,
-    weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation).
-    prefetch: up to two tensors of a later kernel's weights to pull into L2 (with PDL and
-    kernels.pdl.prefetch_next("router"))."""
+    weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation)."""
     D = v.shape[-1]
     E = w.shape[0]
     assert v.numel() == D and residual.numel() == D and v.is_contiguous() and residual.is_contiguous()
@@ -266,14 +259,10 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     wts = torch.empty(1, k, dtype=torch.float32, device=v.device)
     BE = BE or NORM_ROUTE_DEFAULTS["BE"]
     BDN = max(16, triton.next_power_of_2(D))
-    num_warps = 1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"])
-    pfs = [t for t in prefetch if t is not None and pdl.prefetch_bytes(t) > 0][:2] if pdl.prefetch_next("router") else []
-    pfs += [w] * (2 - len(pfs))
-    nbytes = [pdl.prefetch_bytes(t) if t is not w else 0 for t in pfs]
     norm_router_route_kernel[(triton.cdiv(E, BE),)](
         v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, _CNT[key], bias, ids, wts,
-        eps, float(scale), w.stride(0), pfs[0], nbytes[0], pfs[1], nbytes[1], D=D, BDN=BDN, E=E, BE=BE,
-        BEF=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k), BIASED=biased_weights,
-        RENORM=renormalize, X8=x8_out is not None, PDL=pdl.enabled(), PF=sum(nbytes) > 0, NT=pdl.prefetch_nt(num_warps),
-        **pdl.launch_kw(), num_warps=num_warps)
+        eps, float(scale), w.stride(0), D=D, BDN=BDN, E=E, BE=BE, BEF=triton.next_power_of_2(E), K=k,
+        BK=triton.next_power_of_2(k), BIASED=biased_weights, RENORM=renormalize, X8=x8_out is not None,
+        PDL=pdl.enabled(), **pdl.launch_kw(),
+        num_warps=1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"]))
     return h, ids, wts

@@ -130,11 +130,6 @@ class GpuWeight:
         return qlinear(x, self.data, self.qtype, self.N, out=out, x8=x8)
 
     @property
-    def raw(self) -> torch.Tensor:
-        """The matrix's storage as it is read (for an L2 prefetch of it by an earlier kernel)."""
-        return self.data if self.dense is None else self.dense.view(-1)
-
-    @property
     def kernel_form(self):
         """(data, qtype) as the MoE kernels take it (dense -> BF16 rows)."""
         if self.dense is not None:
@@ -356,12 +351,10 @@ class GpuKimi(KimiLinear):
         def norm_route(v, i):  # -> (h, h8, (ids, weights)); x += v, h = norm(x), the router's top-k of h
             b = f"blk.{i}."
             h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
-            shared = w.get(b + "shexp", ((None, None),))[0]
             h, ids, wts = norm_router_route(v, x, w[b + "ffn_norm.weight"], eps, w[b + "ffn_gate_inp.weight"],
                                             w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                             cfg.routed_scaling_factor, x8_out=h8,
-                                            biased_weights=cfg.biased_router_weights, renormalize=cfg.moe_renormalize,
-                                            prefetch=shared[:2])  # the shared expert's gate and up into L2
+                                            biased_weights=cfg.biased_router_weights, renormalize=cfg.moe_renormalize)
             return h, h8, (ids, wts)
 
         h, h8 = norm(x, "blk.0.attn_norm.weight")
@@ -414,7 +407,7 @@ class GpuKimi(KimiLinear):
             o = torch.empty(P, dtype=self.dtype, device=h.device)
             kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], f[0], beta_logit[0].contiguous(),
                             z[0], conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
-                            state, o, eps=cfg.rms_norm_eps, prefetch=w[b + "attn_output.weight"].raw)
+                            state, o, eps=cfg.rms_norm_eps)
             return w[b + "attn_output.weight"].matmul(o[None])
         q, k, v = (causal_conv_prefill(qkv[:, j * P : (j + 1) * P], conv_w[j], tail[j]) for j in range(3))
         q = naive.l2norm(q.view(T, H, K)).to(self.dtype)
@@ -443,21 +436,11 @@ class GpuKimi(KimiLinear):
         if T == 1:
             q_abs = torch.bmm(k_b, q[0, :, :Dn, None]).squeeze(-1)  # [H, R]
             ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:], lat, cache.len_dev, scale,
-                             out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc,
-                             prefetch=w[b + "attn_output.weight"].raw)  # [H, R]
+                             out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
             o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
         else:
             o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
-
-    def _next_projection(self, i: int):
-        """Layer i + 1's first weight matrix (KDA q/k/v/f/g/beta or MLA q/kv_a, when fused), for the MoE down
-        kernel to pull into L2 (prefetch site "proj" of kernels.pdl.prefetch_next)."""
-        if i + 1 >= self.cfg.num_hidden_layers:
-            return None
-        b = f"blk.{i + 1}."
-        gw = self.w.get(b + "qkvfgb") or self.w.get(b + "attn_q_kv_a")
-        return None if gw is None else gw.raw
 
     # ---- FFNs ----------------------------------------------------------------------------
     def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
@@ -489,7 +472,7 @@ class GpuKimi(KimiLinear):
         out = torch.empty_like(h)
         if h.shape[0] == 1:
             moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
-                       x8=h8, prefetch=self._next_projection(i))
+                       x8=h8)
         else:
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out
