@@ -1098,11 +1098,15 @@ _WORD_C = {"Q4_K": 8, "Q5_K": 8, "Q8_0": 8, "Q6_K": 4, "Q3_K": 4, "Q2_K": 4}
 
 def word_c(qtype, elems, pref=None):
     """(C, EVEN) for a K slice of `elems` elements: the largest power of two <= the preferred C that
-    divides the slice's 16-byte chunk count (EVEN: no clamped chunks), else the preferred C (clamped)."""
+    divides the slice's 16-byte chunk count (EVEN: no clamped chunks), else the preferred C (clamped).
+    An explicit pref >= the slice's chunk count: one step over the whole slice (C = its next power of two)."""
     if qtype not in WORD_QTYPES:
         return 1, True
     c0 = pref or (8 if INTERPRET else _WORD_C[qtype])
     chunks = elems // QK[qtype] * CHUNKS_PER_BLOCK[qtype]
+    if pref and chunks <= pref:  # an explicit C that covers the slice: all its loads in one step
+        c = triton.next_power_of_2(chunks)
+        return c, c == chunks
     c = c0
     while c > 1 and chunks % c:
         c //= 2

@@ -147,6 +147,25 @@ def gemv_variants(N, K, qt):
     return v
 
 
+def onestep_variants(N, K, qt):
+    """Configs whose K slices are 8, 16 or 32 chunks loaded in ONE step (C = the slice): all of a program's
+    weight loads in flight at once instead of C-chunk steps that each wait for DRAM."""
+    v = [("word default", {})]
+    cpb = qm.CHUNKS_PER_BLOCK[qt]
+    chunks = K // qm.QK[qt] * cpb
+    if N >= 32768:
+        for bn, nw, c in [(64, 4, 16), (64, 4, 32), (128, 8, 16), (32, 2, 16), (64, 8, 32)]:
+            v.append((f"BN={bn} S=1 nw={nw} C={c}", dict(BN=bn, SPLIT=1, num_warps=nw, C=c)))
+        return v
+    for cps in (8, 16, 32):
+        if chunks % cps or (cps % cpb and cpb % cps):
+            continue
+        sp = chunks // cps
+        for nw in (1, 2):
+            v.append((f"BN=32 S={sp} nw={nw} C={cps}", dict(BN=32, SPLIT=sp, num_warps=nw, C=cps)))
+    return v
+
+
 # the engine's decode GEMVs (Q4_K_M recipe: Q8_0 rest; Q2_K/Q3_K_M: Q6_K rest) and calls per token
 ENGINE_GEMVS = [("kda_qkv", 12288, 2304, 20), ("kda_o", 2304, 4096, 20), ("kda_fgb_a", 288, 2304, 20),
                 ("kda_f_b", 4096, 128, 40), ("mla_q", 6144, 2304, 7), ("mla_kv_a", 576, 2304, 7),
@@ -155,7 +174,7 @@ ENGINE_GEMVS = [("kda_qkv", 12288, 2304, 20), ("kda_o", 2304, 4096, 20), ("kda_f
 
 
 def sweep_gemv(bw, args):
-    shapes = [(n, N, K) for n, N, K, _ in ENGINE_GEMVS]
+    shapes = [(n, N, K) for n, N, K, _ in ENGINE_GEMVS if not args.shapes or n in args.shapes.split(",")]
     if SMOKE:
         shapes = [("kda_qkv", 40, 512), ("o_proj", 24, 1024)]
     for name, N, K in shapes:
@@ -180,7 +199,8 @@ def sweep_gemv(bw, args):
             ref = torch.full((1, N), float("nan"), device=DEV)
             qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
             out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
-            variants = [(n, dict(method="word", x8=False, **kw)) for n, kw in gemv_variants(N, K, qt)]
+            vf = onestep_variants if args.onestep else gemv_variants
+            variants = [(n, dict(method="word", x8=False, **kw)) for n, kw in vf(N, K, qt)]
             if args.x8:  # the fp default beside the int8-activation variants (x quantized beforehand)
                 x8 = qm.quantize_x8(x)
                 variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
@@ -209,6 +229,11 @@ def sweep_gemv(bw, args):
 
 MOE_VARIANTS = [
     ("word default", {}),
+    ("BF=16 S1=3 BD=16 S2=2 C=32", dict(BF=16, S1=3, BD=16, S2=2, C=32)),  # gate/up and down in one step each
+    ("BF=16 S1=3 BD=16 S2=1 C=32", dict(BF=16, S1=3, BD=16, S2=1, C=32)),
+    ("BF=16 S1=3 BD=16 S2=2 C=32 nw=2", dict(BF=16, S1=3, BD=16, S2=2, C=32, num_warps=2)),
+    ("BF=32 S1=3 BD=32 S2=2 C=32 nw=2", dict(BF=32, S1=3, BD=32, S2=2, C=32, num_warps=2)),
+    ("BF=16 S1=9 BD=16 S2=4 C=8", dict(BF=16, S1=9, BD=16, S2=4, C=8)),
     ("BF=32 S1=1 BD=32 S2=1", dict(BF=32, S1=1, BD=32, S2=1)),
     ("BF=16 S1=3 BD=16 S2=2", dict(BF=16, S1=3, BD=16, S2=2)),
     ("BF=32 S1=9 BD=32 S2=4", dict(BF=32, S1=9, BD=32, S2=4)),
@@ -327,6 +352,8 @@ def main():
     ap.add_argument("--qtypes", default="Q8_0,Q6_K", help="GEMV weight types")
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
+    ap.add_argument("--onestep", action="store_true", help="GEMV variants whose K slices load in one step")
+    ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()
     name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()

@@ -140,6 +140,8 @@ def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
 @pytest.mark.parametrize("qtypes,shared_qtypes,D,kw", [
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=16, S1=2, BD=256, S2=2)),  # split K
     (("Q2_K", "Q2_K", "Q3_K"), ("Q6_K", "Q3_K", "Q8_0"), 512, dict(BF=32, S1=1, BD=128, S2=1)),
+    # C above the gate/up slice (24 Q4_K chunks): one clamped step of 32; the Q8_0 shared rows 2 steps of 16
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=16, S1=1, BD=256, S2=1, C=32)),
 ])
 def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     """int8 activations: equal to the reference with the same roundings (x, act), close to the fp one."""

@@ -148,6 +148,8 @@ def test_qgemv_1d_bf16():
     ("Q2_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),  # uneven split
     ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2)),  # uneven split + clamped chunks (4 of C=8)
     ("Q2_K", 16, 256, dict(BN=16, C=2, SPLIT=1)),
+    ("Q4_K", 20, 768, dict(BN=16, C=32, SPLIT=1)),  # C above the slice (24 chunks): one clamped step of 32
+    ("Q8_0", 17, 288, dict(BN=8, C=32, SPLIT=1)),  # 18 chunks in one step of 32
     ("BF16", 7, 256, dict()),  # not a word type: method "auto" takes the tile path
 ])
 def test_qgemv_word(qtype, N, K, kw):
@@ -172,6 +174,9 @@ def test_word_qtypes():
                                           "Q2_K": 64}[q] // 16
     assert qm.word_c("Q5_K", 768, 16) == (8, True) and qm.word_c("Q2_K", 768, 8) == (4, True)
     assert qm.word_c("BF16", 256) == (1, True)
+    # an explicit C at least the slice's chunk count: one step (a power of two, clamped when above the count)
+    assert qm.word_c("Q4_K", 768, 32) == (32, False) and qm.word_c("Q5_K", 512, 16) == (16, True)
+    assert qm.word_c("Q8_0", 288, 64) == (32, False)
 
 
 def test_qgemv_word_extreme_x():
@@ -332,6 +337,8 @@ def test_quantize_x8(K):
     ("Q8_0", 33, 512, dict(BN=32, C=8, SPLIT=4)),
     ("Q3_K", 11, 768, dict(BN=16, C=4, SPLIT=2)),
     ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2)),
+    ("Q4_K", 20, 768, dict(BN=16, C=32, SPLIT=1)),  # one clamped step over 24 chunks
+    ("Q8_0", 17, 288, dict(BN=16, C=32, SPLIT=1)),
 ])
 def test_qgemv_x8(qtype, N, K, kw):
     """dp4a word path == dequantized weights @ the int8-rounded x (exact up to fp32 order), and within the
