@@ -1119,16 +1119,25 @@ def gemv1_config(qtype, N, K, x8=False):
     """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c.
     Big N (lm_head): 128 rows per program (x preparation shared by 8 rows per thread), no split.
     Small N: 32 rows per program and split K until ~1024 programs, so that every program has only a
-    few 16-byte loads per thread and they are all in flight at once (latency-bound sizes)."""
+    few 16-byte loads per thread and they are all in flight at once (latency-bound sizes).
+    x8 Q8_0 (KIMI_LOCAL_ONESTEP=0: off): lm_head 32 rows x 2 warps in 16-chunk steps, and the o-projection
+    shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep)."""
     if INTERPRET:
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
+    onestep = x8 and qtype == "Q8_0" and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"
     if N >= 65536:
+        if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below
+            return 32, 16, 1, 2, 1
         if x8:  # session-4 sweep (H200): lm_head Q8_0 x8 196.4 us at 4 warps, 240.0 at 2 (fp default: 205.5)
             return 64, None, 1, 4, 1
         return 64, None, 1, 2, 1  # session-2 sweep (H100): lm_head Q8_0 225 us vs 231 us at (128, 4 warps)
     BN = 32
     tiles = triton.cdiv(N, BN)
+    if onestep and N <= 4096 and 2048 < K <= 4096 and nblk % 8 == 0:
+        # the o-projections [2304, 4096]: K slices of 8 blocks (16 chunks) loaded in one step: 8.64 vs 11.45 us
+        # (H200, session 5); the other engine shapes measured no better this way (kda_qkv, mla_q, dense_down)
+        return BN, 16, nblk // 8, 1, 1
     split = max(1, min(nblk, triton.cdiv(1024, tiles)))
     # session-2 sweep over the engine's shapes (H100, cold weights): Q8_0 is fastest with 1 warp on every
     # shape (the decode step's Q8_0 GEMVs: 1,388 vs 1,659 us per token); the K-quants keep 2 warps

@@ -356,7 +356,7 @@ def test_qgemv_x8(qtype, N, K, kw):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q8_0", 12576, 2304), ("Q8_0", 2304, 4096),
+@pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q8_0", 163840, 2304), ("Q8_0", 12576, 2304), ("Q8_0", 2304, 4096),
                                        ("Q5_K", 4096, 2304), ("Q4_K", 1024, 2304), ("Q3_K", 2304, 4096),
                                        ("Q2_K", 1024, 2304)])
 def test_cuda_qgemv_x8(qtype, N, K):
