@@ -177,8 +177,9 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
     """Exact GPU bytes of the CUDA engine's prepared weights (kimi_local.engine.prepare_weights) for
     a file written with this recipe. Differs from `weight_bytes` by: the kernels' packed layouts
     (Q5_K/Q4_K/Q3_K unpack their 6-bit scales: +2.3/+2.8/+3.6 %); float matrices held as bf16; MLA
-    attn_k_b / attn_v_b dequantized to bf16; and token_embd in host memory when embed_on_host."""
-    from kimi_local.kernels.quant_matmul import PACKED_SIZE, packed_row_bytes
+    attn_k_b / attn_v_b dequantized to bf16; KDA's ssm_f_b / ssm_g_b stored as one block-diagonal matrix
+    (its zero blocks included); and token_embd in host memory when embed_on_host."""
+    from kimi_local.kernels.quant_matmul import PACKED_SIZE, QK, packed_row_bytes
 
     shapes = shapes or canonical_shapes(cfg)
 
@@ -200,6 +201,16 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
             total += 4 * math.prod(s)  # fp32 vectors, conv taps, router
         elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
             total += 2 * math.prod(s)  # bf16 for the absorbed-MLA bmm
+        elif short == "ssm_f_b.weight":  # GpuWeight.block_diag([[f_b, 0], [0, g_b]])
+            sg = shapes[b + "ssm_g_b.weight"]
+            qg = recipe.qtype(b + "ssm_g_b.weight", sg)
+            n, k = s[0] + sg[0], s[1] + sg[1]
+            if q == qg and q in PACKED_SIZE and q != "BF16" and s[1] % QK[q] == 0 and sg[1] % QK[q] == 0:
+                total += n * packed_row_bytes(q, k)
+            else:
+                total += 2 * n * k
+        elif short == "ssm_g_b.weight":
+            pass  # counted with ssm_f_b
         elif group is not None:
             if short == group[0]:  # the fused matrix, counted once
                 total += matrix([recipe.qtype(b + n, shapes[b + n]) for n in group], [shapes[b + n] for n in group])
