@@ -17,6 +17,22 @@ _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _rms_scaled(b_xf, b_w, D, eps, xdt: tl.constexpr):
+    """naive.rms_norm's roundings: normalise x (fp32 [BD], masked lanes 0) in fp32, round to the activation
+    dtype xdt, times the weight (already rounded to xdt): fp32 [BD]."""
+    b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
+    return b_n * b_w
+
+
+@triton.jit
+def _x8_row(x8, D, b_o, BD: tl.constexpr):
+    """Store a [BD] row (D valid values, D % 16 == 0) as quant_matmul's x8 buffer."""
+    words, dx, sq = _x8_quant(tl.reshape(b_o.to(tl.float32), [BD // 16, 16]))
+    g = tl.arange(0, BD // 16)
+    _x8_store(x8, D, g, g < D // 16, words, dx, sq)
+
+
+@triton.jit
 def rms_norm_kernel(
     x, res, res_out, w, out, x8, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]; x8 (X8)
     stride_x, stride_r, stride_ro, stride_o,
@@ -35,15 +51,10 @@ def rms_norm_kernel(
         # h = x + residual in the activation dtype (a bf16 add rounds once, like torch)
         b_x = (b_x.to(tl.float32) + tl.load(res + i_t * stride_r + o_d, mask=m_d, other=0).to(tl.float32)).to(xdt)
         tl.store(res_out + i_t * stride_ro + o_d, b_x, mask=m_d)
-    b_xf = b_x.to(tl.float32)
-    b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
-    b_y = b_n * b_w
-    b_o = b_y.to(out.dtype.element_ty)
+    b_o = _rms_scaled(b_x.to(tl.float32), b_w, D, eps, xdt).to(out.dtype.element_ty)
     tl.store(out + i_t * stride_o + o_d, b_o, mask=m_d)
     if X8:  # the stored values as int8 activations (quant_matmul's x8 buffer; one row, D % 16 == 0)
-        words, dx, sq = _x8_quant(tl.reshape(b_o.to(tl.float32), [BD // 16, 16]))
-        g = tl.arange(0, BD // 16)
-        _x8_store(x8, D, g, g < D // 16, words, dx, sq)
+        _x8_row(x8, D, b_o, BD)
 
 
 def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None, x8_out=None):

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import _x8_quant, _x8_store, x8_words
+from .norm import _rms_scaled, _x8_row
+from .quant_matmul import x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -154,6 +155,14 @@ def router_logits(x: torch.Tensor, w: torch.Tensor, out=None, BE: int | None = N
 _CNT: dict = {}  # device -> int32 arrival counters [GEMV_MAX_TOKENS], zero between launches
 
 
+def _counters(device) -> torch.Tensor:
+    """The device's arrival counters (allocated on first use: outside graph capture)."""
+    key = str(device)
+    if key not in _CNT:
+        _CNT[key] = torch.zeros(GEMV_MAX_TOKENS, dtype=torch.int32, device=device)
+    return _CNT[key]
+
+
 def router_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, scale: float,
                  biased_weights: bool = False, renormalize: bool = True, BE: int | None = None,
                  BD: int | None = None, num_warps: int | None = None):
@@ -163,16 +172,14 @@ def router_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, s
     E = w.shape[0]
     assert T <= GEMV_MAX_TOKENS and w.shape[1] == D and x.stride(1) == 1 and w.stride(1) == 1
     assert bias.is_contiguous()
-    key = str(x.device)
-    if key not in _CNT:
-        _CNT[key] = torch.zeros(GEMV_MAX_TOKENS, dtype=torch.int32, device=x.device)
+    cnt = _counters(x.device)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
     ids = torch.empty(T, k, dtype=torch.int32, device=x.device)
     wts = torch.empty(T, k, dtype=torch.float32, device=x.device)
     BE = BE or GEMV_DEFAULTS["BE"]
     BD = min(BD or GEMV_DEFAULTS["BD"], triton.next_power_of_2(D))
     router_route_kernel[(triton.cdiv(E, BE), T)](
-        x, w, logits, _CNT[key], bias, ids, wts, float(scale), D, x.stride(0), w.stride(0), logits.stride(0),
+        x, w, logits, cnt, bias, ids, wts, float(scale), D, x.stride(0), w.stride(0), logits.stride(0),
         E=E, BE=BE, BD=BD, BEF=triton.next_power_of_2(E), K=k, BK=triton.next_power_of_2(k),
         BIASED=biased_weights, RENORM=renormalize, PDL=pdl.enabled(), **pdl.launch_kw(),
         num_warps=1 if _INTERP else (num_warps or GEMV_DEFAULTS["num_warps"]))
@@ -216,9 +223,7 @@ def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w
         gdc_launch_dependents()
     b_x = (tl.load(v + o_d, mask=m_d, other=0).to(tl.float32)
            + tl.load(res + o_d, mask=m_d, other=0).to(tl.float32)).to(xdt)
-    b_xf = b_x.to(tl.float32)
-    b_n = (b_xf * tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)).to(xdt).to(tl.float32)
-    b_h = (b_n * b_nw).to(h.dtype.element_ty)
+    b_h = _rms_scaled(b_x.to(tl.float32), b_nw, D, eps, xdt).to(h.dtype.element_ty)
     b_l = tl.sum(b_w * b_h.to(tl.float32)[None, :], 1)  # [BE]
     tl.store(logits + o_e, b_l, mask=m_e)
     tl.debug_barrier()  # every thread's logits and reads of res before the (releasing) arrival
@@ -228,9 +233,7 @@ def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w
         tl.store(res + o_d, b_x, mask=m_d)
         tl.store(h + o_d, b_h, mask=m_d)
         if X8:
-            words, dx, sq = _x8_quant(tl.reshape(b_h.to(tl.float32), [BDN // 16, 16]))
-            g = tl.arange(0, BDN // 16)
-            _x8_store(h8, D, g, g < D // 16, words, dx, sq)
+            _x8_row(h8, D, b_h, BDN)
         tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
@@ -251,16 +254,14 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     h = torch.empty_like(v) if h is None else h
     if x8_out is not None:
         assert x8_out.dtype == torch.int32 and x8_out.numel() == x8_words(D) and x8_out.is_contiguous()
-    key = str(v.device)
-    if key not in _CNT:
-        _CNT[key] = torch.zeros(GEMV_MAX_TOKENS, dtype=torch.int32, device=v.device)
+    cnt = _counters(v.device)
     logits = torch.empty(1, E, dtype=torch.float32, device=v.device)
     ids = torch.empty(1, k, dtype=torch.int32, device=v.device)
     wts = torch.empty(1, k, dtype=torch.float32, device=v.device)
     BE = BE or NORM_ROUTE_DEFAULTS["BE"]
     BDN = max(16, triton.next_power_of_2(D))
     norm_router_route_kernel[(triton.cdiv(E, BE),)](
-        v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, _CNT[key], bias, ids, wts,
+        v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, cnt, bias, ids, wts,
         eps, float(scale), w.stride(0), D=D, BDN=BDN, E=E, BE=BE, BEF=triton.next_power_of_2(E), K=k,
         BK=triton.next_power_of_2(k), BIASED=biased_weights, RENORM=renormalize, X8=x8_out is not None,
         PDL=pdl.enabled(), **pdl.launch_kw(),

@@ -340,8 +340,11 @@ class GpuKimi(KimiLinear):
         # it (dp4a word path, kernels/quant_matmul.py "x8"); KIMI_LOCAL_X8=0 keeps fp activations
         use_x8 = x.shape[0] == 1 and x8_default() and cfg.hidden_size % X8_GROUP == 0
 
+        def new_h8():  # a norm output's int8-activation buffer, or None
+            return torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
+
         def norm(v, name, residual=None):  # -> (h, h8 or None); with residual: x += v, h = norm(x)
-            h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
+            h8 = new_h8()
             return fused_rms_norm(v, w[name], eps, residual=residual, x8_out=h8), h8
 
         # one token: a MoE layer's add + RMSNorm runs inside its router launch (router.norm_router_route);
@@ -350,7 +353,7 @@ class GpuKimi(KimiLinear):
 
         def norm_route(v, i):  # -> (h, h8, (ids, weights)); x += v, h = norm(x), the router's top-k of h
             b = f"blk.{i}."
-            h8 = torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
+            h8 = new_h8()
             h, ids, wts = norm_router_route(v, x, w[b + "ffn_norm.weight"], eps, w[b + "ffn_gate_inp.weight"],
                                             w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                             cfg.routed_scaling_factor, x8_out=h8,
