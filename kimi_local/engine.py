@@ -24,7 +24,8 @@ from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_pre
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import QK, QT_ID, WORD_QTYPES, X8_GROUP, qlinear, repack, x8_default, x8_words
+from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, block_diag_packs, qlinear, repack, x8_default,
+                                             x8_words)
 from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
@@ -108,8 +109,8 @@ class GpuWeight:
         from kimi_local.quant.formats import QTensor, row_nbytes
 
         (na, ka), (nb, kb) = a.shape[-2:], b.shape[-2:]
-        qt = a.qtype if _is_q(a) and _is_q(b) and a.qtype == b.qtype else None
-        if qt in KERNEL_QTYPES and ka % QK[qt] == 0 and kb % QK[qt] == 0:
+        if _is_q(a) and _is_q(b) and block_diag_packs(a.qtype, ka, b.qtype, kb):
+            qt = a.qtype
             ra, rb = row_nbytes(qt, ka), row_nbytes(qt, kb)
             data = torch.zeros(na + nb, ra + rb, dtype=torch.uint8)
             data[:na, :ra] = a.data.reshape(na, ra).cpu()

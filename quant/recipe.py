@@ -179,7 +179,7 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
     (Q5_K/Q4_K/Q3_K unpack their 6-bit scales: +2.3/+2.8/+3.6 %); float matrices held as bf16; MLA
     attn_k_b / attn_v_b dequantized to bf16; KDA's ssm_f_b / ssm_g_b stored as one block-diagonal matrix
     (its zero blocks included); and token_embd in host memory when embed_on_host."""
-    from kimi_local.kernels.quant_matmul import PACKED_SIZE, QK, packed_row_bytes
+    from kimi_local.kernels.quant_matmul import PACKED_SIZE, block_diag_packs, packed_row_bytes
 
     shapes = shapes or canonical_shapes(cfg)
 
@@ -205,7 +205,7 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
             sg = shapes[b + "ssm_g_b.weight"]
             qg = recipe.qtype(b + "ssm_g_b.weight", sg)
             n, k = s[0] + sg[0], s[1] + sg[1]
-            if q == qg and q in PACKED_SIZE and q != "BF16" and s[1] % QK[q] == 0 and sg[1] % QK[q] == 0:
+            if block_diag_packs(q, s[1], qg, sg[1]):
                 total += n * packed_row_bytes(q, k)
             else:
                 total += 2 * n * k
