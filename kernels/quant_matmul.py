@@ -881,14 +881,19 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
-def _i8dot_q6k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
-    # element layout as _wdot_q6k: 4 groups of 16 (k = 0..3, at elements base + 32 k), 6-bit q - 32
+def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
+    # Q6_K (Q6; element layout as _wdot_q6k: 4 groups of 16, k = 0..3 at elements base + 32 k, 6-bit q - 32) or
+    # Q3_K (as _wdot_q3k: 4 groups of 16, k = 0..3, 3-bit q, high bit set = +4, - 4). Planes (bytes per block):
+    # low bits PL, high bits PH, int8 scales 16, fp16 d.
+    PL: tl.constexpr = 128 if Q6 else 64
+    PH: tl.constexpr = 64 if Q6 else 32
+    OFF: tl.constexpr = 32.0 if Q6 else 4.0  # the quants' zero point
     NB = K // 256
     NBT = N * NB
     wl = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    wh = tl.multiple_of((w + NBT * 128).to(tl.pointer_type(tl.uint32)), 16)
-    scp = (w + NBT * 192).to(tl.pointer_type(tl.int8))
-    dp = (w + NBT * 208).to(tl.pointer_type(tl.float16))
+    wh = tl.multiple_of((w + NBT * PL).to(tl.pointer_type(tl.uint32)), 16)
+    scp = (w + NBT * (PL + PH)).to(tl.pointer_type(tl.int8))
+    dp = (w + NBT * (PL + PH + 16)).to(tl.pointer_type(tl.float16))
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
@@ -898,66 +903,40 @@ def _i8dot_q6k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         nh = (cg // 2) % 2
         g = cg % 2
         rb = n[:, None] * NB + blk[None, :]
-        ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
-        a0 = tl.load(wl + ol)
-        a1 = tl.load(wl + ol + 8)
-        hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        if Q6:
+            ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
+            a0 = tl.load(wl + ol)
+            a1 = tl.load(wl + ol + 8)
+            hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+        else:
+            qs = tl.load(wl + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+            hm = tl.load(wh + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
+            hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]
         g0 = 16 * blk + 8 * nh + g  # x's 16-group of k = 0; k adds 2 k
         so = rb * 16 + (8 * nh + g)[None, :]
         part = tl.zeros([BN, C], tl.float32)
         for k in tl.static_range(4):
-            if k == 0:
-                v = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
-            elif k == 1:
-                v = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
-            elif k == 2:
-                v = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
+            if Q6:
+                if k == 0:
+                    v = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
+                elif k == 1:
+                    v = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
+                elif k == 2:
+                    v = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
+                else:
+                    v = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
             else:
-                v = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
+                if k == 0:
+                    v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
+                elif k == 1:
+                    v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
+                elif k == 2:
+                    v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
+                else:
+                    v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
             gk = g0 + 2 * k
             sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
-            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - 32.0 * tl.load(sqp + gk)[None, :])
-        part = tl.load(dp + rb).to(tl.float32) * part
-        acc = _add_part(acc, part, cb, c1, C, EVEN)
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
-def _i8dot_q3k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
-    # element layout as _wdot_q3k: 4 groups of 16 (jj = 0..3), 3-bit q (high bit set = +4) - 4
-    NB = K // 256
-    NBT = N * NB
-    wqs = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    whm = tl.multiple_of((w + NBT * 64).to(tl.pointer_type(tl.uint32)), 16)
-    scp = (w + NBT * 96).to(tl.pointer_type(tl.int8))
-    dp = (w + NBT * 112).to(tl.pointer_type(tl.float16))
-    xw, dxp, sqp = _x8_ptrs(x8, K)
-    ii = tl.arange(0, 4)
-    acc = tl.zeros([BN, C], tl.float32)
-    for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
-        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
-        hm = tl.load(whm + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
-        hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]
-        g0 = 16 * blk + 8 * nh + g
-        so = rb * 16 + (8 * nh + g)[None, :]
-        part = tl.zeros([BN, C], tl.float32)
-        for jj in tl.static_range(4):
-            if jj == 0:
-                v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
-            elif jj == 1:
-                v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
-            elif jj == 2:
-                v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
-            else:
-                v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
-            gj = g0 + 2 * jj
-            sj = _isum(v, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
-            part += tl.load(scp + so + 2 * jj).to(tl.float32) * (sj - 4.0 * tl.load(sqp + gj)[None, :])
+            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - OFF * tl.load(sqp + gk)[None, :])
         part = tl.load(dp + rb).to(tl.float32) * part
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
@@ -1007,9 +986,9 @@ def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
     elif QT == 0:
         return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     elif QT == 1:
-        return _i8dot_q6k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True)
     else:
-        return _i8dot_q3k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False)
 
 
 @triton.jit
