@@ -381,6 +381,18 @@ def _chunks(cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _kq_chunk(cb, c1, n, NB, C: tl.constexpr, EVEN: tl.constexpr):
+    """The chunks of a step in the Q6_K / Q3_K / Q2_K layouts (4 chunks of the main plane per block, two per
+    128-value half): (chunk cg [C], block blk, half nh, chunk g in the half, row-block index rb [BN, C])."""
+    cg = _chunks(cb, c1, C, EVEN)
+    blk = cg // 4
+    nh = (cg // 2) % 2
+    g = cg % 2
+    rb = n[:, None] * NB + blk[None, :]
+    return cg, blk, nh, g, rb
+
+
+@triton.jit
 def _add_part(acc, part, cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
     """acc + part ([BN, C]), the clamped chunks' columns zeroed."""
     if EVEN:
@@ -545,11 +557,7 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
         a0 = tl.load(wl + ol)
         a1 = tl.load(wl + ol + 8)
@@ -594,11 +602,7 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         hm = tl.load(whm + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
         hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]  # bit j of each byte: high bit of group j
@@ -653,11 +657,7 @@ def _wdot_q2k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         t = qs >> 16
         base = 256 * blk + 128 * nh + 16 * g
@@ -898,11 +898,7 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         if Q6:
             ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
             a0 = tl.load(wl + ol)
@@ -954,11 +950,7 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 4
-        nh = (cg // 2) % 2
-        g = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         g0 = 16 * blk + 8 * nh + g
         so = rb * 16 + (8 * nh + g)[None, :]
