@@ -381,15 +381,16 @@ def _chunks(cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _kq_chunk(cb, c1, n, NB, C: tl.constexpr, EVEN: tl.constexpr):
-    """The chunks of a step in the Q6_K / Q3_K / Q2_K layouts (4 chunks of the main plane per block, two per
-    128-value half): (chunk cg [C], block blk, half nh, chunk g in the half, row-block index rb [BN, C])."""
+def _kq_chunk(cb, c1, n, NB, C: tl.constexpr, EVEN: tl.constexpr, CPB: tl.constexpr = 4):
+    """The chunks of a step in a K-quant layout with CPB 16-byte chunks of the main plane per block, in pairs
+    (Q6_K / Q3_K / Q2_K: 4, a pair per 128-value half; Q4_K / Q5_K: 8, a pair per 64 values): (chunk cg [C],
+    block blk, pair index, chunk in the pair, row-block index rb [BN, C])."""
     cg = _chunks(cb, c1, C, EVEN)
-    blk = cg // 4
-    nh = (cg // 2) % 2
+    blk = cg // CPB
+    pair = (cg // 2) % (CPB // 2)
     g = cg % 2
     rb = n[:, None] * NB + blk[None, :]
-    return cg, blk, nh, g, rb
+    return cg, blk, pair, g, rb
 
 
 @triton.jit
@@ -466,11 +467,7 @@ def _wdot_q5k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 8
-        j = (cg // 2) % 4
-        h = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, j, h, rb = _kq_chunk(cb, c1, n, NB, C, EVEN, 8)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
         hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
@@ -833,11 +830,7 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
-        cg = _chunks(cb, c1, C, EVEN)
-        blk = cg // 8
-        j = (cg // 2) % 4
-        h = cg % 2
-        rb = n[:, None] * NB + blk[None, :]
+        cg, blk, j, h, rb = _kq_chunk(cb, c1, n, NB, C, EVEN, 8)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         v_lo = q & 0x0F0F0F0F
         v_hi = (q >> 4) & 0x0F0F0F0F
