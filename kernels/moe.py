@@ -35,8 +35,8 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
-                           _wdot, _x8_quant, _x8_store, loop_stages, packed_row_bytes, pipeline_ok, qlinear,
-                           quantize_x8, split_workspace, word_c, x8_default, x8_words)
+                           _wdot, _x8_quant, _x8_store, packed_row_bytes, qlinear, quantize_x8, split_workspace,
+                           word_c, x8_default, x8_words)
 
 
 def _cfgs(opts, names):
@@ -109,7 +109,7 @@ def _workspace(n, device):
 
 @triton.jit
 def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
-            X8: tl.constexpr, NS: tl.constexpr = 1):
+            X8: tl.constexpr):
     """_wdot (X8: _i8dot, x an x8 buffer) over elements [e0, e1) of K (multiples of the type's block)."""
     if QT == 0:
         b0 = e0 // 32
@@ -118,7 +118,7 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
         b0 = e0 // 256
         b1 = tl.minimum(e1, K) // 256
     if X8:
-        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN, NS)
+        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN)
     return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
 
 
@@ -142,7 +142,7 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr, NS: tl.constexpr = 1):
+                          X8: tl.constexpr):
     # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:  # x and slot_ids come from the previous kernels
@@ -155,11 +155,11 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     e1 = e0 + EPS
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
-        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8, NS)
-        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8, NS)
+        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
+        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
-        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8, NS)
-        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8, NS)
+        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
+        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
     if S1 == 1:
         _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
     else:
@@ -185,7 +185,7 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
-                       X8: tl.constexpr, NS: tl.constexpr = 1):
+                       X8: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
@@ -202,9 +202,9 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
         wt = tl.load(weights + i_e).to(tl.float32)
-        y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8, NS)
+        y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8)
     else:
-        y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8, NS)
+        y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
     NP: tl.constexpr = E * S2
     if NP == 1:
         tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
@@ -234,7 +234,7 @@ def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=None, C=None, x8=None):
+               num_warps=None, num_stages=1, C=None, x8=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -267,9 +267,6 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False)
     BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
     num_warps = num_warps or dW
-    num_stages = num_stages or (loop_stages("KIMI_LOCAL_MOE_STAGES") if x8 is not False else 1)
-    if not all(pipeline_ok(q, r, c) for q, r, c in zip((qg, qu, qd, qsg, qsu, qsd), (F, F, D) * 2, (D, D, F) * 2)):
-        num_stages = 1
     all_word = all(q in WORD_QTYPES for q in (qg, qu, qd, qsg, qsu, qsd))
     for t in (gate_pool, up_pool, down_pool, sg, su, sd):
         assert t.data_ptr() % 16 == 0
@@ -310,14 +307,13 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        NS=num_stages if use_x8 else 1, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, NS=num_stages if use_x8 else 1, num_warps=num_warps,
-        num_stages=num_stages, **pdl.launch_kw())
+        PDL=pdl.enabled(), X8=use_x8, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

@@ -813,44 +813,7 @@ def _isum(v, xw, grp, ii):
 
 
 @triton.jit
-def _ld16(p, idx, W: tl.constexpr):
-    """uint16 element idx of the plane at p (a uint16 pointer, 4-byte aligned). W: through its 32-bit word,
-    so that a software-pipelined step loop can issue it as a cp.async (which takes 4, 8 or 16 bytes; a
-    2-byte load would stay synchronous and stall every step). The word may cover the element after the
-    last one: the caller makes sure it exists (an even element count)."""
-    if W:
-        wd = tl.load(p.to(tl.pointer_type(tl.uint32)) + (idx >> 1))
-        v = (wd >> ((idx & 1) * 16).to(tl.uint32)).to(tl.uint16)
-    else:
-        v = tl.load(p + idx)
-    return v
-
-
-@triton.jit
-def _ldf16(p, idx, W: tl.constexpr):
-    """fp16 element idx of the plane at p (an fp16 pointer, 4-byte aligned) as fp32; W as in _ld16."""
-    if W:
-        v = _ld16(p.to(tl.pointer_type(tl.uint16)), idx, True).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        v = tl.load(p + idx).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _ld8(p, idx, W: tl.constexpr):
-    """byte element idx of the plane at p (an int8 / uint8 pointer, 4-byte aligned, length a multiple of 4);
-    W: through its 32-bit word (see _ld16)."""
-    if W:
-        wd = tl.load(p.to(tl.pointer_type(tl.uint32)) + (idx >> 2))
-        v = (wd >> (8 * (idx & 3)).to(tl.uint32)).to(tl.uint8).to(p.dtype.element_ty, bitcast=True)
-    else:
-        v = tl.load(p + idx)
-    return v
-
-
-@triton.jit
-def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr,
-                NS: tl.constexpr = 1):
+def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr):
     # Q4_K (Q5: Q5_K). Chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles
     # (group gl + 2); Q5_K adds the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte. Planes (bytes
     # per block): qs 128, [qh 32,] sc 8, m 8, dd 4.
@@ -866,7 +829,7 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    for cb in tl.range(c0, c1, C, num_stages=NS):
+    for cb in range(c0, c1, C):
         cg, blk, j, h, rb = _kq_chunk(cb, c1, n, NB, C, EVEN, 8)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         v_lo = q & 0x0F0F0F0F
@@ -879,8 +842,8 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
         gl = 2 * cg - h
         i_lo = _isum(v_lo, xw, gl, ii).to(tl.float32)
         i_hi = _isum(v_hi, xw, gl + 2, ii).to(tl.float32)
-        scp = _ld16(sc16, rb * 4 + j[None, :], NS > 1).to(tl.int32)
-        mp = _ld16(m16, rb * 4 + j[None, :], NS > 1).to(tl.int32)
+        scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
+        mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
         dd = tl.load(dd32 + rb)
         s_lo = _i2f(scp & 0xFF, 0.0) * tl.load(dxp + gl)[None, :] * i_lo
         s_hi = _i2f(scp >> 8, 0.0) * tl.load(dxp + gl + 2)[None, :] * i_hi
@@ -892,7 +855,7 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
-def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, NS: tl.constexpr = 1):
+def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
     NB = K // 32
     RW4 = K // 16
@@ -901,18 +864,17 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    for cb in tl.range(c0, c1, C, num_stages=NS):
+    for cb in range(c0, c1, C):
         cg = _chunks(cb, c1, C, EVEN)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
-        part = _ldf16(dp, n[:, None] * NB + (cg // 2)[None, :], NS > 1) * s
+        part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr,
-                NS: tl.constexpr = 1):
+def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
     # Q6_K (Q6; element layout as _wdot_q6k: 4 groups of 16, k = 0..3 at elements base + 32 k, 6-bit q - 32) or
     # Q3_K (as _wdot_q3k: 4 groups of 16, k = 0..3, 3-bit q, high bit set = +4, - 4). Planes (bytes per block):
     # low bits PL, high bits PH, int8 scales 16, fp16 d.
@@ -928,7 +890,7 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    for cb in tl.range(c0, c1, C, num_stages=NS):
+    for cb in range(c0, c1, C):
         cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         if Q6:
             ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
@@ -963,14 +925,14 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
                     v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
             gk = g0 + 2 * k
             sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
-            part += _ld8(scp, so + 2 * k, NS > 1).to(tl.float32) * (sk - OFF * tl.load(sqp + gk)[None, :])
-        part = _ldf16(dp, rb, NS > 1) * part
+            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - OFF * tl.load(sqp + gk)[None, :])
+        part = tl.load(dp + rb).to(tl.float32) * part
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, NS: tl.constexpr = 1):
+def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # element layout as _wdot_q2k: 4 groups of 16 (jj = 0..3, bits 2 jj of every byte); scale | min << 4
     NB = K // 256
     NBT = N * NB
@@ -980,7 +942,7 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    for cb in tl.range(c0, c1, C, num_stages=NS):
+    for cb in range(c0, c1, C):
         cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
         qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         g0 = 16 * blk + 8 * nh + g
@@ -990,7 +952,7 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         for jj in tl.static_range(4):
             gj = g0 + 2 * jj
             sj = _isum((qs >> (2 * jj)) & 0x03030303, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
-            sc = _ld8(scp, so + 2 * jj, NS > 1).to(tl.int32)
+            sc = tl.load(scp + so + 2 * jj).to(tl.int32)
             pd += _i2f(sc & 15, 0.0) * sj
             pm += _i2f(sc >> 4, 0.0) * tl.load(sqp + gj)[None, :]
         dd = tl.load(dd32 + rb)
@@ -1000,21 +962,18 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
 
 
 @triton.jit
-def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
-           NS: tl.constexpr = 1):
-    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1).
-    NS > 1: the step loop is software-pipelined NS deep (Triton's cp.async ring in shared memory: the 16-byte
-    weight loads of the next NS - 1 steps are in flight while a step computes, without holding registers)."""
+def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1)."""
     if QT == 3 or QT == 2:
-        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2, NS)
+        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2)
     elif QT == 5:
-        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, NS)
+        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
     elif QT == 0:
-        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN, NS)
+        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     elif QT == 1:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True, NS)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True)
     else:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False, NS)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False)
 
 
 @triton.jit
@@ -1069,10 +1028,8 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 @triton.jit
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
-                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NS: tl.constexpr = 1):
-    # X8: x is an x8 buffer (int8 activations, dp4a; NS: depth of the step loop's software pipeline);
-    # else fp values with stride sxk
+                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr):
+    # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1083,7 +1040,7 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
         gdc_wait()
         gdc_launch_dependents()
     if X8:
-        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN, NS)
+        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
         y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
@@ -1128,21 +1085,8 @@ def word_c(qtype, elems, pref=None):
     return c0, False
 
 
-def loop_stages(var, default=1):
-    """Software-pipeline depth of the x8 word path's step loop from environment variable `var` (A/B runs)."""
-    return max(1, int(os.environ.get(var, str(default))))
-
-
-def pipeline_ok(qtype, N, K):
-    """The pipelined x8 step loop (NS > 1) reads 2-byte scales through 32-bit words (_ld16): the fp16 scale
-    planes of Q8_0, Q6_K and Q3_K need an even element count (N x blocks per row) so that no word runs past
-    the matrix."""
-    return qtype not in ("Q8_0", "Q6_K", "Q3_K") or N * (K // QK[qtype]) % 2 == 0
-
-
 def gemv1_config(qtype, N, K, x8=False):
-    """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c; num_stages is
-    the x8 step loop's software-pipeline depth (loop_stages).
+    """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c.
     Big N (lm_head): 128 rows per program (x preparation shared by 8 rows per thread), no split.
     Small N: 32 rows per program and split K until ~1024 programs, so that every program has only a
     few 16-byte loads per thread and they are all in flight at once (latency-bound sizes).
@@ -1150,25 +1094,24 @@ def gemv1_config(qtype, N, K, x8=False):
     shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep)."""
     if INTERPRET:
         return 32, None, 1, 4, 1
-    ns = loop_stages("KIMI_LOCAL_GEMV_STAGES") if x8 else 1
     nblk = K // QK[qtype]
     onestep = x8 and qtype == "Q8_0" and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"
     if N >= 65536:
         if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below
-            return 32, 16, 1, 2, ns
+            return 32, 16, 1, 2, 1
         if x8:  # session-4 sweep (H200): lm_head Q8_0 x8 196.4 us at 4 warps, 240.0 at 2 (fp default: 205.5)
-            return 64, None, 1, 4, ns
+            return 64, None, 1, 4, 1
         return 64, None, 1, 2, 1  # session-2 sweep (H100): lm_head Q8_0 225 us vs 231 us at (128, 4 warps)
     BN = 32
     tiles = triton.cdiv(N, BN)
     if onestep and N <= 4096 and 2048 < K <= 4096 and nblk % 8 == 0:
         # the o-projections [2304, 4096]: K slices of 8 blocks (16 chunks) loaded in one step: 8.64 vs 11.45 us
         # (H200, session 5); the other engine shapes measured no better this way (kda_qkv, mla_q, dense_down)
-        return BN, 16, nblk // 8, 1, ns
+        return BN, 16, nblk // 8, 1, 1
     split = max(1, min(nblk, triton.cdiv(1024, tiles)))
     # session-2 sweep over the engine's shapes (H100, cold weights): Q8_0 is fastest with 1 warp on every
     # shape (the decode step's Q8_0 GEMVs: 1,388 vs 1,659 us per token); the K-quants keep 2 warps
-    return BN, None, split, 1 if qtype == "Q8_0" else 2, ns
+    return BN, None, split, 1 if qtype == "Q8_0" else 2, 1
 
 
 def x8_default() -> bool:
@@ -1212,9 +1155,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
-                                   NS=num_stages if use_x8 and pipeline_ok(qtype, N, K) else 1,
-                                   num_warps=num_warps, num_stages=num_stages,
-                                   **pdl.launch_kw())
+                                   num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

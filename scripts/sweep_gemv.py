@@ -166,27 +166,6 @@ def onestep_variants(N, K, qt):
     return v
 
 
-def stage_variants(N, K, qt):
-    """x8 configs whose step loop is software-pipelined NS deep (num_stages; Triton's cp.async ring): the
-    default config with NS = 2..4, and longer loops (fewer K splits) that only pay off when pipelined."""
-    v = [("word default", {})]
-    bn0, c0, s0, nw0, _ = qm.gemv1_config(qt, N, K, x8=True)
-    for ns in (2, 3, 4):
-        v.append((f"default ns={ns}", dict(BN=bn0, C=c0, SPLIT=s0, num_warps=nw0, num_stages=ns)))
-    chunks = K // qm.QK[qt] * qm.CHUNKS_PER_BLOCK[qt]
-    if N >= 32768:
-        for bn, nw, c, ns in [(32, 2, 8, 4), (32, 1, 8, 4), (64, 2, 8, 3), (64, 4, 16, 3), (32, 2, 16, 4)]:
-            v.append((f"BN={bn} S=1 nw={nw} C={c} ns={ns}", dict(BN=bn, SPLIT=1, num_warps=nw, C=c, num_stages=ns)))
-        return v
-    for steps, c, nw, ns in [(4, 8, 1, 4), (8, 8, 1, 4), (4, 16, 1, 4), (8, 4, 1, 6), (4, 8, 2, 4), (16, 8, 1, 4),
-                             (6, 8, 1, 3)]:
-        if chunks % (steps * c):
-            continue
-        sp = chunks // (steps * c)
-        v.append((f"BN=32 S={sp} nw={nw} C={c} ns={ns}", dict(BN=32, SPLIT=sp, num_warps=nw, C=c, num_stages=ns)))
-    return v
-
-
 # the engine's decode GEMVs (Q4_K_M recipe: Q8_0 rest; Q2_K/Q3_K_M: Q6_K rest) and calls per token
 ENGINE_GEMVS = [("kda_qkv", 12288, 2304, 20), ("kda_o", 2304, 4096, 20), ("kda_fgb_a", 288, 2304, 20),
                 ("kda_f_b", 4096, 128, 40), ("mla_q", 6144, 2304, 7), ("mla_kv_a", 576, 2304, 7),
@@ -222,10 +201,7 @@ def sweep_gemv(bw, args):
             out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
             vf = onestep_variants if args.onestep else gemv_variants
             variants = [(n, dict(method="word", x8=False, **kw)) for n, kw in vf(N, K, qt)]
-            if args.stages:  # x8 only: the default beside the pipelined variants
-                x8 = qm.quantize_x8(x)
-                variants = [("x8 " + n, dict(kw, method="word", x8=x8)) for n, kw in stage_variants(N, K, qt)]
-            elif args.x8:  # the fp default beside the int8-activation variants (x quantized beforehand)
+            if args.x8:  # the fp default beside the int8-activation variants (x quantized beforehand)
                 x8 = qm.quantize_x8(x)
                 variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
             for vname, kw in variants:
@@ -273,19 +249,6 @@ MOE_VARIANTS = [
 ]
 
 
-MOE_STAGE_VARIANTS = [
-    ("word default", {}),
-    ("default ns=2", dict(num_stages=2)),
-    ("default ns=3", dict(num_stages=3)),
-    ("BF=16 S1=3 BD=16 S2=2 C=4 ns=4", dict(BF=16, S1=3, BD=16, S2=2, C=4, num_stages=4)),
-    ("BF=16 S1=1 BD=16 S2=1 ns=4", dict(BF=16, S1=1, BD=16, S2=1, num_stages=4)),
-    ("BF=16 S1=1 BD=16 S2=2 ns=3", dict(BF=16, S1=1, BD=16, S2=2, num_stages=3)),
-    ("BF=32 S1=3 BD=32 S2=2 nw=2 ns=3", dict(BF=32, S1=3, BD=32, S2=2, num_warps=2, num_stages=3)),
-    ("BF=16 S1=9 BD=16 S2=4 ns=2", dict(BF=16, S1=9, BD=16, S2=4, num_stages=2)),
-    ("BF=32 S1=1 BD=32 S2=1 nw=2 ns=4", dict(BF=32, S1=1, BD=32, S2=1, num_warps=2, num_stages=4)),
-]
-
-
 def sweep_moe(bw, args):
     S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
     shq = ("Q8_0", "Q8_0", "Q8_0")
@@ -305,10 +268,7 @@ def sweep_moe(bw, args):
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
         out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
         variants = [("tile (old)", dict(impl="tile"))] + [(n, dict(kw, x8=False)) for n, kw in MOE_VARIANTS]
-        if args.stages:  # x8 only: pipelined step loops beside the x8 default
-            x8 = qm.quantize_x8(x)
-            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_STAGE_VARIANTS]
-        elif args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
+        if args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
                                        if kw.get("BF", 16) % 16 == 0]
@@ -393,8 +353,6 @@ def main():
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
     ap.add_argument("--onestep", action="store_true", help="GEMV variants whose K slices load in one step")
-    ap.add_argument("--stages", action="store_true",
-                    help="x8 variants with a software-pipelined step loop (num_stages = NS) beside the x8 default")
     ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()

@@ -339,14 +339,6 @@ def test_quantize_x8(K):
     ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2)),
     ("Q4_K", 20, 768, dict(BN=16, C=32, SPLIT=1)),  # one clamped step over 24 chunks
     ("Q8_0", 17, 288, dict(BN=16, C=32, SPLIT=1)),
-    # software-pipelined step loops (NS > 1): the scales are read through 32-bit words (_ld16, _ldf16, _ld8)
-    ("Q4_K", 37, 768, dict(BN=16, C=4, SPLIT=1, num_stages=3)),
-    ("Q5_K", 20, 768, dict(BN=16, C=8, SPLIT=2, num_stages=2)),
-    ("Q6_K", 20, 768, dict(BN=8, C=4, SPLIT=1, num_stages=4)),
-    ("Q3_K", 12, 768, dict(BN=16, C=4, SPLIT=2, num_stages=3)),
-    ("Q2_K", 25, 768, dict(BN=8, C=8, SPLIT=2, num_stages=3)),
-    ("Q8_0", 16, 160, dict(BN=8, C=4, SPLIT=2, num_stages=3)),
-    ("Q8_0", 17, 160, dict(BN=8, C=4, SPLIT=2, num_stages=3)),  # odd scale count: falls back to NS = 1
 ])
 def test_qgemv_x8(qtype, N, K, kw):
     """dp4a word path == dequantized weights @ the int8-rounded x (exact up to fp32 order), and within the
@@ -363,22 +355,13 @@ def test_qgemv_x8(qtype, N, K, kw):
     assert torch.equal(out, out2)
 
 
-def test_pipeline_ok():
-    """The pipelined loop's 32-bit scale words never run past a matrix: an odd count of 2-byte scales falls back."""
-    assert qm.pipeline_ok("Q8_0", 16, 160) and not qm.pipeline_ok("Q8_0", 17, 160)
-    assert qm.pipeline_ok("Q6_K", 2, 2304) and not qm.pipeline_ok("Q6_K", 3, 2304)
-    assert qm.pipeline_ok("Q4_K", 3, 2304) and qm.pipeline_ok("Q2_K", 3, 2304)  # 4-byte dd / byte planes
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q8_0", 163840, 2304), ("Q8_0", 12576, 2304), ("Q8_0", 2304, 4096),
                                        ("Q5_K", 4096, 2304), ("Q4_K", 1024, 2304), ("Q3_K", 2304, 4096),
                                        ("Q2_K", 1024, 2304)])
-@pytest.mark.parametrize("ns", [1, 3])
-def test_cuda_qgemv_x8(qtype, N, K, ns):
+def test_cuda_qgemv_x8(qtype, N, K):
     """dp4a path at real shapes: the GPU's int8 rounding equals the reference's (but for rare ties under FMA
-    contraction), and the GEMV equals the dequantized weights times those int8 activations; ns: the step
-    loop software-pipelined (cp.async ring) or not."""
+    contraction), and the GEMV equals the dequantized weights times those int8 activations."""
     p, raw = _gpu_weight(qtype, N, K, 13)
     wd = _gpu_dense(raw, qtype)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
@@ -386,7 +369,7 @@ def test_cuda_qgemv_x8(qtype, N, K, ns):
     q_ref, _ = quantize_x8_ref(x[0])
     assert (x8[:K // 4].view(torch.int8).float().view(-1, 16) != q_ref).sum().item() <= K // 1000
     out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float32)
-    qm.qgemv(x, p, qtype, N, out=out, x8=x8, num_stages=ns)
+    qm.qgemv(x, p, qtype, N, out=out, x8=x8)
     torch.cuda.synchronize()
     check(out, qlinear_ref(qm.dequantize_x8(x8, K)[None], wd), 1e-5)
     check(out, qlinear_ref(x, wd), 2e-2)
