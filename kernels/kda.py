@@ -27,6 +27,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 from . import pdl as _pdl
 from .pdl import gdc_launch_dependents, gdc_wait
+from .quant_matmul import X8_GROUP, _x8_quant, _x8_store, x8_words
 
 
 @triton.jit
@@ -88,17 +89,28 @@ def _add3(a0, b0, c0, a1, b1, c1):
 
 
 @triton.jit
+def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
+    """Head i_h's output y ([BVF], zero past V; V % 16 == 0) into the x8 buffer of the [H*V] output: its V/16
+    groups quantized as quantize_x8 does, from the values as stored (out's dtype)."""
+    G: tl.constexpr = BVF // 16
+    words, dx, sq = _x8_quant(tl.reshape(y, [G, 16]))
+    g = tl.arange(0, G)
+    _x8_store(out8, H * V, i_h * (V // 16) + g, g < V // 16, words, dx, sq)
+
+
+@triton.jit
 def kda_decode_step_kernel(
     q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V]
     wq, wk, wv,  # conv weights [H*K, W], [H*K, W], [H*V, W]
     tq, tk, tv,  # conv tails [H*K, W-1], [H*K, W-1], [H*V, W-1] (updated in place)
     a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
     state, out,  # [H, K, V] fp32 (updated in place), [H*V]
+    out8,  # X8: [x8_words(H*V)] int32, the output also as int8 activations (the o-projection's dp4a GEMV)
     ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, X8: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
     last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
@@ -193,6 +205,8 @@ def kda_decode_step_kernel(
         # whole head here (BV == BVF, so o_v == o_f): gated RMSNorm inline, no workspace
         b_y = b_o * tl.rsqrt(tl.sum(b_o * b_o, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)  # masked columns are 0
         tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
+        if X8:
+            _head_x8(out8, b_y.to(out.dtype.element_ty).to(tl.float32), i_h, H, V, BVF)
         if EVEN:
             tl.store(p_s, b_s)
         else:
@@ -216,6 +230,8 @@ def kda_decode_step_kernel(
             b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")  # [BVF], from L2
             b_y = b_of * tl.rsqrt(tl.sum(b_of * b_of, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)
             tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
+            if X8:
+                _head_x8(out8, b_y.to(out.dtype.element_ty).to(tl.float32), i_h, H, V, BVF)
             _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
             _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
             tl.store(ws_cnt + i_h, 0)  # the next launch sees it after this kernel's end
@@ -235,7 +251,7 @@ DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None, pdl: bool | None = None):
+                    workspace=None, pdl: bool | None = None, out8: torch.Tensor | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -249,7 +265,9 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     values per thread).
     pdl (sm_90+): programmatic dependent launch; the state, conv weights / tails and gate parameters are
     read before waiting for the previous kernel, so that kernel must not write them (in the engine the
-    projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter."""
+    projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter.
+    out8: an int32 [x8_words(H*V)] buffer (V % 16 == 0) that also receives the output as int8 activations
+    (quant_matmul's x8 format, quantized from the values as stored in `out`), for the o-projection's dp4a GEMV."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -272,10 +290,13 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
+    if out8 is not None:
+        assert V % X8_GROUP == 0 and out8.dtype == torch.int32 and out8.numel() == x8_words(H * V)
     kda_decode_step_kernel[(NV, H)](
         q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-        ws_o, ws_cnt, scale, eps, H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
-        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}))
+        out if out8 is None else out8, ws_o, ws_cnt, scale, eps, H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
+        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -35,8 +35,8 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
-                           _wdot, _x8_quant, _x8_store, packed_row_bytes, qlinear, quantize_x8, split_workspace,
-                           word_c, x8_default, x8_words)
+                           _wdot, _x8_quant, _x8_store, env_config, packed_row_bytes, qlinear, quantize_x8,
+                           split_workspace, word_c, x8_default, x8_words)
 
 
 def _cfgs(opts, names):
@@ -224,6 +224,9 @@ def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
     """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
     if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
         return 128, 1, 128, 1, 4
+    over = env_config("KIMI_LOCAL_MOE_CFG", 5)  # "BF,S1,BD,S2,warps" (A/B runs)
+    if over:
+        return over
     if x8:  # session 4 sweep (H200, --x8): 27.9 vs 32.4 us (16, 9, 16, 4) for Q4_K/Q4_K/Q5_K, 23.3 vs 26.8 Q2_K/Q2_K/Q3_K,
         # 28.9 vs 34.4 Q4_K/Q4_K/Q6_K (+Q8_0 shared); the fp path's default measured 38.7 / 40.9 / 42.8 us
         return 16, 3, 16, 2, 1

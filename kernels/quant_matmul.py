@@ -1085,6 +1085,17 @@ def word_c(qtype, elems, pref=None):
     return c0, False
 
 
+def env_config(var, n):
+    """n comma-separated ints from environment variable `var` (a config override for A/B runs), else None."""
+    v = os.environ.get(var, "")
+    if not v:
+        return None
+    vals = tuple(int(t) for t in v.split(","))
+    if len(vals) != n:
+        raise ValueError(f"{var}={v!r}: expected {n} comma-separated integers")
+    return vals
+
+
 def gemv1_config(qtype, N, K, x8=False):
     """Default (BN, C, SPLIT, num_warps, num_stages) of the M = 1 word path; C None = from word_c.
     Big N (lm_head): 128 rows per program (x preparation shared by 8 rows per thread), no split.
@@ -1095,6 +1106,9 @@ def gemv1_config(qtype, N, K, x8=False):
     if INTERPRET:
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
+    over = env_config("KIMI_LOCAL_GEMV_CFG", 4)  # "BN,C,SPLIT,warps" for every x8 GEMV but lm_head (A/B runs)
+    if over and x8 and N < 65536:
+        return over[0], over[1], min(over[2], nblk), over[3], 1
     onestep = x8 and qtype == "Q8_0" and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"
     if N >= 65536:
         if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below

@@ -409,10 +409,15 @@ class GpuKimi(KimiLinear):
         conv_w, tail, state = w[b + "conv"], cache.conv[i], cache.kda_state[i]
         if T == 1:
             o = torch.empty(P, dtype=self.dtype, device=h.device)
+            # with int8 activations on (h8), the step also writes o as x8 for the o-projection's dp4a GEMV
+            # (KIMI_LOCAL_KDA_X8=0: fp o-projection, for A/B runs)
+            o8 = None
+            if h8 is not None and K % X8_GROUP == 0 and os.environ.get("KIMI_LOCAL_KDA_X8", "1") != "0":
+                o8 = torch.empty(x8_words(P), dtype=torch.int32, device=h.device)
             kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], f[0], beta_logit[0].contiguous(),
                             z[0], conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
-                            state, o, eps=cfg.rms_norm_eps)
-            return w[b + "attn_output.weight"].matmul(o[None])
+                            state, o, eps=cfg.rms_norm_eps, out8=o8)
+            return w[b + "attn_output.weight"].matmul(o[None], x8=o8)
         q, k, v = (causal_conv_prefill(qkv[:, j * P : (j + 1) * P], conv_w[j], tail[j]) for j in range(3))
         q = naive.l2norm(q.view(T, H, K)).to(self.dtype)
         k = naive.l2norm(k.view(T, H, K)).to(self.dtype)

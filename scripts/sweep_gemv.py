@@ -166,6 +166,20 @@ def onestep_variants(N, K, qt):
     return v
 
 
+def rows_variants(N, K, qt):
+    """x8 configs where each program reads whole rows (no or few K splits) and few of them: every program's
+    bytes are one contiguous stretch of the matrix instead of short row segments (split K)."""
+    v = [("word default", {})]
+    if N >= 32768:
+        cand = [(16, 1, 16, 1), (16, 1, 16, 2), (8, 1, 16, 1), (16, 1, 32, 2), (64, 1, 16, 4)]
+    else:
+        cand = [(8, 1, 16, 1), (16, 1, 16, 1), (4, 1, 16, 1), (8, 1, 32, 1), (16, 1, 16, 2), (8, 2, 16, 1),
+                (16, 2, 16, 1), (16, 3, 16, 1)]
+    for bn, sp, c, nw in cand:
+        v.append((f"BN={bn} S={sp} C={c} nw={nw}", dict(BN=bn, SPLIT=sp, C=c, num_warps=nw)))
+    return v
+
+
 # the engine's decode GEMVs (Q4_K_M recipe: Q8_0 rest; Q2_K/Q3_K_M: Q6_K rest) and calls per token
 ENGINE_GEMVS = [("kda_qkv", 12288, 2304, 20), ("kda_o", 2304, 4096, 20), ("kda_fgb_a", 288, 2304, 20),
                 ("kda_f_b", 4096, 128, 40), ("mla_q", 6144, 2304, 7), ("mla_kv_a", 576, 2304, 7),
@@ -199,9 +213,9 @@ def sweep_gemv(bw, args):
             ref = torch.full((1, N), float("nan"), device=DEV)
             qm.qgemv(x, ws[0], qt, N, out=ref, method="fma")
             out = torch.empty(1, N, device=DEV, dtype=torch.bfloat16)
-            vf = onestep_variants if args.onestep else gemv_variants
+            vf = onestep_variants if args.onestep else rows_variants if args.rows else gemv_variants
             variants = [(n, dict(method="word", x8=False, **kw)) for n, kw in vf(N, K, qt)]
-            if args.x8:  # the fp default beside the int8-activation variants (x quantized beforehand)
+            if args.x8 or args.rows:  # the fp default beside the int8-activation variants (x quantized beforehand)
                 x8 = qm.quantize_x8(x)
                 variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
             for vname, kw in variants:
@@ -249,6 +263,18 @@ MOE_VARIANTS = [
 ]
 
 
+MOE_ROWS_VARIANTS = [  # whole-row programs (no or fewer K splits)
+    ("word default", {}),
+    ("BF=16 S1=1 BD=16 S2=1", dict(BF=16, S1=1, BD=16, S2=1)),
+    ("BF=16 S1=1 BD=16 S2=1 C=16", dict(BF=16, S1=1, BD=16, S2=1, C=16)),
+    ("BF=16 S1=1 BD=8 S2=1", dict(BF=16, S1=1, BD=8, S2=1)),
+    ("BF=16 S1=3 BD=16 S2=1", dict(BF=16, S1=3, BD=16, S2=1)),
+    ("BF=16 S1=1 BD=16 S2=2", dict(BF=16, S1=1, BD=16, S2=2)),
+    ("BF=16 S1=3 BD=8 S2=2", dict(BF=16, S1=3, BD=8, S2=2)),
+    ("BF=16 S1=1 BD=8 S2=2 C=16", dict(BF=16, S1=1, BD=8, S2=2, C=16)),
+]
+
+
 def sweep_moe(bw, args):
     S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
     shq = ("Q8_0", "Q8_0", "Q8_0")
@@ -259,8 +285,9 @@ def sweep_moe(bw, args):
     sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(R)]
     wts = [torch.rand(k, generator=gen).to(DEV) for _ in range(R)]
     x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
-    for qtypes in [("Q4_K", "Q4_K", "Q5_K"), ("Q2_K", "Q2_K", "Q3_K"), ("Q4_K", "Q4_K", "Q6_K"),
-                   ("Q3_K", "Q3_K", "Q4_K")]:  # the Q4_K_M and Q2_K recipes' experts first
+    cases = [("Q4_K", "Q4_K", "Q5_K"), ("Q2_K", "Q2_K", "Q3_K"), ("Q4_K", "Q4_K", "Q6_K"),
+             ("Q3_K", "Q3_K", "Q4_K")]  # the Q4_K_M and Q2_K recipes' experts first
+    for qtypes in cases[:args.moe_cases]:
         case = "/".join(qtypes) + " k=8 +Q8_0 shared"
         pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
         nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes + 2 * D * 2
@@ -268,7 +295,10 @@ def sweep_moe(bw, args):
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
         out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
         variants = [("tile (old)", dict(impl="tile"))] + [(n, dict(kw, x8=False)) for n, kw in MOE_VARIANTS]
-        if args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
+        if args.rows:
+            x8 = qm.quantize_x8(x)
+            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_ROWS_VARIANTS]
+        elif args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
                                        if kw.get("BF", 16) % 16 == 0]
@@ -353,6 +383,9 @@ def main():
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
     ap.add_argument("--onestep", action="store_true", help="GEMV variants whose K slices load in one step")
+    ap.add_argument("--moe-cases", type=int, default=4, help="how many expert type mixes (Q4_K_M's first)")
+    ap.add_argument("--rows", action="store_true",
+                    help="x8 variants whose programs read whole rows (no / few K splits) beside the x8 default")
     ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()

@@ -11,9 +11,11 @@ import torch
 
 try:
     from kimi_local.kernels import kda, naive, norm
+    from kimi_local.kernels.quant_matmul import quantize_x8, x8_words
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import kda, naive, norm
+    from kernels.quant_matmul import quantize_x8, x8_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,7 +40,9 @@ def _token(H, K, V, gen, dev=DEV, dtype=torch.float32):
 
 
 def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False,
-               num_warps=None, pdl=False):
+               num_warps=None, pdl=False, x8=False):
+    """Max relative error of the outputs and of the final state vs the reference over n_steps tokens.
+    x8: the kernel also writes the output's x8 buffer, which must equal quantize_x8 of the stored output."""
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, tail_dtype)
     S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(dev)
@@ -46,10 +50,11 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     t_ref, t_k = [t.clone() for t in tails], [t.clone() for t in tails]
     toks = [_token(H, K, V, gen, dev, in_dtype) for _ in range(n_steps)]
     out = torch.empty(H * V, dtype=out_dtype, device=dev)
+    out8 = torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None
     if graph:
         bufs = [torch.empty_like(x) for x in toks[0]]
         step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,  # noqa: E731
-                                          num_warps=num_warps, pdl=pdl)
+                                          num_warps=num_warps, pdl=pdl, out8=out8)
         for b, x in zip(bufs, toks[0]):
             b.copy_(x)
         s_save, t_save = S.clone(), [t.clone() for t in t_k]
@@ -65,14 +70,18 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     for tok in toks:
         ref = naive.kda_decode_ref(*tok, conv_w, t_ref, a, dt_bias, norm_w, S_ref, 1e-5)
         out.fill_(float("nan"))
+        if x8:
+            out8.fill_(-1)
         if graph:
             for b, x in zip(bufs, tok):
                 b.copy_(x)
             g.replay()
         else:
             kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, num_warps=num_warps,
-                                pdl=pdl)
+                                pdl=pdl, out8=out8)
         assert not out.isnan().any()
+        if x8:
+            assert torch.equal(out8, quantize_x8(out))
         errs.append(rel(out, ref))
     for t, tr in zip(t_k, t_ref):
         assert torch.equal(t, tr)  # tails are copies of raw inputs: exact
@@ -104,6 +113,13 @@ def test_decode_step_odd_shapes(H, K, V, W, BV):
     # K, V not powers of two (masked rows and columns), one head, V = BV, many tiny V blocks
     e_out, e_state = _run_steps(H, K, V, W, 4, BV, torch.float32, torch.float32, torch.float32, seed=K * V)
     assert e_out < 1e-5 and e_state < 1e-5
+
+
+@pytest.mark.parametrize("BV", [16, 4])  # 16 = V: the inline norm (NV = 1); 4: the last block's norm
+def test_decode_step_x8_output(BV):
+    # the output also as int8 activations for the o-projection (equal to quantize_x8 of the stored output)
+    e_out, e_state = _run_steps(3, 8, 16, 4, 3, BV, torch.float32, torch.float32, torch.bfloat16, seed=31, x8=True)
+    assert e_out < 1e-2 and e_state < 1e-5
 
 
 def test_decode_step_rejects_wide_conv():
@@ -309,11 +325,12 @@ def test_decode_step_real_shapes(BV, pdl):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("BV,pdl", [(None, False), (None, True), (32, False), (128, False), (128, True)])
-def test_decode_step_cuda_graph(BV, pdl):
-    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.float32, seed=9, graph=True,
-                                pdl=pdl)
-    assert e_out < 1e-4 and e_state < 1e-4
+@pytest.mark.parametrize("BV,pdl,x8", [(None, False, False), (None, True, False), (32, False, False),
+                                      (128, False, False), (128, True, False), (None, True, True), (128, True, True)])
+def test_decode_step_cuda_graph(BV, pdl, x8):
+    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16 if x8 else torch.float32,
+                                seed=9, graph=True, pdl=pdl, x8=x8)
+    assert e_out < (1e-2 if x8 else 1e-4) and e_state < 1e-4  # x8: a bf16 output
 
 
 @pytest.mark.cuda
