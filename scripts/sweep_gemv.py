@@ -171,10 +171,13 @@ def rows_variants(N, K, qt):
     bytes are one contiguous stretch of the matrix instead of short row segments (split K)."""
     v = [("word default", {})]
     if N >= 32768:
-        cand = [(16, 1, 16, 1), (16, 1, 16, 2), (8, 1, 16, 1), (16, 1, 32, 2), (64, 1, 16, 4)]
-    else:
-        cand = [(8, 1, 16, 1), (16, 1, 16, 1), (4, 1, 16, 1), (8, 1, 32, 1), (16, 1, 16, 2), (8, 2, 16, 1),
-                (16, 2, 16, 1), (16, 3, 16, 1)]
+        cand = [(8, 1, 16, 1), (8, 1, 32, 1), (4, 1, 16, 1), (8, 1, 8, 1), (8, 1, 16, 2), (4, 1, 32, 1)]
+    elif K <= 2304:
+        cand = [(4, 1, 16, 1), (2, 1, 16, 1), (4, 1, 32, 1), (4, 2, 16, 1), (8, 1, 16, 2), (2, 2, 16, 1),
+                (4, 1, 8, 1), (8, 2, 16, 2)]
+    else:  # long rows: a few K slices
+        cand = [(4, 2, 16, 1), (4, 4, 16, 1), (2, 2, 16, 1), (8, 4, 16, 1), (4, 2, 32, 1), (4, 8, 16, 1),
+                (8, 8, 16, 1), (2, 4, 16, 1)]
     for bn, sp, c, nw in cand:
         v.append((f"BN={bn} S={sp} C={c} nw={nw}", dict(BN=bn, SPLIT=sp, C=c, num_warps=nw)))
     return v
