@@ -50,17 +50,20 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("kv_cache", ["bf16", "fp8"])
-def test_gpu_logits_match_cpu_reference(kv_cache):
+@pytest.mark.parametrize("kv_cache,x8", [("bf16", "0"), ("bf16", "1"), ("fp8", "1")])
+def test_gpu_logits_match_cpu_reference(kv_cache, x8, monkeypatch):
     """The bf16 band: the same reference run in bf16 on the CPU sets the tolerance (2x its error vs
-    fp32); the fp8 cache may add up to 2x more."""
+    fp32, with fp activations: KIMI_LOCAL_X8=0). The default int8 activations (x8) round every GEMV input
+    once more (0.3-0.5 % per GEMV; ggml rounds its activations the same way, per 32 values): 3x; with the
+    fp8 cache as well: 4x (as before the KDA o-projection took x8; it measured within that)."""
+    monkeypatch.setenv("KIMI_LOCAL_X8", x8)
     cfg, cpu, gpu = _models(kv_cache=kv_cache)
     cpu16 = _models(cpu_dtype=torch.bfloat16)[1]
     ids = torch.randint(0, cfg.vocab_size, (70,), generator=torch.Generator().manual_seed(0))
     ref = _run(cpu, cpu.new_cache(), ids, 60)
     band = _run(cpu16, cpu16.new_cache(), ids, 60)
     out = _run(gpu, gpu.new_cache(max_ctx=256), ids, 60)
-    k = 2.0 if kv_cache == "bf16" else 4.0
+    k = 2.0 if x8 == "0" else 3.0 if kv_cache == "bf16" else 4.0
     for r, b, o in zip(ref, band, out):
         assert torch.isfinite(o).all()
         assert _rel(o, r) < max(k * _rel(b, r), 1e-2), (_rel(o, r), _rel(b, r))
