@@ -1119,6 +1119,11 @@ def gemv1_config(qtype, N, K, x8=False):
     small = onestep and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0"
     if small and N >= 2048:
         return 4, 16, 1 if K <= 2304 else 4, 1, 1
+    # x8 Q6_K (the Q2_K / Q3_K_M recipes' projections and lm_head) likewise, in 2-row programs (4 for lm_head):
+    # [12288, 2304] 11.3 vs 17.4 us, [6144, 2304] 7.0 vs 11.2, [2304, 4096] 6.1 vs 9.6, lm_head 106.8 vs 157.5
+    if (x8 and qtype == "Q6_K" and N >= 2048 and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0"
+            and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"):
+        return (4, 16, 1, 1, 1) if N >= 65536 else (2, 16, 1 if K <= 2304 else 2, 1, 1)
     if N >= 65536:
         if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below
             return 32, 16, 1, 2, 1
