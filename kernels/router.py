@@ -23,7 +23,7 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .norm import _rms_scaled, _x8_row
-from .quant_matmul import x8_words
+from .quant_matmul import env_config, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -258,7 +258,9 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     logits = torch.empty(1, E, dtype=torch.float32, device=v.device)
     ids = torch.empty(1, k, dtype=torch.int32, device=v.device)
     wts = torch.empty(1, k, dtype=torch.float32, device=v.device)
-    BE = BE or NORM_ROUTE_DEFAULTS["BE"]
+    over = env_config("KIMI_LOCAL_ROUTE_CFG", 2)  # "BE,warps" (A/B runs)
+    BE = BE or (over[0] if over else NORM_ROUTE_DEFAULTS["BE"])
+    num_warps = num_warps or (over[1] if over else None)
     BDN = max(16, triton.next_power_of_2(D))
     norm_router_route_kernel[(triton.cdiv(E, BE),)](
         v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, cnt, bias, ids, wts,

@@ -24,8 +24,8 @@ from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_pre
 from kimi_local.kernels.mla import mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, block_diag_packs, qlinear, repack, x8_default,
-                                             x8_words)
+from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, block_diag_packs, qlinear, quantize_x8, repack,
+                                             x8_default, x8_words)
 from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
@@ -447,6 +447,8 @@ class GpuKimi(KimiLinear):
             ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:], lat, cache.len_dev, scale,
                              out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
             o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
+            if h8 is not None and os.environ.get("KIMI_LOCAL_MLA_X8", "0") == "1":  # A/B: a quantize launch + dp4a
+                return w[b + "attn_output.weight"].matmul(o.to(self.dtype), x8=quantize_x8(o))
         else:
             o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
