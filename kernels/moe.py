@@ -28,8 +28,6 @@ Floor: 2 * T * k * 3 * F * D flops (T=8192: 928 GFLOP -> ~1.2 ms at ~780 TFLOP/s
 from T ~ 1k on; at T=512 the expert weights (all 256 experts touched: 1.3 GB in Q4_K... per layer
 256 * 3 * 2.36 M * 0.578 B = 1.05 GB -> 350 us) dominate.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -144,15 +142,9 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr, GU2: tl.constexpr = False):
-    # X8: x is an x8 buffer and act gets x8 rows (see _act_store). GU2: gate and up in separate programs (grid
-    # axis 2 = S1 * 2, even = gate): each program has one load chain instead of two in a row; the last of the
-    # 2 * S1 programs of (e, f-tile) to arrive combines the partials
+                          X8: tl.constexpr):
+    # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_m = 0
-    if GU2:
-        i_m = i_s % 2
-        i_s = i_s // 2
     if PDL:  # x and slot_ids come from the previous kernels
         gdc_wait()
         gdc_launch_dependents()
@@ -161,53 +153,31 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     f_mask = f < F
     e0 = i_s * EPS
     e1 = e0 + EPS
-    if GU2:  # one matrix per program, gate (i_m = 0) or up
-        if i_e < KTOP:
-            slot = tl.load(slot_ids + i_e).to(tl.int64)
-            if i_m == 0:
-                b_m = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
-            else:
-                b_m = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
-        elif i_m == 0:
-            b_m = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
-        else:
-            b_m = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
-        tl.store(part + (i_s * E + i_e) * 2 * F + i_m * F + f, b_m, mask=f_mask)
-        _gu_finish(act, part, cnt, i_e, i_f, f, f_mask, F, E, 2 * S1, S1, BF, X8)
+    if i_e < KTOP:
+        slot = tl.load(slot_ids + i_e).to(tl.int64)
+        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
+        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
-        if i_e < KTOP:
-            slot = tl.load(slot_ids + i_e).to(tl.int64)
-            b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
-            b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
-        else:
-            b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
-            b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
-        if S1 == 1:
-            _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
-        else:
-            pg = part + (i_s * E + i_e) * 2 * F
-            tl.store(pg + f, b_g, mask=f_mask)
-            tl.store(pg + F + f, b_u, mask=f_mask)
-            _gu_finish(act, part, cnt, i_e, i_f, f, f_mask, F, E, S1, S1, BF, X8)
-
-
-@triton.jit
-def _gu_finish(act, part, cnt, i_e, i_f, f, f_mask, F, E: tl.constexpr, NARR: tl.constexpr, S1: tl.constexpr,
-               BF: tl.constexpr, X8: tl.constexpr):
-    """After this program's partials are stored: arrive at (e, f-tile)'s counter; the last of the NARR arrivals
-    sums the S1 gate and up partials in a fixed order, stores act = silu(g) * u and re-arms the counter."""
-    tl.debug_barrier()
-    nt = tl.cdiv(F, BF)
-    c = tl.atomic_add(cnt + i_e * nt + i_f, 1, sem="acq_rel", scope="gpu")
-    if c == NARR - 1:
-        g = tl.zeros([BF], tl.float32)
-        u = tl.zeros([BF], tl.float32)
-        for s in range(S1):
-            ps = part + (s * E + i_e) * 2 * F
-            g += tl.load(ps + f, mask=f_mask, other=0.0, cache_modifier=".cg")
-            u += tl.load(ps + F + f, mask=f_mask, other=0.0, cache_modifier=".cg")
-        _act_store(act, i_e, i_f, f, f_mask, F, g * tl.sigmoid(g) * u, BF, X8)
-        tl.atomic_xchg(cnt + i_e * nt + i_f, 0, sem="relaxed", scope="gpu")
+        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
+        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
+    if S1 == 1:
+        _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
+    else:
+        pg = part + (i_s * E + i_e) * 2 * F
+        tl.store(pg + f, b_g, mask=f_mask)
+        tl.store(pg + F + f, b_u, mask=f_mask)
+        tl.debug_barrier()
+        nt = tl.cdiv(F, BF)
+        c = tl.atomic_add(cnt + i_e * nt + i_f, 1, sem="acq_rel", scope="gpu")
+        if c == S1 - 1:
+            g = tl.zeros([BF], tl.float32)
+            u = tl.zeros([BF], tl.float32)
+            for s in range(S1):
+                ps = part + (s * E + i_e) * 2 * F
+                g += tl.load(ps + f, mask=f_mask, other=0.0, cache_modifier=".cg")
+                u += tl.load(ps + F + f, mask=f_mask, other=0.0, cache_modifier=".cg")
+            _act_store(act, i_e, i_f, f, f_mask, F, g * tl.sigmoid(g) * u, BF, X8)
+            tl.atomic_xchg(cnt + i_e * nt + i_f, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -267,7 +237,7 @@ def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, gu2=None):
+               num_warps=None, num_stages=1, C=None, x8=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -335,15 +305,12 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         act = act.view(torch.int32)
         xin = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
         assert xin.dtype == torch.int32 and xin.numel() == x8_words(D)
-    if gu2 is None:
-        gu2 = os.environ.get("KIMI_LOCAL_MOE_GU2", "0") == "1"
-    arrive = S1 > 1 or gu2
-    part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if arrive else 0, E * ntf if arrive else 0)
-    _moe_w_gate_up_kernel[(ntf, E, S1 * (2 if gu2 else 1))](
+    part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if S1 > 1 else 0, E * ntf if S1 > 1 else 0)
+    _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        GU2=bool(gu2), num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](

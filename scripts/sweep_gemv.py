@@ -278,17 +278,6 @@ MOE_ROWS_VARIANTS = [  # whole-row programs (no or fewer K splits)
 ]
 
 
-MOE_GU2_VARIANTS = [  # gate and up in separate programs (moe_decode gu2)
-    ("word default", {}),
-    ("gu2", dict(gu2=True)),
-    ("gu2 S1=1", dict(BF=16, S1=1, BD=16, S2=2, gu2=True)),
-    ("gu2 S1=1 C=16", dict(BF=16, S1=1, BD=16, S2=2, C=16, gu2=True)),
-    ("gu2 S1=9", dict(BF=16, S1=9, BD=16, S2=2, gu2=True)),
-    ("gu2 S1=3 S2=4", dict(BF=16, S1=3, BD=16, S2=4, gu2=True)),
-    ("gu2 S1=3 BD=32 S2=2", dict(BF=16, S1=3, BD=32, S2=2, gu2=True)),
-]
-
-
 def sweep_moe(bw, args):
     S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
     shq = ("Q8_0", "Q8_0", "Q8_0")
@@ -309,10 +298,9 @@ def sweep_moe(bw, args):
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
         out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
         variants = [("tile (old)", dict(impl="tile"))] + [(n, dict(kw, x8=False)) for n, kw in MOE_VARIANTS]
-        if args.rows or args.gu2:
+        if args.rows:
             x8 = qm.quantize_x8(x)
-            vs = MOE_GU2_VARIANTS if args.gu2 else MOE_ROWS_VARIANTS
-            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in vs]
+            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_ROWS_VARIANTS]
         elif args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
@@ -398,7 +386,6 @@ def main():
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
     ap.add_argument("--onestep", action="store_true", help="GEMV variants whose K slices load in one step")
-    ap.add_argument("--gu2", action="store_true", help="MoE x8 variants with gate and up in separate programs")
     ap.add_argument("--moe-cases", type=int, default=4, help="how many expert type mixes (Q4_K_M's first)")
     ap.add_argument("--rows", action="store_true",
                     help="x8 variants whose programs read whole rows (no / few K splits) beside the x8 default")
