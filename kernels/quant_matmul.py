@@ -544,6 +544,34 @@ def _xs4(x0, x1, x2, x3):
 
 
 @triton.jit
+def _q6_group(a0, a1, hw, k: tl.constexpr):
+    """The words of 16-group k (0..3) of a Q6_K chunk, one 6-bit q per byte: low (k = 0, 1) or high (k = 2, 3)
+    nibbles of the ql words a0 / a1, and two high bits from the qh words hw."""
+    if k == 0:
+        return (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
+    elif k == 1:
+        return (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
+    elif k == 2:
+        return ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
+    else:
+        return ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
+
+
+@triton.jit
+def _q3_group(qs, hm, k: tl.constexpr):
+    """The words of 16-group k (0..3) of a Q3_K chunk, one 3-bit q per byte: bits 2k of the qs words and the
+    high bit from the hmask words hm (bit k of each byte, already shifted to the chunk's half)."""
+    if k == 0:
+        return (qs & 0x03030303) | ((hm << 2) & 0x04040404)
+    elif k == 1:
+        return ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
+    elif k == 2:
+        return ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
+    else:
+        return ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
+
+
+@triton.jit
 def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     NB = K // 256
     NBT = N * NB
@@ -560,10 +588,6 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
         a1 = tl.load(wl + ol + 8)
         hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         base = 256 * blk + 128 * nh + 16 * g
-        c_0 = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
-        c_1 = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
-        c_2 = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
-        c_3 = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
         so = rb * 16 + (8 * nh + g)[None, :]
         d = tl.load(dp + rb).to(tl.float32)
         part = tl.zeros([BN, C], tl.float32)
@@ -573,14 +597,7 @@ def _wdot_q6k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             x1 = _xg(x, sxk, xb, ii, 1, 0)
             x2 = _xg(x, sxk, xb, ii, 2, 0)
             x3 = _xg(x, sxk, xb, ii, 3, 0)
-            if k == 0:
-                sk = _sb(c_0, 0x3F, x0, x1, x2, x3)
-            elif k == 1:
-                sk = _sb(c_1, 0x3F, x0, x1, x2, x3)
-            elif k == 2:
-                sk = _sb(c_2, 0x3F, x0, x1, x2, x3)
-            else:
-                sk = _sb(c_3, 0x3F, x0, x1, x2, x3)
+            sk = _sb(_q6_group(a0, a1, hw, k), 0x3F, x0, x1, x2, x3)
             sc = tl.load(scp + so + 2 * k).to(tl.float32)
             part += sc * (sk - 32.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part
@@ -613,15 +630,7 @@ def _wdot_q3k(x, sxk, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVE
             x1 = _xg(x, sxk, xb, ii, 1, 0)
             x2 = _xg(x, sxk, xb, ii, 2, 0)
             x3 = _xg(x, sxk, xb, ii, 3, 0)
-            if jj == 0:
-                v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
-            elif jj == 1:
-                v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
-            elif jj == 2:
-                v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
-            else:
-                v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
-            sj = _sb(v, 0x7, x0, x1, x2, x3)
+            sj = _sb(_q3_group(qs, hm, jj), 0x7, x0, x1, x2, x3)
             sc = tl.load(scp + so + 2 * jj).to(tl.float32)
             part += sc * (sj - 4.0 * _xs4(x0, x1, x2, x3)[None, :])
         part = d * part
@@ -906,23 +915,9 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
         part = tl.zeros([BN, C], tl.float32)
         for k in tl.static_range(4):
             if Q6:
-                if k == 0:
-                    v = (a0 & 0x0F0F0F0F) | ((hw << 4) & 0x30303030)
-                elif k == 1:
-                    v = (a1 & 0x0F0F0F0F) | ((hw << 2) & 0x30303030)
-                elif k == 2:
-                    v = ((a0 >> 4) & 0x0F0F0F0F) | (hw & 0x30303030)
-                else:
-                    v = ((a1 >> 4) & 0x0F0F0F0F) | ((hw >> 2) & 0x30303030)
+                v = _q6_group(a0, a1, hw, k)
             else:
-                if k == 0:
-                    v = (qs & 0x03030303) | ((hm << 2) & 0x04040404)
-                elif k == 1:
-                    v = ((qs >> 2) & 0x03030303) | ((hm << 1) & 0x04040404)
-                elif k == 2:
-                    v = ((qs >> 4) & 0x03030303) | (hm & 0x04040404)
-                else:
-                    v = ((qs >> 6) & 0x03030303) | ((hm >> 1) & 0x04040404)
+                v = _q3_group(qs, hm, k)
             gk = g0 + 2 * k
             sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
             part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - OFF * tl.load(sqp + gk)[None, :])

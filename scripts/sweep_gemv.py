@@ -244,37 +244,42 @@ def sweep_gemv(bw, args):
 # ------------------------------------------------------------------------------------------------
 
 
+def _mv(**kw):
+    """A moe_decode variant (name, kwargs), named after its knobs ("BF=16 S1=3 ... nw=2")."""
+    return " ".join(f"{'nw' if k == 'num_warps' else k}={v}" for k, v in kw.items()), kw
+
+
 MOE_VARIANTS = [
     ("word default", {}),
-    ("BF=16 S1=3 BD=16 S2=2 C=32", dict(BF=16, S1=3, BD=16, S2=2, C=32)),  # gate/up and down in one step each
-    ("BF=16 S1=3 BD=16 S2=1 C=32", dict(BF=16, S1=3, BD=16, S2=1, C=32)),
-    ("BF=16 S1=3 BD=16 S2=2 C=32 nw=2", dict(BF=16, S1=3, BD=16, S2=2, C=32, num_warps=2)),
-    ("BF=32 S1=3 BD=32 S2=2 C=32 nw=2", dict(BF=32, S1=3, BD=32, S2=2, C=32, num_warps=2)),
-    ("BF=16 S1=9 BD=16 S2=4 C=8", dict(BF=16, S1=9, BD=16, S2=4, C=8)),
-    ("BF=32 S1=1 BD=32 S2=1", dict(BF=32, S1=1, BD=32, S2=1)),
-    ("BF=16 S1=3 BD=16 S2=2", dict(BF=16, S1=3, BD=16, S2=2)),
-    ("BF=32 S1=9 BD=32 S2=4", dict(BF=32, S1=9, BD=32, S2=4)),
-    ("BF=64 S1=3 BD=64 S2=4", dict(BF=64, S1=3, BD=64, S2=4)),
-    ("BF=32 S1=3 BD=32 S2=2 nw=8", dict(BF=32, S1=3, BD=32, S2=2, num_warps=8)),
-    ("BF=16 S1=9 BD=16 S2=4 nw=2", dict(BF=16, S1=9, BD=16, S2=4, num_warps=2)),
-    ("BF=8 S1=9 BD=8 S2=4 nw=1", dict(BF=8, S1=9, BD=8, S2=4, num_warps=1)),
-    ("BF=16 S1=9 BD=16 S2=4 nw=1", dict(BF=16, S1=9, BD=16, S2=4, num_warps=1)),
-    ("BF=32 S1=9 BD=32 S2=4 nw=4", dict(BF=32, S1=9, BD=32, S2=4, num_warps=4)),
-    ("BF=16 S1=3 BD=32 S2=2 nw=1", dict(BF=16, S1=3, BD=32, S2=2, num_warps=1)),
-    ("BF=32 S1=3 BD=16 S2=2 nw=1", dict(BF=32, S1=3, BD=16, S2=2, num_warps=1)),
-    ("BF=16 S1=3 BD=16 S2=1 nw=1", dict(BF=16, S1=3, BD=16, S2=1, num_warps=1)),
+    _mv(BF=16, S1=3, BD=16, S2=2, C=32),  # gate/up and down in one step each
+    _mv(BF=16, S1=3, BD=16, S2=1, C=32),
+    _mv(BF=16, S1=3, BD=16, S2=2, C=32, num_warps=2),
+    _mv(BF=32, S1=3, BD=32, S2=2, C=32, num_warps=2),
+    _mv(BF=16, S1=9, BD=16, S2=4, C=8),
+    _mv(BF=32, S1=1, BD=32, S2=1),
+    _mv(BF=16, S1=3, BD=16, S2=2),
+    _mv(BF=32, S1=9, BD=32, S2=4),
+    _mv(BF=64, S1=3, BD=64, S2=4),
+    _mv(BF=32, S1=3, BD=32, S2=2, num_warps=8),
+    _mv(BF=16, S1=9, BD=16, S2=4, num_warps=2),
+    _mv(BF=8, S1=9, BD=8, S2=4, num_warps=1),
+    _mv(BF=16, S1=9, BD=16, S2=4, num_warps=1),
+    _mv(BF=32, S1=9, BD=32, S2=4, num_warps=4),
+    _mv(BF=16, S1=3, BD=32, S2=2, num_warps=1),
+    _mv(BF=32, S1=3, BD=16, S2=2, num_warps=1),
+    _mv(BF=16, S1=3, BD=16, S2=1, num_warps=1),
 ]
 
 
 MOE_ROWS_VARIANTS = [  # whole-row programs (no or fewer K splits)
     ("word default", {}),
-    ("BF=16 S1=1 BD=16 S2=1", dict(BF=16, S1=1, BD=16, S2=1)),
-    ("BF=16 S1=1 BD=16 S2=1 C=16", dict(BF=16, S1=1, BD=16, S2=1, C=16)),
-    ("BF=16 S1=1 BD=8 S2=1", dict(BF=16, S1=1, BD=8, S2=1)),
-    ("BF=16 S1=3 BD=16 S2=1", dict(BF=16, S1=3, BD=16, S2=1)),
-    ("BF=16 S1=1 BD=16 S2=2", dict(BF=16, S1=1, BD=16, S2=2)),
-    ("BF=16 S1=3 BD=8 S2=2", dict(BF=16, S1=3, BD=8, S2=2)),
-    ("BF=16 S1=1 BD=8 S2=2 C=16", dict(BF=16, S1=1, BD=8, S2=2, C=16)),
+    _mv(BF=16, S1=1, BD=16, S2=1),
+    _mv(BF=16, S1=1, BD=16, S2=1, C=16),
+    _mv(BF=16, S1=1, BD=8, S2=1),
+    _mv(BF=16, S1=3, BD=16, S2=1),
+    _mv(BF=16, S1=1, BD=16, S2=2),
+    _mv(BF=16, S1=3, BD=8, S2=2),
+    _mv(BF=16, S1=1, BD=8, S2=2, C=16),
 ]
 
 
