@@ -1098,8 +1098,8 @@ def gemv1_config(qtype, N, K, x8=False):
     few 16-byte loads per thread and they are all in flight at once (latency-bound sizes).
     x8 Q8_0 (KIMI_LOCAL_ONESTEP=0: off): lm_head 32 rows x 2 warps in 16-chunk steps, and the o-projection
     shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep);
-    x8 Q8_0 with N >= 2048 (lm_head included): 4-row programs over whole rows, or 4 K slices past K = 2304
-    (session 6)."""
+    x8 Q8_0 / Q6_K with N >= 2048 (lm_head included): 4- / 2-row programs over whole rows, or 4 / 2 K slices
+    past K = 2304 (session 6; KIMI_LOCAL_SMALL_BN=0: off)."""
     if INTERPRET:
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
@@ -1111,13 +1111,13 @@ def gemv1_config(qtype, N, K, x8=False):
     # over K slices, each reading whole rows (K <= 2304) or 4 long slices (session-6 sweeps, scripts/sweep_gemv.py
     # --rows, H200, us): lm_head 100.4 vs 145.1 (94 % of HBM); [12288, 2304] 11.7 vs 16.8; [6144, 2304] 8.6 vs
     # 10.3; [2304, 4096] 6.9 vs 8.7; [2304, 9216] 11.4 vs 16.1. 8 rows: 127.2 (lm_head); 2 rows: 13.8 ([12288, 2304])
-    small = onestep and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0"
-    if small and N >= 2048:
+    small = (x8 and N >= 2048 and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"
+             and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0")
+    if small and qtype == "Q8_0":
         return 4, 16, 1 if K <= 2304 else 4, 1, 1
     # x8 Q6_K (the Q2_K / Q3_K_M recipes' projections and lm_head) likewise, in 2-row programs (4 for lm_head):
     # [12288, 2304] 11.3 vs 17.4 us, [6144, 2304] 7.0 vs 11.2, [2304, 4096] 6.1 vs 9.6, lm_head 106.8 vs 157.5
-    if (x8 and qtype == "Q6_K" and N >= 2048 and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0"
-            and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"):
+    if small and qtype == "Q6_K":
         return (4, 16, 1, 1, 1) if N >= 65536 else (2, 16, 1 if K <= 2304 else 2, 1, 1)
     if N >= 65536:
         if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below
