@@ -160,24 +160,30 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     else:
         b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
         b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
-    if S1 == 1:
+    # GT rows share an arrival counter: the f-tile, or (X8, BF < 16) the 16-row group its x8 quantization needs
+    GT: tl.constexpr = 16 if (X8 and BF < 16) else BF
+    NA: tl.constexpr = S1 * (GT // BF)  # arrivals per counter
+    if NA == 1:
         _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
     else:
         pg = part + (i_s * E + i_e) * 2 * F
         tl.store(pg + f, b_g, mask=f_mask)
         tl.store(pg + F + f, b_u, mask=f_mask)
         tl.debug_barrier()
-        nt = tl.cdiv(F, BF)
-        c = tl.atomic_add(cnt + i_e * nt + i_f, 1, sem="acq_rel", scope="gpu")
-        if c == S1 - 1:
-            g = tl.zeros([BF], tl.float32)
-            u = tl.zeros([BF], tl.float32)
+        nt = tl.cdiv(F, GT)
+        i_g = (i_f * BF) // GT
+        c = tl.atomic_add(cnt + i_e * nt + i_g, 1, sem="acq_rel", scope="gpu")
+        if c == NA - 1:
+            fg = i_g * GT + tl.arange(0, GT)
+            fg_mask = fg < F
+            g = tl.zeros([GT], tl.float32)
+            u = tl.zeros([GT], tl.float32)
             for s in range(S1):
                 ps = part + (s * E + i_e) * 2 * F
-                g += tl.load(ps + f, mask=f_mask, other=0.0, cache_modifier=".cg")
-                u += tl.load(ps + F + f, mask=f_mask, other=0.0, cache_modifier=".cg")
-            _act_store(act, i_e, i_f, f, f_mask, F, g * tl.sigmoid(g) * u, BF, X8)
-            tl.atomic_xchg(cnt + i_e * nt + i_f, 0, sem="relaxed", scope="gpu")
+                g += tl.load(ps + fg, mask=fg_mask, other=0.0, cache_modifier=".cg")
+                u += tl.load(ps + F + fg, mask=fg_mask, other=0.0, cache_modifier=".cg")
+            _act_store(act, i_e, i_g, fg, fg_mask, F, g * tl.sigmoid(g) * u, GT, X8)
+            tl.atomic_xchg(cnt + i_e * nt + i_g, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -296,16 +302,18 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     CSU, EVSU = ce(qsu, eps, D)
     CD, EVD = ce(qd, fps, F)
     CSD, EVSD = ce(qsd, fps, F)
-    use_x8 = isinstance(x8, torch.Tensor) or (bool(x8) and BF % X8_GROUP == 0 and F % X8_GROUP == 0
-                                              and D % X8_GROUP == 0)
+    x8_bf = BF % X8_GROUP == 0 or X8_GROUP % BF == 0  # f-tiles of whole 16-groups, or parts of one
+    use_x8 = isinstance(x8, torch.Tensor) or (bool(x8) and x8_bf and F % X8_GROUP == 0 and D % X8_GROUP == 0)
     act = workspace if workspace is not None else _workspace(E * F, x.device)
     xin = x
     if use_x8:  # act's fp32 [E, F] workspace holds the [E, x8_words(F)] int32 rows (3/8 of the size)
-        assert BF % X8_GROUP == 0 and act.numel() >= E * x8_words(F)
+        assert x8_bf and act.numel() >= E * x8_words(F)
         act = act.view(torch.int32)
         xin = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
         assert xin.dtype == torch.int32 and xin.numel() == x8_words(D)
-    part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if S1 > 1 else 0, E * ntf if S1 > 1 else 0)
+    gt = X8_GROUP if use_x8 and BF < X8_GROUP else BF  # rows per arrival counter (see the kernel)
+    na = S1 * (gt // BF)
+    part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if na > 1 else 0, E * triton.cdiv(F, gt) if na > 1 else 0)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,

@@ -283,6 +283,23 @@ MOE_ROWS_VARIANTS = [  # whole-row programs (no or fewer K splits)
 ]
 
 
+MOE_SMALL_VARIANTS = [  # gate/up f-tiles below the x8 group of 16 rows (16-row group counters), then down
+    ("word default", {}),
+    _mv(BF=8, S1=1, BD=16, S2=2),
+    _mv(BF=8, S1=2, BD=16, S2=2),
+    _mv(BF=8, S1=3, BD=16, S2=2),
+    _mv(BF=4, S1=1, BD=16, S2=2),
+    _mv(BF=4, S1=2, BD=16, S2=2),
+    _mv(BF=4, S1=3, BD=16, S2=2),
+    _mv(BF=4, S1=1, BD=16, S2=2, C=16),
+    _mv(BF=2, S1=1, BD=16, S2=2, C=16),
+    _mv(BF=16, S1=3, BD=8, S2=1),
+    _mv(BF=16, S1=3, BD=4, S2=1),
+    _mv(BF=16, S1=3, BD=32, S2=4),
+    _mv(BF=4, S1=1, BD=8, S2=1),
+]
+
+
 def sweep_moe(bw, args):
     S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
     shq = ("Q8_0", "Q8_0", "Q8_0")
@@ -303,9 +320,10 @@ def sweep_moe(bw, args):
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
         out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
         variants = [("tile (old)", dict(impl="tile"))] + [(n, dict(kw, x8=False)) for n, kw in MOE_VARIANTS]
-        if args.rows:
+        if args.rows or args.small:
             x8 = qm.quantize_x8(x)
-            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_ROWS_VARIANTS]
+            vs = MOE_SMALL_VARIANTS if args.small else MOE_ROWS_VARIANTS
+            variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in vs]
         elif args.x8:  # int8 activations (x quantized beforehand); BF must be a multiple of 16
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
@@ -394,6 +412,8 @@ def main():
     ap.add_argument("--moe-cases", type=int, default=4, help="how many expert type mixes (Q4_K_M's first)")
     ap.add_argument("--rows", action="store_true",
                     help="x8 variants whose programs read whole rows (no / few K splits) beside the x8 default")
+    ap.add_argument("--small", action="store_true",
+                    help="MoE x8 variants with gate/up f-tiles below 16 rows, and down variants")
     ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()

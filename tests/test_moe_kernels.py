@@ -142,6 +142,8 @@ def test_moe_decode_word_variants(qtypes, shared_qtypes, D, kw, monkeypatch):
     (("Q2_K", "Q2_K", "Q3_K"), ("Q6_K", "Q3_K", "Q8_0"), 512, dict(BF=32, S1=1, BD=128, S2=1)),
     # C above the gate/up slice (24 Q4_K chunks): one clamped step of 32; the Q8_0 shared rows 2 steps of 16
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 768, dict(BF=16, S1=1, BD=256, S2=1, C=32)),
+    # f-tiles below the 16-row x8 group: 2 x 2 arrivals (2 f-tiles, S1 = 2) per group counter
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q6_K", "Q3_K", "Q8_0"), 512, dict(BF=8, S1=2, BD=256, S2=1)),
 ])
 def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     """int8 activations: equal to the reference with the same roundings (x, act), close to the fp one."""
@@ -227,9 +229,10 @@ def test_cuda_moe_decode(qtypes):
     # its own fp32 sums; where a dot product cancels, that moves some act values across a rounding boundary
     # (one int8 step each: 2.6e-3 relative measured for Q3_K gate/up on an H200), hence 5e-3
     ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), w, *raw_dense, shared=shared_d)
-    for x8 in (True, qm.quantize_x8(x)):
+    for x8, kw in ((True, {}), (qm.quantize_x8(x), {}), (True, dict(BF=4, S1=1, BD=16, S2=2)),
+                   (True, dict(BF=8, S1=3, BD=8, S2=1))):  # small f-tiles: 16-row group counters
         out.fill_(float("nan"))
-        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=x8)
+        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=x8, **kw)
         torch.cuda.synchronize()
         check(out, ref8, 5e-3)
     check(out, ref, 3e-2)
