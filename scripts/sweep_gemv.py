@@ -358,6 +358,64 @@ def sweep_moe(bw, args):
         empty_cache()
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: `k[grid](...)` launches nothing (timing one half of the MoE)."""
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: None
+
+
+def sweep_moe_halves(bw, args):
+    """The x8 MoE decode's two kernels timed apart (the other one replaced by no launch), for the default
+    and the --small variants' gate/up or down configs: where the MoE time goes."""
+    S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
+    shq = ("Q8_0", "Q8_0", "Q8_0")
+    shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
+    gen = torch.Generator().manual_seed(0)
+    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(8 if not SMOKE else 2)]
+    wts = [torch.rand(k, generator=gen).to(DEV) for _ in sel]
+    x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    x8 = qm.quantize_x8(x)
+    qtypes = ("Q4_K", "Q4_K", "Q5_K")
+    pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+    sh = [s_.numel() for s_ in shared]
+    half_bytes = {"gate/up": k * (pools[0][0].numel() + pools[1][0].numel()) + sh[0] + sh[1],
+                  "down": k * pools[2][0].numel() + sh[2]}
+    out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
+    real = {"gate/up": moe._moe_w_gate_up_kernel, "down": moe._moe_w_down_kernel}
+    for vname, kw in [("word default", {}), _mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4),
+                      _mv(BD=32, S2=2)]:
+        for half, other in (("gate/up", "down"), ("down", "gate/up")):
+            setattr(moe, "_moe_w_down_kernel" if other == "down" else "_moe_w_gate_up_kernel", _NoLaunch())
+            try:
+                ms = graph_time([lambda s=s, w=w: moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared,
+                                                                 shared_qtypes=shq, x8=x8, **kw)
+                                 for s, w in zip(sel, wts)], args.quick)
+                row("moe-half", f"Q4_K/Q4_K/Q5_K {half} only", "x8 " + vname, ms, half_bytes[half], bw=bw)
+            finally:
+                moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel = real["gate/up"], real["down"]
+    del pools
+    empty_cache()
+
+
+def sweep_route(bw, args):
+    """norm + router + top-k (router.norm_router_route) for top-8, top-4 and top-1: the top-k tail's cost."""
+    from kimi_local.kernels import router
+    D, E = (2304, 256) if not SMOKE else (256, 64)
+    g = torch.Generator().manual_seed(0)
+    R = 16 if not SMOKE else 2
+    ws = [(torch.randn(E, D, generator=g) * 0.02).to(DEV) for _ in range(R)]
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEV)
+    v = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+    res = torch.randn(1, D, device=DEV, dtype=torch.bfloat16)
+    nw = torch.ones(D, device=DEV, dtype=torch.bfloat16)
+    h8 = torch.empty(qm.x8_words(D), dtype=torch.int32, device=DEV)
+    for topk in (8, 4, 1):
+        ms = graph_time([lambda w=w: router.norm_router_route(v, res, nw, 1e-5, w, bias, topk, 2.446, x8_out=h8)
+                         for w in ws], args.quick)
+        row("route", f"norm+router+top-k E={E} D={D}", f"k={topk}", ms, E * D * 4 + 4 * D, bw=bw)
+
+
 def print_table(rows):
     cols = ["section", "case", "variant", "us", "GB/s", "%bw", "rel_err", "note"]
     fmt = {"us": "{:.2f}", "GB/s": "{:.0f}", "%bw": "{:.1f}", "rel_err": "{:.1e}"}
@@ -404,7 +462,7 @@ def best_summary(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=155.0, help="seconds after which variants are skipped")
-    ap.add_argument("--only", default="gemv,moe")
+    ap.add_argument("--only", default="gemv,moe", help="comma list of: moe, gemv, halves (MoE kernels apart), route")
     ap.add_argument("--qtypes", default="Q8_0,Q6_K", help="GEMV weight types")
     ap.add_argument("--quick", action="store_true", default=True)
     ap.add_argument("--x8", action="store_true", help="int8-activation (dp4a) variants beside the fp default")
@@ -426,6 +484,10 @@ def main():
     # MoE first: it decides the tok/s most and must not be cut by the budget
     if "moe" in only:
         sweep_moe(bw, args)
+    if "halves" in only:
+        sweep_moe_halves(bw, args)
+    if "route" in only:
+        sweep_route(bw, args)
     if "gemv" in only:
         sweep_gemv(bw, args)
     if os.environ.get("OUT"):
