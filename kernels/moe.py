@@ -36,7 +36,7 @@ from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _wdot, _x8_quant, _x8_store, env_config, packed_row_bytes, qlinear, quantize_x8,
-                           regpf_default, split_workspace, word_c, x8_default, x8_words)
+                           split_workspace, word_c, x8_default, x8_words)
 
 
 def _cfgs(opts, names):
@@ -109,7 +109,7 @@ def _workspace(n, device):
 
 @triton.jit
 def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
-            X8: tl.constexpr, PF: tl.constexpr = False):
+            X8: tl.constexpr):
     """_wdot (X8: _i8dot, x an x8 buffer) over elements [e0, e1) of K (multiples of the type's block)."""
     if QT == 0:
         b0 = e0 // 32
@@ -118,7 +118,7 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
         b0 = e0 // 256
         b1 = tl.minimum(e1, K) // 256
     if X8:
-        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN, PF)
+        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN)
     return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
 
 
@@ -142,7 +142,7 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr, PF: tl.constexpr = False):
+                          X8: tl.constexpr):
     # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if PDL:  # x and slot_ids come from the previous kernels
@@ -155,11 +155,11 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     e1 = e0 + EPS
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
-        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8, PF)
-        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8, PF)
+        b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
+        b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
-        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8, PF)
-        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8, PF)
+        b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
+        b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
     # GT rows share an arrival counter: the f-tile, or (X8, BF < 16) the 16-row group its x8 quantization needs
     GT: tl.constexpr = 16 if (X8 and BF < 16) else BF
     NA: tl.constexpr = S1 * (GT // BF)  # arrivals per counter
@@ -191,7 +191,7 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
-                       X8: tl.constexpr, PF: tl.constexpr = False):
+                       X8: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
@@ -208,9 +208,9 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
         wt = tl.load(weights + i_e).to(tl.float32)
-        y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8, PF)
+        y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8)
     else:
-        y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8, PF)
+        y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
     NP: tl.constexpr = E * S2
     if NP == 1:
         tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
@@ -313,19 +313,18 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         assert xin.dtype == torch.int32 and xin.numel() == x8_words(D)
     gt = X8_GROUP if use_x8 and BF < X8_GROUP else BF  # rows per arrival counter (see the kernel)
     na = S1 * (gt // BF)
-    pf = use_x8 and regpf_default()  # weight words one step ahead (quant_matmul.regpf_default)
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if na > 1 else 0, E * triton.cdiv(F, gt) if na > 1 else 0)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
-        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8, PF=pf,
+        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, PF=pf, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        PDL=pdl.enabled(), X8=use_x8, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

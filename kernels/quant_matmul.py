@@ -822,24 +822,10 @@ def _isum(v, xw, grp, ii):
 
 
 @triton.jit
-def _q45k_words(wq, wh, n, RW4, cb, c1, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr):
-    """The weight words of the Q4_K / Q5_K step at chunk cb: qs [BN, C, 4] and (Q5) the qh words (else qs)."""
-    cg, blk, j, h, rb = _kq_chunk(cb, c1, n, RW4 // 8, C, EVEN, 8)
-    ii = tl.arange(0, 4)
-    q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
-    hw = q
-    if Q5:
-        hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
-    return q, hw
-
-
-@triton.jit
-def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr,
-                PF: tl.constexpr):
+def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr):
     # Q4_K (Q5: Q5_K). Chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles
     # (group gl + 2); Q5_K adds the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte. Planes (bytes
-    # per block): qs 128, [qh 32,] sc 8, m 8, dd 4. PF: the weight words of the next step are loaded before
-    # this step's arithmetic (register double buffering: their DRAM latency overlaps it).
+    # per block): qs 128, [qh 32,] sc 8, m 8, dd 4.
     NB = K // 256
     RW4 = K // 32
     NBT = N * NB
@@ -852,18 +838,13 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    if PF:
-        q_n, hw_n = _q45k_words(wq, wh, n, RW4, c0, c1, C, False, Q5)
     for cb in range(c0, c1, C):
         cg, blk, j, h, rb = _kq_chunk(cb, c1, n, NB, C, EVEN, 8)
-        if PF:
-            q, hw = q_n, hw_n
-            q_n, hw_n = _q45k_words(wq, wh, n, RW4, cb + C, c1, C, False, Q5)  # past the end: clamped
-        else:
-            q, hw = _q45k_words(wq, wh, n, RW4, cb, c1, C, EVEN, Q5)
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         v_lo = q & 0x0F0F0F0F
         v_hi = (q >> 4) & 0x0F0F0F0F
         if Q5:
+            hw = tl.load(wh + (rb * 8 + (4 * h)[None, :])[:, :, None] + ii[None, None, :])
             hs = hw >> (2 * j).to(tl.uint32)[None, :, None]
             v_lo = v_lo | ((hs << 4) & 0x10101010)
             v_hi = v_hi | ((hs << 3) & 0x10101010)
@@ -883,14 +864,8 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
-def _q8_0_words(wq, n, RW4, cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
-    cg = _chunks(cb, c1, C, EVEN)
-    return tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + tl.arange(0, 4)[None, None, :]))
-
-
-@triton.jit
-def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr):
-    # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2. PF as in _i8dot_q45k.
+def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
     NB = K // 32
     RW4 = K // 16
     wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
@@ -898,15 +873,9 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    if PF:
-        q_n = _q8_0_words(wq, n, RW4, c0, c1, C, False)
     for cb in range(c0, c1, C):
         cg = _chunks(cb, c1, C, EVEN)
-        if PF:
-            q = q_n
-            q_n = _q8_0_words(wq, n, RW4, cb + C, c1, C, False)
-        else:
-            q = _q8_0_words(wq, n, RW4, cb, c1, C, EVEN)
+        q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
         part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
         acc = _add_part(acc, part, cb, c1, C, EVEN)
@@ -914,25 +883,7 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
-def _q36k_words(wl, wh, n, NB, cb, c1, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
-    """The weight words of the Q6_K (ql twice, qh) / Q3_K (qs, -, hm) step at chunk cb, [BN, C, 4] each."""
-    cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
-    ii = tl.arange(0, 4)
-    if Q6:
-        ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
-        a0 = tl.load(wl + ol)
-        a1 = tl.load(wl + ol + 8)
-        hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
-    else:
-        a0 = tl.load(wl + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
-        a1 = a0
-        hw = tl.load(wh + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
-    return a0, a1, hw
-
-
-@triton.jit
-def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr,
-                PF: tl.constexpr):
+def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
     # Q6_K (Q6; element layout as _wdot_q6k: 4 groups of 16, k = 0..3 at elements base + 32 k, 6-bit q - 32) or
     # Q3_K (as _wdot_q3k: 4 groups of 16, k = 0..3, 3-bit q, high bit set = +4, - 4). Planes (bytes per block):
     # low bits PL, high bits PH, int8 scales 16, fp16 d.
@@ -948,19 +899,17 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    if PF:
-        a0_n, a1_n, hw_n = _q36k_words(wl, wh, n, NB, c0, c1, C, False, Q6)
     for cb in range(c0, c1, C):
         cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
-        if PF:
-            a0, a1, hw = a0_n, a1_n, hw_n
-            a0_n, a1_n, hw_n = _q36k_words(wl, wh, n, NB, cb + C, c1, C, False, Q6)
+        if Q6:
+            ol = (rb * 32 + (16 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :]
+            a0 = tl.load(wl + ol)
+            a1 = tl.load(wl + ol + 8)
+            hw = tl.load(wh + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         else:
-            a0, a1, hw = _q36k_words(wl, wh, n, NB, cb, c1, C, EVEN, Q6)
-        qs = a0
-        hm = hw
-        if not Q6:
-            hm = hw >> (4 * nh).to(tl.uint32)[None, :, None]
+            qs = tl.load(wl + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
+            hm = tl.load(wh + (rb * 8 + (4 * g)[None, :])[:, :, None] + ii[None, None, :])
+            hm = hm >> (4 * nh).to(tl.uint32)[None, :, None]
         g0 = 16 * blk + 8 * nh + g  # x's 16-group of k = 0; k adds 2 k
         so = rb * 16 + (8 * nh + g)[None, :]
         part = tl.zeros([BN, C], tl.float32)
@@ -978,13 +927,7 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
-def _q2k_words(wqs, n, NB, cb, c1, C: tl.constexpr, EVEN: tl.constexpr):
-    cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
-    return tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + tl.arange(0, 4)[None, None, :])
-
-
-@triton.jit
-def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, PF: tl.constexpr):
+def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # element layout as _wdot_q2k: 4 groups of 16 (jj = 0..3, bits 2 jj of every byte); scale | min << 4
     NB = K // 256
     NBT = N * NB
@@ -994,15 +937,9 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     acc = tl.zeros([BN, C], tl.float32)
-    if PF:
-        qs_n = _q2k_words(wqs, n, NB, c0, c1, C, False)
     for cb in range(c0, c1, C):
         cg, blk, nh, g, rb = _kq_chunk(cb, c1, n, NB, C, EVEN)
-        if PF:
-            qs = qs_n
-            qs_n = _q2k_words(wqs, n, NB, cb + C, c1, C, False)
-        else:
-            qs = _q2k_words(wqs, n, NB, cb, c1, C, EVEN)
+        qs = tl.load(wqs + (rb * 16 + (8 * nh + 4 * g)[None, :])[:, :, None] + ii[None, None, :])
         g0 = 16 * blk + 8 * nh + g
         so = rb * 16 + (8 * nh + g)[None, :]
         pd = tl.zeros([BN, C], tl.float32)
@@ -1020,20 +957,18 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
 
 
 @triton.jit
-def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
-           PF: tl.constexpr = False):
-    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1).
-    PF: the next step's weight words are loaded before this step's arithmetic (see regpf_default)."""
+def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1)."""
     if QT == 3 or QT == 2:
-        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2, PF)
+        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2)
     elif QT == 5:
-        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, PF)
+        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
     elif QT == 0:
-        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN, PF)
+        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     elif QT == 1:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True, PF)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True)
     else:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False, PF)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False)
 
 
 @triton.jit
@@ -1088,8 +1023,7 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 @triton.jit
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
-                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   REGPF: tl.constexpr = False):
+                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
@@ -1101,7 +1035,7 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
         gdc_wait()
         gdc_launch_dependents()
     if X8:
-        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN, REGPF)
+        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
         y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
@@ -1203,12 +1137,6 @@ def gemv1_config(qtype, N, K, x8=False):
     return BN, None, split, 1 if qtype == "Q8_0" else 2, 1
 
 
-def regpf_default() -> bool:
-    """The x8 word path loads each step's weight words one step ahead, in registers (register double
-    buffering), unless KIMI_LOCAL_REGPF=0 (read at each launch, like x8_default)."""
-    return os.environ.get("KIMI_LOCAL_REGPF", "1") != "0"
-
-
 def x8_default() -> bool:
     """Int8 activations (dp4a) on the word path unless KIMI_LOCAL_X8=0 (read at each call: graphs
     capture what was set when they were captured)."""
@@ -1250,8 +1178,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
-                                   REGPF=use_x8 and regpf_default(), num_warps=num_warps, num_stages=num_stages,
-                                   **pdl.launch_kw())
+                                   num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

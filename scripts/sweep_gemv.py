@@ -79,26 +79,6 @@ def graph_time(calls, quick):
     return ms / len(calls)
 
 
-def regpf_set(kw):
-    """Apply a variant's `regpf` knob (0 / 1; popped from kw) as KIMI_LOCAL_REGPF while it runs and is
-    captured; returns the function that restores the environment."""
-    rp = kw.pop("regpf", None)
-    old = os.environ.get("KIMI_LOCAL_REGPF")
-    if rp is not None:
-        os.environ["KIMI_LOCAL_REGPF"] = str(rp)
-
-    def restore():
-        os.environ.pop("KIMI_LOCAL_REGPF", None)
-        if old is not None:
-            os.environ["KIMI_LOCAL_REGPF"] = old
-    return restore
-
-
-def with_regpf_off(variants):
-    """Each variant, then the same with the one-step-ahead weight loads off (regpf=0)."""
-    return [v for n, kw in variants for v in ((n, kw), (n + " regpf=0", dict(kw, regpf=0)))]
-
-
 def sync():
     if not SMOKE:
         torch.cuda.synchronize()
@@ -241,14 +221,10 @@ def sweep_gemv(bw, args):
             if args.x8 or args.rows:  # the fp default beside the int8-activation variants (x quantized beforehand)
                 x8 = qm.quantize_x8(x)
                 variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
-            if args.regpf:
-                variants = with_regpf_off(variants)
             for vname, kw in variants:
                 if time.time() - T0 > args.budget:
                     row("gemv", case, vname, note="SKIPPED (time budget)")
                     continue
-                kw = dict(kw)
-                restore = regpf_set(kw)
                 try:
                     o32 = torch.full((1, N), float("nan"), device=DEV)
                     qm.qgemv(x, ws[0], qt, N, out=o32, **kw)
@@ -261,8 +237,6 @@ def sweep_gemv(bw, args):
                 except Exception as e:  # keep sweeping
                     row("gemv", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                     traceback.print_exc()
-                finally:
-                    restore()
             del ws
             empty_cache()
 
@@ -354,14 +328,10 @@ def sweep_moe(bw, args):
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
                                        if kw.get("BF", 16) % 16 == 0]
-        if args.regpf:
-            variants = with_regpf_off(variants)
         for vname, kw in variants:
             if time.time() - T0 > args.budget:
                 row("moe", case, vname, note="SKIPPED (time budget)")
                 continue
-            kw = dict(kw)
-            restore = regpf_set(kw)
             try:
                 o32 = torch.full((D,), float("nan"), device=DEV)
                 moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, o32, shared=shared, shared_qtypes=shq, **kw)
@@ -384,8 +354,6 @@ def sweep_moe(bw, args):
             except Exception as e:
                 row("moe", case, vname, note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
                 traceback.print_exc()
-            finally:
-                restore()
         del pools
         empty_cache()
 
@@ -504,8 +472,6 @@ def main():
                     help="x8 variants whose programs read whole rows (no / few K splits) beside the x8 default")
     ap.add_argument("--small", action="store_true",
                     help="MoE x8 variants with gate/up f-tiles below 16 rows, and down variants")
-    ap.add_argument("--regpf", action="store_true",
-                    help="each variant also with the one-step-ahead weight loads off (KIMI_LOCAL_REGPF=0)")
     ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()

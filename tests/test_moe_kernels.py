@@ -150,8 +150,7 @@ def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     assert _expect_word_path(monkeypatch, qtypes, shared_qtypes)
     (gp, up, dp), (gd, ud, dd), shared, x, slots, w = _decode_case(qtypes, shared_qtypes, D, 256, seed=7)
     out = torch.full((D,), float("nan"))
-    for x8, regpf in ((True, "1"), (qm.quantize_x8(x), "0")):  # with and without one-step-ahead weight loads
-        monkeypatch.setenv("KIMI_LOCAL_REGPF", regpf)
+    for x8 in (True, qm.quantize_x8(x)):
         out.fill_(float("nan"))
         moe.moe_decode(x, slots, w, gp, up, dp, qtypes, out, shared=shared[0], shared_qtypes=shared_qtypes,
                        x8=x8, **kw)
@@ -230,14 +229,10 @@ def test_cuda_moe_decode(qtypes):
     # its own fp32 sums; where a dot product cancels, that moves some act values across a rounding boundary
     # (one int8 step each: 2.6e-3 relative measured for Q3_K gate/up on an H200), hence 5e-3
     ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), w, *raw_dense, shared=shared_d)
-    for x8, kw, regpf in ((True, {}, "1"), (qm.quantize_x8(x), {}, "0"), (True, dict(BF=4, S1=1, BD=16, S2=2), "1"),
-                          (True, dict(BF=8, S1=3, BD=8, S2=1), "0")):  # small f-tiles: 16-row group counters
-        os.environ["KIMI_LOCAL_REGPF"] = regpf  # with and without the one-step-ahead weight loads
-        try:
-            out.fill_(float("nan"))
-            moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=x8, **kw)
-        finally:
-            os.environ.pop("KIMI_LOCAL_REGPF")
+    for x8, kw in ((True, {}), (qm.quantize_x8(x), {}), (True, dict(BF=4, S1=1, BD=16, S2=2)),
+                   (True, dict(BF=8, S1=3, BD=8, S2=1))):  # small f-tiles: 16-row group counters
+        out.fill_(float("nan"))
+        moe.moe_decode(x, slots, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=x8, **kw)
         torch.cuda.synchronize()
         check(out, ref8, 5e-3)
     check(out, ref, 3e-2)

@@ -340,10 +340,9 @@ def test_quantize_x8(K):
     ("Q4_K", 20, 768, dict(BN=16, C=32, SPLIT=1)),  # one clamped step over 24 chunks
     ("Q8_0", 17, 288, dict(BN=16, C=32, SPLIT=1)),
 ])
-def test_qgemv_x8(qtype, N, K, kw, monkeypatch):
+def test_qgemv_x8(qtype, N, K, kw):
     """dp4a word path == dequantized weights @ the int8-rounded x (exact up to fp32 order), and within the
-    activation rounding of the fp result; an x8 buffer made beforehand gives the same values; so does the
-    loop without the one-step-ahead weight loads (KIMI_LOCAL_REGPF=0)."""
+    activation rounding of the fp result; an x8 buffer made beforehand gives the same values."""
     g = torch.Generator().manual_seed(40 + N)
     p, wd = make_weight(qtype, N, K, gen=g)
     x = torch.randn(K, 2, generator=g)[:, 1]
@@ -353,10 +352,6 @@ def test_qgemv_x8(qtype, N, K, kw, monkeypatch):
     check(out, qlinear_ref(x, wd), 2e-2)
     out2 = torch.full((N,), float("nan"))
     qm.qgemv(x, p, qtype, N, out=out2, method="word", x8=qm.quantize_x8(x), **kw)
-    assert torch.equal(out, out2)
-    monkeypatch.setenv("KIMI_LOCAL_REGPF", "0")
-    out2.fill_(float("nan"))
-    qm.qgemv(x, p, qtype, N, out=out2, method="word", x8=True, **kw)
     assert torch.equal(out, out2)
 
 
@@ -374,13 +369,7 @@ def test_cuda_qgemv_x8(qtype, N, K):
     q_ref, _ = quantize_x8_ref(x[0])
     assert (x8[:K // 4].view(torch.int8).float().view(-1, 16) != q_ref).sum().item() <= K // 1000
     out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float32)
-    for regpf in ("1", "0"):  # with and without the one-step-ahead weight loads
-        os.environ["KIMI_LOCAL_REGPF"] = regpf
-        try:
-            out.fill_(float("nan"))
-            qm.qgemv(x, p, qtype, N, out=out, x8=x8)
-        finally:
-            os.environ.pop("KIMI_LOCAL_REGPF")
-        torch.cuda.synchronize()
-        check(out, qlinear_ref(qm.dequantize_x8(x8, K)[None], wd), 1e-5)
-        check(out, qlinear_ref(x, wd), 2e-2)
+    qm.qgemv(x, p, qtype, N, out=out, x8=x8)
+    torch.cuda.synchronize()
+    check(out, qlinear_ref(qm.dequantize_x8(x8, K)[None], wd), 1e-5)
+    check(out, qlinear_ref(x, wd), 2e-2)
