@@ -1098,7 +1098,8 @@ def gemv1_config(qtype, N, K, x8=False):
     few 16-byte loads per thread and they are all in flight at once (latency-bound sizes).
     x8 Q8_0 (KIMI_LOCAL_ONESTEP=0: off): lm_head 32 rows x 2 warps in 16-chunk steps, and the o-projection
     shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep);
-    x8 Q8_0 / Q6_K with N >= 2048 (lm_head included): 4- / 2-row programs over whole rows, or 4 / 2 K slices
+    x8 Q8_0 / Q6_K with N >= 2048 (lm_head included), Q4_K / Q5_K below lm_head size: 4- / 2- / 4-row programs
+    over whole rows, or 4 / 2 / 4 K slices
     past K = 2304 (session 6; KIMI_LOCAL_SMALL_BN=0: off)."""
     if INTERPRET:
         return 32, None, 1, 4, 1
@@ -1119,6 +1120,11 @@ def gemv1_config(qtype, N, K, x8=False):
     # [12288, 2304] 11.3 vs 17.4 us, [6144, 2304] 7.0 vs 11.2, [2304, 4096] 6.1 vs 9.6, lm_head 106.8 vs 157.5
     if small and qtype == "Q6_K":
         return (4, 16, 1, 1, 1) if N >= 65536 else (2, 16, 1 if K <= 2304 else 2, 1, 1)
+    # x8 Q4_K / Q5_K (uniform Q4_K / Q5_K recipes) in 4-row programs (session 7, H200, us, Q4_K / Q5_K): [12288, 2304]
+    # 9.8 vs 13.9 / 11.0 vs 15.5; [6144, 2304] 8.4 vs 10.0 / 9.0 vs 10.2; [9216, 2304] 9.0 vs 12.4 / 9.9 vs 13.6;
+    # Q4_K [2304, 4096] with 4 K slices 5.7 vs 9.9. Not measured (unchanged): lm_head, Q5_K with K > 2304
+    if small and N < 65536 and (qtype == "Q4_K" or (qtype == "Q5_K" and K <= 2304)):
+        return 4, 16, 1 if K <= 2304 else 4, 1, 1
     if N >= 65536:
         if onestep:  # session-5 sweep (H200): lm_head Q8_0 x8 145.6 us at (32 rows, C=16, 2 warps) vs 196.4 below
             return 32, 16, 1, 2, 1

@@ -368,7 +368,7 @@ def _ints(text: str) -> list[int]:
 def bench(
     model: Optional[Path] = typer.Argument(None, help="HF directory or .gguf file (omit with --synthetic)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Full-size Kimi-Linear with random blocks, built in GPU memory."),
-    recipe: str = typer.Option("Q4_K_M", "--recipe", help="Quantization recipe of the synthetic model."),
+    recipe: str = typer.Option("Q4_K_M", "--recipe", help="Quantization recipe of the synthetic model: Q2_K Q3_K_M Q4_K_M Q5_K_M Q6_K Q8_0 BF16, or Q3_K / Q4_K / Q5_K for one type everywhere (llama.cpp's uniform GGUFs)."),
     device: str = DeviceOpt,
     contexts: str = typer.Option("4k,128k,1m", "--contexts", help="Decode depths to time (tokens in context)."),
     prompts: str = typer.Option("8k,128k", "--prompts", help="Prompt lengths for prefill."),
@@ -422,12 +422,12 @@ def bench(
             fail("--synthetic builds the full-size model in GPU memory: it needs --device cuda", 2)
         from kimi_local.api import build_net
         from kimi_local.config import KimiConfig
-        from kimi_local.quant.recipe import get_recipe
+        from kimi_local.quant.recipe import QUANT_TYPES, RECIPES, get_recipe, uniform
 
         cfg = KimiConfig()
         store = "cpu" if vram and offload else None
         try:
-            r = get_recipe(recipe)
+            r = get_recipe(recipe) if recipe.upper() in RECIPES or recipe.upper() not in QUANT_TYPES else uniform(recipe)
             w = B.synthetic_weights(cfg, r.qtype, dev, zipf=zipf, expert_device=store)
             net = build_net(cfg, w, dev, torch.bfloat16, kv_cache=kv_cache, use_graph=graph, expert_store=store)
             if store:
