@@ -221,6 +221,8 @@ def sweep_gemv(bw, args):
             if args.x8 or args.rows:  # the fp default beside the int8-activation variants (x quantized beforehand)
                 x8 = qm.quantize_x8(x)
                 variants = variants[:1] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in variants]
+            if args.default_only:
+                variants = [v for v in variants if v[0].endswith("word default")]
             for vname, kw in variants:
                 if time.time() - T0 > args.budget:
                     row("gemv", case, vname, note="SKIPPED (time budget)")
@@ -328,6 +330,8 @@ def sweep_moe(bw, args):
             x8 = qm.quantize_x8(x)
             variants = variants[:2] + [("x8 " + n, dict(kw, x8=x8)) for n, kw in MOE_VARIANTS
                                        if kw.get("BF", 16) % 16 == 0]
+        if args.default_only:
+            variants = [v for v in variants if v[0].endswith("word default")]
         for vname, kw in variants:
             if time.time() - T0 > args.budget:
                 row("moe", case, vname, note="SKIPPED (time budget)")
@@ -472,6 +476,7 @@ def main():
                     help="x8 variants whose programs read whole rows (no / few K splits) beside the x8 default")
     ap.add_argument("--small", action="store_true",
                     help="MoE x8 variants with gate/up f-tiles below 16 rows, and down variants")
+    ap.add_argument("--default-only", action="store_true", help="time only the default configs (A/B of code)")
     ap.add_argument("--shapes", default="", help="comma list of ENGINE_GEMVS names (default: all)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (interpreter, tiny shapes)")
     args = ap.parse_args()
