@@ -816,14 +816,9 @@ def _x8_ptrs(x8, K):
 
 @triton.jit
 def _isum(v, xw, grp, ii):
-    """[BN, C] int32: dp4a of weight words v [BN, C, 4] with the x8 words of 16-groups grp [C].
-    x is loaded through a [BN, C, 4] pointer tensor (the same address for every row), so the load gets the
-    weight words' layout: a 16-byte load per (row, chunk) a thread holds, no shared-memory layout conversion
-    (and its barrier) between the load and the dp4a, which a [C, 4] load broadcast over rows needed."""
-    off = tl.broadcast_to(((grp * 4)[:, None] + ii[None, :])[None, :, :], v.shape)
-    off = tl.max_contiguous(tl.multiple_of(off, [1, 1, 4]), [1, 1, 4])  # 4 words from a 16-byte boundary
-    xv = tl.load(xw + off)
-    return tl.sum(_dp4a(v, xv), axis=2)
+    """[BN, C] int32: dp4a of weight words v [BN, C, 4] with the x8 words of 16-groups grp [C]."""
+    xv = tl.load(xw + (grp * 4)[:, None] + ii[None, :])  # [C, 4]
+    return tl.sum(_dp4a(v, tl.broadcast_to(xv[None, :, :], v.shape)), axis=2)
 
 
 @triton.jit
