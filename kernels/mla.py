@@ -188,6 +188,14 @@ def _workspace(device, NS: int, H: int, R: int):
     return _WS[key]
 
 
+def _pdl_kw() -> dict:
+    """PDL arguments of the MLA decode launches: as every decode kernel's (kernels/pdl.py), unless
+    KIMI_LOCAL_MLA_PDL=0 (A/B switch: session 7 measured the whole step 1.8 % faster with PDL at 4K context but
+    5.1 % slower at 128K, where the MLA kernels are the part that grows; these launches are the suspects)."""
+    on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "1") != "0"
+    return dict(PDL=on, **(pdl.launch_kw() if on else {}))
+
+
 def default_splits(device) -> int:
     if _INTERP or not torch.cuda.is_available():
         return 4
@@ -251,7 +259,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
             scale * _LOG2E, latent.stride(0), q_pe.stride(0))
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
-              num_warps=num_warps, num_stages=num_stages, PDL=pdl.enabled(), **pdl.launch_kw(), **common)
+              num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
     if variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
@@ -268,7 +276,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     BR = min(R, 128)
     mla_decode_combine_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
-        num_warps=1 if _INTERP else 4, PDL=pdl.enabled(), **pdl.launch_kw(), **common,
+        num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
     )
     return out
 
@@ -336,6 +344,6 @@ def mla_cache_write(kv, norm_w, eps: float, latent, pos, latent_scale=None):
         kv, norm_w, latent, latent_scale if fp8 else norm_w, pos if in_ptr else norm_w, 0 if in_ptr else int(pos), eps,
         kv.stride(0), latent.stride(0),
         R=R, DR=DR, BDR=triton.next_power_of_2(DR), POS_IN_PTR=in_ptr, FP8=fp8, FMAX=FP8_MAX, ROUND=_INTERP,
-        num_warps=1 if _INTERP else 4, PDL=pdl.enabled(), **pdl.launch_kw(),
+        num_warps=1 if _INTERP else 4, **_pdl_kw(),
     )
     return latent

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 try:
-    from kimi_local.kernels import moe, norm, pdl, quant_matmul as qm, router
+    from kimi_local.kernels import mla, moe, norm, pdl, quant_matmul as qm, router
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import moe, norm, pdl, quant_matmul as qm, router
+    from kernels import mla, moe, norm, pdl, quant_matmul as qm, router
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quant_matmul import random_blocks  # noqa: E402
@@ -31,6 +31,17 @@ def test_pdl_off_on_cpu_and_under_interpreter(monkeypatch):
     assert not pdl.enabled() and pdl.launch_kw() == {}
     monkeypatch.setenv("KIMI_LOCAL_PDL", "0")
     assert not pdl.supported("cuda")
+
+
+def test_mla_pdl_switch(monkeypatch):
+    """KIMI_LOCAL_MLA_PDL=0 launches the MLA decode kernels without PDL while the rest of the step keeps it."""
+    monkeypatch.setattr(pdl, "_ON", True)
+    assert mla._pdl_kw() == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", "0")
+    assert mla._pdl_kw() == {"PDL": False} and pdl.launch_kw() == {"launch_pdl": True}
+    monkeypatch.setattr(pdl, "_ON", False)
+    monkeypatch.delenv("KIMI_LOCAL_MLA_PDL")
+    assert mla._pdl_kw() == {"PDL": False}
 
 
 def _packed(qtype, N, K, seed, lead=1):
