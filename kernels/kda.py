@@ -27,7 +27,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 from . import pdl as _pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import X8_GROUP, _x8_quant, _x8_store, x8_words
+from .quant_matmul import X8_GROUP, _x8_put, x8_words
 
 
 @triton.jit
@@ -92,10 +92,7 @@ def _add3(a0, b0, c0, a1, b1, c1):
 def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
     """Head i_h's output y ([BVF], zero past V; V % 16 == 0) into the x8 buffer of the [H*V] output: its V/16
     groups quantized as quantize_x8 does, from the values as stored (out's dtype)."""
-    G: tl.constexpr = BVF // 16
-    words, dx, sq = _x8_quant(tl.reshape(y, [G, 16]))
-    g = tl.arange(0, G)
-    _x8_store(out8, H * V, i_h * (V // 16) + g, g < V // 16, words, dx, sq)
+    _x8_put(out8, H * V, i_h * (V // 16), V // 16, y, BVF // 16)
 
 
 @triton.jit

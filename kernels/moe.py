@@ -35,7 +35,7 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
-                           _wdot, _x8_quant, _x8_store, env_config, packed_row_bytes, qlinear, quantize_x8,
+                           _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
                            split_workspace, word_c, x8_default, x8_words)
 
 
@@ -128,16 +128,14 @@ def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexp
     of h is quantized to int8 here, once, for the down kernel's dp4a."""
     if X8:
         G: tl.constexpr = BF // 16
-        words, dx, sq = _x8_quant(tl.reshape(h, [G, 16]))
-        g = i_f * G + tl.arange(0, G)
-        _x8_store(act + i_e * (F // 4 + F // 8), F, g, g < F // 16, words, dx, sq)
+        _x8_put(act + i_e * (F // 4 + F // 8), F, i_f * G, F // 16 - i_f * G, h, G)
     else:
         tl.store(act + i_e * F + f, h, mask=f_mask)
 
 
 @triton.jit
 def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS,
-                          KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr,
+                          KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr, GT: tl.constexpr,
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
@@ -160,8 +158,7 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     else:
         b_g = _wdot_e(x, sgate, fl, F, D, e0, e1, QTSG, BF, CSG, EVSG, X8)
         b_u = _wdot_e(x, sup, fl, F, D, e0, e1, QTSU, BF, CSU, EVSU, X8)
-    # GT rows share an arrival counter: the f-tile, or (X8, BF < 16) the 16-row group its x8 quantization needs
-    GT: tl.constexpr = 16 if (X8 and BF < 16) else BF
+    # GT rows share an arrival counter (moe_decode: the f-tile, or the 16-row x8 group of smaller f-tiles)
     NA: tl.constexpr = S1 * (GT // BF)  # arrivals per counter
     if NA == 1:
         _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
@@ -311,12 +308,13 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         act = act.view(torch.int32)
         xin = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
         assert xin.dtype == torch.int32 and xin.numel() == x8_words(D)
-    gt = X8_GROUP if use_x8 and BF < X8_GROUP else BF  # rows per arrival counter (see the kernel)
+    # rows per arrival counter: the f-tile, or with x8 the 16-row group that f-tiles below 16 rows share
+    gt = X8_GROUP if use_x8 and BF < X8_GROUP else BF
     na = S1 * (gt // BF)
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if na > 1 else 0, E * triton.cdiv(F, gt) if na > 1 else 0)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
-        eps, KTOP=K, E=E, S1=S1, BF=BF, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
+        eps, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import _x8_quant, _x8_store, x8_words
+from .quant_matmul import _x8_put, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -27,9 +27,7 @@ def _rms_scaled(b_xf, b_w, D, eps, xdt: tl.constexpr):
 @triton.jit
 def _x8_row(x8, D, b_o, BD: tl.constexpr):
     """Store a [BD] row (D valid values, D % 16 == 0) as quant_matmul's x8 buffer."""
-    words, dx, sq = _x8_quant(tl.reshape(b_o.to(tl.float32), [BD // 16, 16]))
-    g = tl.arange(0, BD // 16)
-    _x8_store(x8, D, g, g < D // 16, words, dx, sq)
+    _x8_put(x8, D, 0, D // 16, b_o.to(tl.float32), BD // 16)
 
 
 @triton.jit

@@ -774,6 +774,15 @@ def _x8_store(x8, K, g, g_mask, words, dx, sq):
 
 
 @triton.jit
+def _x8_put(x8, K, g0, n, vals, G: tl.constexpr):
+    """Quantize vals (fp32 [G * 16]) as 16-groups g0, g0 + 1, ... of the x8 buffer of a K-vector; only the
+    first n of the G groups are stored."""
+    words, dx, sq = _x8_quant(tl.reshape(vals, [G, 16]))
+    g = tl.arange(0, G)
+    _x8_store(x8, K, g0 + g, g < n, words, dx, sq)
+
+
+@triton.jit
 def _x8_kernel(x, sxk, x8, K, BG: tl.constexpr, PDL: tl.constexpr):
     if PDL:
         gdc_wait()
@@ -1098,9 +1107,8 @@ def gemv1_config(qtype, N, K, x8=False):
     few 16-byte loads per thread and they are all in flight at once (latency-bound sizes).
     x8 Q8_0 (KIMI_LOCAL_ONESTEP=0: off): lm_head 32 rows x 2 warps in 16-chunk steps, and the o-projection
     shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep);
-    x8 Q8_0 / Q6_K with N >= 2048 (lm_head included), Q4_K / Q5_K below lm_head size: 4- / 2- / 4-row programs
-    over whole rows, or 4 / 2 / 4 K slices
-    past K = 2304 (session 6; KIMI_LOCAL_SMALL_BN=0: off)."""
+    x8 Q8_0 / Q6_K with N >= 2048 (lm_head included) and Q4_K / Q5_K below lm_head size (sessions 6, 7;
+    KIMI_LOCAL_SMALL_BN=0: off): 4- / 2- / 4-row programs over whole rows, or 4 / 2 / 4 K slices past K = 2304."""
     if INTERPRET:
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
