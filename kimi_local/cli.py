@@ -427,7 +427,9 @@ def bench(
         cfg = KimiConfig()
         store = "cpu" if vram and offload else None
         try:
-            r = get_recipe(recipe) if recipe.upper() in RECIPES or recipe.upper() not in QUANT_TYPES else uniform(recipe)
+            # a quant type that is not also a recipe name (Q3_K, Q4_K, Q5_K): that type everywhere
+            uni = recipe.upper() in QUANT_TYPES and recipe.upper() not in RECIPES
+            r = uniform(recipe) if uni else get_recipe(recipe)
             w = B.synthetic_weights(cfg, r.qtype, dev, zipf=zipf, expert_device=store)
             net = build_net(cfg, w, dev, torch.bfloat16, kv_cache=kv_cache, use_graph=graph, expert_store=store)
             if store:

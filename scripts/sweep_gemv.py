@@ -302,21 +302,36 @@ MOE_SMALL_VARIANTS = [  # gate/up f-tiles below the x8 group of 16 rows (16-row 
 ]
 
 
-def sweep_moe(bw, args):
-    S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
-    shq = ("Q8_0", "Q8_0", "Q8_0")
-    shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
-    shared_bytes = sum(s.numel() for s in shared)
-    R = 8 if not SMOKE else 2
+MOE_SHAPE = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)  # slots S, D, F, top-k
+MOE_SHARED_QT = ("Q8_0", "Q8_0", "Q8_0")
+
+
+def moe_inputs():
+    """The MoE sweeps' fixed inputs: the Q8_0 shared expert, 8 (2 smoke) random selections with weights, x."""
+    S, D, Fe, k = MOE_SHAPE
+    shared = expert_pools(MOE_SHARED_QT, ())
     gen = torch.Generator().manual_seed(0)
-    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(R)]
-    wts = [torch.rand(k, generator=gen).to(DEV) for _ in range(R)]
-    x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(8 if not SMOKE else 2)]
+    wts = [torch.rand(k, generator=gen).to(DEV) for _ in sel]
+    return shared, sel, wts, torch.randn(D, device=DEV, dtype=torch.bfloat16)
+
+
+def expert_pools(qtypes, lead):
+    """Random packed gate [F, D], up [F, D], down [D, F] of the given types, with leading dims `lead`."""
+    S, D, Fe, k = MOE_SHAPE
+    return [rand_packed(qt, lead, r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+
+
+def sweep_moe(bw, args):
+    S, D, Fe, k = MOE_SHAPE
+    shq = MOE_SHARED_QT
+    shared, sel, wts, x = moe_inputs()
+    shared_bytes = sum(s.numel() for s in shared)
     cases = [("Q4_K", "Q4_K", "Q5_K"), ("Q2_K", "Q2_K", "Q3_K"), ("Q4_K", "Q4_K", "Q6_K"),
              ("Q3_K", "Q3_K", "Q4_K")]  # the Q4_K_M and Q2_K recipes' experts first
     for qtypes in cases[:args.moe_cases]:
         case = "/".join(qtypes) + " k=8 +Q8_0 shared"
-        pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+        pools = expert_pools(qtypes, (S,))
         nbytes = k * sum(p[0].numel() for p in pools) + shared_bytes + 2 * D * 2
         ref = torch.full((D,), float("nan"), device=DEV)
         moe.moe_decode(x, sel[0], wts[0], *pools, qtypes, ref, shared=shared, shared_qtypes=shq, impl="tile")
@@ -372,16 +387,12 @@ class _NoLaunch:
 def sweep_moe_halves(bw, args):
     """The x8 MoE decode's two kernels timed apart (the other one replaced by no launch), for the default
     and the --small variants' gate/up or down configs: where the MoE time goes."""
-    S, D, Fe, k = (256, 2304, 1024, 8) if not SMOKE else (4, 512, 512, 2)
-    shq = ("Q8_0", "Q8_0", "Q8_0")
-    shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(shq, (Fe, Fe, D), (D, D, Fe))]
-    gen = torch.Generator().manual_seed(0)
-    sel = [torch.randperm(S, generator=gen)[:k].to(torch.int32).to(DEV) for _ in range(8 if not SMOKE else 2)]
-    wts = [torch.rand(k, generator=gen).to(DEV) for _ in sel]
-    x = torch.randn(D, device=DEV, dtype=torch.bfloat16)
+    S, D, Fe, k = MOE_SHAPE
+    shq = MOE_SHARED_QT
+    shared, sel, wts, x = moe_inputs()
     x8 = qm.quantize_x8(x)
     qtypes = ("Q4_K", "Q4_K", "Q5_K")
-    pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(qtypes, (Fe, Fe, D), (D, D, Fe))]
+    pools = expert_pools(qtypes, (S,))
     sh = [s_.numel() for s_ in shared]
     half_bytes = {"gate/up": k * (pools[0][0].numel() + pools[1][0].numel()) + sh[0] + sh[1],
                   "down": k * pools[2][0].numel() + sh[2]}
