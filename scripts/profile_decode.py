@@ -6,7 +6,8 @@ Builds the synthetic full-size model exactly like `kimi-local bench --synthetic`
   (b) profiles a few steps with torch.profiler (CUDA activity: CUPTI reports the kernels of a CUDA graph
       one by one) and prints a table by kernel name: calls per token, us per token, us per call, % of
       the step; the launches per token; the sum of kernel times vs the step time (the rest = gaps
-      between graph nodes / launch overhead).
+      between graph nodes / launch overhead); the JSON also has the last profiled step kernel by kernel
+      ("sequence": name, us, gap before it in us).
 --eager profiles the same region (GpuKimi.decode_body) without the graph.
 --smoke runs on the CPU: the tiny config, the engine through the Triton interpreter (no graph), the
 profiler on CPU activities only; a "kernel" there is one Triton launch or one torch op that would
@@ -217,11 +218,16 @@ def profile_steps(a, net, cache, ids):
     else:
         kern = [e for e in evs if e.name.startswith("launch::")]
     if not kern:
-        return [], 0.0, counter
+        return [], 0.0, counter, []
     t0 = min(e.time_range.start for e in kern)
     t1 = max(e.time_range.end for e in kern)
+    kern = sorted(kern, key=lambda e: e.time_range.start)
     out = [(e.name.removeprefix("launch::"), e.time_range.elapsed_us()) for e in kern]
-    return out, (t1 - t0) / a.replays, counter
+    n = len(kern) // a.replays  # the last profiled step, kernel by kernel: (name, us, us since the previous ended)
+    last = kern[-n:]
+    seq = [(e.name.removeprefix("launch::")[:60], round(e.time_range.elapsed_us(), 2),
+            round(e.time_range.start - last[j - 1].time_range.end, 2) if j else 0.0) for j, e in enumerate(last)]
+    return out, (t1 - t0) / a.replays, counter, seq
 
 
 def table(events, n_steps: int, step_us: float):
@@ -266,7 +272,7 @@ def main(argv=None):
     ids = torch.tensor([1], device=net.device)
     with torch.no_grad():
         ms_med, ms_mean = timed_steps(a, net, cache, ids)
-        events, span_us, counter = profile_steps(a, net, cache, ids)
+        events, span_us, counter, seq = profile_steps(a, net, cache, ids)
     if cuda and not events:
         print("no CUDA kernel events were recorded (CUPTI did not report the graph's kernels): try --eager",
               file=sys.stderr)
@@ -295,7 +301,7 @@ def main(argv=None):
           f"gaps {step_us - kern_us:.1f} us ({(step_us - kern_us) / max(launches, 1):.2f} us per launch)")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "profile_decode.json"
-        path.write_text(json.dumps({"info": info, "kernels": rows}, indent=2))
+        path.write_text(json.dumps({"info": info, "kernels": rows, "sequence": seq}, indent=1))
         print(f"wrote {path}")
     print(format_rows(rows, a.top))
     return info, rows
