@@ -189,10 +189,12 @@ def _workspace(device, NS: int, H: int, R: int):
 
 
 def _pdl_kw() -> dict:
-    """PDL arguments of the MLA decode launches: as every decode kernel's (kernels/pdl.py), unless
-    KIMI_LOCAL_MLA_PDL=0 (A/B switch: session 7 measured the whole step 1.8 % faster with PDL at 4K context but
-    5.1 % slower at 128K, where the MLA kernels are the part that grows; these launches are the suspects)."""
-    on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "1") != "0"
+    """PDL arguments of the MLA decode launches (cache write, split, combine): off by default, on with
+    KIMI_LOCAL_MLA_PDL=1 while the rest of the step uses PDL (kernels/pdl.py). Measured on an H200 (session 8,
+    run 1, interleaved graphs, tok/s): 4K 492.1 without vs 492.5 with, 128K 407.4 without vs 382.3 with
+    (+6.6 %; PDL everywhere off: 484.9 / 402.9). Likely why: the dependents' programs, launched early, hold
+    SM slots while they wait, and at long context the split kernel is the one that needs them."""
+    on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "0") == "1"
     return dict(PDL=on, **(pdl.launch_kw() if on else {}))
 
 

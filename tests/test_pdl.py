@@ -34,13 +34,13 @@ def test_pdl_off_on_cpu_and_under_interpreter(monkeypatch):
 
 
 def test_mla_pdl_switch(monkeypatch):
-    """KIMI_LOCAL_MLA_PDL=0 launches the MLA decode kernels without PDL while the rest of the step keeps it."""
+    """The MLA decode kernels launch without PDL while the rest of the step keeps it, unless KIMI_LOCAL_MLA_PDL=1."""
+    monkeypatch.delenv("KIMI_LOCAL_MLA_PDL", raising=False)
     monkeypatch.setattr(pdl, "_ON", True)
-    assert mla._pdl_kw() == {"PDL": True, "launch_pdl": True}
-    monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", "0")
     assert mla._pdl_kw() == {"PDL": False} and pdl.launch_kw() == {"launch_pdl": True}
+    monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", "1")
+    assert mla._pdl_kw() == {"PDL": True, "launch_pdl": True}
     monkeypatch.setattr(pdl, "_ON", False)
-    monkeypatch.delenv("KIMI_LOCAL_MLA_PDL")
     assert mla._pdl_kw() == {"PDL": False}
 
 
