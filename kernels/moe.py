@@ -28,6 +28,8 @@ Floor: 2 * T * k * 3 * F * D flops (T=8192: 928 GFLOP -> ~1.2 ms at ~780 TFLOP/s
 from T ~ 1k on; at T=512 the expert weights (all 256 experts touched: 1.3 GB in Q4_K... per layer
 256 * 3 * 2.36 M * 0.578 B = 1.05 GB -> 350 us) dominate.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,7 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
+                           _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
                            split_workspace, word_c, x8_default, x8_words)
 
@@ -123,6 +126,15 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
 
 
 @triton.jit
+def _prefetch_e(w, n, N, K, e0, e1, QT: tl.constexpr):
+    """L2-prefetch rows n of the packed [N, K] matrix at w over elements [e0, e1) (quant_matmul._prefetch_rows)."""
+    if QT == 0:
+        _prefetch_rows(w, n, N, K, e0 // 32, tl.minimum(e1, K) // 32, QT)
+    else:
+        _prefetch_rows(w, n, N, K, e0 // 256, tl.minimum(e1, K) // 256, QT)
+
+
+@triton.jit
 def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexpr):
     """act[e, f] = h ([BF] fp32); X8: act is [E, x8_words(F)] int32 and BF a multiple of 16: each 16-group
     of h is quantized to int8 here, once, for the down kernel's dp4a."""
@@ -140,17 +152,21 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr):
+                          X8: tl.constexpr, PREFETCH: tl.constexpr):
     # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if PDL:  # x and slot_ids come from the previous kernels
-        gdc_wait()
-        gdc_launch_dependents()
     f = i_f * BF + tl.arange(0, BF)
     fl = tl.minimum(f, F - 1)
     f_mask = f < F
     e0 = i_s * EPS
     e1 = e0 + EPS
+    if PREFETCH:  # the shared expert's rows (constants) into L2 while the router still runs
+        if i_e >= KTOP:
+            _prefetch_e(sgate, fl, F, D, e0, e1, QTSG)
+            _prefetch_e(sup, fl, F, D, e0, e1, QTSU)
+    if PDL:  # x and slot_ids come from the previous kernels
+        gdc_wait()
+        gdc_launch_dependents()
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
         b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
@@ -188,20 +204,28 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
-                       X8: tl.constexpr):
+                       X8: tl.constexpr, PREFETCH: tl.constexpr):
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
     else:
         a_e = act + i_e * F
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
     d = i_d * BD + tl.arange(0, BD)
     dl = tl.minimum(d, D - 1)
     d_mask = d < D
     e0 = i_s * FPS
     e1 = e0 + FPS
+    if PREFETCH:  # this program's down rows into L2 while the gate/up kernel still runs. Reading slot_ids
+        # before gdc_wait() is safe: the router wrote them two launches back, and this grid only starts once
+        # every gate/up program has passed its own gdc_wait() (router complete and visible) and then called
+        # gdc_launch_dependents()
+        if i_e < KTOP:
+            _prefetch_e(down + tl.load(slot_ids + i_e).to(tl.int64) * mat_d, dl, D, F, e0, e1, QTD)
+        else:
+            _prefetch_e(sdown, dl, D, F, e0, e1, QTSD)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     if i_e < KTOP:
         slot = tl.load(slot_ids + i_e).to(tl.int64)
         wt = tl.load(weights + i_e).to(tl.float32)
@@ -236,6 +260,15 @@ def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
     # session 3 sweep (H200, scripts/sweep_gemv.py --only moe): 1 warp per program instead of 2: 38.8 vs 47.0 us
     # Q4_K/Q4_K/Q5_K (the Q4_K_M recipe), 40.8 vs 47.8 us Q2_K/Q2_K/Q3_K (+Q8_0 shared)
     return 16, 9, 16, 4, 1
+
+
+def moe_prefetch() -> set:
+    """KIMI_LOCAL_MOE_PREFETCH (A/B runs; only with PDL): "down" = the down kernel's programs L2-prefetch their
+    rows before the PDL wait (they are launched while the gate/up kernel runs); "shared" = the gate/up
+    kernel's shared-expert programs do so (during the router). Comma-separated; default off."""
+    if not pdl.enabled() or INTERPRET:
+        return set()
+    return {v.strip() for v in os.environ.get("KIMI_LOCAL_MOE_PREFETCH", "").split(",") if v.strip()}
 
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
@@ -312,17 +345,19 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     gt = X8_GROUP if use_x8 and BF < X8_GROUP else BF
     na = S1 * (gt // BF)
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if na > 1 else 0, E * triton.cdiv(F, gt) if na > 1 else 0)
+    pre = moe_prefetch()
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
         eps, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
         QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        PREFETCH="shared" in pre and has_shared, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
         KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_kw())
     return out
 
 

@@ -110,6 +110,36 @@ def test_dequantize_gpu(qtype):
     assert ((ob.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-30).all()
 
 
+@pytest.mark.parametrize("qtype", QUANT)
+def test_embed_gpu(qtype):
+    # gathered rows (repeats, first and last row) equal the exact fp32 dequantization of those rows
+    g = torch.Generator().manual_seed(2)
+    N, K = 9, 768 if qtype != "Q8_0" else 96
+    p, ref = make_weight(qtype, N, K, gen=g)
+    ids = torch.tensor([4, 0, 8, 4], dtype=torch.int64)
+    out = torch.full((4, K), float("nan"))
+    qm.embed_gpu(ids, p, qtype, (N, K), out=out)
+    assert torch.equal(out, ref[ids])
+    ob = qm.embed_gpu(ids.to(torch.int32)[:1], p, qtype, (N, K))
+    assert ob.shape == (1, K) and ob.dtype == torch.bfloat16
+    assert torch.equal(ob, ref[4:5].to(torch.bfloat16))  # rounded to nearest (the interpreter: in torch)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
+def test_embed_gpu_cuda(qtype):
+    # real width (hidden 2304), int64 ids on the device; bf16 rows = the exact fp32 dequantization rounded
+    g = torch.Generator().manual_seed(3)
+    N, K = 1000, 2304
+    p, ref = make_weight(qtype, N, K, gen=g)
+    ids = torch.tensor([999, 0, 517], dtype=torch.int64)
+    out = torch.full((3, K), float("nan"), device="cuda")
+    qm.embed_gpu(ids.cuda(), p.cuda(), qtype, (N, K), out=out)
+    assert torch.equal(out.cpu(), ref[ids])
+    ob = qm.embed_gpu(ids.cuda(), p.cuda(), qtype, (N, K))
+    assert torch.equal(ob.cpu(), ref[ids].to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("qtype", QUANT + ["BF16"])
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_qgemv(qtype, M):
