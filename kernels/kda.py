@@ -9,7 +9,13 @@ scripts/sweep_kda_mla.py on an H100 (Kimi-Linear shapes H=32, K=V=128, W=4; time
 over 64 layers' states): this kernel at BV=16 / 1 warp 5.36 us, the second design (tap-wise conv, four chained
 reductions, tails re-read after the arrival) at its best configuration 6.68 us, the first ([C, W] conv
 window tiles, masked state) 8.28 us, fla-core's fused_recurrent_kda 5.54 us, in the same run; with
-pdl=True, chained layers 3.83 us. The two older kernels were removed.
+pdl=True, chained layers 3.83 us. The two older kernels were removed. Those timings take f and z as
+inputs; the engine now passes fg_a = [f_a(h) | g_a(h)] with the bf16 f_b / g_b instead, and the step
+computes f = f_b f_a and z = g_b g_a itself (one launch fewer per layer; item 4 of the kernel's docstring).
+Offline sm_90 compile (Triton 3.9, bf16, x8 and PDL on), SASS instructions per thread unfused -> fused:
+BV=16 / 1 warp 1440 -> 3880 (255 registers, 3 spilled; the K x 128 MACs of f_h run in every program of the
+head), BV=16 / 4 warps 712 -> 1736, BV=128 / 8 warps 2776 -> 2520. Not yet timed: the best (BV, num_warps)
+may move with the fused gates (scripts/sweep_kda_mla.py).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 from . import pdl as _pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import X8_GROUP, _x8_put, x8_words
+from .quant_matmul import X8_GROUP, _x8_put, env_config, x8_words
 
 
 @triton.jit
@@ -96,18 +102,42 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
 
 
 @triton.jit
+def _lr_chunk(w_ptr, rows, m_rows, c: tl.constexpr, R: tl.constexpr, RC: tl.constexpr):
+    """Columns c*RC .. c*RC+RC-1 of the rows `rows` of a row-major [N, R] low-rank up-projection (f_b, g_b):
+    [ROWS, RC] in the weight's dtype, 0 past R and outside m_rows."""
+    o_c = c * RC + tl.arange(0, RC)
+    return tl.load(w_ptr + rows[:, None] * R + o_c[None, :], mask=m_rows[:, None] & (o_c < R)[None, :], other=0)
+
+
+@triton.jit
+def _lr_rows(w_ptr, rows, m_rows, x_ptr, b_w0, R: tl.constexpr, RC: tl.constexpr):
+    """(W[rows, :] @ x) [ROWS] fp32, rounded to x's dtype as a GEMV writing that dtype stores it (so the fused
+    step sees the values the f / z inputs would hold). fp32 products accumulate in a [ROWS, RC] tile over the
+    column chunks (registers bounded by RC; unrolled, so the chunks' weight loads can be issued together) and
+    are reduced once at the end. b_w0: chunk 0, loaded by the caller before its grid-dependency wait."""
+    o_c = tl.arange(0, RC)
+    b_acc = b_w0.to(tl.float32) * tl.load(x_ptr + o_c, mask=o_c < R, other=0).to(tl.float32)[None, :]
+    for c in tl.static_range(1, (R + RC - 1) // RC):
+        b_x = tl.load(x_ptr + c * RC + o_c, mask=c * RC + o_c < R, other=0).to(tl.float32)
+        b_acc += _lr_chunk(w_ptr, rows, m_rows, c, R, RC).to(tl.float32) * b_x[None, :]
+    return tl.sum(b_acc, 1).to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def kda_decode_step_kernel(
-    q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V]
+    q_raw, k_raw, v_raw, f, beta_logit, z,  # [H*K], [H*K], [H*V], [H*K], [H], [H*V] (f, z: unused if FUSED)
+    fg_a, f_b, g_b,  # FUSED: [RF + RG] = [f_a(h) | g_a(h)], [H*K, RF], [H*V, RG] (f = f_b f_a, z = g_b g_a here)
     wq, wk, wv,  # conv weights [H*K, W], [H*K, W], [H*V, W]
     tq, tk, tv,  # conv tails [H*K, W-1], [H*K, W-1], [H*V, W-1] (updated in place)
     a, dt_bias, norm_w,  # [H] (= -exp(A_log)), [H*K], [V]
     state, out,  # [H, K, V] fp32 (updated in place), [H*V]
     out8,  # X8: [x8_words(H*V)] int32, the output also as int8 activations (the o-projection's dp4a GEMV)
-    ws_o, ws_cnt,  # [H*V] fp32, [H] int32 (zero between launches)
+    ws_o, ws_cnt, ws_z,  # [H*V] fp32, [H] int32 (zero between launches), [H*V] fp32 (FUSED: z by V block)
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, X8: tl.constexpr,
+    FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
     last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
@@ -137,6 +167,17 @@ def kda_decode_step_kernel(
        kernel; the projections (q, k, v, f, beta, z) are read and everything is written after the wait.
        The kernel then lets its own successor launch (it is past its wait, so a successor can only
        overlap this kernel, never an older one). Measured: 3.83 us per layer chained (H100).
+    4. FUSED: the low-rank up-projections f = f_b f_a(h) and z = g_b g_a(h) are computed here from fg_a =
+       [f_a(h) | g_a(h)] (the projection GEMV's output) and the bf16 f_b [H*K, RF] / g_b [H*V, RG], instead of
+       by a GEMV launch before this one (~4.4 us per layer on an H200, mostly fixed latency). The decay needs
+       all K values of f_h in every program of the head, so each program computes f_h = f_b[head rows] f_a
+       itself (K x RF MACs, in column chunks of RCF; the head's f_b rows come from L2 after the first
+       program). z is needed whole only by the program that applies the gated norm: each program computes its
+       own BV rows of z and, with NV > 1, stores them to ws_z before its releasing arrival; the last one reads
+       the head's z back with the other blocks' o (.cg), so no program runs the whole z GEMV. Chunk 0 of the
+       weight tiles is loaded before griddepcontrol.wait (constants); fg_a after it. Both products are rounded
+       to fg_a's dtype, as the GEMV's output would be. Bytes: + f_b and g_b once from DRAM (1 MiB each per
+       layer at H=32, K=V=128, rank 128, bf16) and NV x 32 KiB of f_b rows per head from L2.
 
     Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
     projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
@@ -171,6 +212,9 @@ def kda_decode_step_kernel(
     b_dtb = tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
     b_a = tl.load(a + i_h).to(tl.float32)
     b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+    if FUSED:  # chunk 0 of the head's f_b rows and of this block's g_b rows (weights: no kernel writes them)
+        b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
+        b_gw0 = _lr_chunk(g_b, ch_v, m_v, 0, RG, RCG)  # [BV, RCG]
     if PDL:
         gdc_wait()  # the projections below come from the previous kernel; all writes come after this
         gdc_launch_dependents()
@@ -179,9 +223,14 @@ def kda_decode_step_kernel(
     x_q = tl.load(q_raw + ch_k, mask=m_k, other=0)
     x_k = tl.load(k_raw + ch_k, mask=m_k, other=0)
     x_v = tl.load(v_raw + ch_v, mask=m_v, other=0)
-    b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
+    if FUSED:  # f and z from fg_a (the previous GEMV's output): every K value of f, this block's BV of z
+        b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
+        b_z = _lr_rows(g_b, ch_v, m_v, fg_a + RF, b_gw0, RG, RCG)  # [BV]
+        b_zf = b_z  # NV == 1: the whole head (BV == BVF); NV > 1: the last block reads ws_z instead
+    else:
+        b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
+        b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
-    b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     b_q = _conv_silu(x_q, tq0, tq1, tq2, wq0, wq1, wq2, wqx, W)
     b_k = _conv_silu(x_k, tk0, tk1, tk2, wk0, wk1, wk2, wkx, W)
     b_v = _conv_silu(x_v, tv0, tv1, tv2, wv0, wv1, wv2, wvx, W)
@@ -214,8 +263,10 @@ def kda_decode_step_kernel(
         _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
     else:
         tl.store(ws_o + ch_v, b_o, mask=m_v)
-        # the barrier orders this program's ws_o stores and old-tail reads before the release below, so
-        # the last block of the head reads every o and may overwrite the q/k tails all blocks read
+        if FUSED:
+            tl.store(ws_z + ch_v, b_z, mask=m_v)
+        # the barrier orders this program's ws_o (ws_z) stores and old-tail reads before the release below, so
+        # the last block of the head reads every o (z) and may overwrite the q/k tails all blocks read
         tl.debug_barrier()
         n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel")
         if EVEN:  # after the arrival: the release fence does not wait for 8+ KiB of state stores
@@ -225,7 +276,11 @@ def kda_decode_step_kernel(
         _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)  # this block's channels: read only here
         if n_arrived == NV - 1:
             b_of = tl.load(ws_o + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")  # [BVF], from L2
-            b_y = b_of * tl.rsqrt(tl.sum(b_of * b_of, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)
+            if FUSED:  # the head's z, from every block's ws_z stores
+                b_zl = tl.load(ws_z + i_h * V + o_f, mask=m_f, other=0, cache_modifier=".cg")  # [BVF]
+            else:
+                b_zl = b_zf
+            b_y = b_of * tl.rsqrt(tl.sum(b_of * b_of, 0) / V + eps) * b_wf * tl.sigmoid(b_zl)
             tl.store(out + i_h * V + o_f, b_y.to(out.dtype.element_ty), mask=m_f)
             if X8:
                 _head_x8(out8, b_y.to(out.dtype.element_ty).to(tl.float32), i_h, H, V, BVF)
@@ -236,19 +291,25 @@ def kda_decode_step_kernel(
 
 
 def _workspace(device, H: int, V: int):
+    """(ws [2 * H*V] fp32: o then z (the fused f / z path) by V block, arrival counters [H] int32)."""
     key = (str(device), H, V)
     if key not in _WS:
-        _WS[key] = (torch.empty(H * V, dtype=torch.float32, device=device),
+        _WS[key] = (torch.empty(2 * H * V, dtype=torch.float32, device=device),
                     torch.zeros(H, dtype=torch.int32, device=device))
     return _WS[key]
 
 
 DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
+# with the fused f / z products (fg_a given): 4 warps, as 1 warp spills at BV=16 (offline sm_90 compile: 255
+# registers); KIMI_LOCAL_KDA_CFG="BV,warps" overrides both defaults (A/B runs)
+FUSED_DEFAULTS = dict(BV=16, num_warps=4)
 
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
-                    workspace=None, pdl: bool | None = None, out8: torch.Tensor | None = None):
+                    workspace=None, pdl: bool | None = None, out8: torch.Tensor | None = None,
+                    fg_a: torch.Tensor | None = None, f_b: torch.Tensor | None = None, g_b: torch.Tensor | None = None,
+                    rank_chunk: int | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -264,13 +325,28 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     read before waiting for the previous kernel, so that kernel must not write them (in the engine the
     projection GEMVs come right before). None: kernels.pdl.enabled(). Ignored under the interpreter.
     out8: an int32 [x8_words(H*V)] buffer (V % 16 == 0) that also receives the output as int8 activations
-    (quant_matmul's x8 format, quantized from the values as stored in `out`), for the o-projection's dp4a GEMV."""
+    (quant_matmul's x8 format, quantized from the values as stored in `out`), for the o-projection's dp4a GEMV.
+    Fused low-rank gates (f and z None): fg_a [RF + RG] = [f_a(h) | g_a(h)] (the f_a / g_a projections' output,
+    read after the PDL wait), f_b [H*K, RF] and g_b [H*V, RG] (weights, bf16 in the engine; read before the
+    wait): the kernel computes f = f_b f_a and z = g_b g_a itself, each rounded to fg_a's dtype (as a GEMV
+    writing that dtype would), instead of taking them from a GEMV launched before it. rank_chunk: columns of
+    f_b / g_b per step of those products (a power of 2); None: [rows, chunk] tiles of 32 weights per thread."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
     W = wq.shape[-1]
     assert state.dtype == torch.float32 and state.is_contiguous()
-    for t in (q_raw, k_raw, v_raw, f, z, wq, wk, wv, tq, tk, tv, dt_bias, out):
+    fused = fg_a is not None
+    if fused:
+        assert f is None and z is None and f_b is not None and g_b is not None, "fg_a replaces f and z"
+        RF, RG = f_b.shape[1], g_b.shape[1]
+        assert f_b.shape == (H * K, RF) and g_b.shape == (H * V, RG) and fg_a.numel() == RF + RG
+        f = z = q_raw  # unused pointers
+    else:
+        assert f is not None and z is not None and f_b is None and g_b is None
+        RF = RG = 1
+        fg_a = f_b = g_b = q_raw  # unused pointers
+    for t in (q_raw, k_raw, v_raw, f, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, dt_bias, out):
         assert t.is_contiguous()
     assert wq.shape == (H * K, W) and wv.shape == (H * V, W) and tq.shape == (H * K, W - 1) and tv.shape == (H * V, W - 1)
     if not 2 <= W <= 4:
@@ -280,19 +356,32 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     pdl = (_pdl.enabled() if pdl is None else pdl) and not _INTERP
     if pdl and not _pdl.AVAILABLE:
         raise ValueError("pdl=True needs Triton's gdc_wait (Triton >= 3.4)")
-    BV = min(BVF, DEFAULTS["BV"] if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
+    d = FUSED_DEFAULTS if fused else DEFAULTS
+    over = env_config("KIMI_LOCAL_KDA_CFG", 2) if BV is None and num_warps is None else None  # "BV,warps" (A/B)
+    if over:
+        BV, num_warps = over
+    BV = min(BVF, d["BV"] if BV is None else BV)  # BV = BVF: one program per head (NV = 1)
     if num_warps is None:
-        num_warps = DEFAULTS["num_warps"] if BV == DEFAULTS["BV"] else max(1, min(8, BK * BV // 1024))
+        num_warps = d["num_warps"] if BV == d["BV"] else max(1, min(8, BK * BV // 1024))
     if _INTERP:
         num_warps = 1
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
+    assert ws_o.numel() >= (2 if fused else 1) * H * V
     if out8 is not None:
         assert V % X8_GROUP == 0 and out8.dtype == torch.int32 and out8.numel() == x8_words(H * V)
+
+    def chunk(R: int, rows: int) -> int:  # columns per [rows, chunk] weight tile of the fused products
+        c = rank_chunk if rank_chunk is not None else max(8, 1024 * num_warps // rows)  # 32 weights per thread
+        assert c & (c - 1) == 0, f"rank_chunk must be a power of 2, not {c}"
+        return min(c, triton.next_power_of_2(R))
+
     kda_decode_step_kernel[(NV, H)](
-        q_raw, k_raw, v_raw, f, beta_logit, z, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-        out if out8 is None else out8, ws_o, ws_cnt, scale, eps, H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
-        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None, num_warps=num_warps,
+        q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
+        out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
+        H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
+        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None,
+        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
 

@@ -3,7 +3,11 @@ the sequence (all heads in one program, so each latent row is read once) plus a 
 cache write (kv_a RMSNorm fused, bf16 or fp8 e4m3 with a per-token scale).
 
 Latent cache row = [c (R, normalised) || k_pe (Dr, raw)]; score = (q_abs.c + q_pe.k_pe) * scale,
-ctx = softmax(score) @ c. The caller does q_abs = W_UK^T q_nope and o = W_UV ctx (batched GEMMs).
+ctx = softmax(score) @ c, with q_abs = W_UK^T q_nope and o = W_UV ctx. A decode token takes three launches:
+`mla_absorb_write` (q_abs per head and R tile, plus one program for the cache write), the split kernel,
+and the combine kernel given v_b (`mla_decode(..., v_b=...)`: o = W_UV ctx from per-tile partials summed
+by the last program of each head, and o's int8 activations for the o-projection). Without v_b,
+`mla_decode` returns ctx and the caller does the GEMMs (mla_cache_write for prefill and other callers).
 seq_len may be a device int32 tensor [1] so one captured CUDA graph replays at growing lengths.
 """
 from __future__ import annotations
@@ -16,11 +20,13 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
+from .quant_matmul import X8_GROUP, _x8_put, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 FP8_MAX = 448.0  # float8_e4m3fn
 _WS: dict = {}  # (device, NS, H, R) -> (m [NS, H], l [NS, H], acc [NS, H, R]) fp32
+_WS_VO: dict = {}  # (device, H, NR, DV) -> (o partials [H, NR, DV] fp32, arrival counters [H] int32 zeros)
 
 
 @triton.jit
@@ -164,9 +170,17 @@ def mla_decode_combine_kernel(
         gdc_wait()
         gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    o_r = i_r * BR + tl.arange(0, BR)
+    b_ctx = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS)
+    tl.store(out + i_h * R + o_r, b_ctx.to(out.dtype.element_ty))
+
+
+@triton.jit
+def _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr,
+                  BN: tl.constexpr, BNS: tl.constexpr):
+    """ctx[i_h, o_r] fp32 [BR]: the n_used splits' partial softmax sums merged (log-sum-exp weights)."""
     o_n = tl.arange(0, BNS)
     b_mx = tl.max(tl.load(ws_m + o_n * H + i_h, mask=o_n < n_used, other=float("-inf")), 0)
-    o_r = i_r * BR + tl.arange(0, BR)
     b_o = tl.zeros([BR], dtype=tl.float32)
     b_l = tl.zeros([BN], dtype=tl.float32)
     for n0 in range(0, n_used, BN):
@@ -176,7 +190,59 @@ def mla_decode_combine_kernel(
         b_l += tl.load(ws_l + o_b * H + i_h, mask=m_b, other=0) * b_w
         b_acc = tl.load(ws_acc + (o_b * H + i_h)[:, None] * R + o_r[None, :], mask=m_b[:, None], other=0)
         b_o += tl.sum(b_acc * b_w[:, None], 0)
-    tl.store(out + i_h * R + o_r, (b_o / tl.sum(b_l, 0)).to(out.dtype.element_ty))
+    return b_o / tl.sum(b_l, 0)
+
+
+@triton.jit
+def _o_head_store(o, o8, b_o, i_h, H: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, X8: tl.constexpr):
+    """Head i_h's o = b_o (fp32 [BDV], zero past DV) rounded to o's dtype; X8: also its DV/16 groups of the
+    x8 buffer of the [H*DV] vector, quantized from the values as stored (as quantize_x8 of o does)."""
+    o_v = tl.arange(0, BDV)
+    b_y = b_o.to(o.dtype.element_ty)
+    tl.store(o + i_h * DV + o_v, b_y, mask=o_v < DV)
+    if X8:
+        _x8_put(o8, H * DV, i_h * (DV // 16), DV // 16, tl.where(o_v < DV, b_y.to(tl.float32), 0.0), BDV // 16)
+
+
+@triton.jit(do_not_specialize=["seq_int"])
+def mla_decode_combine_vo_kernel(
+    ws_m, ws_l, ws_acc, seq_ptr, seq_int, ctx, v_b, o, o8, ws_o, ws_cnt,
+    # ctx [H, R] (STORE_CTX), v_b [H, DV, R], o [H*DV], o8 int32 [x8_words(H*DV)] (X8),
+    # ws_o [H, R // BR, DV] fp32 partials, ws_cnt [H] int32 arrival counters (zero between launches)
+    H: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
+    BNS: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr,
+    CDT: tl.constexpr, STORE_CTX: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr,
+):
+    """The combine kernel (program (head, R tile)) followed by o[h] = v_b[h] ctx[h]: the ctx tile, rounded to
+    CDT (what the combine kernel stores into a CDT out), times v_b[h][:, tile] gives a partial o_h (fp32);
+    the last of the head's R // BR programs to arrive (counter, re-armed to 0 by it) sums the partials in
+    tile order (deterministic), rounds to o's dtype, stores o_h and (X8) its x8 groups."""
+    i_h, i_r = tl.program_id(0), tl.program_id(1)
+    NR: tl.constexpr = R // BR
+    o_r = i_r * BR + tl.arange(0, BR)
+    o_v = tl.arange(0, BDV)
+    m_v = o_v < DV
+    b_v = tl.load(v_b + (i_h * DV + o_v)[:, None] * R + o_r[None, :], mask=m_v[:, None], other=0)  # constant
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    b_c = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS).to(CDT)
+    if STORE_CTX:
+        tl.store(ctx + i_h * R + o_r, b_c)
+    b_p = tl.sum(b_v.to(tl.float32) * b_c.to(tl.float32)[None, :], 1)  # [BDV] fp32, zero past DV
+    if NR == 1:
+        _o_head_store(o, o8, b_p, i_h, H, DV, BDV, X8)
+    else:
+        tl.store(ws_o + (i_h * NR + i_r) * DV + o_v, b_p, mask=m_v)
+        tl.debug_barrier()  # every thread's partial store is issued before the release below
+        c = tl.atomic_add(ws_cnt + i_h, 1, sem="acq_rel", scope="gpu")
+        if c == NR - 1:
+            b_o = tl.zeros([BDV], dtype=tl.float32)
+            for j in range(NR):
+                b_o += tl.load(ws_o + (i_h * NR + j) * DV + o_v, mask=m_v, other=0, cache_modifier=".cg")
+            _o_head_store(o, o8, b_o, i_h, H, DV, BDV, X8)
+            tl.atomic_xchg(ws_cnt + i_h, 0, sem="relaxed", scope="gpu")
 
 
 def _workspace(device, NS: int, H: int, R: int):
@@ -189,7 +255,7 @@ def _workspace(device, NS: int, H: int, R: int):
 
 
 def _pdl_kw() -> dict:
-    """PDL arguments of the MLA decode launches (cache write, split, combine): off by default, on with
+    """PDL arguments of the MLA decode launches (cache write / absorb, split, combine): off by default, on with
     KIMI_LOCAL_MLA_PDL=1 while the rest of the step uses PDL (kernels/pdl.py). Measured on an H200 (session 8,
     run 1, interleaved graphs, tok/s): 4K 492.1 without vs 492.5 with, 128K 407.4 without vs 382.3 with
     (+6.6 %; PDL everywhere off: 484.9 / 402.9). Likely why: the dependents' programs, launched early, hold
@@ -216,7 +282,8 @@ _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared
 
 def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
                min_chunk: int | None = None, BS: int | None = None, num_warps: int | None = None,
-               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None):
+               num_stages: int | None = None, workspace=None, variant: str | None = None, fp8_compute: str | None = None,
+               v_b=None, o=None, o8=None, combine_BR: int | None = None):
     """ctx [H, R] = softmax((q_abs c^T + q_pe k_pe^T) * scale) c over latent rows 0..seq_len-1.
 
     q_abs [H, R], q_pe [H, Dr] (bf16 or fp32; q_pe's rows may be strided: a slice of q, no copy);
@@ -227,7 +294,15 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64) or "hm" (heads as M,
     the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
-    widened to for the products ("bf16" or "fp16"; q and p are cast to it too)."""
+    widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
+
+    v_b [H, Dv, R] (W_UV): the combine launch also does o[h] = v_b[h] ctx[h] (ctx rounded to out's dtype if
+    out is given, else to v_b's, as a bmm on that ctx sees it; fp32 products, o rounded once) and returns o
+    (any contiguous buffer of H*Dv values, default [H*Dv] of v_b's dtype) instead of ctx, which is then
+    stored only when out is given. o8: an int32 [x8_words(H*Dv)] buffer (Dv % 16 == 0) that also receives o
+    as int8 activations (quant_matmul.quantize_x8 of o as stored), for the o-projection's dp4a GEMV.
+    combine_BR: the combine programs' R tile (default 128, 64 with v_b); with v_b, a head's R // combine_BR
+    partial products meet through an arrival counter (workspace per device: _vo_workspace)."""
     H, R = q_abs.shape
     kind = {torch.float8_e4m3fn: "fp8", torch.float32: "fp32"}.get(latent.dtype, "bf16")
     d = DEFAULTS[kind]
@@ -247,7 +322,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     assert q_abs.is_contiguous() and q_pe.stride(1) == 1
     fp8 = latent.dtype == torch.float8_e4m3fn
     assert not fp8 or latent_scale is not None
-    out = torch.empty(H, R, dtype=torch.float32, device=q_abs.device) if out is None else out
+    if out is None and v_b is None:
+        out = torch.empty(H, R, dtype=torch.float32, device=q_abs.device)
     NS = num_splits or default_splits(q_abs.device)
     if _INTERP:
         num_warps, num_stages = 1, 1
@@ -270,17 +346,55 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
         except triton.runtime.errors.OutOfResources:  # e.g. the tile stages exceed this GPU's shared memory
             _FALLBACK.add(key)
             return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,
-                              BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm")
+                              BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm",
+                              v_b=v_b, o=o, o8=o8, combine_BR=combine_BR)
     elif variant == "hm":
         mla_decode_split_kernel[(NS,)](*args, **kw)
     else:
         raise ValueError(f"unknown MLA decode variant {variant!r}")
-    BR = min(R, 128)
+    if v_b is not None:
+        return _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, v_b, o, o8, combine_BR, NS, common)
+    BR = min(R, combine_BR or 128)
     mla_decode_combine_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
         num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
     )
     return out
+
+
+def _vo_workspace(device, H: int, NR: int, DV: int):
+    """(o partials [H, NR, DV] fp32, arrival counters [H] int32) of the combine + v_b launch, per device and
+    shape (shared by the layers: their launches are in sequence). The counters are zero between launches."""
+    key = (str(device), H, NR, DV)
+    if key not in _WS_VO:
+        _WS_VO[key] = (torch.empty(H * NR * DV, dtype=torch.float32, device=device),
+                       torch.zeros(H, dtype=torch.int32, device=device))
+    return _WS_VO[key]
+
+
+def _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, ctx, v_b, o, o8, BR, NS, common):
+    """The combine launch with o = v_b ctx (and o's x8 groups): see mla_decode."""
+    H, DV, R = v_b.shape
+    assert v_b.is_contiguous() and tuple(ws_acc.shape[-2:]) == (H, R)
+    BR = min(R, BR or 64)
+    assert R % BR == 0 and BR == triton.next_power_of_2(BR)
+    if o is None:
+        o = torch.empty(H * DV, dtype=v_b.dtype, device=v_b.device)
+    assert o.numel() == H * DV and o.is_contiguous()
+    if ctx is not None:
+        assert ctx.shape == (H, R) and ctx.is_contiguous()
+    if o8 is not None:
+        assert DV % X8_GROUP == 0 and o8.dtype == torch.int32 and o8.is_contiguous() and o8.numel() == x8_words(H * DV)
+    ws_o, ws_cnt = _vo_workspace(v_b.device, H, R // BR, DV)
+    cdt = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[
+        (v_b if ctx is None else ctx).dtype]
+    mla_decode_combine_vo_kernel[(H, R // BR)](
+        ws_m, ws_l, ws_acc, seq_ptr, seq_int, ws_m if ctx is None else ctx, v_b, o, ws_cnt if o8 is None else o8,
+        ws_o, ws_cnt, H=H, R=R, DV=DV, BDV=max(16, triton.next_power_of_2(DV)), BR=BR, BN=16,
+        BNS=triton.next_power_of_2(NS), CDT=cdt, STORE_CTX=ctx is not None, X8=o8 is not None,
+        num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
+    )
+    return o
 
 
 @triton.jit
@@ -304,19 +418,28 @@ def mla_cache_write_kernel(
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+    _cache_write_row(kv + i_t * stride_kv, norm_w, lat, lat_scale, pos_ptr, pos_int, i_t, eps, stride_lat,
+                     R, DR, BDR, POS_IN_PTR, FP8, FMAX, ROUND)
+
+
+@triton.jit
+def _cache_write_row(kv_row, norm_w, lat, lat_scale, pos_ptr, pos_int, i_t, eps, stride_lat,
+                     R: tl.constexpr, DR: tl.constexpr, BDR: tl.constexpr, POS_IN_PTR: tl.constexpr,
+                     FP8: tl.constexpr, FMAX: tl.constexpr, ROUND: tl.constexpr):
+    """Latent row pos + i_t = [rms_norm(kv_row[:R]; norm_w) || kv_row[R:R+DR]] (fp8: scaled, scale stored)."""
     if POS_IN_PTR:
         p = tl.load(pos_ptr).to(tl.int64) + i_t
     else:
         p = (pos_int + i_t).to(tl.int64)
-    xdt = kv.dtype.element_ty
+    xdt = kv_row.dtype.element_ty
     o_r = tl.arange(0, R)
     o_d = tl.arange(0, BDR)
     m_d = o_d < DR
-    b_x = tl.load(kv + i_t * stride_kv + o_r).to(tl.float32)
+    b_x = tl.load(kv_row + o_r).to(tl.float32)
     # naive.rms_norm: normalise in fp32, cast to the input dtype, multiply by the weight in that dtype
     b_n = (b_x * tl.rsqrt(tl.sum(b_x * b_x, 0) / R + eps)).to(xdt).to(tl.float32)
     b_c = (b_n * tl.load(norm_w + o_r).to(xdt).to(tl.float32)).to(xdt).to(tl.float32)
-    b_kp = tl.load(kv + i_t * stride_kv + R + o_d, mask=m_d, other=0).to(tl.float32)
+    b_kp = tl.load(kv_row + R + o_d, mask=m_d, other=0).to(tl.float32)
     p_row = lat + p * stride_lat
     if FP8:
         b_amax = tl.maximum(tl.max(tl.abs(b_c), 0), tl.max(tl.abs(b_kp), 0))
@@ -349,3 +472,71 @@ def mla_cache_write(kv, norm_w, eps: float, latent, pos, latent_scale=None):
         num_warps=1 if _INTERP else 4, **_pdl_kw(),
     )
     return latent
+
+
+@triton.jit(do_not_specialize=["pos_int"])
+def mla_absorb_write_kernel(
+    q, k_b, q_abs,  # q [H, >= DN] rows strided (q_nope = q[h, :DN]), k_b [H, R, DN], q_abs [H, R]
+    kv, norm_w, lat, lat_scale, pos_ptr, pos_int, eps,  # kv [R+DR]; lat [S_cap, R+DR] (see mla_cache_write)
+    stride_q, stride_lat,
+    H: tl.constexpr, R: tl.constexpr, DN: tl.constexpr, BDN: tl.constexpr, BR: tl.constexpr,
+    DR: tl.constexpr, BDR: tl.constexpr, POS_IN_PTR: tl.constexpr, FP8: tl.constexpr, FMAX: tl.constexpr,
+    ROUND: tl.constexpr, PDL: tl.constexpr,
+):
+    """Programs 0 .. H * R/BR - 1: q_abs[h, tile] = k_b[h, tile, :] q_nope[h] (fp32 products and sum, rounded
+    to q_abs's dtype); the last program: the cache write of the token (mla_cache_write_kernel's body)."""
+    pid = tl.program_id(0)
+    NR: tl.constexpr = R // BR
+    if pid < H * NR:
+        i_h = pid // NR
+        o_r = (pid % NR) * BR + tl.arange(0, BR)
+        o_d = tl.arange(0, BDN)
+        m_d = o_d < DN
+        b_k = tl.load(k_b + (i_h * R + o_r)[:, None] * DN + o_d[None, :], mask=m_d[None, :], other=0)  # constant
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        b_q = tl.load(q + i_h * stride_q + o_d, mask=m_d, other=0).to(tl.float32)
+        b_o = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)
+        tl.store(q_abs + i_h * R + o_r, b_o.to(q_abs.dtype.element_ty))
+    else:
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        _cache_write_row(kv, norm_w, lat, lat_scale, pos_ptr, pos_int, 0, eps, stride_lat,
+                         R, DR, BDR, POS_IN_PTR, FP8, FMAX, ROUND)
+
+
+def mla_absorb_write(q, k_b, kv, norm_w, eps: float, latent, pos, latent_scale=None, out=None,
+                     BR: int | None = None, num_warps: int | None = None):
+    """One decode token's MLA inputs in one launch: q_abs [H, R] = W_UK^T q_nope, i.e. torch.bmm(k_b, q_nope)
+    (fp32 products and sum, rounded once to out's dtype, default k_b's), and the token's cache write
+    (mla_cache_write of kv at pos). q [H, Dq >= Dn] (or [1, H, Dq]; q_nope = q[:, :Dn], rows may be strided:
+    a slice of the q projection, no copy); k_b [H, R, Dn]; kv [R + Dr] (or [1, R + Dr]); norm_w, eps, latent,
+    pos, latent_scale: as mla_cache_write. BR: the R tile of an absorb program (H * R / BR programs, plus one
+    for the cache write). Graph-capturable; k_b is read before the PDL wait (a constant)."""
+    if q.dim() == 3:
+        q = q[0]
+    if kv.dim() == 2:
+        assert kv.shape[0] == 1
+        kv = kv[0]
+    H, R, DN = k_b.shape
+    DR = kv.shape[0] - R
+    assert k_b.is_contiguous() and q.shape[0] == H and q.shape[1] >= DN and q.stride(1) == 1 and kv.stride(0) == 1
+    assert norm_w.shape[0] == R and latent.stride(1) == 1 and latent.shape[1] == R + DR and R == triton.next_power_of_2(R)
+    fp8 = latent.dtype == torch.float8_e4m3fn
+    assert not fp8 or latent_scale is not None
+    if out is None:
+        out = torch.empty(H, R, dtype=k_b.dtype, device=k_b.device)
+    assert out.shape == (H, R) and out.is_contiguous()
+    BR = min(R, BR or 64)
+    assert R % BR == 0 and BR == triton.next_power_of_2(BR)
+    in_ptr = isinstance(pos, torch.Tensor)
+    mla_absorb_write_kernel[(H * (R // BR) + 1,)](
+        q, k_b, out, kv, norm_w, latent, latent_scale if fp8 else norm_w, pos if in_ptr else norm_w,
+        0 if in_ptr else int(pos), eps, q.stride(0), latent.stride(0),
+        H=H, R=R, DN=DN, BDN=triton.next_power_of_2(DN), BR=BR, DR=DR, BDR=triton.next_power_of_2(DR),
+        POS_IN_PTR=in_ptr, FP8=fp8, FMAX=FP8_MAX, ROUND=_INTERP,
+        num_warps=1 if _INTERP else (num_warps or 4), **_pdl_kw(),
+    )
+    return out

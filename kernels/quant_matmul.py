@@ -50,12 +50,6 @@ QTYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "BF16")
 QT_ID = {"Q8_0": 0, "Q6_K": 1, "Q5_K": 2, "Q4_K": 3, "Q3_K": 4, "Q2_K": 5, "BF16": 6}
 
 
-def block_diag_packs(qa, ka, qb, kb) -> bool:
-    """Two matrices [., ka] of type qa and [., kb] of type qb can be stored as one packed block-diagonal
-    matrix (kimi_local.engine.GpuWeight.block_diag): one kernel type whose block divides both widths."""
-    return qa == qb and qa in QT_ID and qa != "BF16" and ka % QK[qa] == 0 and kb % QK[qa] == 0
-
-
 def packed_row_bytes(qtype, K):
     assert K % QK[qtype] == 0, f"{qtype}: K={K} is not a multiple of {QK[qtype]}"
     if QK[qtype] == 256:

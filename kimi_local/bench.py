@@ -100,7 +100,7 @@ def weight_bytes_per_token(net, cfg: KimiConfig) -> int:
         if name == "token_embd.weight":
             total += t.data[0].numel() if hasattr(t, "qtype") else t[0].numel() * t.element_size()
         elif isinstance(t, GpuWeight):
-            total += t.nbytes - t.zero_bytes  # structural zeros (block_diag) are our cost, not the model's
+            total += t.nbytes
         elif isinstance(t, torch.Tensor):
             total += t.numel() * t.element_size()
         elif isinstance(t, list):
@@ -127,7 +127,7 @@ def _category(name: str) -> str:
         return "dense FFN"
     if name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
         return "MLA k_b/v_b (bf16)"
-    return "attention + KDA" if any(k in name for k in (".qkv", ".fgb_a", ".attn_", ".ssm_f_b", ".ssm_g_b", ".ssm_fg_b")) \
+    return "attention + KDA" if any(k in name for k in (".qkv", ".fgb_a", ".attn_", ".ssm_f_b", ".ssm_g_b")) \
         and "norm" not in name else "vectors (fp32)"
 
 

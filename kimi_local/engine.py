@@ -2,12 +2,14 @@
 
 `GpuKimi(cfg, weights)` takes canonical weights (dense tensors or QTensors, on any device),
 moves them to the GPU once (quantized blocks repacked losslessly for the kernels, q/k/v and the
-small KDA projections fused row-wise), and overrides the three mixer/FFN blocks:
+small KDA projections fused row-wise, KDA's low-rank f_b / g_b as dense bf16), and overrides the three mixer/FFN blocks:
   prefill (T > 1): quantized GEMMs, causal-conv kernel + fla `chunk_kda`, MLA through fused attention
                    (cuDNN; PyTorch's memory-efficient kernel as the fallback) over keys decompressed one
                    key block at a time, blocks merged by log-sum-exp, grouped-GEMM MoE;
-  decode  (T = 1): GEMVs, the fused KDA step kernel on the persistent fp32 state, split-sequence MLA
-                   over the latent cache, fused MoE through expert slots; the whole step is
+  decode  (T = 1): GEMVs, the fused KDA step kernel on the persistent fp32 state (f_b / g_b gates computed
+                   inside it), split-sequence MLA
+                   over the latent cache (W_UK / W_UV absorbed in the first and last of its three
+                   launches), fused MoE through expert slots; the whole step is
                    captured in one CUDA graph per cache (`DecodeGraph`), replayed per token,
                    its Triton kernels chained by programmatic dependent launch (`kernels/pdl.py`).
 """
@@ -21,11 +23,11 @@ import torch.nn.functional as F
 from kimi_local.cache import KimiCache
 from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
-from kimi_local.kernels.mla import mla_cache_write, mla_decode
+from kimi_local.kernels.mla import mla_absorb_write, mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, block_diag_packs, qlinear, quantize_x8, repack,
-                                             x8_default, x8_words)
+from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, embed_gpu, qlinear,
+                                             quantize_x8, repack, x8_default, x8_words)
 from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
@@ -81,7 +83,6 @@ class GpuWeight:
     def __init__(self, w, device, dense_dtype=torch.bfloat16):
         self.N, self.K = w.shape[-2], w.shape[-1]
         self.qtype, self.data, self.dense = None, None, None
-        self.zero_bytes = 0  # bytes of structural zeros (block_diag) that a matmul reads but the model has not
         if _is_q(w) and w.qtype in KERNEL_QTYPES:
             self.qtype = w.qtype
             self.data = repack(w.data.to(device), w.qtype).contiguous()
@@ -99,29 +100,6 @@ class GpuWeight:
             return cls(QTensor(data, ws[0].qtype, (sum(w.shape[0] for w in ws), ws[0].shape[1])), device)
         dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in ws]
         return cls(torch.cat([d.to(device) for d in dense], 0), device)
-
-    @classmethod
-    def block_diag(cls, a, b, device) -> "GpuWeight":
-        """[[A, 0], [0, B]]: two GEMVs on different inputs (x_a, x_b adjacent in memory) as one launch,
-        y = [A x_a ; B x_b]. Quantized with one type whose block divides both widths: all-zero ggml blocks
-        decode to 0 in every type (scales 0), so the zeros are exact; else dense. The matmul reads the zero
-        blocks too (for KDA's f_b / g_b, [4096, 128] each: +1.1 MB per layer in Q8_0, one launch fewer)."""
-        from kimi_local.quant.formats import QTensor, row_nbytes
-
-        (na, ka), (nb, kb) = a.shape[-2:], b.shape[-2:]
-        if _is_q(a) and _is_q(b) and block_diag_packs(a.qtype, ka, b.qtype, kb):
-            qt = a.qtype
-            ra, rb = row_nbytes(qt, ka), row_nbytes(qt, kb)
-            data = torch.zeros(na + nb, ra + rb, dtype=torch.uint8)
-            data[:na, :ra] = a.data.reshape(na, ra).cpu()
-            data[na:, ra:] = b.data.reshape(nb, rb).cpu()
-            gw = cls(QTensor(data, qt, (na + nb, ka + kb)), device)
-            gw.zero_bytes = na * rb + nb * ra
-            return gw
-        dense = [w.dequantize(torch.float32) if _is_q(w) else w.float() for w in (a, b)]
-        gw = cls(torch.block_diag(*[d.cpu() for d in dense]), device)
-        gw.zero_bytes = (na * kb + nb * ka) * gw.dense.element_size()
-        return gw
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, x8: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T; x8: x's int8-activation buffer (one token) when the caller has it (quant_matmul.qgemv1)."""
@@ -189,7 +167,10 @@ def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
     vec = lambda n, dt=torch.float32: weights.pop(n).to(dev, dt).contiguous()  # noqa: E731
     emb = weights.pop("token_embd.weight")
     home = torch.device("cpu") if embed_store == "cpu" else dev
-    emb = emb.to(home, torch.bfloat16) if isinstance(emb, torch.Tensor) else emb.to(home)
+    if _is_q(emb) and emb.qtype in WORD_QTYPES and home == dev:
+        emb = GpuWeight(emb, dev)  # packed: one gather + dequantize launch per step (quant_matmul.embed_gpu)
+    else:
+        emb = emb.to(home, torch.bfloat16) if isinstance(emb, torch.Tensor) else emb.to(home)
     if home.type == "cpu" and dev.type == "cuda":
         data = emb if isinstance(emb, torch.Tensor) else emb.data
         pinned = data.pin_memory()
@@ -210,8 +191,11 @@ def prepare_weights(cfg, weights: dict, device, expert_store: str | None = None,
                 out[b + "qkvfgb"] = GpuWeight.cat(qkv + fgb, dev)
             else:
                 out[b + "qkv"], out[b + "fgb_a"] = GpuWeight.cat(qkv, dev), GpuWeight.cat(fgb, dev)
-            # f = f_b f_a(h) and z = g_b g_a(h) as one GEMV over the adjacent [f_a(h) ; g_a(h)] slice
-            out[b + "ssm_fg_b"] = GpuWeight.block_diag(g("ssm_f_b.weight"), g("ssm_g_b.weight"), dev)
+            # f_b, g_b [P, K] as dense bf16: the decode step computes f = f_b f_a(h) and z = g_b g_a(h) inside the
+            # KDA kernel (no GEMV launch for them); prefill multiplies them with torch
+            for n in ("ssm_f_b.weight", "ssm_g_b.weight"):
+                t = g(n)
+                out[b + n] = (t.dequantize(torch.float32) if _is_q(t) else t).to(dev, torch.bfloat16).contiguous()
             out[b + "conv"] = torch.stack([g(f"ssm_conv1d_{n}.weight").float() for n in "qkv"]).to(dev).contiguous()
             out[b + "ssm_a"] = vec(b + "ssm_a")
             out[b + "ssm_dt.bias"] = vec(b + "ssm_dt.bias")
@@ -382,12 +366,15 @@ class GpuKimi(KimiLinear):
 
     @property
     def embed_on_host(self) -> bool:
-        return self.w["token_embd.weight"].device.type != self.device.type
+        e = self.w["token_embd.weight"]
+        return not isinstance(e, GpuWeight) and e.device.type != self.device.type
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, D] on the device: gathered where the table lives (a host table sends
-        only the T rows), dequantized on the device."""
+        only the T rows), dequantized on the device (a packed device table: one kernel)."""
         e = self.w["token_embd.weight"]
+        if isinstance(e, GpuWeight):
+            return embed_gpu(ids.to(e.data.device).reshape(-1), e.data, e.qtype, (e.N, e.K), dtype=self.dtype)
         rows = e[ids.to(e.device)]
         if isinstance(rows, torch.Tensor):
             return rows.to(self.device, self.dtype)
@@ -403,9 +390,8 @@ class GpuKimi(KimiLinear):
         else:
             qkv = w[b + "qkv"].matmul(h, x8=h8)  # [T, 3P]
             fgb = w[b + "fgb_a"].matmul(h, x8=h8)  # [T, K + K + H]
-        fz = w[b + "ssm_fg_b"].matmul(fgb[:, : 2 * K])  # [T, 2P]: f_b f_a(h) || g_b g_a(h)
-        f, z = fz[:, :P], fz[:, P:]
-        beta_logit = fgb[:, 2 * K :]
+        # fgb = [f_a(h) | g_a(h) | beta logits]: f = f_b f_a(h) (decay gate input) and z = g_b g_a(h) (output gate)
+        f_b, g_b, beta_logit = w[b + "ssm_f_b.weight"], w[b + "ssm_g_b.weight"], fgb[:, 2 * K :]
         conv_w, tail, state = w[b + "conv"], cache.conv[i], cache.kda_state[i]
         if T == 1:
             o = torch.empty(P, dtype=self.dtype, device=h.device)
@@ -414,10 +400,13 @@ class GpuKimi(KimiLinear):
             o8 = None
             if h8 is not None and K % X8_GROUP == 0 and os.environ.get("KIMI_LOCAL_KDA_X8", "1") != "0":
                 o8 = torch.empty(x8_words(P), dtype=torch.int32, device=h.device)
-            kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], f[0], beta_logit[0].contiguous(),
-                            z[0], conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
-                            state, o, eps=cfg.rms_norm_eps, out8=o8)
+            # f and z are computed inside the step from fg_a = [f_a(h) | g_a(h)] (no GEMV launch for f_b / g_b)
+            kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], None, beta_logit[0].contiguous(),
+                            None, conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
+                            state, o, eps=cfg.rms_norm_eps, out8=o8, fg_a=fgb[0, : 2 * K], f_b=f_b, g_b=g_b)
             return w[b + "attn_output.weight"].matmul(o[None], x8=o8)
+        f = fgb[:, :K] @ f_b.to(fgb.dtype).t()  # [T, P] in the model dtype, as the decode step rounds them
+        z = fgb[:, K : 2 * K] @ g_b.to(fgb.dtype).t()
         q, k, v = (causal_conv_prefill(qkv[:, j * P : (j + 1) * P], conv_w[j], tail[j]) for j in range(3))
         q = naive.l2norm(q.view(T, H, K)).to(self.dtype)
         k = naive.l2norm(k.view(T, H, K)).to(self.dtype)
@@ -439,20 +428,25 @@ class GpuKimi(KimiLinear):
             q = w[b + "attn_q.weight"].matmul(h, x8=h8).view(T, Hm, cfg.qk_head_dim)
             kv = w[b + "attn_kv_a_mqa.weight"].matmul(h, x8=h8)  # [T, R + Dr]
         lat, lsc = cache.latent[i], getattr(cache, "latent_scale", {}).get(i)
-        mla_cache_write(kv, w[b + "attn_kv_a_norm.weight"], cfg.kv_a_norm_eps, lat, cache.pos_dev, lsc)
+        norm_w, eps = w[b + "attn_kv_a_norm.weight"], cfg.kv_a_norm_eps
         k_b, v_b = w[b + "attn_k_b.weight"], w[b + "attn_v_b.weight"]
         scale = naive.mla_scale(cfg.qk_head_dim)
-        if T == 1:
-            q_abs = torch.bmm(k_b, q[0, :, :Dn, None]).squeeze(-1)  # [H, R]
-            ctx = mla_decode(q_abs.contiguous(), q[0, :, Dn:], lat, cache.len_dev, scale,
-                             out=torch.empty(Hm, R, dtype=self.dtype, device=h.device), latent_scale=lsc)  # [H, R]
-            o = torch.bmm(v_b, ctx[:, :, None]).reshape(1, -1)  # [1, H*Dv]
-            # int8 activations: one quantize launch, then the dp4a GEMV (+1.9 % decode at 4K, H200, session 6;
-            # KIMI_LOCAL_MLA_X8=0: the fp GEMV)
-            if h8 is not None and os.environ.get("KIMI_LOCAL_MLA_X8", "1") != "0":
-                return w[b + "attn_output.weight"].matmul(o.to(self.dtype), x8=quantize_x8(o))
-        else:
-            o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
+        if T == 1:  # three launches: cache write + q_abs, split kernel, combine + o = W_UV ctx (+ o's x8)
+            q_abs = mla_absorb_write(q[0], k_b, kv, norm_w, eps, lat, cache.pos_dev, lsc,
+                                     out=torch.empty(Hm, R, dtype=self.dtype, device=h.device))  # W_UK^T q_nope
+            Dv = v_b.shape[1]
+            # int8 activations: the combine launch also writes o's x8 groups for the dp4a GEMV (+1.9 % decode at
+            # 4K as a separate quantize launch, H200, session 6; KIMI_LOCAL_MLA_X8=0: the fp GEMV)
+            x8_on = h8 is not None and os.environ.get("KIMI_LOCAL_MLA_X8", "1") != "0"
+            o8 = (torch.empty(x8_words(Hm * Dv), dtype=torch.int32, device=h.device)
+                  if x8_on and Dv % X8_GROUP == 0 else None)
+            o = mla_decode(q_abs, q[0, :, Dn:], lat, cache.len_dev, scale, latent_scale=lsc, v_b=v_b, o8=o8,
+                           o=torch.empty(1, Hm * Dv, dtype=self.dtype, device=h.device))  # [1, H*Dv]
+            if x8_on and o8 is None:  # heads not in whole 16-groups: a separate quantize launch
+                o8 = quantize_x8(o)
+            return w[b + "attn_output.weight"].matmul(o, x8=o8)
+        mla_cache_write(kv, norm_w, eps, lat, cache.pos_dev, lsc)
+        o = mla_prefill_attention(q, lat, lsc, k_b, v_b, cache.pos, scale, self.mla_key_block).reshape(T, -1)
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------

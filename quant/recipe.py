@@ -177,9 +177,9 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
     """Exact GPU bytes of the CUDA engine's prepared weights (kimi_local.engine.prepare_weights) for
     a file written with this recipe. Differs from `weight_bytes` by: the kernels' packed layouts
     (Q5_K/Q4_K/Q3_K unpack their 6-bit scales: +2.3/+2.8/+3.6 %); float matrices held as bf16; MLA
-    attn_k_b / attn_v_b dequantized to bf16; KDA's ssm_f_b / ssm_g_b stored as one block-diagonal matrix
-    (its zero blocks included); and token_embd in host memory when embed_on_host."""
-    from kimi_local.kernels.quant_matmul import PACKED_SIZE, block_diag_packs, packed_row_bytes
+    attn_k_b / attn_v_b and KDA's ssm_f_b / ssm_g_b (read by the KDA decode-step kernel) dequantized to
+    bf16; and token_embd in host memory when embed_on_host."""
+    from kimi_local.kernels.quant_matmul import PACKED_SIZE, packed_row_bytes
 
     shapes = shapes or canonical_shapes(cfg)
 
@@ -195,22 +195,17 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
         b, short = name.rsplit(".", 2)[0] + ".", ".".join(name.rsplit(".", 2)[1:])
         group = next((g for g in _FUSED if short in g), None) if b + "attn_k.weight" in shapes else None  # KDA
         if name == "token_embd.weight":
-            if not embed_on_host:
-                total += tensor_nbytes(q, s) if q not in ("F32", "F16", "BF16") else 2 * math.prod(s)
+            if not embed_on_host:  # the kernels' packed rows for their types (engine.GpuWeight), else the file's
+                if q in PACKED_SIZE and q != "BF16":
+                    total += s[0] * packed_row_bytes(q, s[1])
+                else:
+                    total += tensor_nbytes(q, s) if q not in ("F32", "F16", "BF16") else 2 * math.prod(s)
         elif stored_f32(name):
             total += 4 * math.prod(s)  # fp32 vectors, conv taps, router
         elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
             total += 2 * math.prod(s)  # bf16 for the absorbed-MLA bmm
-        elif short == "ssm_f_b.weight":  # GpuWeight.block_diag([[f_b, 0], [0, g_b]])
-            sg = shapes[b + "ssm_g_b.weight"]
-            qg = recipe.qtype(b + "ssm_g_b.weight", sg)
-            n, k = s[0] + sg[0], s[1] + sg[1]
-            if block_diag_packs(q, s[1], qg, sg[1]):
-                total += n * packed_row_bytes(q, k)
-            else:
-                total += 2 * n * k
-        elif short == "ssm_g_b.weight":
-            pass  # counted with ssm_f_b
+        elif short in ("ssm_f_b.weight", "ssm_g_b.weight"):
+            total += 2 * math.prod(s)  # dense bf16 [P, K]: the KDA decode step computes f and z itself
         elif group is not None:
             if short == group[0]:  # the fused matrix, counted once
                 total += matrix([recipe.qtype(b + n, shapes[b + n]) for n in group], [shapes[b + n] for n in group])

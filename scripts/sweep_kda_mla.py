@@ -221,6 +221,8 @@ def sweep_mla(sizes):
     q_abs = (torch.randn(H, R, device=DEV, generator=g) * 0.05).to(bf)
     q_pe = torch.randn(H, DR, device=DEV, generator=g).to(bf)
     out = torch.empty(H, R, device=DEV)
+    v_b = (torch.randn(H, 128, R, device=DEV, generator=g) * 0.05).to(bf)  # W_UV [H, Dv, R]
+    o_vo = torch.empty(H * 128, dtype=bf, device=DEV)
     for S in sizes:
         for dt in (bf, fp8):
             tag = "bf16" if dt == bf else "fp8"
@@ -270,10 +272,17 @@ def sweep_mla(sizes):
                 BR = min(R, 128)
                 comb = lambda: mla.mla_decode_combine_kernel[(H, R // BR)](  # noqa: E731
                     ws[0], ws[1], ws[2], seq, 0, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
-                    BS=bs, NS=NS, MIN_CHUNK=mc, LEN_IN_PTR=True, num_warps=1 if SMOKE else 4)
+                    BS=bs, NS=NS, MIN_CHUNK=mc, LEN_IN_PTR=True, PDL=False, num_warps=1 if SMOKE else 4)
                 used = min(NS, triton.cdiv(S, max(triton.cdiv(triton.cdiv(S, NS), bs) * bs, mc)))
                 ms = bench(comb, graph=True)
                 row("mla", f"S={S} {tag} combine kernel alone ({used} splits)", ms, used * H * (R + 2) * 4 + H * R * 4)
+                # the decode step's combine launch: + o = W_UV ctx and o's x8 groups (mla_decode with v_b)
+                common = dict(BS=bs, NS=NS, MIN_CHUNK=mc, LEN_IN_PTR=True)
+                o8 = torch.empty(mla.x8_words(H * 128), dtype=torch.int32, device=DEV)
+                comb_vo = lambda: mla._combine_vo(ws[0], ws[1], ws[2], seq, 0, None, v_b, o_vo, o8, None, NS, common)  # noqa: E731
+                ms = bench(comb_vo, graph=True)
+                row("mla", f"S={S} {tag} combine + W_UV + x8 alone ({used} splits)", ms,
+                    used * H * (R + 2) * 4 + v_b.numel() * 2 + H * 128 * 2 + o8.numel() * 4)
             except Exception as e:
                 fail_row("mla", f"S={S} {tag} combine alone", e)
             del lats, scs

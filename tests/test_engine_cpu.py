@@ -126,29 +126,28 @@ def test_device_loader_tables_survive_prefill_chunks(tiny_dir, tmp_path):
     assert st.lookups > 0 and 0 < st.hit_rate < 1 and st.misses > 0 and st.tokens == 3 + 1 + 1 + 4 + 1 + 2 + 1 + 1
 
 
-@pytest.mark.parametrize("qtypes", [("Q8_0", "Q8_0"), ("BF16", "BF16"), ("Q8_0", "BF16")])
-def test_block_diag_weight_is_two_gemvs(qtypes):
-    """KDA's f_b and g_b as one block-diagonal GEMV: [A x_a ; B x_b] equals the two GEMVs (quantized: same
-    blocks, exact zeros), and zero_bytes counts the structural zeros (not model bytes)."""
-    from kimi_local.engine import GpuWeight
-    from kimi_local.quant.formats import QTensor
+def test_engine_kda_layer_prefill_and_decode_match_reference(tiny_dir):
+    """One KDA layer through chunks and single tokens: prefill (T > 1) computes f and z with torch from the
+    dense bf16 f_b / g_b, decode (T = 1) inside the step kernel (fg_a = [f_a(h) | g_a(h)]); outputs and state
+    stay within twice the bf16 band of the fp32 reference."""
+    from kimi_local.engine import GpuKimi
 
-    g = torch.Generator().manual_seed(3)
-    a32, b32 = torch.randn(96, 64, generator=g), torch.randn(80, 32, generator=g)
-    a, b = (QTensor.from_float(t, q) if q != "BF16" else t.bfloat16() for t, q in zip((a32, b32), qtypes))
-    bd = GpuWeight.block_diag(a, b, "cpu")
-    assert (bd.N, bd.K) == (176, 96)
-    x = torch.randn(1, 96, generator=g).bfloat16()
-    y = bd.matmul(x).float()
-    ya = GpuWeight(a, "cpu").matmul(x[:, :64]).float()
-    yb = GpuWeight(b, "cpu").matmul(x[:, 64:]).float()
-    if qtypes == ("Q8_0", "Q8_0"):
-        assert bd.qtype == "Q8_0" and bd.zero_bytes == 96 * 34 + 80 * 2 * 34
-        torch.testing.assert_close(y, torch.cat([ya, yb], 1), rtol=1e-2, atol=1e-2)
-    else:  # dense bf16 (mixed types are dequantized)
-        assert bd.dense is not None and bd.zero_bytes == (96 * 32 + 80 * 64) * 2
-        torch.testing.assert_close(y, torch.cat([ya, yb], 1), rtol=2e-2, atol=2e-2)
-    assert y[0, :96].abs().sum() > 0 and y[0, 96:].abs().sum() > 0
+    ck = HFCheckpoint(tiny_dir)
+    cfg, w = ck.cfg, load_dense(ck, "cpu", torch.float32)
+    nets = (KimiLinear(cfg, dict(w), "cpu", torch.float32), KimiLinear(cfg, dict(w), "cpu", torch.bfloat16),
+            GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False))
+    i = cfg.kda_layer_ids[0]
+    f_b = nets[2].w[f"blk.{i}.ssm_f_b.weight"]
+    assert f_b.dtype == torch.bfloat16 and f_b.shape == (cfg.kda_dim, cfg.kda_head_dim)
+    caches = [nets[0].new_cache(), nets[1].new_cache(), nets[2].new_cache(max_ctx=64)]
+    g = torch.Generator().manual_seed(0)
+    for T in (4, 1, 1, 3, 1):
+        h = torch.randn(T, cfg.hidden_size, generator=g)
+        r, b, e = (net.kda(i, h.to(net.dtype), c) for net, c in zip(nets, caches))
+        assert torch.isfinite(e).all()
+        assert _rel(e, r) < max(2 * _rel(b, r), 1e-2), (T, _rel(e, r), _rel(b, r))
+        s_r, s_b, s_e = (c.kda_state[i] for c in caches)
+        assert _rel(s_e, s_r) < max(2 * _rel(s_b, s_r), 1e-2), (T, _rel(s_e, s_r), _rel(s_b, s_r))
 
 
 def test_dense_ffn_through_the_moe_kernels(tiny_dir, monkeypatch):

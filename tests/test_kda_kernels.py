@@ -1,7 +1,8 @@
 """KDA Triton kernels (kernels/kda.py) and the norms (kernels/norm.py) vs the pure-torch references (kernels/naive.py).
 
 CPU: tiny odd shapes under TRITON_INTERPRET=1 (K != V catches transposes). GPU (@cuda): real shapes,
-CUDA-graph replay, and kda_prefill through fla-core's chunk_kda when fla is importable.
+CUDA-graph replay, and kda_prefill through fla-core's chunk_kda when fla is importable. The decode step with
+its low-rank gates fused (fg_a, f_b, g_b) is checked against the unfused step fed with torch's f and z.
 """
 import sys
 from pathlib import Path
@@ -128,13 +129,138 @@ def test_decode_step_rejects_wide_conv():
 
 
 def test_decode_step_defaults():
-    assert kda.DEFAULTS == dict(BV=16, num_warps=1)
+    assert kda.DEFAULTS == dict(BV=16, num_warps=1) and kda.FUSED_DEFAULTS == dict(BV=16, num_warps=4)
+
+
+def test_decode_step_env_config(monkeypatch):
+    # KIMI_LOCAL_KDA_CFG="BV,warps" replaces the defaults (A/B runs); results stay those of that BV
+    monkeypatch.setenv("KIMI_LOCAL_KDA_CFG", "4,1")
+    e_out, e_state = _run_steps(3, 8, 12, 4, 3, None, torch.float32, torch.float32, torch.float32, seed=8)
+    assert e_out < 1e-5 and e_state < 1e-5
+    monkeypatch.setenv("KIMI_LOCAL_KDA_CFG", "4")
+    with pytest.raises(ValueError, match="KIMI_LOCAL_KDA_CFG"):
+        _run_steps(3, 8, 12, 4, 1, None, torch.float32, torch.float32, torch.float32, seed=8)
 
 
 def test_decode_step_counters_reset():
     _run_steps(3, 8, 12, 4, 3, 4, torch.float32, torch.float32, torch.float32, seed=5)
     ws_o, ws_cnt = kda._workspace(torch.empty(0, device=DEV).device, 3, 12)
     assert int(ws_cnt.abs().sum()) == 0
+
+
+# ---- fused low-rank gates: f = f_b f_a(h), z = g_b g_a(h) inside the step (fg_a, f_b, g_b) -----------------
+def _as_stored(x, dtype):
+    """fp32 x rounded to dtype as the kernel's cast does: round to nearest on a GPU, truncation under the
+    interpreter (bf16), so that fused and unfused steps see the same f and z up to accumulation order."""
+    if dtype == torch.bfloat16 and DEV == "cpu":
+        return (x.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return x.to(dtype)
+
+
+def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed, dev=DEV, graph=False,
+                     num_warps=None, pdl=False, x8=False, rank_chunk=None):
+    """The fused step (fg_a, f_b, g_b) vs the unfused one fed with f = f_b f_a and z = g_b g_a computed in torch
+    (rounded to in_dtype as the kernel rounds them), from the same state and tails, over n_steps tokens: max
+    relative error of the outputs and relative error of the final state (tails: equal). x8: both write the
+    output's x8 buffer; the fused one must equal quantize_x8 of its stored output. graph: the fused step is
+    replayed from a CUDA graph."""
+    gen = torch.Generator().manual_seed(seed)
+    conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, in_dtype)
+    # bf16 weights as the engine holds them; f ~ 2 N(0, 1) (as _token's), z ~ N(0, 1)
+    f_b = (torch.randn(H * K, RF, generator=gen) * 2 * RF**-0.5).to(dev, torch.bfloat16)
+    g_b = (torch.randn(H * V, RG, generator=gen) * RG**-0.5).to(dev, torch.bfloat16)
+    S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(dev)
+    S_u, S_f = S0.clone(), S0.clone()
+    t_u, t_f = [t.clone() for t in tails], [t.clone() for t in tails]
+    r = lambda n: torch.randn(n, generator=gen).to(dev).to(in_dtype)  # noqa: E731
+    toks = [(r(H * K), r(H * K), r(H * V), r(H), r(RF + RG)) for _ in range(n_steps)]  # q k v beta fg_a
+    out_u, out_f = (torch.empty(H * V, dtype=out_dtype, device=dev) for _ in range(2))
+    o8_u, o8_f = (torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None for _ in range(2))
+    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl)
+
+    def fused(q, k, v, beta, fg):
+        kda.kda_decode_step(q, k, v, None, beta, None, conv_w, t_f, a, dt_bias, norm_w, S_f, out_f, 1e-5, out8=o8_f,
+                            fg_a=fg, f_b=f_b, g_b=g_b, rank_chunk=rank_chunk, **kw)
+
+    if graph:
+        bufs = [torch.empty_like(x) for x in toks[0]]
+        for b, x in zip(bufs, toks[0]):
+            b.copy_(x)
+        s_save, t_save = S_f.clone(), [t.clone() for t in t_f]
+        fused(*bufs)  # compile + allocate the workspace outside the capture
+        torch.cuda.synchronize()
+        S_f.copy_(s_save)
+        for t, s in zip(t_f, t_save):
+            t.copy_(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fused(*bufs)
+    errs = []
+    for q, k, v, beta, fg in toks:
+        f = _as_stored(f_b.float() @ fg[:RF].float(), in_dtype)
+        z = _as_stored(g_b.float() @ fg[RF:].float(), in_dtype)
+        for o, o8 in ((out_u, o8_u), (out_f, o8_f)):
+            o.fill_(float("nan"))
+            if x8:
+                o8.fill_(-1)
+        kda.kda_decode_step(q, k, v, f, beta, z, conv_w, t_u, a, dt_bias, norm_w, S_u, out_u, 1e-5, out8=o8_u, **kw)
+        if graph:
+            for b, x in zip(bufs, (q, k, v, beta, fg)):
+                b.copy_(x)
+            g.replay()
+        else:
+            fused(q, k, v, beta, fg)
+        assert not out_f.isnan().any() and not out_u.isnan().any()
+        if x8:
+            assert torch.equal(o8_f, quantize_x8(out_f))
+        errs.append(rel(out_f, out_u))
+    for t, tu in zip(t_f, t_u):
+        assert torch.equal(t, tu)  # tails are copies of raw inputs: exact
+    return max(errs), rel(S_f, S_u)
+
+
+@pytest.mark.parametrize("rank_chunk", [None, 4])  # None: one chunk at these sizes; 4: several, the last partial
+@pytest.mark.parametrize("H,K,V,W,RF,RG,BV", [
+    (3, 8, 12, 4, 16, 8, 4),  # NV = 3, RF != RG
+    (2, 5, 7, 3, 6, 10, 4),  # K, V and the ranks not powers of two, a partial V block
+    (2, 16, 8, 4, 12, 20, None),  # NV = 1 (BV = V): z of the whole head in the one program
+    (1, 8, 16, 2, 8, 8, 16),  # NV = 1, even blocks (unmasked state), W = 2
+])
+def test_fused_gates_match_unfused(H, K, V, W, RF, RG, BV, rank_chunk):
+    e_out, e_state = _run_fused_steps(H, K, V, W, RF, RG, 4, BV, torch.float32, torch.float32, seed=K * V + RF,
+                                      rank_chunk=rank_chunk)
+    assert e_out < 1e-5 and e_state < 1e-5
+
+
+@pytest.mark.parametrize("H,K,V,W,RF,RG,BV", [(3, 8, 12, 4, 16, 8, 4), (2, 5, 7, 3, 6, 10, 8)])
+def test_fused_gates_bf16_io(H, K, V, W, RF, RG, BV):
+    # bf16 projections (fg_a), tails and output: f and z rounded to bf16 in the kernel as the GEMV would
+    e_out, e_state = _run_fused_steps(H, K, V, W, RF, RG, 4, BV, torch.bfloat16, torch.bfloat16, seed=5 + K,
+                                      rank_chunk=4)
+    assert e_out < 1e-3 and e_state < 1e-4
+
+
+@pytest.mark.parametrize("BV", [16, 4])  # 16 = V: the inline norm (NV = 1); 4: the last block's norm from ws_z
+def test_fused_gates_x8_output(BV):
+    e_out, e_state = _run_fused_steps(3, 8, 16, 4, 12, 8, 3, BV, torch.bfloat16, torch.bfloat16, seed=41, x8=True)
+    assert e_out < 1e-3 and e_state < 1e-4
+
+
+def test_fused_gates_argument_checks():
+    H, K, V, W = 2, 8, 8, 4
+    gen = torch.Generator().manual_seed(0)
+    conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen)
+    q, k, v, f, beta, z = _token(H, K, V, gen)
+    S, out = torch.zeros(H, K, V, device=DEV), torch.empty(H * V, device=DEV)
+    f_b, g_b, fg = torch.zeros(H * K, 4, device=DEV), torch.zeros(H * V, 4, device=DEV), torch.zeros(8, device=DEV)
+    with pytest.raises(AssertionError, match="fg_a replaces f and z"):
+        kda.kda_decode_step(q, k, v, f, beta, None, conv_w, tails, a, dt_bias, norm_w, S, out, fg_a=fg, f_b=f_b,
+                            g_b=g_b)
+    with pytest.raises(AssertionError):  # g_b without fg_a
+        kda.kda_decode_step(q, k, v, f, beta, z, conv_w, tails, a, dt_bias, norm_w, S, out, g_b=g_b)
+    with pytest.raises(AssertionError):  # fg_a shorter than RF + RG
+        kda.kda_decode_step(q, k, v, None, beta, None, conv_w, tails, a, dt_bias, norm_w, S, out, fg_a=fg[:7], f_b=f_b,
+                            g_b=g_b)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 17, 33, 70])
@@ -340,6 +466,38 @@ def test_decode_step_long_horizon(BV, num_warps, pdl):
     # 500 steps, K != V, many V blocks: drift or a racy cross-block norm shows up here
     e_out, e_state = _run_steps(32, 128, 96, 4, 500, BV, torch.float32, torch.float32, torch.float32, seed=13,
                                 num_warps=num_warps, pdl=pdl)
+    assert e_out < 1e-4 and e_state < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("BV,rank_chunk", [(None, None), (None, 64), (8, None), (32, None), (128, None), (128, 32)])
+def test_fused_gates_real_shapes(BV, rank_chunk, pdl):
+    # Kimi-Linear shapes (H=32, K=V=128, ranks 128, W=4), bf16 projections: fused == unfused up to the fp32
+    # accumulation order of f and z (a rare 1-ulp flip of their bf16 rounding)
+    e_out, e_state = _run_fused_steps(32, 128, 128, 4, 128, 128, 20, BV, torch.bfloat16, torch.float32, seed=BV or 0,
+                                      pdl=pdl, rank_chunk=rank_chunk)
+    assert e_out < 1e-3 and e_state < 1e-3
+    e_out, _ = _run_fused_steps(32, 128, 128, 4, 128, 128, 5, BV, torch.bfloat16, torch.bfloat16, seed=7, pdl=pdl,
+                                rank_chunk=rank_chunk)
+    assert e_out < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("BV,pdl,x8", [(None, False, False), (None, True, False), (None, True, True),
+                                      (128, False, False), (128, True, True)])
+def test_fused_gates_cuda_graph(BV, pdl, x8):
+    e_out, e_state = _run_fused_steps(32, 128, 128, 4, 128, 128, 20, BV, torch.bfloat16,
+                                      torch.bfloat16 if x8 else torch.float32, seed=17, graph=True, pdl=pdl, x8=x8)
+    assert e_out < (1e-2 if x8 else 1e-3) and e_state < 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("BV,num_warps", [(None, None), (16, 2), (8, 1), (32, 4)])
+def test_fused_gates_long_horizon(BV, num_warps):
+    # 300 fp32 steps, K != V (96): a racy ws_z hand-over or a wrong row of f_b / g_b shows up here
+    e_out, e_state = _run_fused_steps(32, 128, 96, 4, 128, 128, 300, BV, torch.float32, torch.float32, seed=23,
+                                      num_warps=num_warps, pdl=True)
     assert e_out < 1e-4 and e_state < 1e-4
 
 

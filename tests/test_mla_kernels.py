@@ -1,7 +1,9 @@
 """MLA decode kernels (kernels/mla.py) vs the pure-torch references (kernels/naive.py).
 
 CPU: tiny shapes under TRITON_INTERPRET=1; GPU (@cuda): 32 heads, latent 512 + 64, up to 128K rows,
-bf16 and fp8, CUDA-graph replay at growing lengths.
+bf16 and fp8, CUDA-graph replay at growing lengths. The decode step's fused launches (mla_absorb_write:
+cache write + q_abs = W_UK^T q_nope; mla_decode with v_b: combine + o = W_UV ctx + o's x8 groups) are
+checked against the launches they replace (mla_cache_write, torch.bmm, combine, quantize_x8).
 """
 import math
 
@@ -12,10 +14,12 @@ import pytest
 import torch
 
 try:
-    from kimi_local.kernels import mla, naive
+    from kimi_local.kernels import mla, naive, pdl
+    from kimi_local.kernels.quant_matmul import dequantize_x8, quantize_x8, x8_words
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import mla, naive
+    from kernels import mla, naive, pdl
+    from kernels.quant_matmul import dequantize_x8, quantize_x8, x8_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -166,6 +170,167 @@ def test_mla_decode_variants(variant, dtype):
         assert rel(out, ref) < tol, (variant, dtype, fp8_compute)
 
 
+# ---- the decode step's fused launches: mla_absorb_write, mla_decode with v_b ---------------------
+NAN = float("nan")
+BF = torch.bfloat16
+
+
+def _bf16_close(got, exact, absmag, ulps=1.0):
+    """|got - exact| <= `ulps` bf16 ulps (2^-7 of |exact|: the interpreter truncates fp32 -> bf16, a GPU rounds
+    to nearest) + the fp32 summation-order error (1e-5 of the sum of the products' magnitudes)."""
+    return ((got.double() - exact.double()).abs() <= exact.double().abs() * ulps * 2**-7 + 1e-5 * absmag.double()).all()
+
+
+def _same_bytes(a, b):
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))  # NaNs compare too
+
+
+def _x8_within_a_step(o8, o, o_ref):
+    """o8 (x8 buffer of o) and quantize_x8(o_ref) stand for values at most half a step (dx) from o and o_ref."""
+    K = o.numel()
+    ref8 = quantize_x8(o_ref)
+    dx, dx_ref = (b[K // 4:K // 4 + K // 16].view(torch.float32).repeat_interleave(16) for b in (o8, ref8))
+    diff = (dequantize_x8(o8, K) - dequantize_x8(ref8, K)).abs()
+    return (diff <= (dx + dx_ref) / 2 * 1.001 + (o.float() - o_ref.float()).abs().reshape(-1) + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [BF, FP8])
+@pytest.mark.parametrize("BR,pos_tensor", [(8, True), (32, False)])
+def test_mla_absorb_write_matches_cache_write_and_bmm(dtype, BR, pos_tensor):
+    """One launch = mla_cache_write of the token (the row bit-identical, nothing else written) + q_abs =
+    torch.bmm(k_b, q_nope) (fp32 products and sum, one rounding to bf16). q_nope is a row-strided slice of q;
+    H, Dn, Dr not powers of two; R / BR = 4 absorb programs per head, or 1."""
+    gen = torch.Generator().manual_seed(3)
+    H, R, DN, DR, cap, p = 3, 32, 24, 12, 10, 6
+    q = torch.randn(H, DN + DR, generator=gen).to(BF).to(DEV)  # q_nope = q[:, :DN]
+    k_b = (torch.randn(H, R, DN, generator=gen) * 0.3).to(BF).to(DEV)
+    kv = (torch.randn(1, R + DR, generator=gen) * 3).to(BF).to(DEV)
+    w = (torch.rand(R, generator=gen) + 0.5).to(DEV)
+    lat = torch.full((cap, R + DR), NAN, device=DEV).to(dtype)
+    sc = torch.full((cap,), NAN, device=DEV)
+    lat_ref, sc_ref = lat.clone(), sc.clone()
+    mla.mla_cache_write(kv, w, 1e-5, lat_ref, p, sc_ref)
+    out = torch.full((H, R), NAN, device=DEV).to(BF)
+    if pos_tensor:
+        got = mla.mla_absorb_write(q, k_b, kv, w, 1e-5, lat, torch.tensor([p], device=DEV), sc, out=out, BR=BR)
+    else:  # q as [1, H, Dq], kv as [R + Dr]
+        got = mla.mla_absorb_write(q[None], k_b, kv[0], w, 1e-5, lat, p, sc, out=out, BR=BR)
+    assert got is out
+    assert _same_bytes(lat, lat_ref) and _same_bytes(sc, sc_ref)
+    assert lat[p].float().isfinite().all()
+    exact = torch.einsum("hrd,hd->hr", k_b.double(), q[:, :DN].double())
+    absmag = torch.einsum("hrd,hd->hr", k_b.double().abs(), q[:, :DN].double().abs())
+    assert _bf16_close(out, exact, absmag)
+    bmm = torch.bmm(k_b, q[:, :DN, None]).squeeze(-1)  # what the engine ran before
+    assert _bf16_close(out, bmm, absmag, ulps=2)
+
+
+def _vo_case(n, dtype, gen, H=5, R=32, DR=8, DV=48):
+    cap = n + 3
+    kv = (torch.randn(cap, R + DR, generator=gen) * 2).to(DEV)
+    w = (torch.rand(R, generator=gen) + 0.5).to(DEV)
+    lat = torch.empty(cap, R + DR, device=DEV).to(dtype)
+    sc = torch.empty(cap, device=DEV)
+    mla.mla_cache_write(kv, w, 1e-5, lat, 0, sc)
+    lat[n:] = NAN  # rows past seq_len must never be read into the result
+    q_abs = torch.randn(H, R, generator=gen).to(BF).to(DEV)
+    q_pe = torch.randn(H, DR, generator=gen).to(BF).to(DEV)
+    v_b = (torch.randn(H, DV, R, generator=gen) * 0.2).to(BF).to(DEV)
+    return q_abs, q_pe, lat, sc, v_b
+
+
+@pytest.mark.parametrize("n", [1, 16, 70, 257])  # 1, 1, 3 and 4 splits (num_splits=4, min_chunk=16)
+@pytest.mark.parametrize("dtype", [BF, FP8])
+@pytest.mark.parametrize("x8,BR", [(True, 8), (False, 8), (True, 32)])
+def test_mla_decode_vo_matches_combine_bmm_quantize(n, dtype, x8, BR):
+    """mla_decode with v_b (one combine launch) == combine into a bf16 ctx + torch.bmm(v_b, ctx) + quantize_x8(o):
+    ctx (stored when out is given) bit-identical, o within bf16 rounding of the exact product of that ctx and of
+    the bmm's o, o8 = quantize_x8 of the stored o and within a quantization step of quantize_x8(bmm's o). With
+    BR < R a head's 4 partial products meet through its arrival counter, which is back at 0; a second run
+    without out (ctx not stored) gives the same bits; an fp32 o (no final rounding) is the exact product of
+    the bf16 ctx up to fp32 summation order."""
+    gen = torch.Generator().manual_seed(n)
+    H, R, DV = 5, 32, 48  # H odd, DV not a power of two (3 x8 groups per head)
+    q_abs, q_pe, lat, sc, v_b = _vo_case(n, dtype, gen, H=H, R=R, DV=DV)
+    seq = torch.tensor([n], dtype=torch.int32, device=DEV)
+    kw = dict(latent_scale=sc if dtype == FP8 else None, num_splits=4, min_chunk=16, BS=16)
+    ctx_ref = mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, torch.full((H, R), NAN, device=DEV).to(BF), **kw)
+    o_ref = torch.bmm(v_b, ctx_ref[:, :, None]).reshape(-1)
+    ctx = torch.full((H, R), NAN, device=DEV).to(BF)
+    o = torch.full((1, H * DV), NAN, device=DEV).to(BF)  # the engine's [1, H*Dv]
+    o8 = torch.full((x8_words(H * DV),), -1, dtype=torch.int32, device=DEV) if x8 else None
+    got = mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, ctx, v_b=v_b, o=o, o8=o8, combine_BR=BR, **kw)
+    assert got is o
+    if DEV == "cpu":
+        assert torch.equal(ctx, ctx_ref)
+    else:
+        torch.testing.assert_close(ctx.float(), ctx_ref.float(), rtol=2**-7, atol=1e-6)
+    exact = torch.einsum("hdr,hr->hd", v_b.double(), ctx.double()).reshape(-1)
+    absmag = torch.einsum("hdr,hr->hd", v_b.double().abs(), ctx.double().abs()).reshape(-1)
+    assert _bf16_close(o[0], exact, absmag)
+    assert _bf16_close(o[0], o_ref, absmag, ulps=2)
+    if x8:
+        assert torch.equal(o8, quantize_x8(o))
+        assert _x8_within_a_step(o8, o, o_ref)
+    assert (mla._vo_workspace(v_b.device, H, R // BR, DV)[1] == 0).all()
+    o2 = torch.full((H * DV,), NAN, device=DEV).to(BF)
+    o82 = torch.full((x8_words(H * DV),), -1, dtype=torch.int32, device=DEV) if x8 else None
+    assert mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, v_b=v_b, o=o2, o8=o82, combine_BR=BR, **kw) is o2
+    assert torch.equal(o2, o[0]) and (not x8 or torch.equal(o82, o8))
+    assert (mla._vo_workspace(v_b.device, H, R // BR, DV)[1] == 0).all()
+    o32 = mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, v_b=v_b, o=torch.full((H * DV,), NAN, device=DEV), combine_BR=BR, **kw)
+    assert ((o32.double() - exact).abs() <= 1e-5 * absmag).all()  # fp32 o: the product of the bf16-rounded ctx
+
+
+def test_mla_decode_vo_default_output():
+    """v_b without o: a new [H*Dv] of v_b's dtype (fp32 v_b here: ctx rounded to fp32, i.e. not rounded)."""
+    gen = torch.Generator().manual_seed(11)
+    q_abs, q_pe, lat, sc, v_b = _vo_case(20, BF, gen, H=3, DV=16)
+    v_b = v_b.float()
+    ctx = mla.mla_decode(q_abs, q_pe, lat, 20, 0.3, num_splits=4, min_chunk=16, BS=16)  # fp32
+    o = mla.mla_decode(q_abs, q_pe, lat, 20, 0.3, num_splits=4, min_chunk=16, BS=16, v_b=v_b)
+    assert o.shape == (3 * 16,) and o.dtype == torch.float32
+    assert rel(o, torch.einsum("hdr,hr->hd", v_b, ctx).reshape(-1)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [BF, FP8])
+def test_mla_decode_step_fused_vs_unfused(dtype):
+    """The engine's decode step (mla_absorb_write, split kernel, combine + v_b + x8) token by token at device
+    positions 0, 1, 30, 31 (lengths 1 .. 32: 1 to 2 splits), against the launches it replaced (mla_cache_write,
+    bmm, mla_decode, bmm, quantize_x8) on a second cache: the same cache bytes, o within the bf16 band."""
+    gen = torch.Generator().manual_seed(2)
+    H, R, DN, DR, DV, cap = 3, 32, 16, 8, 16, 40
+    r = lambda *s, k=1.0: (torch.randn(*s, generator=gen) * k).to(BF).to(DEV)  # noqa: E731
+    k_b, v_b, w = r(H, R, DN, k=0.3), r(H, DV, R, k=0.3), (torch.rand(R, generator=gen) + 0.5).to(DEV)
+    lats = [torch.full((cap, R + DR), NAN, device=DEV).to(dtype) for _ in range(2)]
+    scs = [torch.full((cap,), NAN, device=DEV) for _ in range(2)]
+    scale = naive.mla_scale(DN + DR)
+    kw = dict(num_splits=4, min_chunk=16, BS=16)
+    for p in [0, 1, 30, 31]:
+        if p == 30:  # rows 2..29 as a prefill chunk would write them
+            kv = r(28, R + DR, k=2.0)
+            for lat, sc in zip(lats, scs):
+                mla.mla_cache_write(kv, w, 1e-5, lat, 2, sc)
+        q, kv = r(H, DN + DR), r(1, R + DR, k=2.0)
+        pos = torch.tensor([p], dtype=torch.int32, device=DEV)
+        seq = torch.tensor([p + 1], dtype=torch.int32, device=DEV)
+        # fused: 3 launches
+        lsc = scs[0] if dtype == FP8 else None
+        q_abs = mla.mla_absorb_write(q, k_b, kv, w, 1e-5, lats[0], pos, lsc, out=torch.full((H, R), NAN, device=DEV).to(BF))
+        o8 = torch.full((x8_words(H * DV),), -1, dtype=torch.int32, device=DEV)
+        o = mla.mla_decode(q_abs, q[:, DN:], lats[0], seq, scale, latent_scale=lsc, v_b=v_b, o8=o8, **kw)
+        # unfused: the engine's former launches
+        lsc = scs[1] if dtype == FP8 else None
+        mla.mla_cache_write(kv, w, 1e-5, lats[1], pos, lsc)
+        q_abs_ref = torch.bmm(k_b, q[:, :DN, None]).squeeze(-1)
+        ctx_ref = mla.mla_decode(q_abs_ref, q[:, DN:], lats[1], seq, scale, torch.empty(H, R, device=DEV).to(BF),
+                                 latent_scale=lsc, **kw)
+        o_ref = torch.bmm(v_b, ctx_ref[:, :, None]).reshape(-1)
+        assert _same_bytes(lats[0], lats[1]) and _same_bytes(scs[0], scs[1])
+        assert rel(o, o_ref) < 1e-2, p
+        assert torch.equal(o8, quantize_x8(o)) and _x8_within_a_step(o8, o, o_ref)
+
+
 # ---- GPU, real shapes ------------------------------------------------------------------------
 def _real_case(n, dtype, gen, cap=None):
     H, R, DR = 32, 512, 64
@@ -226,3 +391,129 @@ def test_mla_decode_graph_growing_length():
         out.fill_(float("nan"))
         g.replay()
         assert rel(out, _attend(q_abs, q_pe, lat, None, n, scale)) < 1e-2, n
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF, FP8])
+def test_mla_absorb_write_real_shapes(dtype):
+    """32 heads, R 512, Dn 128, Dr 64: the cache row bit-identical to mla_cache_write's, q_abs within one bf16
+    rounding of the exact product (and of cuBLAS's bmm: summation order only)."""
+    gen = torch.Generator().manual_seed(4)
+    H, R, DN, DR, cap, p = 32, 512, 128, 64, 8, 5
+    q = torch.randn(H, DN + DR, generator=gen).to(BF).cuda()
+    k_b = (torch.randn(H, R, DN, generator=gen) * 0.1).to(BF).cuda()
+    kv = torch.randn(1, R + DR, generator=gen).to(BF).cuda()
+    w = (torch.rand(R, generator=gen) + 0.5).cuda()
+    lat = torch.full((cap, R + DR), NAN, device="cuda").to(dtype)
+    sc = torch.full((cap,), NAN, device="cuda")
+    lat_ref, sc_ref = lat.clone(), sc.clone()
+    mla.mla_cache_write(kv, w, 1e-5, lat_ref, p, sc_ref)
+    out = torch.full((H, R), NAN, device="cuda").to(BF)
+    mla.mla_absorb_write(q, k_b, kv, w, 1e-5, lat, torch.tensor([p], dtype=torch.int32, device="cuda"), sc, out=out)
+    assert _same_bytes(lat, lat_ref) and _same_bytes(sc, sc_ref)
+    exact = torch.einsum("hrd,hd->hr", k_b.double(), q[:, :DN].double())
+    absmag = torch.einsum("hrd,hd->hr", k_b.double().abs(), q[:, :DN].double().abs())
+    assert _bf16_close(out, exact, absmag, ulps=0.5)
+    assert _bf16_close(out, torch.bmm(k_b, q[:, :DN, None]).squeeze(-1), absmag, ulps=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 4096, 131072])
+@pytest.mark.parametrize("dtype", [BF, FP8])
+@pytest.mark.parametrize("x8", [True, False])
+def test_mla_decode_vo_real_shapes(n, dtype, x8):
+    """The default launch configuration at the model's shapes (Dv 128, R / 64 = 8 partials per head) against
+    combine + cuBLAS bmm + quantize_x8."""
+    gen = torch.Generator().manual_seed(n)
+    H, R, DV = 32, 512, 128
+    q_abs, q_pe, lat, sc = _real_case(n, dtype, gen)
+    v_b = (torch.randn(H, DV, R, generator=gen) * 0.05).to(BF).cuda()
+    scale = 1 / math.sqrt(192)
+    ctx_ref = mla.mla_decode(q_abs, q_pe, lat, n, scale, torch.full((H, R), NAN, device="cuda").to(BF), latent_scale=sc)
+    o_ref = torch.bmm(v_b, ctx_ref[:, :, None]).reshape(-1)
+    ctx = torch.full((H, R), NAN, device="cuda").to(BF)
+    o = torch.full((1, H * DV), NAN, device="cuda").to(BF)
+    o8 = torch.full((x8_words(H * DV),), -1, dtype=torch.int32, device="cuda") if x8 else None
+    mla.mla_decode(q_abs, q_pe, lat, n, scale, ctx, latent_scale=sc, v_b=v_b, o=o, o8=o8)
+    torch.testing.assert_close(ctx.float(), ctx_ref.float(), rtol=2**-7, atol=1e-6)
+    exact = torch.einsum("hdr,hr->hd", v_b.double(), ctx.double()).reshape(-1)
+    absmag = torch.einsum("hdr,hr->hd", v_b.double().abs(), ctx.double().abs()).reshape(-1)
+    assert _bf16_close(o[0], exact, absmag, ulps=0.5)
+    assert rel(o, o_ref) < 1e-2
+    if x8:
+        assert torch.equal(o8, quantize_x8(o))
+        assert _x8_within_a_step(o8, o, o_ref)
+    assert (mla._vo_workspace(v_b.device, H, R // 64, DV)[1] == 0).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF, FP8])
+def test_mla_decode_step_graph_growing_length(dtype, monkeypatch):
+    """The engine's three MLA decode launches (mla_absorb_write, split, combine + v_b + x8) captured once and
+    replayed at growing lengths through device position / length tensors; the MLA launches without PDL (the
+    default) and, where supported, with it (KIMI_LOCAL_MLA_PDL=1): bitwise the same results."""
+    gen = torch.Generator().manual_seed(5)
+    H, R, DN, DR, DV, cap = 32, 512, 128, 64, 128, 20000
+    scale = 1 / math.sqrt(DN + DR)
+    kvs = torch.randn(cap, R + DR, generator=gen).to(BF).cuda()
+    w = (torch.rand(R, generator=gen) + 0.5).cuda()
+    k_b = (torch.randn(H, R, DN, generator=gen) * 0.1).to(BF).cuda()
+    v_b = (torch.randn(H, DV, R, generator=gen) * 0.05).to(BF).cuda()
+    lat_full = torch.empty(cap, R + DR, dtype=dtype, device="cuda")
+    sc_full = torch.empty(cap, device="cuda")
+    mla.mla_cache_write(kvs, w, 1e-5, lat_full, 0, sc_full)  # what the graph's writes must reproduce
+    lengths = [1, 2, 100, 129, 4096, 12345, 20000]
+    qs = [torch.randn(H, DN + DR, generator=gen).to(BF).cuda() for _ in lengths]
+    lat, sc = lat_full.clone(), sc_full.clone()
+    q_buf, kv_buf = torch.empty(H, DN + DR, dtype=BF, device="cuda"), torch.empty(1, R + DR, dtype=BF, device="cuda")
+    pos, seq = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.ones(1, dtype=torch.int32, device="cuda")
+    q_abs = torch.empty(H, R, dtype=BF, device="cuda")
+    o = torch.empty(1, H * DV, dtype=BF, device="cuda")
+    o8 = torch.empty(x8_words(H * DV), dtype=torch.int32, device="cuda")
+
+    def step():
+        mla.mla_absorb_write(q_buf, k_b, kv_buf, w, 1e-5, lat, pos, sc, out=q_abs)
+        mla.mla_decode(q_abs, q_buf[:, DN:], lat, seq, scale, latent_scale=sc, v_b=v_b, o=o, o8=o8)
+
+    modes = ["0", "1"] if pdl.supported("cuda") else ["0"]
+    results = {}
+    for mode in modes:
+        monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", mode)
+        with pdl.active(pdl.supported("cuda")):
+            q_buf.copy_(qs[0])
+            kv_buf.copy_(kvs[:1])
+            step()  # warm-up: compile, workspaces
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+        outs = []
+        for n, q in zip(lengths, qs):
+            lat.copy_(lat_full)
+            sc.copy_(sc_full)
+            lat[n - 1:] = NAN  # the new row comes from the graph, rows past it must not be read
+            sc[n - 1:] = NAN
+            q_buf.copy_(q)
+            kv_buf.copy_(kvs[n - 1:n])
+            pos.fill_(n - 1)
+            seq.fill_(n)
+            for t in (q_abs, o):
+                t.fill_(NAN)
+            o8.fill_(-1)
+            g.replay()
+            torch.cuda.synchronize()
+            assert _same_bytes(lat[n - 1], lat_full[n - 1]) and (dtype != FP8 or torch.equal(sc[n - 1], sc_full[n - 1]))
+            q_abs_ref = torch.bmm(k_b, q[:, :DN, None]).squeeze(-1)
+            absmag = torch.einsum("hrd,hd->hr", k_b.double().abs(), q[:, :DN].double().abs())
+            assert _bf16_close(q_abs, q_abs_ref, absmag, ulps=1), n
+            ctx_ref = mla.mla_decode(q_abs_ref, q[:, DN:], lat_full, n, scale, torch.empty(H, R, dtype=BF, device="cuda"),
+                                     latent_scale=sc_full)
+            o_ref = torch.bmm(v_b, ctx_ref[:, :, None]).reshape(1, -1)
+            assert rel(o, o_ref) < 1e-2, n
+            assert torch.equal(o8, quantize_x8(o)), n
+            assert (mla._vo_workspace(v_b.device, H, R // 64, DV)[1] == 0).all()
+            outs.append((q_abs.clone(), o.clone(), o8.clone()))
+        results[mode] = outs
+    for mode in modes[1:]:
+        for got, base in zip(results[mode], results[modes[0]]):
+            assert all(torch.equal(a, b) for a, b in zip(got, base))
