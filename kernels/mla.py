@@ -310,7 +310,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     BS = d["BS"] if BS is None else BS
     num_warps = d["num_warps"] if num_warps is None else num_warps
     num_stages = d["num_stages"] if num_stages is None else num_stages
-    min_chunk = d["min_chunk"] if min_chunk is None else min_chunk
+    if min_chunk is None:  # KIMI_LOCAL_MLA_MIN_CHUNK: rows per split at least (A/B runs)
+        min_chunk = int(os.environ.get("KIMI_LOCAL_MLA_MIN_CHUNK", 0)) or d["min_chunk"]
     fp8_compute = fp8_compute or d.get("fp8_compute", "bf16")
     if num_splits is None and not _INTERP and torch.cuda.is_available():
         num_splits = d["splits_per_sm"] * default_splits(q_abs.device)

@@ -205,19 +205,23 @@ def time_decode_variants(net, cache, variants: list, n_tokens: int, depth: int, 
     return [sorted(t[1:])[len(t[1:]) // 2] for t in times]
 
 
-def time_decode(net, cache, n_tokens: int, depth: int) -> float:
-    """Seconds per decoded token at context depth `depth` (graph replays on CUDA)."""
+def time_decode(net, cache, n_tokens: int, depth: int, rounds: int = 3) -> float:
+    """Seconds per decoded token at context depth `depth` (graph replays on CUDA): the median of `rounds`
+    timed rounds of n_tokens, after one untimed round (graph capture, then the GPU's clocks ramping up
+    from idle: a single warm-up token left the first timed tokens ~10 % slower, H200, session 8)."""
     _fill_cache(cache, depth, n_tokens)
-    ids = torch.tensor([1])
-    net.forward(ids, cache)  # builds / warms the graph
-    _sync(net.device)
-    cache.pos, cache.tokens = depth, [0] * depth
-    t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        logits = net.forward(ids, cache)
-        ids = torch.argmax(logits[-1]).reshape(1).cpu()  # one sync per token, as in generation
-    _sync(net.device)
-    return (time.perf_counter() - t0) / n_tokens
+    times = []
+    for _ in range(rounds + 1):
+        cache.pos, cache.tokens = depth, [0] * depth
+        ids = torch.tensor([1])
+        _sync(net.device)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = net.forward(ids, cache)
+            ids = torch.argmax(logits[-1]).reshape(1).cpu()  # one sync per token, as in generation
+        _sync(net.device)
+        times.append((time.perf_counter() - t0) / n_tokens)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def time_prefill(net, n: int, chunk: int | None, vocab: int) -> tuple[float, int]:

@@ -96,11 +96,11 @@ def snapshot(st) -> dict:
 
 def run_mode(net, cfg, tokens: int, warmup: int, prefill_n: int, chunk: int, depth: int) -> dict:
     cache = net.new_cache(max_ctx=max(depth, 1) + tokens + warmup + 8)
-    B.time_decode(net, cache, warmup, depth)  # fills the cache to depth, builds the graph, warms the expert cache
+    B.time_decode(net, cache, warmup, depth, rounds=1)  # fills the cache to depth, builds the graph, warms the expert cache
     st = getattr(net, "expert_stats", None)
     before = snapshot(st) if st else None
     cache.pos, cache.tokens = 0, []  # time_decode reserves from the current position
-    s = B.time_decode(net, cache, tokens, depth)
+    s = B.time_decode(net, cache, tokens, depth, rounds=1)
     row = dict(decode_tok_s=round(1 / s, 2), decode_ms_per_token=round(1e3 * s, 3), graph=bool(net._graphs))
     if st:
         d = {k: v - before[k] for k, v in snapshot(st).items()}
