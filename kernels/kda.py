@@ -300,9 +300,11 @@ def _workspace(device, H: int, V: int):
 
 
 DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
-# with the fused f / z products (fg_a given): 4 warps, as 1 warp spills at BV=16 (offline sm_90 compile: 255
-# registers); KIMI_LOCAL_KDA_CFG="BV,warps" overrides both defaults (A/B runs)
-FUSED_DEFAULTS = dict(BV=16, num_warps=4)
+# with the fused f / z products (fg_a given): 1 warp spills at BV=16 (offline sm_90 compile: 255 registers).
+# Whole decode step, H200 (session 8, runs 3 and 6, graph-interleaved, tok/s at 4K / 128K): BV=16 4 warps
+# 503.1 / 421.8 and 507.2 / 421.9; BV=32 4 warps 505.4 / 422.6 and 509.7 / 423.8; BV=16 1 warp 458.0 / 390.6;
+# BV=16 2 warps 502.8 / 418.6; BV=128 8 warps 442.6 / 382.5. KIMI_LOCAL_KDA_CFG="BV,warps" overrides (A/B runs)
+FUSED_DEFAULTS = dict(BV=32, num_warps=4)
 
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,

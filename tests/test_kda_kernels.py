@@ -129,7 +129,7 @@ def test_decode_step_rejects_wide_conv():
 
 
 def test_decode_step_defaults():
-    assert kda.DEFAULTS == dict(BV=16, num_warps=1) and kda.FUSED_DEFAULTS == dict(BV=16, num_warps=4)
+    assert kda.DEFAULTS == dict(BV=16, num_warps=1) and kda.FUSED_DEFAULTS == dict(BV=32, num_warps=4)
 
 
 def test_decode_step_env_config(monkeypatch):
