@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
+from .router import _max_carry
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
@@ -126,6 +127,46 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
 
 
 @triton.jit
+def _route_id(logits, bias, j, NR: tl.constexpr, BNR: tl.constexpr):
+    """Expert id of pick j (runtime) of the router's top-k over logits [NR] fp32: j + 1 arg-max passes, the
+    selection order and ties of router._route_row (the gate/up programs need no weight)."""
+    o_e = tl.arange(0, BNR)
+    m_e = o_e < NR
+    b_s = tl.sigmoid(tl.load(logits + o_e, mask=m_e, other=0.0, cache_modifier=".cg"))
+    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))
+    idx = tl.full([], 0, tl.int32)
+    for p in range(j + 1):
+        _, idx, _ = tl.reduce((b_sel, o_e, b_sel), 0, _max_carry)
+        b_sel = tl.where(o_e == idx, float("-inf"), b_sel)
+    return idx
+
+
+@triton.jit
+def _route_pick(logits, bias, j, scale, NR: tl.constexpr, BNR: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                BIASED: tl.constexpr, RENORM: tl.constexpr):
+    """(expert id, routing weight) of pick j (runtime, < K) of the router's top-K over logits [NR] fp32: the
+    same arg-max passes, ties, weights and renormalisation as router._route_row, in this program (one warp:
+    shuffles only). `.cg` loads: the logits were written by another launch."""
+    o_e = tl.arange(0, BNR)
+    m_e = o_e < NR
+    b_s = tl.sigmoid(tl.load(logits + o_e, mask=m_e, other=0.0, cache_modifier=".cg"))
+    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))
+    b_w = b_sel if BIASED else b_s
+    o_k = tl.arange(0, BK)
+    ids = tl.zeros([BK], dtype=tl.int32)
+    wts = tl.zeros([BK], dtype=tl.float32)
+    for p in tl.static_range(K):
+        _, idx, w_p = tl.reduce((b_sel, o_e, b_w), 0, _max_carry)
+        ids = tl.where(o_k == p, idx, ids)
+        wts = tl.where(o_k == p, w_p, wts)
+        b_sel = tl.where(o_e == idx, float("-inf"), b_sel)
+    if RENORM:
+        wts = wts / (tl.sum(wts, 0) + 1e-20)
+    wts = wts * scale
+    return tl.sum(tl.where(o_k == j, ids, 0), 0), tl.sum(tl.where(o_k == j, wts, 0.0), 0)
+
+
+@triton.jit
 def _prefetch_e(w, n, N, K, e0, e1, QT: tl.constexpr):
     """L2-prefetch rows n of the packed [N, K] matrix at w over elements [e0, e1) (quant_matmul._prefetch_rows)."""
     if QT == 0:
@@ -146,14 +187,16 @@ def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexp
 
 
 @triton.jit
-def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS,
+def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS, rbias, rscale,
                           KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr, GT: tl.constexpr,
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
                           QTSU: tl.constexpr, CSU: tl.constexpr, EVSU: tl.constexpr, PDL: tl.constexpr,
-                          X8: tl.constexpr, PREFETCH: tl.constexpr):
-    # X8: x is an x8 buffer and act gets x8 rows (see _act_store)
+                          X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
+                          BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr):
+    # X8: x is an x8 buffer and act gets x8 rows (see _act_store). ROUTE: slot_ids are the router's logits [NR]
+    # (resident experts: slot = expert id) and each program picks its expert itself (_route_pick)
     i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     f = i_f * BF + tl.arange(0, BF)
     fl = tl.minimum(f, F - 1)
@@ -168,7 +211,10 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
         gdc_wait()
         gdc_launch_dependents()
     if i_e < KTOP:
-        slot = tl.load(slot_ids + i_e).to(tl.int64)
+        if ROUTE:
+            slot = _route_id(slot_ids, rbias, i_e, NR, BNR).to(tl.int64)
+        else:
+            slot = tl.load(slot_ids + i_e).to(tl.int64)
         b_g = _wdot_e(x, gate + slot * mat_g, fl, F, D, e0, e1, QTG, BF, CG, EVG, X8)
         b_u = _wdot_e(x, up + slot * mat_u, fl, F, D, e0, e1, QTU, BF, CU, EVU, X8)
     else:
@@ -200,11 +246,13 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 
 
 @triton.jit
-def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS,
+def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
-                       X8: tl.constexpr, PREFETCH: tl.constexpr):
+                       X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
+                       BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr):
+    # ROUTE: slot_ids / weights are the router's logits [NR] / selection bias, see _moe_w_gate_up_kernel
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
@@ -215,20 +263,27 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
     d_mask = d < D
     e0 = i_s * FPS
     e1 = e0 + FPS
-    if PREFETCH:  # this program's down rows into L2 while the gate/up kernel still runs. Reading slot_ids
-        # before gdc_wait() is safe: the router wrote them two launches back, and this grid only starts once
-        # every gate/up program has passed its own gdc_wait() (router complete and visible) and then called
-        # gdc_launch_dependents()
+    # The routing (slot_ids / weights, or ROUTE: the logits) is read before gdc_wait(): the router wrote it two
+    # launches back, and this grid only starts once every gate/up program has passed its own gdc_wait() (router
+    # complete and visible) and then called gdc_launch_dependents(). So the top-k of ROUTE overlaps gate/up.
+    slot = tl.full([], 0, tl.int64)
+    wt = tl.full([], 1.0, tl.float32)
+    if i_e < KTOP:
+        if ROUTE:
+            pick, wt = _route_pick(slot_ids, weights, i_e, rscale, NR, BNR, KTOP, BK, BIASED, RENORM)
+            slot = pick.to(tl.int64)
+        else:
+            slot = tl.load(slot_ids + i_e).to(tl.int64)
+            wt = tl.load(weights + i_e).to(tl.float32)
+    if PREFETCH:  # this program's down rows into L2 while the gate/up kernel still runs
         if i_e < KTOP:
-            _prefetch_e(down + tl.load(slot_ids + i_e).to(tl.int64) * mat_d, dl, D, F, e0, e1, QTD)
+            _prefetch_e(down + slot * mat_d, dl, D, F, e0, e1, QTD)
         else:
             _prefetch_e(sdown, dl, D, F, e0, e1, QTSD)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     if i_e < KTOP:
-        slot = tl.load(slot_ids + i_e).to(tl.int64)
-        wt = tl.load(weights + i_e).to(tl.float32)
         y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8)
     else:
         y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
@@ -273,7 +328,7 @@ def moe_prefetch() -> set:
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -282,13 +337,24 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     "tile": the older tile kernels. Workspaces are cached per device and size (graph-capturable after
     the first call). x8 (word path): int8 activations and dp4a (quant_matmul's x8 section): None =
     x8_default(), True = quantize x here (one more launch), an int32 tensor = x's x8 buffer, False = fp;
-    the gate/up kernel then also writes act as int8 for the down kernel."""
+    the gate/up kernel then also writes act as int8 for the down kernel.
+    route = (bias [E], k, scale, biased_weights, renormalize): slot_ids is then the router's logits [E] fp32
+    (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
+    expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
+    router.route would (the word path; the other paths run router.route first)."""
+    if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
+            shared_qtypes or ()))):
+        from .router import route as _route
+        rb, rk, rs, rbw, rrn = route
+        ids, wts = _route(slot_ids.reshape(1, -1), rb, rk, rs, rbw, rrn)
+        return moe_decode(x, ids[0], wts[0], gate_pool, up_pool, down_pool, qtypes, out, shared, shared_qtypes,
+                          workspace, impl, BF, S1, BD, S2, num_warps, num_stages, C, x8)
     if impl == "tile":
         return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
                                shared_qtypes=shared_qtypes, workspace=workspace)
     D = x.shape[-1]
     F = gate_pool.shape[1]
-    K = slot_ids.shape[0]
+    K = slot_ids.shape[0] if route is None else route[1]
     qg, qu, qd = qtypes
     assert gate_pool.shape[2] == packed_row_bytes(qg, D) and down_pool.shape[2] == packed_row_bytes(qd, F)
     assert x.is_contiguous() and out.is_contiguous()
@@ -346,18 +412,27 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     na = S1 * (gt // BF)
     part1, cnt1 = split_workspace(x.device, S1 * E * 2 * F if na > 1 else 0, E * triton.cdiv(F, gt) if na > 1 else 0)
     pre = moe_prefetch()
+    rbias, rscale, rkw = weights, 1.0, dict(ROUTE=False, NR=1, BNR=1, BK=1, BIASED=False, RENORM=False)
+    if route is not None:  # the kernels pick the experts: slot_ids = the router's logits [NR] fp32
+        rbias, _, rscale, biased, renorm = route
+        NR = slot_ids.numel()
+        assert slot_ids.dtype == torch.float32 and rbias.numel() == NR and rbias.is_contiguous()
+        rkw = dict(ROUTE=True, NR=NR, BNR=triton.next_power_of_2(NR), BK=triton.next_power_of_2(max(K, 1)),
+                   BIASED=bool(biased), RENORM=bool(renorm))
+        rscale = float(rscale)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
-        eps, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU, EVU=EVU,
-        QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(), X8=use_x8,
-        PREFETCH="shared" in pre and has_shared, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+        eps, rbias, rscale, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU,
+        EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(),
+        X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](
-        act, slot_ids, weights, down_pool, sd, out, part2, cnt2, F, D, down_pool[0].numel(), fps,
-        KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD, QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD,
-        PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch_kw())
+        act, slot_ids, weights if route is None else rbias, down_pool, sd, out, part2, cnt2, F, D,
+        down_pool[0].numel(), fps, rscale, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
+        QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 
 

@@ -214,7 +214,7 @@ def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, s
 def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w_out, eps, scale, stride_w,
                              D: tl.constexpr, BDN: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
                              BEF: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr,
-                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr):
+                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr, TOPK: tl.constexpr):
     """One token. Program i_e: x = res + v, h = rms_norm(x) * nw (norm.rms_norm_kernel's roundings), logits of
     experts i_e * BE .. + BE from h; the last program to arrive (counter cnt, re-armed by it) runs the top-k
     and stores x (to res: every other program has read res before its releasing arrival), h and h's x8."""
@@ -239,7 +239,8 @@ def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w
     tl.debug_barrier()  # every thread's logits and reads of res before the (releasing) arrival
     c = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
     if c == tl.num_programs(0) - 1:
-        _route_row(logits, bias, ids_out, w_out, scale, E, BEF, K, BK, BIASED, RENORM, True)
+        if TOPK:  # else the MoE kernels pick the experts from the logits themselves (moe.moe_decode(route=...))
+            _route_row(logits, bias, ids_out, w_out, scale, E, BEF, K, BK, BIASED, RENORM, True)
         tl.store(res + o_d, b_x, mask=m_d)
         tl.store(h + o_d, b_h, mask=m_d)
         if X8:
@@ -252,11 +253,13 @@ NORM_ROUTE_DEFAULTS = dict(BE=2, num_warps=4)
 
 def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: float, h=None, x8_out=None,
                       biased_weights: bool = False, renormalize: bool = True, BE: int | None = None,
-                      num_warps: int | None = None):
+                      num_warps: int | None = None, topk: bool = True):
     """One token: residual += v; h = naive.rms_norm(residual, norm_w, eps) (x8_out, if given: h's int8
     activations, as norm.rms_norm writes them); then router_route(h, w, bias, k, scale): all in one launch.
     v, residual [1, D] or [D] (residual updated in place); w [E, D] fp32; returns (h, ids [1, k] int32,
-    weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation)."""
+    weights [1, k] fp32). Graph-capturable after the first call on a device (counter allocation).
+    topk=False: no top-k here; returns (h, logits [1, E] fp32, None) for moe.moe_decode(route=...), whose
+    programs pick their experts from the logits (the router's last program then only stores x, h, h8)."""
     D = v.shape[-1]
     E = w.shape[0]
     assert v.numel() == D and residual.numel() == D and v.is_contiguous() and residual.is_contiguous()
@@ -276,6 +279,6 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
         v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, cnt, bias, ids, wts,
         eps, float(scale), w.stride(0), D=D, BDN=BDN, E=E, BE=BE, BEF=triton.next_power_of_2(E), K=k,
         BK=triton.next_power_of_2(k), BIASED=biased_weights, RENORM=renormalize, X8=x8_out is not None,
-        PDL=pdl.enabled(), **pdl.launch_kw(),
+        PDL=pdl.enabled(), TOPK=topk, **pdl.launch_kw(),
         num_warps=1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"]))
-    return h, ids, wts
+    return (h, ids, wts) if topk else (h, logits, None)

@@ -336,14 +336,19 @@ class GpuKimi(KimiLinear):
         # KIMI_LOCAL_NORM_ROUTE=0 keeps them two launches
         fuse_route = x.shape[0] == 1 and os.environ.get("KIMI_LOCAL_NORM_ROUTE", "1") != "0"
 
-        def norm_route(v, i):  # -> (h, h8, (ids, weights)); x += v, h = norm(x), the router's top-k of h
+        # resident experts (slot = expert id): the MoE kernels pick the experts from the router's logits
+        # themselves, so the router launch has no top-k tail (KIMI_LOCAL_ROUTE_IN_MOE=0: the router does it)
+        topk_in_moe = type(self.experts) is GpuExperts and os.environ.get("KIMI_LOCAL_ROUTE_IN_MOE", "1") != "0"
+
+        def norm_route(v, i):  # -> (h, h8, routed); x += v, h = norm(x), the router's top-k of h (or its logits)
             b = f"blk.{i}."
             h8 = new_h8()
             h, ids, wts = norm_router_route(v, x, w[b + "ffn_norm.weight"], eps, w[b + "ffn_gate_inp.weight"],
                                             w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                             cfg.routed_scaling_factor, x8_out=h8,
-                                            biased_weights=cfg.biased_router_weights, renormalize=cfg.moe_renormalize)
-            return h, h8, (ids, wts)
+                                            biased_weights=cfg.biased_router_weights, renormalize=cfg.moe_renormalize,
+                                            topk=not topk_in_moe)
+            return h, h8, (("logits", ids) if topk_in_moe else (ids, wts))
 
         h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):
@@ -468,8 +473,17 @@ class GpuKimi(KimiLinear):
         return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
 
     def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None) -> torch.Tensor:
-        """routed: (ids, weights) when the router already ran (norm_router_route), else routed here."""
+        """routed: (ids, weights) when the router already ran (norm_router_route), ("logits", logits [1, E]) when
+        it left the top-k to the MoE kernels (one token, resident experts), else routed here."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
+        if routed is not None and isinstance(routed[0], str):  # ("logits", logits)
+            shared, shq = w.get(b + "shexp", (None, None))
+            out = torch.empty_like(h)
+            moe_decode(h[0], routed[1][0], None, *self.experts.pools(i), self.experts.qtypes(i), out[0], shared=shared,
+                       shared_qtypes=shq, x8=h8, route=(w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
+                                                       cfg.routed_scaling_factor, cfg.biased_router_weights,
+                                                       cfg.moe_renormalize))
+            return out
         ids, wts = routed if routed is not None else route_tokens(
             h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
             cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)

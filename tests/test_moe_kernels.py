@@ -158,6 +158,39 @@ def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     check(out, moe_ref(x, slots[None], w[None], gd, ud, dd, shared=shared[1]), 3e-2)
 
 
+def _router_case(S, k, seed, device="cpu"):
+    from kimi_local.kernels.router import route
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(S, generator=g) * 2).to(device)
+    bias = (torch.randn(S, generator=g) * 0.1).to(device)
+    logits[3] = logits[1]  # a tie: the lower expert id is picked first, as router.route does
+    return logits, bias, route
+
+
+@pytest.mark.parametrize("biased,renorm,x8", [(False, True, False), (True, True, True), (False, False, True)])
+def test_moe_decode_route_in_kernel(biased, renorm, x8, monkeypatch):
+    """route=(...): the kernels pick the experts and weights from the router's logits themselves; the result
+    equals moe_decode on router.route's ids and weights, bit for bit."""
+    qtypes, shq = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
+    assert _expect_word_path(monkeypatch, qtypes, shq)
+    S, D, F, k, scale = 6, 256, 256, 3, 2.5
+    pools, dense, shared = make_moe(qtypes, S, D, F, shq, seed=11)
+    x = torch.randn(D, generator=torch.Generator().manual_seed(12))
+    logits, bias, route = _router_case(S, k, 13)
+    ids, wts = route(logits[None], bias, k, scale, biased, renorm)
+    want = torch.full((D,), float("nan"))
+    moe.moe_decode(x, ids[0], wts[0], *pools, qtypes, want, shared=shared[0], shared_qtypes=shq, x8=x8)
+    got = torch.full((D,), float("nan"))
+    moe.moe_decode(x, logits, None, *pools, qtypes, got, shared=shared[0], shared_qtypes=shq, x8=x8,
+                   route=(bias, k, scale, biased, renorm))
+    assert torch.equal(got, want)
+    monkeypatch.undo()  # (lifts _expect_word_path's guard)
+    got.fill_(float("nan"))  # the tile path (non-word types) routes first, then the same result
+    moe.moe_decode(x, logits, None, *pools, qtypes, got, shared=shared[0], shared_qtypes=shq, x8=x8, impl="tile",
+                   route=(bias, k, scale, biased, renorm))
+    check(got, moe_ref(x, ids, wts, *dense, shared=shared[1]), 1e-4 if not x8 else 3e-2)
+
+
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
     (("Q3_K", "Q5_K", "Q2_K"), None),
@@ -236,6 +269,34 @@ def test_cuda_moe_decode(qtypes):
         torch.cuda.synchronize()
         check(out, ref8, 5e-3)
     check(out, ref, 3e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_moe_decode_route_in_kernel():
+    """Real shapes (256 experts, top-8, Q4_K/Q4_K/Q5_K + Q8_0 shared, x8), PDL on, in a CUDA graph: the kernels'
+    own top-k from the logits equals moe_decode on router.route's ids and weights, bit for bit."""
+    from kimi_local.kernels import pdl as P
+    S, D, F, k = 256, 2304, 1024, 8
+    qtypes, shq = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
+    g = torch.Generator().manual_seed(8)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    shared = [make_pool(qt, 1, r, c, "cuda", g, 0.002, dense=False)[0][0] for qt, r, c in zip(shq, (F, F, D), (D, D, F))]
+    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    logits, bias, route = _router_case(S, k, 9, "cuda")
+    ids, wts = route(logits[None], bias, k, 2.446, False, True)
+    want = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    moe.moe_decode(x, ids[0], wts[0], *pools, qtypes, want, shared=shared, shared_qtypes=shq, x8=True)
+    got = torch.empty_like(want)
+    kw = dict(shared=shared, shared_qtypes=shq, x8=True, route=(bias, k, 2.446, False, True))
+    with P.active(P.supported("cuda")):
+        moe.moe_decode(x, logits, None, *pools, qtypes, got, **kw)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe.moe_decode(x, logits, None, *pools, qtypes, got, **kw)
+    got.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.cuda
