@@ -66,6 +66,29 @@ def test_engine_fused_quantized_projections_match_reference(tiny_dir, monkeypatc
         assert _rel(e, r) < max(3 * _rel(b, r), 1e-2), (_rel(e, r), _rel(b, r))
 
 
+def test_engine_router_topk_in_moe_equals_router_topk(tiny_dir, monkeypatch):
+    """Resident experts: the MoE kernels' own top-k over the router logits (default) and the router launch's
+    top-k (KIMI_LOCAL_ROUTE_IN_MOE=0) give bit-identical logits and states over several decode steps."""
+    from kimi_local.bench import synthetic_weights
+    from kimi_local.engine import GpuKimi
+    from kimi_local.kernels.quant_matmul import WORD_QTYPES
+
+    cfg = HFCheckpoint(tiny_dir).cfg  # Q8_0 experts: the word-path kernels (a float pool routes first)
+    w = synthetic_weights(cfg, lambda name, shape: "Q8_0" if shape[-1] % 32 == 0 else "BF16", "cpu", seed=3)
+    eng = GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False)
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)]
+    assert moe_layers and all(q in WORD_QTYPES for i in moe_layers for q in eng.experts.qtypes(i))
+    caches = [eng.new_cache(max_ctx=32), eng.new_cache(max_ctx=32)]
+    for t in [7, 300, 41]:
+        outs = []
+        for env, cache in zip(("1", "0"), caches):
+            monkeypatch.setenv("KIMI_LOCAL_ROUTE_IN_MOE", env)
+            outs.append(eng.forward(torch.tensor([t]), cache))
+        assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    for i in cfg.kda_layer_ids:
+        assert torch.equal(caches[0].kda_state[i], caches[1].kda_state[i])
+
+
 def test_engine_with_offloaded_experts_equals_resident(tiny_dir):
     """The engine reading its packed expert pools through kimi_local.offload's slot cache (2 + 1
     slots of 8 per layer, prefetch on) decodes the same greedy tokens as with all experts resident."""
