@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .router import _max_carry
+from .router import _max_carry, _topk
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
@@ -144,25 +144,10 @@ def _route_id(logits, bias, j, NR: tl.constexpr, BNR: tl.constexpr):
 @triton.jit
 def _route_pick(logits, bias, j, scale, NR: tl.constexpr, BNR: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                 BIASED: tl.constexpr, RENORM: tl.constexpr):
-    """(expert id, routing weight) of pick j (runtime, < K) of the router's top-K over logits [NR] fp32: the
-    same arg-max passes, ties, weights and renormalisation as router._route_row, in this program (one warp:
-    shuffles only). `.cg` loads: the logits were written by another launch."""
-    o_e = tl.arange(0, BNR)
-    m_e = o_e < NR
-    b_s = tl.sigmoid(tl.load(logits + o_e, mask=m_e, other=0.0, cache_modifier=".cg"))
-    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))
-    b_w = b_sel if BIASED else b_s
+    """(expert id, routing weight) of pick j (runtime, < K) of the router's top-K over logits [NR] fp32
+    (router._topk, in this program: one warp, shuffles only; the logits come from another launch)."""
+    ids, wts = _topk(logits, bias, scale, NR, BNR, K, BK, BIASED, RENORM, True)
     o_k = tl.arange(0, BK)
-    ids = tl.zeros([BK], dtype=tl.int32)
-    wts = tl.zeros([BK], dtype=tl.float32)
-    for p in tl.static_range(K):
-        _, idx, w_p = tl.reduce((b_sel, o_e, b_w), 0, _max_carry)
-        ids = tl.where(o_k == p, idx, ids)
-        wts = tl.where(o_k == p, w_p, wts)
-        b_sel = tl.where(o_e == idx, float("-inf"), b_sel)
-    if RENORM:
-        wts = wts / (tl.sum(wts, 0) + 1e-20)
-    wts = wts * scale
     return tl.sum(tl.where(o_k == j, ids, 0), 0), tl.sum(tl.where(o_k == j, wts, 0.0), 0)
 
 

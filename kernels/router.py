@@ -66,11 +66,11 @@ def _max_carry(v1, i1, w1, v2, i2, w2):
 
 
 @triton.jit
-def _route_row(logits_row, bias, ids_row, w_row, scale,
-               E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-               BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
-    """Top-k of one token's E logits -> ids [K] int32, weights [K] fp32 (CG: read the logits past L1,
-    for logits other programs of this launch wrote)."""
+def _topk(logits_row, bias, scale, E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+          BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
+    """Top-k of one token's E logits -> (ids [BK] int32, weights [BK] fp32 times scale; the first K are the
+    picks). CG: read the logits past L1, for logits another program or launch wrote. Also the MoE kernels'
+    own expert picks (moe._route_pick)."""
     o_e = tl.arange(0, BE)
     m_e = o_e < E
     if CG:
@@ -90,9 +90,19 @@ def _route_row(logits_row, bias, ids_row, w_row, scale,
         b_sel = tl.where(o_e == idx, float("-inf"), b_sel)
     if RENORM:
         wts = wts / (tl.sum(wts, 0) + 1e-20)
+    return ids, wts * scale
+
+
+@triton.jit
+def _route_row(logits_row, bias, ids_row, w_row, scale,
+               E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+               BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
+    """_topk of one token's logits stored to ids_row [K] int32, w_row [K] fp32."""
+    ids, wts = _topk(logits_row, bias, scale, E, BE, K, BK, BIASED, RENORM, CG)
+    o_k = tl.arange(0, BK)
     m_k = o_k < K
     tl.store(ids_row + o_k, ids, mask=m_k)
-    tl.store(w_row + o_k, wts * scale, mask=m_k)
+    tl.store(w_row + o_k, wts, mask=m_k)
 
 
 @triton.jit

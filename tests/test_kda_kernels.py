@@ -40,6 +40,24 @@ def _token(H, K, V, gen, dev=DEV, dtype=torch.float32):
     return r(H * K), r(H * K), r(H * V), r(H * K) * 2, r(H), r(H * V)  # q_raw k_raw v_raw f beta_logit z
 
 
+def _graph_of(step, first, S, tails):
+    """(CUDA graph of step(*bufs), bufs): input buffers holding `first`; one eager call before the capture
+    (compile, workspace allocation) whose state and conv-tail updates are then undone."""
+    bufs = [torch.empty_like(x) for x in first]
+    for b, x in zip(bufs, first):
+        b.copy_(x)
+    s_save, t_save = S.clone(), [t.clone() for t in tails]
+    step(*bufs)
+    torch.cuda.synchronize()
+    S.copy_(s_save)
+    for t, s in zip(tails, t_save):
+        t.copy_(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step(*bufs)
+    return g, bufs
+
+
 def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False,
                num_warps=None, pdl=False, x8=False):
     """Max relative error of the outputs and of the final state vs the reference over n_steps tokens.
@@ -53,20 +71,8 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     out = torch.empty(H * V, dtype=out_dtype, device=dev)
     out8 = torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None
     if graph:
-        bufs = [torch.empty_like(x) for x in toks[0]]
-        step = lambda: kda.kda_decode_step(*bufs, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,  # noqa: E731
-                                          num_warps=num_warps, pdl=pdl, out8=out8)
-        for b, x in zip(bufs, toks[0]):
-            b.copy_(x)
-        s_save, t_save = S.clone(), [t.clone() for t in t_k]
-        step()  # compile + allocate the workspace outside the capture
-        torch.cuda.synchronize()
-        S.copy_(s_save)
-        for t, s in zip(t_k, t_save):
-            t.copy_(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+        g, bufs = _graph_of(lambda *b: kda.kda_decode_step(*b, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,
+                                                           num_warps=num_warps, pdl=pdl, out8=out8), toks[0], S, t_k)
     errs = []
     for tok in toks:
         ref = naive.kda_decode_ref(*tok, conv_w, t_ref, a, dt_bias, norm_w, S_ref, 1e-5)
@@ -183,18 +189,7 @@ def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed,
                             fg_a=fg, f_b=f_b, g_b=g_b, rank_chunk=rank_chunk, **kw)
 
     if graph:
-        bufs = [torch.empty_like(x) for x in toks[0]]
-        for b, x in zip(bufs, toks[0]):
-            b.copy_(x)
-        s_save, t_save = S_f.clone(), [t.clone() for t in t_f]
-        fused(*bufs)  # compile + allocate the workspace outside the capture
-        torch.cuda.synchronize()
-        S_f.copy_(s_save)
-        for t, s in zip(t_f, t_save):
-            t.copy_(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fused(*bufs)
+        g, bufs = _graph_of(fused, toks[0], S_f, t_f)
     errs = []
     for q, k, v, beta, fg in toks:
         f = _as_stored(f_b.float() @ fg[:RF].float(), in_dtype)
