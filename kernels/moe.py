@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .router import _max_carry, _topk
+from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
@@ -112,15 +112,19 @@ def _workspace(n, device):
 
 
 @triton.jit
+def _eblocks(e0, e1, K, QT: tl.constexpr):
+    """The ggml blocks [b0, b1) of elements [e0, e1) of a row of K (e1 clipped to K; Q8_0 blocks of 32, the
+    K-quants' of 256)."""
+    if QT == 0:
+        return e0 // 32, tl.minimum(e1, K) // 32
+    return e0 // 256, tl.minimum(e1, K) // 256
+
+
+@triton.jit
 def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
             X8: tl.constexpr):
     """_wdot (X8: _i8dot, x an x8 buffer) over elements [e0, e1) of K (multiples of the type's block)."""
-    if QT == 0:
-        b0 = e0 // 32
-        b1 = tl.minimum(e1, K) // 32
-    else:
-        b0 = e0 // 256
-        b1 = tl.minimum(e1, K) // 256
+    b0, b1 = _eblocks(e0, e1, K, QT)
     if X8:
         return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN)
     return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
@@ -130,10 +134,7 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
 def _route_id(logits, bias, j, NR: tl.constexpr, BNR: tl.constexpr):
     """Expert id of pick j (runtime) of the router's top-k over logits [NR] fp32: j + 1 arg-max passes, the
     selection order and ties of router._route_row (the gate/up programs need no weight)."""
-    o_e = tl.arange(0, BNR)
-    m_e = o_e < NR
-    b_s = tl.sigmoid(tl.load(logits + o_e, mask=m_e, other=0.0, cache_modifier=".cg"))
-    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))
+    o_e, _s, b_sel = _scores(logits, bias, NR, BNR, True)  # (not `_`: the loop below rebinds it to scalars)
     idx = tl.full([], 0, tl.int32)
     for p in range(j + 1):
         _, idx, _ = tl.reduce((b_sel, o_e, b_sel), 0, _max_carry)
@@ -154,10 +155,8 @@ def _route_pick(logits, bias, j, scale, NR: tl.constexpr, BNR: tl.constexpr, K: 
 @triton.jit
 def _prefetch_e(w, n, N, K, e0, e1, QT: tl.constexpr):
     """L2-prefetch rows n of the packed [N, K] matrix at w over elements [e0, e1) (quant_matmul._prefetch_rows)."""
-    if QT == 0:
-        _prefetch_rows(w, n, N, K, e0 // 32, tl.minimum(e1, K) // 32, QT)
-    else:
-        _prefetch_rows(w, n, N, K, e0 // 256, tl.minimum(e1, K) // 256, QT)
+    b0, b1 = _eblocks(e0, e1, K, QT)
+    _prefetch_rows(w, n, N, K, b0, b1, QT)
 
 
 @triton.jit
@@ -329,7 +328,6 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     router.route would (the word path; the other paths run router.route first)."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
-        from .router import route as _route
         rb, rk, rs, rbw, rrn = route
         ids, wts = _route(slot_ids.reshape(1, -1), rb, rk, rs, rbw, rrn)
         return moe_decode(x, ids[0], wts[0], gate_pool, up_pool, down_pool, qtypes, out, shared, shared_qtypes,

@@ -66,11 +66,9 @@ def _max_carry(v1, i1, w1, v2, i2, w2):
 
 
 @triton.jit
-def _topk(logits_row, bias, scale, E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-          BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
-    """Top-k of one token's E logits -> (ids [BK] int32, weights [BK] fp32 times scale; the first K are the
-    picks). CG: read the logits past L1, for logits another program or launch wrote. Also the MoE kernels'
-    own expert picks (moe._route_pick)."""
+def _scores(logits_row, bias, E: tl.constexpr, BE: tl.constexpr, CG: tl.constexpr):
+    """(o_e [BE], s = sigmoid(logits) [BE], selection scores s + bias [BE], -inf past E) of one token's E logits;
+    CG: read the logits past L1, for logits another program or launch wrote."""
     o_e = tl.arange(0, BE)
     m_e = o_e < E
     if CG:
@@ -78,7 +76,15 @@ def _topk(logits_row, bias, scale, E: tl.constexpr, BE: tl.constexpr, K: tl.cons
     else:
         b_l = tl.load(logits_row + o_e, mask=m_e, other=0.0)
     b_s = tl.sigmoid(b_l.to(tl.float32))
-    b_sel = tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))  # [BE]
+    return o_e, b_s, tl.where(m_e, b_s + tl.load(bias + o_e, mask=m_e, other=0.0), float("-inf"))
+
+
+@triton.jit
+def _topk(logits_row, bias, scale, E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+          BIASED: tl.constexpr, RENORM: tl.constexpr, CG: tl.constexpr):
+    """Top-k of one token's E logits -> (ids [BK] int32, weights [BK] fp32 times scale; the first K are the
+    picks; CG as _scores). Also the MoE kernels' own expert picks (moe._route_pick)."""
+    o_e, b_s, b_sel = _scores(logits_row, bias, E, BE, CG)
     b_w = b_sel if BIASED else b_s
     o_k = tl.arange(0, BK)
     ids = tl.zeros([BK], dtype=tl.int32)

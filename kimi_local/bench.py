@@ -36,7 +36,7 @@ def hbm_bandwidth(device, nbytes: int = 2 << 30) -> float:
         e.synchronize()
         t.append(s.elapsed_time(e) / 1e3)
     del a, b
-    return nbytes / sorted(t)[len(t) // 2]
+    return nbytes / _median(t)
 
 
 def _sync(device):
@@ -193,16 +193,26 @@ def time_decode_variants(net, cache, variants: list, n_tokens: int, depth: int, 
     times = [[] for _ in variants]
     for _ in range(rounds + 1):  # round 0: warm-up, not kept
         for j, g in enumerate(graphs):
-            cache.pos, cache.tokens = depth, [0] * depth
-            ids = torch.tensor([1])
-            _sync(net.device)
-            t0 = time.perf_counter()
-            for _ in range(n_tokens):
-                ids = torch.argmax(g.step(ids)[-1]).reshape(1).cpu()
-            _sync(net.device)
-            times[j].append((time.perf_counter() - t0) / n_tokens)
+            times[j].append(_decode_round(g.step, cache, n_tokens, depth))
     del graphs
-    return [sorted(t[1:])[len(t[1:]) // 2] for t in times]
+    return [_median(t[1:]) for t in times]
+
+
+def _median(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _decode_round(step, cache, n_tokens: int, depth: int) -> float:
+    """Seconds per token of n_tokens greedy steps (step(ids) -> logits) from context depth `depth`, with one
+    host sync per token as in generation."""
+    cache.pos, cache.tokens = depth, [0] * depth
+    ids = torch.tensor([1])
+    _sync(cache.device)
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+        ids = torch.argmax(step(ids)[-1]).reshape(1).cpu()
+    _sync(cache.device)
+    return (time.perf_counter() - t0) / n_tokens
 
 
 def time_decode(net, cache, n_tokens: int, depth: int, rounds: int = 3) -> float:
@@ -210,18 +220,8 @@ def time_decode(net, cache, n_tokens: int, depth: int, rounds: int = 3) -> float
     timed rounds of n_tokens, after one untimed round (graph capture, then the GPU's clocks ramping up
     from idle: a single warm-up token left the first timed tokens ~10 % slower, H200, session 8)."""
     _fill_cache(cache, depth, n_tokens)
-    times = []
-    for _ in range(rounds + 1):
-        cache.pos, cache.tokens = depth, [0] * depth
-        ids = torch.tensor([1])
-        _sync(net.device)
-        t0 = time.perf_counter()
-        for _ in range(n_tokens):
-            logits = net.forward(ids, cache)
-            ids = torch.argmax(logits[-1]).reshape(1).cpu()  # one sync per token, as in generation
-        _sync(net.device)
-        times.append((time.perf_counter() - t0) / n_tokens)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    times = [_decode_round(lambda ids: net.forward(ids, cache), cache, n_tokens, depth) for _ in range(rounds + 1)]
+    return _median(times[1:])
 
 
 def time_prefill(net, n: int, chunk: int | None, vocab: int) -> tuple[float, int]:

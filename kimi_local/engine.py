@@ -476,9 +476,9 @@ class GpuKimi(KimiLinear):
         """routed: (ids, weights) when the router already ran (norm_router_route), ("logits", logits [1, E]) when
         it left the top-k to the MoE kernels (one token, resident experts), else routed here."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
-        if routed is not None and isinstance(routed[0], str):  # ("logits", logits)
-            shared, shq = w.get(b + "shexp", (None, None))
-            out = torch.empty_like(h)
+        shared, shq = w.get(b + "shexp", (None, None))
+        out = torch.empty_like(h)
+        if routed is not None and isinstance(routed[0], str):  # ("logits", logits): resident pools, slot = id
             moe_decode(h[0], routed[1][0], None, *self.experts.pools(i), self.experts.qtypes(i), out[0], shared=shared,
                        shared_qtypes=shq, x8=h8, route=(w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                                        cfg.routed_scaling_factor, cfg.biased_router_weights,
@@ -488,9 +488,7 @@ class GpuKimi(KimiLinear):
             h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
             cfg.routed_scaling_factor, cfg.biased_router_weights, cfg.moe_renormalize)
         slots = self.experts.prepare(i, ids, h).to(torch.int32)
-        pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)
-        shared, shq = w.get(b + "shexp", (None, None))
-        out = torch.empty_like(h)
+        pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)  # after prepare: it may stage the slots
         if h.shape[0] == 1:
             moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
                        x8=h8)

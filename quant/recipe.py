@@ -202,10 +202,8 @@ def engine_weight_bytes(recipe: Recipe, cfg: KimiConfig, shapes: dict | None = N
                     total += tensor_nbytes(q, s) if q not in ("F32", "F16", "BF16") else 2 * math.prod(s)
         elif stored_f32(name):
             total += 4 * math.prod(s)  # fp32 vectors, conv taps, router
-        elif name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
-            total += 2 * math.prod(s)  # bf16 for the absorbed-MLA bmm
-        elif short in ("ssm_f_b.weight", "ssm_g_b.weight"):
-            total += 2 * math.prod(s)  # dense bf16 [P, K]: the KDA decode step computes f and z itself
+        elif short in ("attn_k_b.weight", "attn_v_b.weight", "ssm_f_b.weight", "ssm_g_b.weight"):
+            total += 2 * math.prod(s)  # bf16, read by the MLA absorb / combine and the KDA decode-step kernels
         elif group is not None:
             if short == group[0]:  # the fused matrix, counted once
                 total += matrix([recipe.qtype(b + n, shapes[b + n]) for n in group], [shapes[b + n] for n in group])
