@@ -286,13 +286,23 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
 
 
-def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False):
-    """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py)."""
+_DOWN_PARTS = 18  # down programs per d-tile (E * S2) of the routed layout: 8 experts + shared, S2 = 2
+
+
+def moe_decode_config(qtypes, shared_qtypes, D, F, x8=False, E=9):
+    """Default (BF, S1, BD, S2, num_warps) of the word-path decode (see scripts/sweep_gemv.py) for E experts
+    (routed + shared) per token."""
     if INTERPRET:  # few, wide programs: the interpreter's cost is per operation
         return 128, 1, 128, 1, 4
     over = env_config("KIMI_LOCAL_MOE_CFG", 5)  # "BF,S1,BD,S2,warps" (A/B runs)
     if over:
         return over
+    if E < 9 and os.environ.get("KIMI_LOCAL_DENSE_S2", "1") != "0":
+        # few experts (the dense layer 0 runs as one "shared" expert, F = 9216): as many down programs per d-tile
+        # as the routed layout has (E * S2 = 18), else each of the few programs walks a long slice of F
+        # (H200, session 8 profile: 60.7 us for layer 0's down with E = 1, S2 = 2, against 13.6 us routed)
+        bf, s1, bd, s2, w = moe_decode_config(qtypes, shared_qtypes, D, F, x8)
+        return bf, s1, bd, max(s2, -(-_DOWN_PARTS // E)), w
     if x8:  # session 4 sweep (H200, --x8): 27.9 vs 32.4 us (16, 9, 16, 4) for Q4_K/Q4_K/Q5_K, 23.3 vs 26.8 Q2_K/Q2_K/Q3_K,
         # 28.9 vs 34.4 Q4_K/Q4_K/Q6_K (+Q8_0 shared); the fp path's default measured 38.7 / 40.9 / 42.8 us
         return 16, 3, 16, 2, 1
@@ -352,7 +362,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     E = K + int(has_shared)
     if x8 is None:
         x8 = x8_default()
-    dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False)
+    dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False, E=E)
     BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
     num_warps = num_warps or dW
     all_word = all(q in WORD_QTYPES for q in (qg, qu, qd, qsg, qsu, qsd))

@@ -272,6 +272,33 @@ def test_cuda_moe_decode(qtypes):
 
 
 @pytest.mark.cuda
+def test_cuda_dense_ffn_decode():
+    """Layer 0's dense FFN ([9216, 2304] gate/up, [2304, 9216] down) as the only ("shared") expert, x8, the
+    default config for E = 1 (more F-splits of down) and KIMI_LOCAL_DENSE_S2=0's, against the x8 reference."""
+    D, F = 2304, 9216
+    qts = ("Q4_K", "Q4_K", "Q6_K")
+    g = torch.Generator().manual_seed(11)
+    mats, dense = [], []
+    for qt, r, c in zip(qts, (F, F, D), (D, D, F)):
+        p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+        mats.append(p[0]), dense.append(dq[0])
+    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
+    none_i = torch.empty(0, dtype=torch.int32, device="cuda")
+    ref8 = moe_ref_x8(x, none_i, [], None, None, None, shared=dense)
+    for s2 in ("1", "0"):
+        os.environ["KIMI_LOCAL_DENSE_S2"] = s2
+        try:
+            out = torch.full((D,), float("nan"), device="cuda", dtype=torch.float32)
+            moe.moe_decode(x, none_i, none_i.float(), *(m[None] for m in mats), qts, out, shared=mats,
+                           shared_qtypes=qts, x8=True)
+            torch.cuda.synchronize()
+        finally:
+            os.environ.pop("KIMI_LOCAL_DENSE_S2")
+        check(out, ref8, 5e-3)
+    assert moe.moe_decode_config(qts, qts, D, F, x8=True, E=1)[3] == 18
+
+
+@pytest.mark.cuda
 def test_cuda_moe_decode_route_in_kernel():
     """Real shapes (256 experts, top-8, Q4_K/Q4_K/Q5_K + Q8_0 shared, x8), PDL on, in a CUDA graph: the kernels'
     own top-k from the logits equals moe_decode on router.route's ids and weights, bit for bit."""
