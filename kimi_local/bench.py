@@ -190,10 +190,12 @@ def time_decode_variants(net, cache, variants: list, n_tokens: int, depth: int, 
 
     _fill_cache(cache, depth, n_tokens)
     graphs = [_with_env(env, lambda: DecodeGraph(net, cache)) for _, env in variants]
+    sampler = _greedy(net)
     times = [[] for _ in variants]
     for _ in range(rounds + 1):  # round 0: warm-up, not kept
         for j, g in enumerate(graphs):
-            times[j].append(_decode_round(g.step, cache, n_tokens, depth))
+            times[j].append(_with_env(variants[j][1], lambda: _decode_round(lambda tok, n: g.stream(sampler, tok, n),
+                                                                            cache, n_tokens, depth)))
     del graphs
     return [_median(t[1:]) for t in times]
 
@@ -202,25 +204,35 @@ def _median(xs: list) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _decode_round(step, cache, n_tokens: int, depth: int) -> float:
-    """Seconds per token of n_tokens greedy steps (step(ids) -> logits) from context depth `depth`, with one
-    host sync per token as in generation."""
+def _greedy(net):
+    from kimi_local.generate import Sampler, SamplingParams
+
+    return Sampler(SamplingParams(temperature=0), net.cfg.vocab_size, net.device)
+
+
+def _decode_round(stream, cache, n_tokens: int, depth: int) -> float:
+    """Seconds per token of n_tokens greedy tokens from context depth `depth`, fed and sampled by
+    stream(tok, n) (generate's decode loop: one host sync per token)."""
     cache.pos, cache.tokens = depth, [0] * depth
-    ids = torch.tensor([1])
     _sync(cache.device)
     t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        ids = torch.argmax(step(ids)[-1]).reshape(1).cpu()
+    for _ in stream(1, n_tokens):
+        pass
     _sync(cache.device)
     return (time.perf_counter() - t0) / n_tokens
 
 
 def time_decode(net, cache, n_tokens: int, depth: int, rounds: int = 3) -> float:
-    """Seconds per decoded token at context depth `depth` (graph replays on CUDA): the median of `rounds`
-    timed rounds of n_tokens, after one untimed round (graph capture, then the GPU's clocks ramping up
-    from idle: a single warm-up token left the first timed tokens ~10 % slower, H200, session 8)."""
+    """Seconds per decoded token at context depth `depth` (graph replays on CUDA, generate's decode loop):
+    the median of `rounds` timed rounds of n_tokens, after one untimed round (graph captures, then the GPU's
+    clocks ramping up from idle: a single warm-up token left the first timed tokens ~10 % slower, H200,
+    session 8)."""
+    from kimi_local.generate import decode_steps
+
     _fill_cache(cache, depth, n_tokens)
-    times = [_decode_round(lambda ids: net.forward(ids, cache), cache, n_tokens, depth) for _ in range(rounds + 1)]
+    sampler = _greedy(net)
+    stream = lambda tok, n: decode_steps(net, cache, sampler, tok, n)  # noqa: E731
+    times = [_decode_round(stream, cache, n_tokens, depth) for _ in range(rounds + 1)]
     return _median(times[1:])
 
 

@@ -106,7 +106,8 @@ class Conversation:
                  progress: Callable[[int, int], None] | None = None) -> Iterator[str]:
         """Prefill the turn's new tokens, then yield the answer's text, one string per token
         (often empty). `stop()` is polled between tokens; when it says so the answer ends there and
-        the cache holds exactly the tokens yielded. If the prefill fails, the turn is rolled back."""
+        the cache holds exactly the tokens whose text was yielded (with a CUDA decode stream, that
+        includes the one token already fed ahead). If the prefill fails, the turn is rolled back."""
         self.cache.check_room(len(turn.ids) + 1)
         if self._before is None or self._before[2] is not turn:
             self._before = (Snapshot(self.cache), list(self.messages), turn)
@@ -123,6 +124,11 @@ class Conversation:
                 if stop():
                     self.interrupted = True
                     break
+            tokens.close()
+            for tok in self.last.unyielded:  # fed ahead by the CUDA decode stream: in the cache, so in the answer
+                piece = "" if tok in self.tok.stop_ids else dec.push(tok)
+                text.append(piece)
+                yield piece
             tail = dec.flush()
             text.append(tail)
             yield tail

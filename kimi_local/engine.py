@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_local.cache import KimiCache
+from kimi_local.generate import lookahead_steps
 from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_absorb_write, mla_cache_write, mla_decode
@@ -298,10 +299,7 @@ class GpuKimi(KimiLinear):
     def forward(self, ids: torch.Tensor, cache: KimiCache, logits: str = "last"):
         T = ids.shape[0]
         if T == 1 and self.use_graph and logits != "all":
-            g = self._graphs.get(id(cache))
-            if g is None or g.cache is not cache:
-                g = self._graphs[id(cache)] = DecodeGraph(self, cache)
-            out = g.step(ids)
+            out = self._graph(cache).step(ids)
             return None if logits == "none" else out
         cache.reserve(T)
         cache.pos_dev.fill_(cache.pos)
@@ -309,6 +307,21 @@ class GpuKimi(KimiLinear):
         out = self.body(self._embed(ids), cache, logits)
         cache.advance(ids.tolist())
         return out
+
+    def _graph(self, cache: KimiCache) -> "DecodeGraph":
+        g = self._graphs.get(id(cache))
+        if g is None or g.cache is not cache:
+            g = self._graphs[id(cache)] = DecodeGraph(self, cache)
+        return g
+
+    def decode_stream(self, cache: KimiCache, sampler, tok: int, max_tokens: int, stop_ids=frozenset()):
+        """generate's decode loop on the device (DecodeGraph.stream): yields tok, then sampled ids, each fed to
+        the cache first. None where the host must see each token before the next step (no graphs, or a host
+        embedding table: the next row is gathered on the host): generate then feeds tokens one forward() at a
+        time."""
+        if not self.use_graph or self.embed_on_host:
+            return None
+        return self._graph(cache).stream(sampler, tok, max_tokens, stop_ids)
 
     def decode_body(self, inp: torch.Tensor, cache: KimiCache) -> torch.Tensor:
         """One token with device-side positions (cache.pos_dev / len_dev): the captured region.
@@ -602,6 +615,8 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph), pdl.active(self.pdl):
             self.logits = net.decode_body(self.inp, cache)
         self._load_state(saved)
+        self._sampler = None  # (sampler, its graph), see _sampler_graph
+        self._host_tok = self._events = None  # stream(): pinned int64 [2] and two events (double buffered)
 
     def _save_state(self):
         """What the warm-up steps must not change: recurrent state, conv tails, and the expert
@@ -622,6 +637,72 @@ class DecodeGraph:
     def _set_pos(self):
         self.cache.pos_dev.fill_(self.cache.pos)
         self.cache.len_dev.fill_(self.cache.pos + 1)
+
+    def _sampler_graph(self, sampler) -> torch.cuda.CUDAGraph:
+        """The sampler's CUDA graph after this step's (one per sampler, the last one kept): the next id from
+        self.logits into self.inp, the positions + 1 on the device. Captured after an eager warm-up whose
+        effects (sampler state, positions) are undone."""
+        if self._sampler is not None and self._sampler[0] is sampler:
+            return self._sampler[1]
+        saved = sampler.state()
+        s = torch.cuda.Stream(self.net.device)
+        s.wait_stream(torch.cuda.current_stream(self.net.device))
+        with torch.cuda.stream(s):  # lazy inits (cuBLAS / sort workspaces) outside the capture
+            sampler(self.logits[-1])
+        torch.cuda.current_stream(self.net.device).wait_stream(s)
+        sampler.load_state(saved)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.inp.copy_(sampler(self.logits[-1]))
+            self.cache.pos_dev.add_(1)
+            self.cache.len_dev.add_(1)
+        self._sampler = (sampler, g)
+        return g
+
+    def stream(self, sampler, tok: int, max_tokens: int, stop_ids=frozenset()):
+        """Yield tok, then tokens sampled on the device, until a stop token (yielded) or max_tokens, each fed
+        to the cache before it is yielded. Replay n = the step graph (feeds token n, writes the logits) + the
+        sampler graph (token n + 1 into the step's input, positions + 1): nothing passes through the host
+        between steps, so replay n + 1 is launched before the host waits for token n + 1 to print token n,
+        and the GPU never waits for the host (the token fed ahead is never wasted: a stop token is fed too).
+        One host sync per token: an event after token n + 1's copy into pinned memory.
+        KIMI_LOCAL_STREAM=0 (A/B runs): one step() and an eager sample per token instead."""
+        if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0":
+            return self._one_at_a_time(sampler, tok, max_tokens, stop_ids)
+        c = self.cache
+        sg = self._sampler_graph(sampler)
+        if self._host_tok is None:
+            self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=True)
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        host, events = self._host_tok, self._events
+        launched = 0
+
+        def launch():  # replay `launched`: feeds the token in self.inp, samples the next into host[launched % 2]
+            nonlocal launched
+            self.graph.replay()
+            sg.replay()
+            host[launched % 2 : launched % 2 + 1].copy_(self.inp, non_blocking=True)
+            events[launched % 2].record()
+            launched += 1
+
+        def read(m: int) -> int:  # the token replay m sampled (replay m + 2 reuses its slot: read it before)
+            events[m % 2].synchronize()
+            return int(host[m % 2])
+
+        c.check_room(1)
+        self.inp.fill_(tok)
+        self._set_pos()
+        return lookahead_steps(c, tok, max_tokens, stop_ids, launch, read)
+
+    def _one_at_a_time(self, sampler, tok: int, max_tokens: int, stop_ids):
+        """stream() with the host in the loop: feed tok (one replay), yield it, sample the next eagerly."""
+        for n in range(max_tokens):
+            last = tok in stop_ids or n == max_tokens - 1
+            logits = self.step(torch.tensor([tok]))
+            yield tok
+            if last:
+                return
+            tok = int(sampler(logits[-1]))
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         c = self.cache

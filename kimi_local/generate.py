@@ -1,13 +1,14 @@
 """Prefill, decode and sampling for one sequence.
 
 `prefill(model, cache, ids, chunk)` runs the prompt in chunks (bounded activation memory, progress
-callback); `sample(logits, params, gen, history)` picks the next token on the logits' device;
+callback); `sample(logits, params, gen, history)` picks the next token on the logits' device, `Sampler`
+does so with its state (random counter, repeat-penalty ring) on the device, CUDA-graph capturable;
 `generate(...)` streams token ids until a stop token or the budget.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -67,22 +68,98 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None,
+# ---- random numbers: a counter-based hash, the same bits on every device ---------------------------------
+# u_i = hash(seed, step, i) in (0, 1) for vocabulary entry i at sampling step `step` (a device counter, so the
+# draw can run inside a CUDA graph and repeat exactly on the CPU); token = argmax(filtered logits + Gumbel(u)),
+# which picks i with probability softmax(filtered logits)_i (the Gumbel-max trick). All integer math stays
+# below 2^63 in int64 (no overflow, identical on CPU and GPU).
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B1
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of x in [0, 2^32) (int64 tensors; xor-shift-multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+class Rng:
+    """Seeded counter-based generator on a device: `gumbel(n)` draws n Gumbel(0, 1) values and advances the
+    step counter (a device tensor) in place: no host sync, CUDA-graph capturable."""
+
+    def __init__(self, device, seed: int | None = None):
+        self.seed = (seed if seed is not None else time.time_ns()) & _M32
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)
+        self._idx: torch.Tensor | None = None  # i * golden ratio, [n] int64 (made once per size)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """[n] fp32 in (0, 1): 24 random bits per value, centred in their bin."""
+        if self._idx is None or self._idx.numel() != n:
+            self._idx = torch.arange(n, dtype=torch.int64, device=self.step.device) * _GOLDEN
+        base = _mix32(_mix32(torch.full_like(self.step, self.seed)) ^ self.step)  # [1]
+        x = _mix32(_mix32((self._idx + base) & _M32) ^ base)
+        self.step.add_(1)
+        return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+    def gumbel(self, n: int) -> torch.Tensor:
+        return -torch.log(-torch.log(self.uniform(n)))
+
+
+def make_generator(device, seed: int | None) -> Rng:
+    return Rng(device, seed)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: Rng | None,
            history: torch.Tensor | None = None) -> torch.Tensor:
-    """One token id (a 0-d int64 tensor on the logits' device; no host sync)."""
+    """One token id (a 0-d int64 tensor on the logits' device; no host sync). history: token ids the repeat
+    penalty applies to (ids >= the vocabulary size are ignored: padding)."""
     logits = logits.float().reshape(-1)
-    if history is not None:
-        logits = apply_repeat_penalty(logits, history[-p.repeat_last_n :], p.repeat_penalty)
+    if history is not None and p.repeat_penalty != 1.0:
+        logits = _penalize(logits, history[-p.repeat_last_n :], p.repeat_penalty)
     if p.temperature == 0:
         return torch.argmax(logits)
-    probs = torch.softmax(filter_logits(logits, p), -1)
-    return torch.multinomial(probs, 1, generator=gen)[0]
+    return torch.argmax(filter_logits(logits, p) + gen.gumbel(logits.numel()))
 
 
-def make_generator(device, seed: int | None) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
-    return g
+def _penalize(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """apply_repeat_penalty without indexing by history (a device tensor whose padding entries are >= V):
+    a seen-mask through index_fill, then one where (graph-capturable)."""
+    V = logits.numel()
+    seen = torch.zeros(V + 1, dtype=torch.bool, device=logits.device)
+    seen = seen.index_fill_(0, history.clamp(max=V), True)[:V]
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+class Sampler:
+    """Sampling with its state on the device: the Rng counter and a ring of the last `repeat_last_n` token ids
+    (for the repeat penalty). `sampler(logits)` -> the next id [1] int64, pushed into the ring: no host sync,
+    so it can be captured in a CUDA graph after the decode step (engine.DecodeGraph.stream)."""
+
+    def __init__(self, params: SamplingParams, vocab: int, device, history: list[int] = ()):
+        self.params, self.vocab = params, vocab
+        self.rng = Rng(device, params.seed)
+        n = max(1, params.repeat_last_n)
+        ring = [t for t in history[-n:] if 0 <= t < vocab]
+        self.ring = torch.full((n,), vocab, dtype=torch.int64, device=device)  # vocab = empty slot
+        if ring:
+            self.ring[: len(ring)] = torch.tensor(ring, dtype=torch.int64)
+        self.head = torch.full((1,), len(ring) % n, dtype=torch.int64, device=device)  # next slot to write
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        tok = sample(logits, self.params, self.rng, self.ring).reshape(1)
+        self.ring.index_copy_(0, self.head, tok)
+        self.head.copy_((self.head + 1) % self.ring.numel())
+        return tok
+
+    def state(self) -> tuple:
+        return self.rng.step.clone(), self.ring.clone(), self.head.clone()
+
+    def load_state(self, st: tuple) -> None:
+        for t, v in zip((self.rng.step, self.ring, self.head), st):
+            t.copy_(v)
 
 
 @dataclass
@@ -91,6 +168,7 @@ class Stats:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    unyielded: list = field(default_factory=list)  # fed to the cache ahead but never yielded (see generate)
 
     @property
     def prefill_tps(self) -> float:
@@ -130,12 +208,13 @@ def generate(model, cache, prompt_ids: list[int], params: SamplingParams, max_to
              progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
     """Prefill prompt_ids (the new tokens only: earlier turns are in the cache), then yield sampled
     token ids one by one. Each token is fed to the cache before it is yielded, the stop token too,
-    so the cache always holds the prompt plus exactly the tokens yielded so far; closing the
-    generator early (e.g. on Ctrl-C between tokens) leaves it consistent."""
+    so the cache holds the prompt plus the tokens yielded so far. On CUDA with a decode graph the
+    model may already be feeding the next token while one is yielded (`model.decode_stream`): if the
+    consumer closes the generator early (e.g. Ctrl-C between tokens) that token stays in the cache and
+    is listed in stats.unyielded (the cache and its token list always agree)."""
     params.validate()
     stats = stats if stats is not None else Stats()
     dev = model.device
-    gen = make_generator(dev, params.seed)
     t0 = time.perf_counter()
     logits = prefill(model, cache, prompt_ids, chunk, progress)
     _sync(dev)
@@ -143,16 +222,75 @@ def generate(model, cache, prompt_ids: list[int], params: SamplingParams, max_to
     stats.prefill_s += time.perf_counter() - t0
     if logits is None:
         raise ValueError("generate needs at least one prompt token")
-    history = torch.tensor(cache.tokens[-params.repeat_last_n :] or [0], dtype=torch.int64, device=dev)
+    start = len(cache.tokens)
+    sampler = Sampler(params, logits.shape[-1], dev, cache.tokens)
     t1 = time.perf_counter()
+    tok = int(sampler(logits[-1]))  # the one host sync per token (later tokens: inside the stream)
+    steps = decode_steps(model, cache, sampler, tok, max_tokens, stop_ids)
+    n = 0
+    try:
+        for tok in steps:
+            n += 1
+            stats.decode_tokens += 1
+            stats.decode_s = time.perf_counter() - t1
+            yield tok
+    finally:
+        steps.close()  # a token fed ahead is recorded in the cache here
+        stats.unyielded = cache.tokens[start + n :]
+
+
+def decode_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop_ids=frozenset()) -> Iterator[int]:
+    """Feed tok and yield it, then the tokens sampled after it, until a stop token (yielded) or max_tokens:
+    the model's device-side stream (GpuKimi.decode_stream) where it has one, else one forward() per token."""
+    stream = getattr(model, "decode_stream", None)
+    steps = stream(cache, sampler, tok, max_tokens, stop_ids) if stream is not None else None
+    return steps if steps is not None else _eager_steps(model, cache, sampler, tok, max_tokens, stop_ids)
+
+
+def _eager_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop_ids) -> Iterator[int]:
+    """Feed tok, yield it, sample the next from its logits; until a stop token or max_tokens (the last
+    token is fed without computing logits)."""
     for n in range(max_tokens):
-        tok = int(sample(logits[-1], params, gen, history))  # the one host sync per token
         last = tok in stop_ids or n == max_tokens - 1
         cache.check_room(1)
         logits = model.forward(torch.tensor([tok]), cache, logits="none" if last else "last")
-        stats.decode_tokens += 1
-        stats.decode_s = time.perf_counter() - t1
         yield tok
         if last:
             return
-        history = torch.cat([history, torch.tensor([tok], device=dev)])[-params.repeat_last_n :]
+        tok = int(sampler(logits[-1]))
+
+
+def lookahead_steps(cache, tok: int, max_tokens: int, stop_ids, launch: Callable[[], None],
+                    read: Callable[[int], int]) -> Iterator[int]:
+    """decode_steps for a device that feeds and samples by itself: launch() enqueues step m (m = 0, 1, ...:
+    feeds token m, the one step m - 1 sampled; token 0 = tok, already in place), read(m) waits for step m and
+    returns the token it sampled. Step n + 1 is launched before the host waits for token n + 1 to yield
+    token n, so the device never waits for the host. The cache's host side (positions, token ids) follows
+    each fed token before it is yielded. Closed early (or on an error), the steps already launched are
+    waited for and their tokens recorded, so the cache stays equal to the device's state."""
+    fed, launched, pos0 = [tok], 0, cache.pos
+
+    def go():
+        nonlocal launched
+        launch()
+        launched += 1
+
+    go()
+    try:
+        for n in range(max_tokens):
+            last = fed[n] in stop_ids or n == max_tokens - 1
+            if not last and cache.pos + 2 <= cache.max_ctx:
+                go()  # feeds token n + 1 while the host waits for it below
+            fed.append(read(n))
+            cache.advance(fed[n : n + 1])
+            yield fed[n]
+            if last:
+                return
+            if launched == n + 1:  # no room was left for token n + 1: this raises ContextOverflow
+                cache.check_room(1)
+                go()
+    finally:
+        for m in range(cache.pos - pos0, launched):
+            if m >= len(fed):
+                fed.append(read(m - 1))
+            cache.advance(fed[m : m + 1])

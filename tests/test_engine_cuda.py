@@ -86,6 +86,43 @@ def test_graph_decode_equals_eager_for_256_tokens():
     assert seqs[0] == seqs[1]
 
 
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02,
+                                                            repeat_penalty=1.3, seed=5)])
+def test_device_stream_equals_one_step_at_a_time(params, monkeypatch):
+    """generate through the device stream (step graph + sampler graph, the next step launched before the host
+    reads a token) yields the same tokens and leaves the same cache as one forward() + eager sample per token
+    (KIMI_LOCAL_STREAM=0); closed early, the token fed ahead is in the cache and in stats.unyielded."""
+    from kimi_local.generate import SamplingParams, Stats, generate
+
+    cfg, _, gpu = _models()
+    prompt = torch.randint(0, cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(6)).tolist()
+    p = SamplingParams(**params)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KIMI_LOCAL_STREAM", flag)
+        cache = gpu.new_cache(max_ctx=512)
+        toks = list(generate(gpu, cache, prompt, p, 200))
+        runs.append((toks, list(cache.tokens), {i: t.clone() for i, t in cache.kda_state.items()}))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] == prompt + runs[0][0]
+    assert all(torch.equal(runs[0][2][i], runs[1][2][i]) for i in runs[0][2])
+    if p.temperature:
+        assert len(set(runs[0][0])) > 20  # really sampled
+    monkeypatch.setenv("KIMI_LOCAL_STREAM", "1")
+    cache, stats = gpu.new_cache(max_ctx=512), Stats()
+    it = generate(gpu, cache, prompt, p, 200, stats=stats)
+    first = [next(it) for _ in range(10)]
+    it.close()
+    assert first == runs[0][0][:10] and stats.unyielded == runs[0][0][10:11]
+    assert cache.tokens == prompt + runs[0][0][:11] and cache.pos == len(prompt) + 11
+    # the state is the one of those 11 tokens: the next step's logits equal those of feeding them one by one
+    logits = gpu.forward(torch.tensor(runs[0][0][11:12]), cache).clone()
+    ref_cache = gpu.new_cache(max_ctx=512)
+    gpu.forward(torch.tensor(prompt), ref_cache, logits="none")
+    for t in runs[0][0][:12]:
+        ref = gpu.forward(torch.tensor([t]), ref_cache)
+    assert torch.equal(logits, ref)
+
+
 def test_pdl_graph_equals_plain_graph_bitwise(monkeypatch):
     """Programmatic dependent launch only overlaps launches: the decode graph's logits must be bit-identical
     with it on and off (a missing wait would read stale activations)."""
