@@ -282,3 +282,28 @@ def resolve_experts(t, ids: torch.Tensor, prefetch: bool = False) -> torch.Tenso
         st[7] += len(guess & set(ids))
         st[8] += n
     return slots[:n]
+
+
+# ---- sampling noise (kernels/sample.py) -----------------------------------------------------------------
+M32 = 0xFFFFFFFF
+GOLDEN = 0x9E3779B1  # 2^32 / golden ratio: spreads consecutive vocabulary ids over the hash's input
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of x in [0, 2^32) (int64 tensor; xor-shift-multiply rounds, products < 2^59)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & M32
+    return x ^ (x >> 16)
+
+
+def gumbel_ref(seed: int, step: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] fp32 Gumbel(0, 1) noise of sampling step `step` (int64 tensor [1]) under `seed`: u_i = hash(seed,
+    step, i) with 24 random bits, centred in its bin (0 < u < 1), g = -log(-log(u)). Integer math only up to
+    u, so every device draws the same u."""
+    i = torch.arange(n, dtype=torch.int64, device=step.device)
+    base = mix32(mix32(torch.full_like(step, seed & M32)) ^ (step & M32))  # [1]
+    x = mix32(mix32((i * GOLDEN + base) & M32) ^ base)
+    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))

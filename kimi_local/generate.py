@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from kimi_local.kernels import naive
+
 
 @dataclass
 class SamplingParams:
@@ -56,6 +58,8 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.min_p <= 0 and p.top_p >= 1.0:
+        return logits
     probs = torch.softmax(logits, -1)
     if p.min_p > 0:
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
@@ -70,42 +74,28 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 # ---- random numbers: a counter-based hash, the same bits on every device ---------------------------------
 # u_i = hash(seed, step, i) in (0, 1) for vocabulary entry i at sampling step `step` (a device counter, so the
-# draw can run inside a CUDA graph and repeat exactly on the CPU); token = argmax(filtered logits + Gumbel(u)),
-# which picks i with probability softmax(filtered logits)_i (the Gumbel-max trick). All integer math stays
-# below 2^63 in int64 (no overflow, identical on CPU and GPU).
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B1
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of x in [0, 2^32) (int64 tensors; xor-shift-multiply rounds)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
+# draw can run inside a CUDA graph and repeat exactly); token = argmax(filtered logits + Gumbel(u)), which
+# picks i with probability softmax(filtered logits)_i (the Gumbel-max trick). The hash is kernels/naive.py's
+# gumbel_ref (torch, the CPU path) and kernels/sample.py's gumbel_add (one Triton launch, the CUDA path).
 
 
 class Rng:
-    """Seeded counter-based generator on a device: `gumbel(n)` draws n Gumbel(0, 1) values and advances the
-    step counter (a device tensor) in place: no host sync, CUDA-graph capturable."""
+    """Seeded counter-based generator on a device: `add_gumbel(logits)` returns logits + Gumbel(0, 1) noise
+    and advances the step counter (a device tensor) in place: no host sync, CUDA-graph capturable."""
 
     def __init__(self, device, seed: int | None = None):
-        self.seed = (seed if seed is not None else time.time_ns()) & _M32
+        self.seed = (seed if seed is not None else time.time_ns()) & naive.M32
         self.step = torch.zeros(1, dtype=torch.int64, device=device)
-        self._idx: torch.Tensor | None = None  # i * golden ratio, [n] int64 (made once per size)
 
-    def uniform(self, n: int) -> torch.Tensor:
-        """[n] fp32 in (0, 1): 24 random bits per value, centred in their bin."""
-        if self._idx is None or self._idx.numel() != n:
-            self._idx = torch.arange(n, dtype=torch.int64, device=self.step.device) * _GOLDEN
-        base = _mix32(_mix32(torch.full_like(self.step, self.seed)) ^ self.step)  # [1]
-        x = _mix32(_mix32((self._idx + base) & _M32) ^ base)
+    def add_gumbel(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.is_cuda:
+            from kimi_local.kernels.sample import gumbel_add
+
+            out = gumbel_add(logits.contiguous(), self.seed, self.step)
+        else:
+            out = logits + naive.gumbel_ref(self.seed, self.step, logits.numel())
         self.step.add_(1)
-        return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
-
-    def gumbel(self, n: int) -> torch.Tensor:
-        return -torch.log(-torch.log(self.uniform(n)))
+        return out
 
 
 def make_generator(device, seed: int | None) -> Rng:
@@ -121,7 +111,7 @@ def sample(logits: torch.Tensor, p: SamplingParams, gen: Rng | None,
         logits = _penalize(logits, history[-p.repeat_last_n :], p.repeat_penalty)
     if p.temperature == 0:
         return torch.argmax(logits)
-    return torch.argmax(filter_logits(logits, p) + gen.gumbel(logits.numel()))
+    return torch.argmax(gen.add_gumbel(filter_logits(logits, p)))
 
 
 def _penalize(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -150,8 +140,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         tok = sample(logits, self.params, self.rng, self.ring).reshape(1)
-        self.ring.index_copy_(0, self.head, tok)
-        self.head.copy_((self.head + 1) % self.ring.numel())
+        if self.params.repeat_penalty != 1.0:  # the ring is only read by the penalty
+            self.ring.index_copy_(0, self.head, tok)
+            self.head.copy_((self.head + 1) % self.ring.numel())
         return tok
 
     def state(self) -> tuple:

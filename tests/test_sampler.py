@@ -1,4 +1,6 @@
 """Sampler: excluded tokens are never picked, distributions follow the filtered softmax, seeds repeat."""
+import math
+
 import pytest
 import torch
 
@@ -70,13 +72,16 @@ def test_invalid_params(bad):
         SamplingParams(**bad).validate()
 
 
-def test_uniform_draws_repeat_and_spread():
+def test_gumbel_draws_repeat_and_follow_the_distribution():
     a, b = Rng("cpu", 5), Rng("cpu", 5)
-    u = torch.stack([a.uniform(1000) for _ in range(20)])
-    assert torch.equal(u, torch.stack([b.uniform(1000) for _ in range(20)]))  # same seed, same steps: same bits
-    assert int(a.step) == 20 and 0 < float(u.min()) and float(u.max()) < 1
-    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.003
-    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], Rng("cpu", 6).uniform(1000))
+    zero = torch.zeros(1000)
+    g = torch.stack([a.add_gumbel(zero) for _ in range(20)])
+    assert torch.equal(g, torch.stack([b.add_gumbel(zero) for _ in range(20)]))  # same seed and steps: same bits
+    assert int(a.step) == 20 and torch.isfinite(g).all()
+    assert abs(float(g.mean()) - 0.5772) < 0.03 and abs(float(g.var()) - math.pi**2 / 6) < 0.1  # Gumbel(0, 1)
+    u = torch.exp(-torch.exp(-g))  # back to the uniform draws
+    assert abs(float((u < 0.1).float().mean()) - 0.1) < 0.01
+    assert not torch.equal(g[0], g[1]) and not torch.equal(g[0], Rng("cpu", 6).add_gumbel(zero))
     # neighbouring entries and steps are not correlated
     assert abs(float(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1])) < 0.03
     assert abs(float(torch.corrcoef(torch.stack([u[:-1].flatten(), u[1:].flatten()]))[0, 1])) < 0.03
