@@ -190,11 +190,11 @@ def time_decode_variants(net, cache, variants: list, n_tokens: int, depth: int, 
 
     _fill_cache(cache, depth, n_tokens)
     graphs = [_with_env(env, lambda: DecodeGraph(net, cache)) for _, env in variants]
-    sampler = _greedy(net)
+    samplers = [_with_env(env, lambda: _sampler(net)) for _, env in variants]
     times = [[] for _ in variants]
     for _ in range(rounds + 1):  # round 0: warm-up, not kept
-        for j, g in enumerate(graphs):
-            times[j].append(_with_env(variants[j][1], lambda: _decode_round(lambda tok, n: g.stream(sampler, tok, n),
+        for j, (g, smp) in enumerate(zip(graphs, samplers)):
+            times[j].append(_with_env(variants[j][1], lambda: _decode_round(lambda tok, n: g.stream(smp, tok, n),
                                                                             cache, n_tokens, depth)))
     del graphs
     return [_median(t[1:]) for t in times]
@@ -204,10 +204,17 @@ def _median(xs: list) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _greedy(net):
+def _sampler(net):
+    """Greedy, or KIMI_LOCAL_BENCH_SAMPLING="temperature=0.6,top_p=0.95,..." (SamplingParams fields; seed 0 unless
+    given): the decode rows then time sampling on the device as generate does it (e.g. as a --variant)."""
     from kimi_local.generate import Sampler, SamplingParams
 
-    return Sampler(SamplingParams(temperature=0), net.cfg.vocab_size, net.device)
+    spec = os.environ.get("KIMI_LOCAL_BENCH_SAMPLING", "")
+    kw = {"temperature": 0.0, "seed": 0}
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        key, _, val = item.partition("=")
+        kw[key.strip()] = int(val) if key.strip() in ("top_k", "repeat_last_n", "seed") else float(val)
+    return Sampler(SamplingParams(**kw), net.cfg.vocab_size, net.device)
 
 
 def _decode_round(stream, cache, n_tokens: int, depth: int) -> float:
@@ -230,7 +237,7 @@ def time_decode(net, cache, n_tokens: int, depth: int, rounds: int = 3) -> float
     from kimi_local.generate import decode_steps
 
     _fill_cache(cache, depth, n_tokens)
-    sampler = _greedy(net)
+    sampler = _sampler(net)
     stream = lambda tok, n: decode_steps(net, cache, sampler, tok, n)  # noqa: E731
     times = [_decode_round(stream, cache, n_tokens, depth) for _ in range(rounds + 1)]
     return _median(times[1:])
