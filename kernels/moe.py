@@ -13,8 +13,6 @@ Decode (one token, k experts + shared), two launches, no host sync, no atomics (
   D=2304-wide partial: (k+1) * F / BF * D fp32 atomics, ~0.3-0.6 M per layer, several us on H100,
   against a ~13 us floor) or keep F whole per program (only k+1 programs: far too few for 132 SMs).
   Two launches cost one extra graph-node gap (~1-2 us) and read act (36 KB) from L2.
-  norm= (word path): the down grid's last d-tile to finish also does the residual add + the next RMSNorm (+ x8)
-  over all of out, bit-identical to norm.rms_norm after it (its sum in that kernel's order): no norm launch.
 Floor per layer (H100, ~3.0 TB/s measured copy), k = 8 routed of [1024 x 2304] x 3 plus shared:
   Q4_K routed (0.578 B/w) 32.7 MB + Q8_0 shared 7.5 MB = 40 MB -> 13.4 us
   Q3_K routed (0.445 B/w) 25.2 MB + Q8_0 shared 7.5 MB = 33 MB -> 10.9 us
@@ -37,16 +35,12 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .norm import rms_norm
 from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
                            split_workspace, word_c, x8_default, x8_words)
-
-
-_TREE = tl.constexpr(not INTERPRET)  # the fused norm's sum in rms_norm_kernel's GPU order (_norm_sumsq)
 
 
 def _cfgs(opts, names):
@@ -177,87 +171,6 @@ def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexp
 
 
 @triton.jit
-def _norm_x(out, res, o, m, xdt: tl.constexpr):
-    """x = out + res at o (masked lanes 0) rounded once to xdt, as norm.rms_norm_kernel adds them; out comes from
-    other programs (.cg: not from L1)."""
-    return (tl.load(out + o, mask=m, other=0, cache_modifier=".cg").to(tl.float32)
-            + tl.load(res + o, mask=m, other=0).to(tl.float32)).to(xdt)
-
-
-@triton.jit
-def _bfly(v, A: tl.constexpr, N: tl.constexpr):
-    """[A, N] fp32 -> [A]: each row summed as a shuffle butterfly over N lanes (xor N/2 first, ..., 1): one add per
-    pair and step (commutative: the same bits as the GPU's shfl.bfly reductions)."""
-    if N >= 32:
-        v = tl.sum(tl.reshape(v, [A, 2, 16]), 1)
-    if N >= 16:
-        v = tl.sum(tl.reshape(v, [A, 2, 8]), 1)
-    if N >= 8:
-        v = tl.sum(tl.reshape(v, [A, 2, 4]), 1)
-    if N >= 4:
-        v = tl.sum(tl.reshape(v, [A, 2, 2]), 1)
-    if N >= 2:
-        v = tl.sum(tl.reshape(v, [A, 2, 1]), 1)
-    return tl.reshape(v, [A])
-
-
-@triton.jit
-def _norm_sumsq(out, res, D, xdt: tl.constexpr, BDN: tl.constexpr, NW: tl.constexpr, SPT: tl.constexpr,
-                TREE: tl.constexpr):
-    """sum(x * x) (fp32) of x = _norm_x over [D] in the order of norm.rms_norm_kernel's tl.sum (bit-equal h needs
-    the same sum). TREE: its GPU launch's reduction (Triton 3.6: NW warps, SPT consecutive values per thread,
-    BDN / (32 NW SPT) repeats): per thread a left fold over its values (repeats outer; x0 x0 + x1 x1 first, as
-    its LLVM fma contraction sees it), then butterflies over the 32 lanes and the NW warps. Else tl.sum over
-    [BDN] (the interpreter's numpy sum, as the norm kernel's there)."""
-    if TREE:
-        NT: tl.constexpr = 32 * NW
-        t = tl.arange(0, NW)[:, None] * 32 + tl.arange(0, 32)[None, :]  # thread ids [NW, 32]
-        v = _norm_x(out, res, t * SPT, t * SPT < D, xdt).to(tl.float32)
-        acc = v * v
-        for k in tl.static_range(1, SPT * (BDN // (NT * SPT))):
-            o = (k // SPT) * (NT * SPT) + t * SPT + k % SPT
-            v = _norm_x(out, res, o, o < D, xdt).to(tl.float32)
-            acc = acc + v * v
-        return tl.sum(_bfly(tl.reshape(_bfly(acc, NW, 32), [1, NW]), 1, NW), 0)
-    else:
-        o = tl.arange(0, BDN)
-        v = _norm_x(out, res, o, o < D, xdt).to(tl.float32)
-        return tl.sum(v * v, 0)
-
-
-@triton.jit
-def _norm_tail(out, res, nw, h, x8, D, eps, X8: tl.constexpr, BDN: tl.constexpr, NW: tl.constexpr,
-               SPT: tl.constexpr, CH: tl.constexpr, TREE: tl.constexpr):
-    """norm.rms_norm(out, nw, eps, out=h, residual=res, x8_out=x8 if X8) bit for bit, in one program: res += out,
-    h = RMSNorm(res) * nw (norm._rms_scaled's roundings, the sum from _norm_sumsq), h's x8 groups; CH values per
-    step (elementwise and per 16-group: any chunking gives the same bits)."""
-    xdt = out.dtype.element_ty
-    rstd = tl.rsqrt(_norm_sumsq(out, res, D, xdt, BDN, NW, SPT, TREE) / D + eps)
-    for c0 in range(0, D, CH):  # (every load of res above precedes these stores)
-        o = c0 + tl.arange(0, CH)
-        m = o < D
-        b_x = _norm_x(out, res, o, m, xdt)
-        tl.store(res + o, b_x, mask=m)
-        b_w = tl.load(nw + o, mask=m, other=0).to(xdt).to(tl.float32)
-        b_o = ((b_x.to(tl.float32) * rstd).to(xdt).to(tl.float32) * b_w).to(h.dtype.element_ty)
-        tl.store(h + o, b_o, mask=m)
-        if X8:  # norm._x8_row's groups c0 / 16 ...
-            _x8_put(x8, D, c0 // 16, D // 16 - c0 // 16, b_o.to(tl.float32), CH // 16)
-
-
-@triton.jit
-def _norm_arrive(ncnt, out, res, nw, h, x8, D, eps, X8: tl.constexpr, BDN: tl.constexpr, NW: tl.constexpr,
-                 SPT: tl.constexpr, CH: tl.constexpr, TREE: tl.constexpr):
-    """After a d-tile's final store of out: one arrival on ncnt (acq_rel, like the split-K counters); the last of the
-    grid's d-tiles runs _norm_tail over all of out and re-arms the counter."""
-    tl.debug_barrier()  # every thread's out stores before the releasing arrival
-    c = tl.atomic_add(ncnt, 1, sem="acq_rel", scope="gpu")
-    if c == tl.num_programs(0) - 1:
-        _norm_tail(out, res, nw, h, x8, D, eps, X8, BDN, NW, SPT, CH, TREE)
-        tl.atomic_xchg(ncnt, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS, rbias, rscale,
                           KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr, GT: tl.constexpr,
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
@@ -318,16 +231,12 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 
 @triton.jit
 def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale,
-                       ncnt, nres, nw, nh, nx8, neps,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
                        X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
-                       BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr,
-                       NORM: tl.constexpr, NX8: tl.constexpr, BDN: tl.constexpr, NNW: tl.constexpr,
-                       NSPT: tl.constexpr, NCH: tl.constexpr):
-    # ROUTE: slot_ids / weights are the router's logits [NR] / selection bias, see _moe_w_gate_up_kernel.
-    # NORM: then nres += out, nh = RMSNorm(nres) * nw (+ nh's x8 in nx8 if NX8) by the last d-tile (_norm_arrive)
+                       BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr):
+    # ROUTE: slot_ids / weights are the router's logits [NR] / selection bias, see _moe_w_gate_up_kernel
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
@@ -365,8 +274,6 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
     NP: tl.constexpr = E * S2
     if NP == 1:
         tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
-        if NORM:
-            _norm_arrive(ncnt, out, nres, nw, nh, nx8, D, neps, NX8, BDN, NNW, NSPT, NCH, _TREE)
     else:
         tl.store(part + (i_e * S2 + i_s) * D + d, y, mask=d_mask)
         tl.debug_barrier()
@@ -377,8 +284,6 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
                 tot += tl.load(part + p * D + d, mask=d_mask, other=0.0, cache_modifier=".cg")
             tl.store(out + d, tot.to(out.dtype.element_ty), mask=d_mask)
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
-            if NORM:
-                _norm_arrive(ncnt, out, nres, nw, nh, nx8, D, neps, NX8, BDN, NNW, NSPT, NCH, _TREE)
 
 
 _DOWN_PARTS = 18  # down programs per d-tile (E * S2) of the routed layout: 8 experts + shared, S2 = 2
@@ -415,29 +320,9 @@ def moe_prefetch() -> set:
     return {v.strip() for v in os.environ.get("KIMI_LOCAL_MOE_PREFETCH", "").split(",") if v.strip()}
 
 
-_NORM_CNT = {}
-
-
-def _norm_after(out, norm):
-    """moe_decode's norm= as its own launch (the paths without the fused tail)."""
-    if norm is not None:
-        res, w, eps, h, x8 = norm
-        rms_norm(out, w, eps, out=h, residual=res, x8_out=x8)
-    return out
-
-
-def _norm_layout(D, out, w):
-    """(BDN, NW, SPT) of norm.rms_norm's launch for [D] rows of out's dtype with weight w: block, warps and the
-    values per thread of its sum's layout (Triton 3.6 TTGIR: 16 bytes of the widest of out / w per thread, at
-    most BDN / (32 NW)), which _norm_sumsq reproduces."""
-    BDN = max(16, triton.next_power_of_2(D))
-    NW = min(16, max(1, BDN // 256))
-    return BDN, NW, min(16 // max(out.element_size(), w.element_size()), BDN // (32 * NW))
-
-
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None, norm=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -450,19 +335,16 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     route = (bias [E], k, scale, biased_weights, renormalize): slot_ids is then the router's logits [E] fp32
     (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
-    router.route would (the word path; the other paths run router.route first).
-    norm = (res [D], w [D], eps, h [D], x8 int32 [x8_words(D)] or None): then also res += out, h = RMSNorm(res) * w
-    and h's x8 buffer, bit-identical to norm.rms_norm(out, w, eps, out=h, residual=res, x8_out=x8) after this
-    call (res, h: out's dtype); the word path runs it in the down kernel's last program (no norm launch)."""
+    router.route would (the word path; the other paths run router.route first)."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
         ids, wts = _route(slot_ids.reshape(1, -1), rb, rk, rs, rbw, rrn)
         return moe_decode(x, ids[0], wts[0], gate_pool, up_pool, down_pool, qtypes, out, shared, shared_qtypes,
-                          workspace, impl, BF, S1, BD, S2, num_warps, num_stages, C, x8, norm=norm)
+                          workspace, impl, BF, S1, BD, S2, num_warps, num_stages, C, x8)
     if impl == "tile":
-        return _norm_after(moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
-                                           shared=shared, shared_qtypes=shared_qtypes, workspace=workspace), norm)
+        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                               shared_qtypes=shared_qtypes, workspace=workspace)
     D = x.shape[-1]
     F = gate_pool.shape[1]
     K = slot_ids.shape[0] if route is None else route[1]
@@ -488,8 +370,8 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         assert t.data_ptr() % 16 == 0
     assert gate_pool[0].numel() % 16 == 0 and up_pool[0].numel() % 16 == 0 and down_pool[0].numel() % 16 == 0
     if not all_word:  # the word path has no BF16 reader: use the tile kernels
-        return _norm_after(moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
-                                           shared=shared, shared_qtypes=shared_qtypes, workspace=workspace), norm)
+        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                               shared_qtypes=shared_qtypes, workspace=workspace)
     # K slices in elements, multiples of 256 (a K below 256, Q8_0 only, is one slice)
     S1 = max(1, min(S1, D // 256))
     eps = triton.cdiv(D // 256, S1) * 256 if D >= 256 else D
@@ -539,30 +421,12 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
-    # norm: the last d-tile of the down kernel runs it (a counter of its own, cached per device: graph-capturable
-    # after the first call); its GPU sum in rms_norm's order needs >= 128 values (_norm_layout), else the launch
-    nargs, nkw = (cnt2, out, out, out, out, 0.0), dict(NORM=False, NX8=False, BDN=1, NNW=1, NSPT=1, NCH=1)
-    if norm is not None:
-        nres, nwt, neps, nh, nx8 = norm
-        for t in (nres, nwt, nh):
-            assert t.numel() == D and t.is_contiguous()
-        assert nres.dtype == nh.dtype == out.dtype
-        if nx8 is not None:
-            assert nx8.dtype == torch.int32 and nx8.numel() == x8_words(D) and nx8.is_contiguous()
-        BDN, NNW, NSPT = _norm_layout(D, out, nwt)
-        if INTERPRET or BDN >= 128:
-            if out.device not in _NORM_CNT:
-                _NORM_CNT[out.device] = torch.zeros(1, dtype=torch.int32, device=out.device)
-            nargs = (_NORM_CNT[out.device], nres, nwt, nh, nx8 if nx8 is not None else nh, float(neps))
-            nch = BDN if INTERPRET else min(BDN, 256)  # interpreter: one step; GPU: 8 values per thread (one warp)
-            nkw = dict(NORM=True, NX8=nx8 is not None, BDN=BDN, NNW=NNW, NSPT=NSPT, NCH=nch)
-            norm = None
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights if route is None else rbias, down_pool, sd, out, part2, cnt2, F, D,
-        down_pool[0].numel(), fps, rscale, *nargs, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
-        QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw, **nkw,
+        down_pool[0].numel(), fps, rscale, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
+        QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
-    return _norm_after(out, norm)
+    return out
 
 
 def moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,

@@ -270,8 +270,8 @@ class GpuKimi(KimiLinear):
                                  "use a smaller recipe (kimi-local convert --recipe Q3_K_M / --fit), "
                                  "--kv-cache fp8, or --vram with expert offloading")
         c = KimiCache(self.cfg, self.device, self.dtype, max_ctx=max_ctx, preallocate=True, kv_dtype=self.kv_dtype)
-        c.pos_len = torch.tensor([0, 1], dtype=torch.int32, device=self.device)  # one add advances both
-        c.pos_dev, c.len_dev = c.pos_len[:1], c.pos_len[1:]  # pos and pos + 1, read by graph replays
+        c.pos_dev = torch.zeros(1, dtype=torch.int32, device=self.device)  # pos, read by graph replays
+        c.len_dev = torch.ones(1, dtype=torch.int32, device=self.device)  # pos + 1
         self.fit_prefill_chunk()
         return c
 
@@ -353,17 +353,6 @@ class GpuKimi(KimiLinear):
         # themselves, so the router launch has no top-k tail (KIMI_LOCAL_ROUTE_IN_MOE=0: the router does it)
         topk_in_moe = type(self.experts) is GpuExperts and os.environ.get("KIMI_LOCAL_ROUTE_IN_MOE", "1") != "0"
 
-        # one token: the residual add + RMSNorm after each FFN (the next layer's attn_norm, or output_norm) runs in
-        # the MoE / dense FFN's down launch (moe.moe_decode(norm=...)); KIMI_LOCAL_MOE_NORM=0 keeps the norm launch
-        fuse_norm = x.shape[0] == 1 and os.environ.get("KIMI_LOCAL_MOE_NORM", "1") != "0"
-
-        def ffn_norm(i):  # -> (h, h8, moe_decode's norm=) for the norm after layer i's FFN, or None
-            name = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.num_hidden_layers else "output_norm.weight"
-            if not fuse_norm or (i + 1 == cfg.num_hidden_layers and logits == "none"):
-                return None
-            h, h8 = torch.empty_like(x), new_h8()
-            return h, h8, (x[0], w[name], eps, h[0], h8)
-
         def norm_route(v, i):  # -> (h, h8, routed); x += v, h = norm(x), the router's top-k of h (or its logits)
             b = f"blk.{i}."
             h8 = new_h8()
@@ -378,24 +367,19 @@ class GpuKimi(KimiLinear):
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
-            nxt = ffn_norm(i)
-            nrm = nxt[2] if nxt else None
             if cfg.is_moe(i) and fuse_route:
                 h, h8, routed = norm_route(a, i)
-                m = self.moe(i, h, h8, routed, norm=nrm)
+                m = self.moe(i, h, h8, routed)
             else:
                 h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
-                m = self.moe(i, h, h8, norm=nrm) if cfg.is_moe(i) else self.dense_mlp(i, h, h8, norm=nrm)
-            if nxt:
-                h, h8 = nxt[:2]
-            elif i + 1 < cfg.num_hidden_layers:
+                m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
+            if i + 1 < cfg.num_hidden_layers:
                 h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
             return None
-        if not nxt:  # (fused: T = 1, so x[-1:] is x)
-            if logits == "last":
-                x, m = x[-1:], m[-1:]
-            h, h8 = norm(m, "output_norm.weight", residual=x)
+        if logits == "last":
+            x, m = x[-1:], m[-1:]
+        h, h8 = norm(m, "output_norm.weight", residual=x)
         logits_out = torch.empty(h.shape[0], w["output.weight"].N, dtype=torch.float32, device=h.device)
         return w["output.weight"].matmul(h, out=logits_out, x8=h8)  # fp32 from the GEMV: no conversion launch
 
@@ -485,8 +469,7 @@ class GpuKimi(KimiLinear):
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
-    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, norm=None) -> torch.Tensor:
-        """norm (one token): moe.moe_decode's norm= (res += out, then the next RMSNorm and its x8) after the FFN."""
+    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.w, f"blk.{i}."
         mats = [w[b + f"ffn_{n}.weight"] for n in ("gate", "up", "down")]
         if h.shape[0] == 1 and all(m.qtype in WORD_QTYPES for m in mats) \
@@ -497,20 +480,15 @@ class GpuKimi(KimiLinear):
             out = torch.empty_like(h)
             none_i = torch.empty(0, dtype=torch.int32, device=h.device)
             moe_decode(h[0], none_i, none_i.float(), *(d[None] for d in data), qts, out[0], shared=data,
-                       shared_qtypes=qts, x8=h8, norm=norm)
+                       shared_qtypes=qts, x8=h8)
             return out
         g = w[b + "ffn_gate.weight"].matmul(h, x8=h8)
         u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
-        out = w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
-        if norm is not None:
-            res, nw, neps, nh, nx8 = norm
-            fused_rms_norm(out[0], nw, neps, out=nh, residual=res, x8_out=nx8)
-        return out
+        return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
 
-    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None, norm=None) -> torch.Tensor:
+    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None) -> torch.Tensor:
         """routed: (ids, weights) when the router already ran (norm_router_route), ("logits", logits [1, E]) when
-        it left the top-k to the MoE kernels (one token, resident experts), else routed here. norm (one token):
-        moe.moe_decode's norm= (res += out, then the next RMSNorm and its x8, in the down launch)."""
+        it left the top-k to the MoE kernels (one token, resident experts), else routed here."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         shared, shq = w.get(b + "shexp", (None, None))
         out = torch.empty_like(h)
@@ -518,7 +496,7 @@ class GpuKimi(KimiLinear):
             moe_decode(h[0], routed[1][0], None, *self.experts.pools(i), self.experts.qtypes(i), out[0], shared=shared,
                        shared_qtypes=shq, x8=h8, route=(w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                                        cfg.routed_scaling_factor, cfg.biased_router_weights,
-                                                       cfg.moe_renormalize), norm=norm)
+                                                       cfg.moe_renormalize))
             return out
         ids, wts = routed if routed is not None else route_tokens(
             h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
@@ -527,9 +505,8 @@ class GpuKimi(KimiLinear):
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)  # after prepare: it may stage the slots
         if h.shape[0] == 1:
             moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
-                       x8=h8, norm=norm)
+                       x8=h8)
         else:
-            assert norm is None, "norm= is for one token"
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out
 
@@ -678,7 +655,8 @@ class DecodeGraph:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self.inp.copy_(sampler(self.logits[-1]))
-            self.cache.pos_len.add_(1)  # pos_dev, len_dev
+            self.cache.pos_dev.add_(1)
+            self.cache.len_dev.add_(1)
         self._sampler = (sampler, g)
         return g
 

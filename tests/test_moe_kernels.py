@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks  # noqa: E402
@@ -193,106 +191,6 @@ def test_moe_decode_route_in_kernel(biased, renorm, x8, monkeypatch):
     check(got, moe_ref(x, ids, wts, *dense, shared=shared[1]), 1e-4 if not x8 else 3e-2)
 
 
-def _norm_case(D, seed, dev="cpu"):
-    """The fused norm's inputs: residual res0 [D] bf16, weight w [D] fp32."""
-    g = torch.Generator().manual_seed(seed)
-    return (3 * torch.randn(D, generator=g)).bfloat16().to(dev), (1 + 0.2 * torch.randn(D, generator=g)).to(dev)
-
-
-def _check_fused_norm(run, D, res0, w, x8_out, tail=True):
-    """run(out, norm) = one moe_decode; norm=(res, w, eps, h, x8) must leave out, res, h, x8 bit-identical to the
-    unfused call followed by norm.rms_norm(out, w, eps, out=h, residual=res, x8_out=x8). Outputs poisoned before
-    every call; fused twice (tail: the down kernel's counter is re-armed)."""
-    from kimi_local.kernels.norm import rms_norm
-
-    def fresh():
-        out = torch.full((D,), float("nan"), dtype=torch.bfloat16)
-        h = torch.full((D,), float("nan"), dtype=torch.bfloat16)
-        h8 = torch.randint(-2**31, 2**31 - 1, (qm.x8_words(D),), dtype=torch.int32) if x8_out else None
-        return out, res0.clone(), h, h8
-
-    out, res, h, h8 = want = fresh()
-    run(out, None)
-    rms_norm(out, w, 1e-5, out=h, residual=res, x8_out=h8)
-    assert torch.isfinite(h.float()).all() and not torch.equal(res, res0)
-    for r in range(2):
-        got = fresh()
-        run(got[0], (got[1], w, 1e-5, got[2], got[3]))
-        for name, a, b in zip(("out", "res", "h", "x8"), got, want):
-            assert (a is None and b is None) or torch.equal(a, b), (r, name)
-        if tail:
-            assert int(moe._NORM_CNT[res0.device].abs().sum()) == 0
-
-
-@pytest.mark.parametrize("case", ["routed_x8", "route_in_kernel", "dense_x8", "no_shared_tile"])
-def test_moe_decode_fused_norm(case, monkeypatch):
-    """moe_decode(norm=...): the down kernel's last d-tile does res += out, h = RMSNorm(res) * w and h's x8; bit
-    for bit the separate norm launch. D = 384 (3 d-tiles, BDN = 512: masked lanes), routed + shared (E * S2 > 1:
-    last-arrival stores) or the dense-layer form (shared only: E = 1, direct stores); the tile path runs the norm
-    launch after."""
-    S, F, k = 4, 256, 2
-    shq = ("Q8_0", "Q8_0", "Q8_0")
-    if case in ("routed_x8", "route_in_kernel"):
-        qtypes, D, x8, x8_out = ("Q8_0", "Q8_0", "Q4_K"), 384, case == "routed_x8", case == "routed_x8"
-    elif case == "dense_x8":
-        qtypes, D, x8, x8_out = ("Q4_K", "Q4_K", "Q6_K"), 256, True, True
-    else:
-        qtypes, shq, D, x8, x8_out = ("Q4_K", "Q4_K", "Q5_K"), None, 256, False, True
-    pools = [make_pool(qt, S, r, c, dense=False, gen=torch.Generator().manual_seed(j))[0]
-             for j, (qt, r, c) in enumerate(zip(qtypes, (F, F, D), (D, D, F)))]
-    shared = None if shq is None else [
-        make_pool(qt, 1, r, c, dense=False, gen=torch.Generator().manual_seed(9 + j))[0][0]
-        for j, (qt, r, c) in enumerate(zip(shq, (F, F, D), (D, D, F)))]
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(D, generator=g).bfloat16()
-    slots, wts = torch.randperm(S, generator=g)[:k].to(torch.int32), torch.rand(k, generator=g)
-    kw = dict(shared=shared, shared_qtypes=shq, x8=x8)
-    if case == "route_in_kernel":
-        logits, bias, _ = _router_case(S, k, 13)
-        slots, wts, kw["route"] = logits, None, (bias, k, 2.5, False, True)
-    elif case == "dense_x8":  # layer 0's dense FFN as the only ("shared") expert, as engine.dense_mlp runs it
-        slots, wts, kw["shared"], kw["shared_qtypes"] = slots[:0], wts[:0], [p[0] for p in pools], qtypes
-    else:
-        kw["impl"] = "tile" if case == "no_shared_tile" else "word"
-    if kw.get("impl") != "tile":
-        assert _expect_word_path(monkeypatch, qtypes, shq)
-    res0, w = _norm_case(D, 6)
-    _check_fused_norm(lambda out, norm: moe.moe_decode(x, slots, wts, *pools, qtypes, out, norm=norm, **kw),
-                      D, res0, w, x8_out, tail=kw.get("impl") != "tile")
-
-
-@triton.jit
-def _sumsq_kernel(out, res, ss, D, BDN: tl.constexpr, NW: tl.constexpr, SPT: tl.constexpr):
-    tl.store(ss, moe._norm_sumsq(out, res, D, out.dtype.element_ty, BDN, NW, SPT, True))
-
-
-@pytest.mark.skipif(not INTERPRET, reason="the reference below has no fma: the interpreter's arithmetic")
-def test_norm_sumsq_tree_order():
-    """The fused norm's GPU sum (_norm_sumsq TREE: the order of rms_norm_kernel's tl.sum in its launch, NW = 16
-    warps x 32 lanes x 4 values x 2 repeats for D = 2304) run here, against that order written in torch (fp32;
-    the interpreter has no fma): per thread t the left fold over x[4t .. 4t + 3], x[2048 + 4t ..], then the lane
-    butterfly (xor 16, 8, 4, 2, 1) and the warp butterfly (xor 8, 4, 2, 1)."""
-    D = 2304
-    BDN, NW, SPT = moe._norm_layout(D, torch.empty(0, dtype=torch.bfloat16), torch.empty(0))
-    assert (BDN, NW, SPT) == (4096, 16, 4)
-    out = (torch.randn(D, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
-    ss = torch.empty(1)
-    _sumsq_kernel[(1,)](out, torch.zeros_like(out), ss, D, BDN=BDN, NW=NW, SPT=SPT)  # x = out + 0: no rounding
-    x = torch.zeros(BDN)
-    x[:D] = out.float()
-    v = x.view(BDN // (32 * NW * SPT), 32 * NW, SPT).transpose(0, 1).reshape(32 * NW, -1)  # [thread, register]
-    acc = v[:, 0] * v[:, 0]
-    for j in range(1, v.shape[1]):
-        acc = acc + v[:, j] * v[:, j]
-    a = acc.view(NW, 32)
-    for n in (32, 16, 8, 4, 2):
-        a = a.view(NW, 2, n // 2)[:, 0] + a.view(NW, 2, n // 2)[:, 1]
-    a = a.view(NW)
-    for n in (16, 8, 4, 2):
-        a = a.view(2, n // 2)[0] + a.view(2, n // 2)[1]
-    assert ss[0].item() == a.item() and ss[0].item() != (x * x).sum().item()
-
-
 @pytest.mark.parametrize("qtypes,shared_qtypes", [
     (("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0")),
     (("Q3_K", "Q5_K", "Q2_K"), None),
@@ -428,63 +326,6 @@ def test_cuda_moe_decode_route_in_kernel():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(got, want)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("layer", ["routed", "dense"])
-def test_cuda_moe_decode_fused_norm(layer):
-    """Real shapes, PDL on, in CUDA graphs replayed twice: moe_decode(norm=...) (the add + RMSNorm + x8 in the down
-    kernel's last program, its sum in rms_norm_kernel's GPU order) equals moe_decode + norm.rms_norm bit for bit
-    (out, residual, h, h's x8). routed: 256 experts, top-8 picked in-kernel from the logits + Q8_0 shared,
-    Q4_K/Q4_K/Q5_K, x8; dense: layer 0's FFN (F = 9216) as the only expert, Q4_K/Q4_K/Q6_K."""
-    from kimi_local.kernels import pdl as P
-    from kimi_local.kernels.norm import rms_norm
-    D, g = 2304, torch.Generator().manual_seed(10)
-    if layer == "routed":
-        S, F, k = 256, 1024, 8
-        qtypes, shq = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
-        pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0]
-                 for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
-        shared = [make_pool(qt, 1, r, c, "cuda", g, 0.002, dense=False)[0][0]
-                  for qt, r, c in zip(shq, (F, F, D), (D, D, F))]
-        logits, bias, _ = _router_case(S, k, 9, "cuda")
-        args, kw = (logits, None), dict(route=(bias, k, 2.446, False, True))
-    else:
-        F, qtypes = 9216, ("Q4_K", "Q4_K", "Q6_K")
-        shared = [make_pool(qt, 1, r, c, "cuda", g, 0.002, dense=False)[0][0]
-                  for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
-        pools, shq, none_i = [m[None] for m in shared], qtypes, torch.empty(0, dtype=torch.int32, device="cuda")
-        args, kw = (none_i, none_i.float()), {}
-    x = torch.randn(D, device="cuda", dtype=torch.bfloat16)
-    res0, w = _norm_case(D, 11, "cuda")
-    bufs = {f: (torch.empty(D, device="cuda", dtype=torch.bfloat16), res0.clone(),
-                torch.empty(D, device="cuda", dtype=torch.bfloat16),
-                torch.empty(qm.x8_words(D), device="cuda", dtype=torch.int32)) for f in (False, True)}
-
-    def step(fused):
-        out, res, h, h8 = bufs[fused]
-        moe.moe_decode(x, *args, *pools, qtypes, out, shared=shared, shared_qtypes=shq, x8=True,
-                       norm=(res, w, 1e-5, h, h8) if fused else None, **kw)
-        if not fused:
-            rms_norm(out, w, 1e-5, out=h, residual=res, x8_out=h8)
-
-    graphs = {}
-    with P.active(P.supported("cuda")):
-        for fused in (False, True):
-            step(fused)  # compile outside the capture
-            graphs[fused] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graphs[fused]):
-                step(fused)
-    for r in range(2):  # res accumulates out in both
-        for fused in (False, True):
-            out, res, h, h8 = bufs[fused]
-            out.fill_(float("nan")), h.fill_(float("nan")), h8.fill_(-7)
-            graphs[fused].replay()
-        torch.cuda.synchronize()
-        for name, a, b in zip(("out", "res", "h", "x8"), bufs[True], bufs[False]):
-            assert torch.equal(a, b), (r, name, int((a != b).sum()))
-        assert torch.isfinite(bufs[True][2].float()).all()
-    assert int(moe._NORM_CNT[res0.device].abs().sum()) == 0
 
 
 @pytest.mark.cuda
