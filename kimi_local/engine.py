@@ -676,15 +676,12 @@ class DecodeGraph:
             self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=True)
             self._events = [torch.cuda.Event(), torch.cuda.Event()]
         host, events = self._host_tok, self._events
-        launched = 0
 
-        def launch():  # replay `launched`: feeds the token in self.inp, samples the next into host[launched % 2]
-            nonlocal launched
+        def launch(m: int):  # replay m: feeds the token in self.inp, samples the next into host[m % 2]
             self.graph.replay()
             sg.replay()
-            host[launched % 2 : launched % 2 + 1].copy_(self.inp, non_blocking=True)
-            events[launched % 2].record()
-            launched += 1
+            host[m % 2 : m % 2 + 1].copy_(self.inp, non_blocking=True)
+            events[m % 2].record()
 
         def read(m: int) -> int:  # the token replay m sampled (replay m + 2 reuses its slot: read it before)
             events[m % 2].synchronize()

@@ -251,9 +251,9 @@ def _eager_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop
         tok = int(sampler(logits[-1]))
 
 
-def lookahead_steps(cache, tok: int, max_tokens: int, stop_ids, launch: Callable[[], None],
+def lookahead_steps(cache, tok: int, max_tokens: int, stop_ids, launch: Callable[[int], None],
                     read: Callable[[int], int]) -> Iterator[int]:
-    """decode_steps for a device that feeds and samples by itself: launch() enqueues step m (m = 0, 1, ...:
+    """decode_steps for a device that feeds and samples by itself: launch(m) enqueues step m (m = 0, 1, ...:
     feeds token m, the one step m - 1 sampled; token 0 = tok, already in place), read(m) waits for step m and
     returns the token it sampled. Step n + 1 is launched before the host waits for token n + 1 to yield
     token n, so the device never waits for the host. The cache's host side (positions, token ids) follows
@@ -263,7 +263,7 @@ def lookahead_steps(cache, tok: int, max_tokens: int, stop_ids, launch: Callable
 
     def go():
         nonlocal launched
-        launch()
+        launch(launched)
         launched += 1
 
     go()

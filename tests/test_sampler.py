@@ -121,7 +121,8 @@ class FakeDevice:
     def __init__(self, tok, nxt=lambda t: (7 * t + 3) % 50):
         self.cur, self.nxt, self.sampled = tok, nxt, []
 
-    def launch(self):
+    def launch(self, m):
+        assert m == len(self.sampled)  # steps are launched in order
         self.cur = self.nxt(self.cur)
         self.sampled.append(self.cur)
 
