@@ -593,6 +593,22 @@ def mla_prefill_attention(q, latent, latent_scale, k_b, v_b, p0: int, scale: flo
     return out[0].transpose(0, 1)  # [T, H, Dv]
 
 
+def _capture(device, fn, warmups: int, pdl_on: bool = False):
+    """(CUDA graph of fn(), fn's output in the graph's memory): fn runs `warmups` times eagerly on a side stream
+    first (autotuning, workspaces, lazy inits stay out of the capture), then once under capture; pdl_on: with
+    programmatic dependent launch (kernels/pdl.py) in both."""
+    s = torch.cuda.Stream(device)
+    s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s), pdl.active(pdl_on):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), pdl.active(pdl_on):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraph:
     """One token's forward captured as a CUDA graph over a preallocated cache. Replays read the
     position from cache.pos_dev / len_dev, so one graph serves every context length."""
@@ -606,15 +622,7 @@ class DecodeGraph:
         self._set_pos()
         # programmatic dependent launch between the step's Triton kernels (sm_90+; KIMI_LOCAL_PDL=0: off)
         self.pdl = pdl.supported(net.device)
-        s = torch.cuda.Stream(net.device)
-        s.wait_stream(torch.cuda.current_stream(net.device))
-        with torch.cuda.stream(s), pdl.active(self.pdl):  # warm-up: autotuning, workspaces, lazy inits
-            for _ in range(2):
-                net.decode_body(self.inp, cache)
-        torch.cuda.current_stream(net.device).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), pdl.active(self.pdl):
-            self.logits = net.decode_body(self.inp, cache)
+        self.graph, self.logits = _capture(net.device, lambda: net.decode_body(self.inp, cache), 2, self.pdl)
         self._load_state(saved)
         self._sampler = None  # (sampler, its graph), see _sampler_graph
         self._host_tok = self._events = None  # stream(): pinned int64 [2] and two events (double buffered)
@@ -642,21 +650,18 @@ class DecodeGraph:
     def _sampler_graph(self, sampler) -> torch.cuda.CUDAGraph:
         """The sampler's CUDA graph after this step's (one per sampler, the last one kept): the next id from
         self.logits into self.inp, the positions + 1 on the device. Captured after an eager warm-up whose
-        effects (sampler state, positions) are undone."""
+        effects on the sampler's state are undone (stream() sets self.inp and the positions before replays)."""
         if self._sampler is not None and self._sampler[0] is sampler:
             return self._sampler[1]
-        saved = sampler.state()
-        s = torch.cuda.Stream(self.net.device)
-        s.wait_stream(torch.cuda.current_stream(self.net.device))
-        with torch.cuda.stream(s):  # lazy inits (cuBLAS / sort workspaces) outside the capture
-            sampler(self.logits[-1])
-        torch.cuda.current_stream(self.net.device).wait_stream(s)
-        sampler.load_state(saved)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+
+        def sample_next():
             self.inp.copy_(sampler(self.logits[-1]))
             self.cache.pos_dev.add_(1)
             self.cache.len_dev.add_(1)
+
+        saved = sampler.state()
+        g, _ = _capture(self.net.device, sample_next, 1)
+        sampler.load_state(saved)
         self._sampler = (sampler, g)
         return g
 
