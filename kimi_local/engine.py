@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kimi_local.cache import KimiCache
-from kimi_local.generate import lookahead_steps
+from kimi_local.generate import eager_steps, lookahead_steps
 from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_absorb_write, mla_cache_write, mla_decode
@@ -674,7 +674,7 @@ class DecodeGraph:
         One host sync per token: an event after token n + 1's copy into pinned memory.
         KIMI_LOCAL_STREAM=0 (A/B runs): one step() and an eager sample per token instead."""
         if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0":
-            return self._one_at_a_time(sampler, tok, max_tokens, stop_ids)
+            return eager_steps(self, self.cache, sampler, tok, max_tokens, stop_ids)
         c = self.cache
         sg = self._sampler_graph(sampler)
         if self._host_tok is None:
@@ -697,15 +697,11 @@ class DecodeGraph:
         self._set_pos()
         return lookahead_steps(c, tok, max_tokens, stop_ids, launch, read)
 
-    def _one_at_a_time(self, sampler, tok: int, max_tokens: int, stop_ids):
-        """stream() with the host in the loop: feed tok (one replay), yield it, sample the next eagerly."""
-        for n in range(max_tokens):
-            last = tok in stop_ids or n == max_tokens - 1
-            logits = self.step(torch.tensor([tok]))
-            yield tok
-            if last:
-                return
-            tok = int(sampler(logits[-1]))
+    def forward(self, ids: torch.Tensor, cache: KimiCache, logits: str = "last"):
+        """GpuKimi.forward for one token through this graph (generate's one-step-at-a-time loop, stream())."""
+        assert cache is self.cache
+        out = self.step(ids)
+        return None if logits == "none" else out
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         c = self.cache

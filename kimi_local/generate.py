@@ -235,10 +235,10 @@ def decode_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop
     the model's device-side stream (GpuKimi.decode_stream) where it has one, else one forward() per token."""
     stream = getattr(model, "decode_stream", None)
     steps = stream(cache, sampler, tok, max_tokens, stop_ids) if stream is not None else None
-    return steps if steps is not None else _eager_steps(model, cache, sampler, tok, max_tokens, stop_ids)
+    return steps if steps is not None else eager_steps(model, cache, sampler, tok, max_tokens, stop_ids)
 
 
-def _eager_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop_ids) -> Iterator[int]:
+def eager_steps(model, cache, sampler: Sampler, tok: int, max_tokens: int, stop_ids) -> Iterator[int]:
     """Feed tok, yield it, sample the next from its logits; until a stop token or max_tokens (the last
     token is fed without computing logits)."""
     for n in range(max_tokens):
