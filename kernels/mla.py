@@ -97,6 +97,26 @@ def mla_decode_split_kernel(
         tl.store(ws_acc + (i_s * H + o_h)[:, None] * R + o_r[None, :], b_acc, mask=m_h[:, None])
 
 
+@triton.jit
+def _lat_tile(lat, lat_scale, s, s1, stride_lat, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr,
+              BDR: tl.constexpr, FP8: tl.constexpr):
+    """Cache rows s .. s+BS-1 as stored: c [BS, R], k_pe [BS, BDR] (columns past DR undefined) and, FP8, the row scales
+    [BS] (else a dummy). Rows past s1 re-read row s1 - 1 (their p is 0): no row mask on the wide loads."""
+    o_sc = tl.minimum(s + tl.arange(0, BS), s1 - 1).to(tl.int64)
+    p_row = lat + o_sc[:, None] * stride_lat
+    o_d = tl.arange(0, BDR)
+    b_c = tl.load(p_row + tl.arange(0, R)[None, :])
+    if BDR == DR:
+        b_kp = tl.load(p_row + R + o_d[None, :])
+    else:
+        b_kp = tl.load(p_row + R + o_d[None, :], mask=o_d[None, :] < DR)  # (the caller zeroes columns >= DR)
+    if FP8:
+        b_rs = tl.load(lat_scale + o_sc)
+    else:
+        b_rs = tl.zeros([BS], tl.float32)
+    return b_c, b_kp, b_rs
+
+
 @triton.jit(do_not_specialize=["seq_int"])
 def mla_decode_split_t_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
@@ -105,11 +125,16 @@ def mla_decode_split_t_kernel(
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, RPF: tl.constexpr = False,
 ):
     """Same contract as mla_decode_split_kernel, with the products transposed ("swap AB"): cache rows are the
     M axis (scores^T [BS, BH] = C q^T; acc^T [R, BH] += C^T p^T), so a 64-row tile fills a Hopper
-    warpgroup MMA with 32 heads and no padding, both operands read from the pipelined shared tile."""
+    warpgroup MMA with 32 heads and no padding, both operands read from the shared tile.
+
+    RPF (register prefetch, with num_stages=1): the next tile's loads are issued before this tile's products
+    and carried to the next iteration in registers. Why: with num_stages=2, Triton's pipeliner issues the next
+    tile's async copies at the end of the loop body, after this tile's products, so load and compute never
+    overlap (sm_90 TTGIR: async_wait, 3 dots, then async_copy); 3 stages of a 64-row tile do not fit."""
     i_s = tl.program_id(0)
     if PDL:
         gdc_wait()
@@ -129,21 +154,23 @@ def mla_decode_split_t_kernel(
         b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BH], dtype=tl.float32)
         b_acc = tl.zeros([R, BH], dtype=tl.float32)
+        if RPF:
+            n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s0, s1, stride_lat, R, DR, BS, BDR, FP8)
         for s in range(s0, s1, BS):
             o_s = s + tl.arange(0, BS)
             m_s = o_s < s1
-            o_sc = tl.minimum(o_s, s1 - 1).to(tl.int64)  # rows past the end re-read a valid row (p = 0 there)
-            p_row = lat + o_sc[:, None] * stride_lat
-            b_c = tl.load(p_row + o_r[None, :]).to(cdt)  # [BS, R]
-            if BDR == DR:
-                b_kp = tl.load(p_row + R + o_d[None, :]).to(cdt)
+            if RPF:  # this tile was loaded last iteration; issue the next one's loads now (past s1: re-reads row s1-1)
+                r_c, r_kp, b_rs = n_c, n_kp, n_rs
+                n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s + BS, s1, stride_lat, R, DR, BS, BDR, FP8)
             else:
-                b_kp = tl.load(p_row + R + o_d[None, :], mask=m_d[None, :]).to(cdt)
+                r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
+            b_c = r_c.to(cdt)  # [BS, R]
+            b_kp = r_kp.to(cdt)
+            if BDR != DR:
                 b_kp = tl.where(m_d[None, :], b_kp, 0)
             b_sc = (tl.dot(b_c, b_qaT, input_precision=PREC)
                     + tl.dot(b_kp, b_qpT, input_precision=PREC))  # [BS, BH] fp32
             if FP8:
-                b_rs = tl.load(lat_scale + o_sc)
                 b_sc = b_sc * b_rs[:, None]
             b_sc = tl.where(m_s[:, None], b_sc * qk_scale, float("-inf"))
             b_mn = tl.maximum(b_m, tl.max(b_sc, 0))
@@ -292,7 +319,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     the grid is fixed at num_splits programs and each covers max(min_chunk, ceil(seq_len / num_splits))
     rows). out [H, R] (default fp32; a bf16 out saves the caller a cast).
 
-    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64) or "hm" (heads as M,
+    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "tp" ("t" with the next
+    tile's loads issued before this tile's products: give num_stages=1) or "hm" (heads as M,
     the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
     widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
 
@@ -306,6 +334,9 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     H, R = q_abs.shape
     kind = {torch.float8_e4m3fn: "fp8", torch.float32: "fp32"}.get(latent.dtype, "bf16")
     d = DEFAULTS[kind]
+    if os.environ.get("KIMI_LOCAL_MLA_CFG"):  # A/B runs: "variant,BS,num_warps,num_stages" replaces the default
+        v, bs, nw, st = os.environ["KIMI_LOCAL_MLA_CFG"].split(",")
+        d = dict(d, variant=v, BS=int(bs), num_warps=int(nw), num_stages=int(st))
     variant = variant or d["variant"]
     BS = d["BS"] if BS is None else BS
     num_warps = d["num_warps"] if num_warps is None else num_warps
@@ -339,11 +370,11 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant == "t":
+    if variant in ("t", "tp"):
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
         try:
-            mla_decode_split_t_kernel[(NS,)](*args, CDT=cdt, **kw)
+            mla_decode_split_t_kernel[(NS,)](*args, CDT=cdt, RPF=variant == "tp", **kw)
         except triton.runtime.errors.OutOfResources:  # e.g. the tile stages exceed this GPU's shared memory
             _FALLBACK.add(key)
             return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,

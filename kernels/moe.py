@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait
+from .pdl import gdc_launch_dependents, gdc_wait, prefetch_l2_span
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
@@ -252,7 +252,7 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 
 @triton.jit
 def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale,
-                       ready, READY: tl.constexpr, NREADY: tl.constexpr, KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
+                       nxt, NXT_BYTES, NXT_CHUNK, NEXT: tl.constexpr, ready, READY: tl.constexpr, NREADY: tl.constexpr, KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
                        X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
@@ -285,6 +285,11 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             _prefetch_e(down + slot * mat_d, dl, D, F, e0, e1, QTD)
         else:
             _prefetch_e(sdown, dl, D, F, e0, e1, QTSD)
+    if NEXT:  # NEXT: this program's share of the next kernels' weights (nxt, NXT_BYTES) into L2 (moe_decode(l2_next=))
+        pid = (i_d * E + i_e) * S2 + i_s
+        start = pid.to(tl.int64) * NXT_CHUNK
+        if start < NXT_BYTES:
+            prefetch_l2_span(nxt + start, tl.minimum(NXT_BYTES - start, NXT_CHUNK).to(tl.int32))
     # READY (with PDL): no wait for the whole gate/up grid; each program waits only for its expert's act (per-expert
     # counters), so expert e's down rows start while other experts' gate/up programs still run; the grid-wide wait
     # comes at the end (this grid then completes after gate/up, for the kernels that wait on it)
@@ -384,7 +389,7 @@ def _ready_counters(device):
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None, l2_next=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -397,7 +402,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     route = (bias [E], k, scale, biased_weights, renormalize): slot_ids is then the router's logits [E] fp32
     (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
-    router.route would (the word path; the other paths run router.route first)."""
+    router.route would (the word path; the other paths run router.route first).
+    l2_next: a contiguous tensor (the next GEMV's packed weights) that the down programs L2-prefetch before their
+    PDL wait, one share each, with KIMI_LOCAL_MOE_PREFETCH containing "next" (moe_prefetch)."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
@@ -489,9 +496,15 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
+    nxt, nxt_bytes, nxt_chunk = act, 0, 16
+    use_next = "next" in pre and l2_next is not None and l2_next.data_ptr() % 16 == 0
+    if use_next:  # one 16-byte-multiple share per down program
+        assert l2_next.is_contiguous()
+        nxt, nxt_bytes = l2_next, l2_next.numel() * l2_next.element_size() // 16 * 16
+        nxt_chunk = triton.cdiv(triton.cdiv(nxt_bytes, ntd * NP), 16) * 16
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights if route is None else rbias, down_pool, sd, out, part2, cnt2, F, D,
-        down_pool[0].numel(), fps, rscale, ready, READY=use_ready, NREADY=nready, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
+        down_pool[0].numel(), fps, rscale, nxt, nxt_bytes, nxt_chunk, use_next, ready, READY=use_ready, NREADY=nready, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
         QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 DEV = "cpu" if SMOKE else "cuda"
+MATCH: list = []  # --match
 
 try:
     from kimi_local.kernels import kda, mla, naive
@@ -200,7 +201,11 @@ def mla_variants(dtype, S, n_sm):
               ("t BS=32 w4 s4", dict(t, BS=32, num_warps=4, num_stages=4)),
               ("t BS=32 w4 s3 2xSM splits", dict(t, BS=32, num_warps=4, num_stages=3, num_splits=2 * n_sm)),
               ("t BS=64 w4 s2 min_chunk=512", dict(t, num_warps=4, min_chunk=512)),
-              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm))]
+              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
+              ("tp BS=64 w8 s1", dict(t, variant="tp", num_stages=1)),
+              ("tp BS=64 w4 s1", dict(t, variant="tp", num_warps=4, num_stages=1)),
+              ("t BS=64 w4 s1 2xSM splits", dict(t, num_warps=4, num_stages=1, num_splits=2 * n_sm)),
+              ("tp BS=64 w8 s1 min_chunk=64", dict(t, variant="tp", num_stages=1, min_chunk=64))]
         if S <= 8192:
             v += [("t BS=64 w8 s2 min_chunk=64", dict(t, min_chunk=64))]
     else:
@@ -208,7 +213,10 @@ def mla_variants(dtype, S, n_sm):
               ("hm BS=32 w4 s2", dict(hm, num_warps=4)),
               ("t BS=64 w8 s2 bf16", t), ("t BS=64 w8 s2 fp16", dict(t, fp8_compute="fp16")),
               ("t BS=64 w8 s3 fp16", dict(t, fp8_compute="fp16", num_stages=3)),
-              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm))]
+              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
+              ("tp BS=64 w8 s1 fp16", dict(t, variant="tp", num_stages=1, fp8_compute="fp16"))]
+    if MATCH:  # --match: only the variants whose label contains one of these strings (and the default)
+        v = [x for x in v if x[0] == "default" or any(m in x[0] for m in MATCH)]
     return v
 
 
@@ -300,8 +308,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="kda,mla")
     ap.add_argument("--sizes", default="4096,131072,1048576")
+    ap.add_argument("--match", default="", help="comma-separated substrings: only the MLA variants whose label has one")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes: checks this script only")
     args = ap.parse_args()
+    global MATCH
+    MATCH = [m for m in args.match.split(",") if m]
     if args.smoke:
         args.sizes = "200"
     t0 = time.time()

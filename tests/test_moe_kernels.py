@@ -347,9 +347,12 @@ def test_cuda_moe_decode_route_in_kernel():
 
 
 @pytest.mark.cuda
-def test_cuda_moe_decode_ready_counters(monkeypatch):
-    """KIMI_LOCAL_MOE_READY=1 at real shapes (in-kernel top-8 of 256 + Q8_0 shared, x8, PDL on) in a CUDA graph
-    replayed with new x and logits each time (stale act would show): bit-identical to the grid-wide wait."""
+@pytest.mark.parametrize("variant", ["ready", "next"])
+def test_cuda_moe_decode_variants_bitwise(monkeypatch, variant):
+    """KIMI_LOCAL_MOE_READY=1 (per-expert act counters), and KIMI_LOCAL_MOE_PREFETCH=down,next with l2_next (the
+    down programs L2-prefetch an odd-sized 20 MB tensor), at real shapes (in-kernel top-8 of 256 + Q8_0 shared, x8,
+    PDL on) in a CUDA graph replayed with new x and logits each time (stale act would show): bit-identical to
+    the default."""
     from kimi_local.kernels import pdl as P
     S, D, F, k = 256, 2304, 1024, 8
     qtypes, shq = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
@@ -359,15 +362,18 @@ def test_cuda_moe_decode_ready_counters(monkeypatch):
     x = torch.empty(D, device="cuda", dtype=torch.bfloat16)
     logits, bias, _ = _router_case(S, k, 13, "cuda")
     kw = dict(shared=shared, shared_qtypes=shq, x8=True, route=(bias, k, 2.446, False, True))
+    nxt = torch.zeros(20_000_003, dtype=torch.uint8, device="cuda")
+    env = {"ready": [("KIMI_LOCAL_MOE_READY", "0"), ("KIMI_LOCAL_MOE_READY", "1")],
+           "next": [("KIMI_LOCAL_MOE_PREFETCH", "down"), ("KIMI_LOCAL_MOE_PREFETCH", "down,next")]}[variant]
     graphs, outs = [], []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("KIMI_LOCAL_MOE_READY", flag)
+    for name, val in env:
+        monkeypatch.setenv(name, val)
         out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
         with P.active(P.supported("cuda")):
-            moe.moe_decode(x.normal_(), logits, None, *pools, qtypes, out, **kw)  # compile outside the capture
+            moe.moe_decode(x.normal_(), logits, None, *pools, qtypes, out, l2_next=nxt, **kw)  # compile outside
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                moe.moe_decode(x, logits, None, *pools, qtypes, out, **kw)
+                moe.moe_decode(x, logits, None, *pools, qtypes, out, l2_next=nxt, **kw)
         graphs.append(graph), outs.append(out)
     for step in range(20):
         x.copy_(torch.randn(D, generator=g).to("cuda", torch.bfloat16))
