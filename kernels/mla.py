@@ -42,61 +42,6 @@ def _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR: tl.constexpr, NS: tl.constex
     return n, chunk, s0, tl.minimum(s0 + chunk, n), tl.cdiv(n, chunk)
 
 
-@triton.jit(do_not_specialize=["seq_int"])
-def mla_decode_split_kernel(
-    q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
-    seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
-    stride_lat, stride_qp,
-    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
-    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
-    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-):
-    i_s = tl.program_id(0)
-    if PDL:  # the length, q and the newest cache row come from earlier kernels (see kernels/pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
-    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
-    if s0 < n:
-        o_h = tl.arange(0, BH)
-        m_h = o_h < H
-        o_r = tl.arange(0, R)
-        o_d = tl.arange(0, BDR)
-        m_d = o_d < DR
-        b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0)  # [BH, R]
-        b_qp = tl.load(q_pe + o_h[:, None] * stride_qp + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
-        cdt = tl.float32 if UPCAST else (tl.bfloat16 if FP8 else lat.dtype.element_ty)
-        b_qa = b_qa.to(cdt)
-        b_qp = b_qp.to(cdt)
-        b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
-        b_l = tl.zeros([BH], dtype=tl.float32)
-        b_acc = tl.zeros([BH, R], dtype=tl.float32)
-        for s in range(s0, s1, BS):
-            o_s = s + tl.arange(0, BS)
-            m_s = o_s < s1
-            o_sc = tl.minimum(o_s, s1 - 1).to(tl.int64)  # rows past the end re-read a valid row (p = 0 there)
-            p_row = lat + o_sc[:, None] * stride_lat
-            b_c = tl.load(p_row + o_r[None, :]).to(cdt)  # [BS, R]
-            b_kp = tl.load(p_row + R + o_d[None, :], mask=m_d[None, :]).to(cdt)
-            b_kp = tl.where(m_d[None, :], b_kp, 0)
-            b_sc = (tl.dot(b_qa, tl.trans(b_c), input_precision=PREC)
-                    + tl.dot(b_qp, tl.trans(b_kp), input_precision=PREC))  # [BH, BS] fp32
-            if FP8:
-                b_rs = tl.load(lat_scale + o_sc)
-                b_sc = b_sc * b_rs[None, :]
-            b_sc = tl.where(m_s[None, :], b_sc * qk_scale, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_sc, 1))
-            b_alpha = tl.exp2(b_m - b_mn)
-            b_p = tl.exp2(b_sc - b_mn[:, None])
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            if FP8:
-                b_p = b_p * b_rs[None, :]
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(cdt), b_c, input_precision=PREC)
-            b_m = b_mn
-        tl.store(ws_m + i_s * H + o_h, b_m, mask=m_h)
-        tl.store(ws_l + i_s * H + o_h, b_l, mask=m_h)
-        tl.store(ws_acc + (i_s * H + o_h)[:, None] * R + o_r[None, :], b_acc, mask=m_h[:, None])
-
-
 @triton.jit
 def _lat_tile(lat, lat_scale, s, s1, stride_lat, R: tl.constexpr, DR: tl.constexpr, BS: tl.constexpr,
               BDR: tl.constexpr, FP8: tl.constexpr):
@@ -118,6 +63,67 @@ def _lat_tile(lat, lat_scale, s, s1, stride_lat, R: tl.constexpr, DR: tl.constex
 
 
 @triton.jit(do_not_specialize=["seq_int"])
+def mla_decode_split_kernel(
+    q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
+    seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
+    stride_lat, stride_qp,
+    H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
+    BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    RPF: tl.constexpr = False,
+):
+    """Heads as the MMA's M axis. RPF: the next tile's loads issued before this tile's products (as in
+    mla_decode_split_t_kernel; give num_stages=1)."""
+    i_s = tl.program_id(0)
+    if PDL:  # the length, q and the newest cache row come from earlier kernels (see kernels/pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
+    n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, i_s, LEN_IN_PTR, NS, BS, MIN_CHUNK)
+    if s0 < n:
+        o_h = tl.arange(0, BH)
+        m_h = o_h < H
+        o_r = tl.arange(0, R)
+        o_d = tl.arange(0, BDR)
+        m_d = o_d < DR
+        b_qa = tl.load(q_abs + o_h[:, None] * R + o_r[None, :], mask=m_h[:, None], other=0)  # [BH, R]
+        b_qp = tl.load(q_pe + o_h[:, None] * stride_qp + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
+        cdt = tl.float32 if UPCAST else (tl.bfloat16 if FP8 else lat.dtype.element_ty)
+        b_qa = b_qa.to(cdt)
+        b_qp = b_qp.to(cdt)
+        b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BH], dtype=tl.float32)
+        b_acc = tl.zeros([BH, R], dtype=tl.float32)
+        if RPF:
+            n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s0, s1, stride_lat, R, DR, BS, BDR, FP8)
+        for s in range(s0, s1, BS):
+            o_s = s + tl.arange(0, BS)
+            m_s = o_s < s1
+            if RPF:  # this tile was loaded last iteration; issue the next one's loads now
+                r_c, r_kp, b_rs = n_c, n_kp, n_rs
+                n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s + BS, s1, stride_lat, R, DR, BS, BDR, FP8)
+            else:
+                r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
+            b_c = r_c.to(cdt)  # [BS, R]
+            b_kp = tl.where(m_d[None, :], r_kp.to(cdt), 0)
+            b_sc = (tl.dot(b_qa, tl.trans(b_c), input_precision=PREC)
+                    + tl.dot(b_qp, tl.trans(b_kp), input_precision=PREC))  # [BH, BS] fp32
+            if FP8:
+                b_sc = b_sc * b_rs[None, :]
+            b_sc = tl.where(m_s[None, :], b_sc * qk_scale, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_sc, 1))
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_p = tl.exp2(b_sc - b_mn[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            if FP8:
+                b_p = b_p * b_rs[None, :]
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(cdt), b_c, input_precision=PREC)
+            b_m = b_mn
+        tl.store(ws_m + i_s * H + o_h, b_m, mask=m_h)
+        tl.store(ws_l + i_s * H + o_h, b_l, mask=m_h)
+        tl.store(ws_acc + (i_s * H + o_h)[:, None] * R + o_r[None, :], b_acc, mask=m_h[:, None])
+
+
+@triton.jit(do_not_specialize=["seq_int"])
 def mla_decode_split_t_kernel(
     q_abs, q_pe, lat, lat_scale,  # [H, R], [H, DR], [S_cap, R+DR], [S_cap] fp32 (FP8 only)
     seq_ptr, seq_int, ws_m, ws_l, ws_acc, qk_scale,  # qk_scale = softmax scale * log2(e)
@@ -125,16 +131,15 @@ def mla_decode_split_t_kernel(
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
-    PDL: tl.constexpr, RPF: tl.constexpr = False,
+    PDL: tl.constexpr,
 ):
     """Same contract as mla_decode_split_kernel, with the products transposed ("swap AB"): cache rows are the
     M axis (scores^T [BS, BH] = C q^T; acc^T [R, BH] += C^T p^T), so a 64-row tile fills a Hopper
-    warpgroup MMA with 32 heads and no padding, both operands read from the shared tile.
-
-    RPF (register prefetch, with num_stages=1): the next tile's loads are issued before this tile's products
-    and carried to the next iteration in registers. Why: with num_stages=2, Triton's pipeliner issues the next
-    tile's async copies at the end of the loop body, after this tile's products, so load and compute never
-    overlap (sm_90 TTGIR: async_wait, 3 dots, then async_copy); 3 stages of a 64-row tile do not fit."""
+    warpgroup MMA with 32 heads and no padding, both operands read from the pipelined shared tile.
+    Note (sm_90 TTGIR, Triton 3.6): with num_stages=2 the pipeliner issues the next tile's async copies at the
+    end of the loop body, after this tile's three products, so load and compute do not overlap; 3 stages of
+    a 64-row tile do not fit in shared memory, and num_stages=1 (or the next tile carried in registers)
+    miscompiles here (illegal shared-memory reads / wrong results on an H200, session 10)."""
     i_s = tl.program_id(0)
     if PDL:
         gdc_wait()
@@ -154,16 +159,10 @@ def mla_decode_split_t_kernel(
         b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BH], dtype=tl.float32)
         b_acc = tl.zeros([R, BH], dtype=tl.float32)
-        if RPF:
-            n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s0, s1, stride_lat, R, DR, BS, BDR, FP8)
         for s in range(s0, s1, BS):
             o_s = s + tl.arange(0, BS)
             m_s = o_s < s1
-            if RPF:  # this tile was loaded last iteration; issue the next one's loads now (past s1: re-reads row s1-1)
-                r_c, r_kp, b_rs = n_c, n_kp, n_rs
-                n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s + BS, s1, stride_lat, R, DR, BS, BDR, FP8)
-            else:
-                r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
+            r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
             b_c = r_c.to(cdt)  # [BS, R]
             b_kp = r_kp.to(cdt)
             if BDR != DR:
@@ -319,9 +318,9 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     the grid is fixed at num_splits programs and each covers max(min_chunk, ceil(seq_len / num_splits))
     rows). out [H, R] (default fp32; a bf16 out saves the caller a cast).
 
-    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "tp" ("t" with the next
-    tile's loads issued before this tile's products: give num_stages=1) or "hm" (heads as M,
-    the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
+    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "hm" (heads as M, the
+    first kernel) or
+    "hmp" ("hm" with the next tile's loads issued early: num_stages=1); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
     widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
 
     v_b [H, Dv, R] (W_UV): the combine launch also does o[h] = v_b[h] ctx[h] (ctx rounded to out's dtype if
@@ -370,18 +369,18 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant in ("t", "tp"):
+    if variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
         try:
-            mla_decode_split_t_kernel[(NS,)](*args, CDT=cdt, RPF=variant == "tp", **kw)
+            mla_decode_split_t_kernel[(NS,)](*args, CDT=cdt, **kw)
         except triton.runtime.errors.OutOfResources:  # e.g. the tile stages exceed this GPU's shared memory
             _FALLBACK.add(key)
             return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,
                               BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm",
                               v_b=v_b, o=o, o8=o8, combine_BR=combine_BR)
-    elif variant == "hm":
-        mla_decode_split_kernel[(NS,)](*args, **kw)
+    elif variant in ("hm", "hmp"):
+        mla_decode_split_kernel[(NS,)](*args, RPF=variant == "hmp", **kw)
     else:
         raise ValueError(f"unknown MLA decode variant {variant!r}")
     if v_b is not None:

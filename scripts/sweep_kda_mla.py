@@ -202,10 +202,11 @@ def mla_variants(dtype, S, n_sm):
               ("t BS=32 w4 s3 2xSM splits", dict(t, BS=32, num_warps=4, num_stages=3, num_splits=2 * n_sm)),
               ("t BS=64 w4 s2 min_chunk=512", dict(t, num_warps=4, min_chunk=512)),
               ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
-              ("tp BS=64 w8 s1", dict(t, variant="tp", num_stages=1)),
-              ("tp BS=64 w4 s1", dict(t, variant="tp", num_warps=4, num_stages=1)),
-              ("t BS=64 w4 s1 2xSM splits", dict(t, num_warps=4, num_stages=1, num_splits=2 * n_sm)),
-              ("tp BS=64 w8 s1 min_chunk=64", dict(t, variant="tp", num_stages=1, min_chunk=64))]
+              ("hmp BS=32 w8 s1", dict(hm, variant="hmp", num_stages=1)),
+              ("hmp BS=32 w4 s1", dict(hm, variant="hmp", num_warps=4, num_stages=1)),
+              ("hmp BS=64 w8 s1", dict(hm, variant="hmp", BS=64, num_stages=1)),
+              ("hmp BS=32 w8 s1 2xSM splits", dict(hm, variant="hmp", num_stages=1, num_splits=2 * n_sm)),
+              ("hmp BS=32 w8 s1 min_chunk=64", dict(hm, variant="hmp", num_stages=1, min_chunk=64))]
         if S <= 8192:
             v += [("t BS=64 w8 s2 min_chunk=64", dict(t, min_chunk=64))]
     else:
@@ -214,7 +215,7 @@ def mla_variants(dtype, S, n_sm):
               ("t BS=64 w8 s2 bf16", t), ("t BS=64 w8 s2 fp16", dict(t, fp8_compute="fp16")),
               ("t BS=64 w8 s3 fp16", dict(t, fp8_compute="fp16", num_stages=3)),
               ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
-              ("tp BS=64 w8 s1 fp16", dict(t, variant="tp", num_stages=1, fp8_compute="fp16"))]
+              ("hmp BS=32 w8 s1", dict(hm, variant="hmp", num_stages=1))]
     if MATCH:  # --match: only the variants whose label contains one of these strings (and the default)
         v = [x for x in v if x[0] == "default" or any(m in x[0] for m in MATCH)]
     return v
