@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import mla_gluon, pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import X8_GROUP, _x8_put, x8_words
 
@@ -318,8 +318,9 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     the grid is fixed at num_splits programs and each covers max(min_chunk, ceil(seq_len / num_splits))
     rows). out [H, R] (default fp32; a bf16 out saves the caller a cast).
 
-    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "hm" (heads as M, the
-    first kernel) or
+    variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "g" ("t" in Gluon with
+    the next tile's copies issued before this tile's products: kernels/mla_gluon.py; bf16 cache on sm_90 with
+    seq_len a device tensor, else "t"), "hm" (heads as M, the first kernel) or
     "hmp" ("hm" with the next tile's loads issued early: num_stages=1); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
     widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
 
@@ -369,7 +370,11 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant == "t":
+    if variant == "g" and not (in_ptr and BS == 64 and not kw["PDL"] and mla_gluon.supported(latent, H, R, DR)):
+        variant = "t"  # the Gluon kernel: bf16 cache on sm_90, length on the device, no PDL wait (else "t")
+    if variant == "g":
+        mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS, min_chunk)
+    elif variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)
         try:

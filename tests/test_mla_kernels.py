@@ -146,7 +146,7 @@ def test_mla_decode_fp8(n):
     assert rel(out, _attend(q_abs, q_pe, lat32, None, n, scale)) < 0.1  # fp8 band vs the unquantized cache
 
 
-@pytest.mark.parametrize("variant", ["hm", "t", "hmp"])
+@pytest.mark.parametrize("variant", ["hm", "t", "hmp", "g"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
 def test_mla_decode_variants(variant, dtype):
     """Both kernels on every cache dtype (the defaults pick one per dtype); fp8 also widened to fp16."""
@@ -348,18 +348,36 @@ def _real_case(n, dtype, gen, cap=None):
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", [1, 7, 4096, 4097, 33333, 131072])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
-@pytest.mark.parametrize("variant", [None, "hm", "t", "hmp"])
+@pytest.mark.parametrize("variant", [None, "hm", "t", "hmp", "g"])
 def test_mla_decode_real_shapes(n, dtype, variant):
     gen = torch.Generator().manual_seed(n)
     q_abs, q_pe, lat, sc = _real_case(n, dtype, gen)
     scale = 1 / math.sqrt(192)
     out = torch.full((32, 512), float("nan"), device="cuda")
-    kw = {} if variant is None else dict(variant=variant, BS=64 if variant == "t" else 32)
+    kw = {} if variant is None else dict(variant=variant, BS=32 if variant in ("hm", "hmp") else 64)
     if variant == "hmp":
         kw["num_stages"] = 1
-    mla.mla_decode(q_abs, q_pe, lat, n, scale, out, latent_scale=sc, **kw)
+    seq = torch.tensor([n], dtype=torch.int32, device="cuda") if variant == "g" else n  # "g" reads it on the device
+    mla.mla_decode(q_abs, q_pe, lat, seq, scale, out, latent_scale=sc, **kw)
     ref = _attend(q_abs, q_pe, lat, sc, n, scale)
     assert rel(out, ref) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4097, 131072])
+def test_mla_gluon_split_runs_and_matches(n):
+    """The Gluon split kernel (kernels/mla_gluon.py) is taken on this GPU for a bf16 cache (no silent fallback) and
+    matches the reference, with heads < 32 (masked) too."""
+    gen = torch.Generator().manual_seed(n + 1)
+    q_abs, q_pe, lat, _ = _real_case(n, torch.bfloat16, gen)
+    assert mla.mla_gluon.supported(lat, 32, 512, 64)
+    scale = 1 / math.sqrt(192)
+    seq = torch.tensor([n], dtype=torch.int32, device="cuda")
+    for H in (32, 20):
+        ref = _attend(q_abs[:H], q_pe[:H], lat, None, n, scale)
+        out = torch.full((H, 512), float("nan"), device="cuda")
+        mla.mla_decode(q_abs[:H].contiguous(), q_pe[:H], lat, seq, scale, out, variant="g", BS=64)
+        assert rel(out, ref) < 1e-2, H
 
 
 @pytest.mark.cuda

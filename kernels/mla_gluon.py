@@ -1,0 +1,132 @@
+"""MLA decode split kernel in Gluon (Triton's explicit-layout dialect, sm_90): the bf16 "t" split kernel of
+kernels/mla.py with a hand-written two-buffer copy pipeline, so the next latent tile streams in while this
+tile's products run.
+
+Why: Triton 3.6 pipelines the "t" kernel's tile loads with two shared buffers but issues the next tile's
+async copies at the end of the loop body, after this tile's three products (sm_90 TTGIR: async_wait, the
+products, then async_copy), so load and compute never overlap; three 72 KB stages do not fit next to q, and
+num_stages=1 miscompiles that kernel (illegal shared reads, session 10). Here the copies for tile i + 1 are
+issued before the products of tile i.
+
+Same contract as mla.mla_decode_split_t_kernel (workspace ws_m / ws_l [NS, H], ws_acc [NS, H, R] for the
+combine kernel; the length read from seq_ptr [1]); bf16 cache only, H <= 32 heads, BS = 64 rows, 4 warps.
+Per program: q_abs^T [R, 32] and q_pe^T in shared memory (B operands), the latent tile ring [2, 64, R] and
+[2, 64, DR], scores^T [64, 32] = C q^T and acc^T [R, 32] += C^T p^T as warpgroup MMAs (A = the tile, K-major for
+the scores, its transpose for acc), p [64, 32] through shared memory.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover
+    HAVE_GLUON = False
+
+
+def supported(latent: torch.Tensor, H: int, R: int, DR: int) -> bool:
+    """The Gluon kernel applies: Gluon importable, a Hopper GPU, a bf16 cache, up to 32 heads, R and DR multiples of
+    64 (shared-memory swizzle rows)."""
+    return (HAVE_GLUON and latent.is_cuda and latent.dtype == torch.bfloat16 and H <= 32 and R % 64 == 0
+            and DR % 64 == 0 and (R & (R - 1)) == 0 and (DR & (DR - 1)) == 0
+            and torch.cuda.get_device_capability(latent.device)[0] == 9)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_tile(c_buf, k_buf, lat, s, s1, stride_lat, R: gl.constexpr, DR: gl.constexpr, BS: gl.constexpr,
+                    LC: gl.constexpr, LK: gl.constexpr):
+        """Async copies of latent rows s .. s+BS-1 (rows past s1 re-read row s1 - 1: their p is 0) into c_buf [BS, R]
+        and k_buf [BS, DR]."""
+        rc = gl.minimum(s + gl.arange(0, BS, layout=gl.SliceLayout(1, LC)), s1 - 1).to(gl.int64)
+        cc = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
+        cp.async_copy_global_to_shared(c_buf, lat + rc[:, None] * stride_lat + cc[None, :])
+        rk = gl.minimum(s + gl.arange(0, BS, layout=gl.SliceLayout(1, LK)), s1 - 1).to(gl.int64)
+        ck = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
+        cp.async_copy_global_to_shared(k_buf, lat + R + rk[:, None] * stride_lat + ck[None, :])
+
+    @gluon.jit
+    def mla_split_gluon_kernel(q_abs, q_pe, lat, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat, stride_qp,
+                               H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
+                               BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr):
+        # register layouts: 16-byte vectors along the row for the copies; the warpgroup MMA accumulator
+        LC: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # [BS, R] tile, [BH, R] q
+        LK: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [BS, DR] tile, [BH, DR] q_pe
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
+        SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        SWP: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BH * 2, element_bitwidth=16, rank=2)
+
+        i_s = gl.program_id(0)
+        n = gl.load(seq_ptr)
+        chunk = gl.maximum(gl.cdiv(gl.cdiv(n, NS), BS) * BS, MIN_CHUNK)
+        s0 = i_s * chunk
+        s1 = gl.minimum(s0 + chunk, n)
+        if s0 < n:
+            c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BS, R], SW)
+            k_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BS, DR], SW)
+            _issue_tile(c_bufs.index(0), k_bufs.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
+            cp.commit_group()
+            # q_abs [BH, R] and q_pe [BH, DR] (heads past H = 0) into shared memory, read as q^T by the MMAs
+            oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LC))
+            orr = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
+            qa = gl.load(q_abs + oh[:, None] * R + orr[None, :], mask=(oh < H)[:, None], other=0.0)
+            q_s = gl.allocate_shared_memory(gl.bfloat16, [BH, R], SW, qa.to(gl.bfloat16))
+            ohk = gl.arange(0, BH, layout=gl.SliceLayout(1, LK))
+            odk = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
+            qp = gl.load(q_pe + ohk[:, None] * stride_qp + odk[None, :], mask=(ohk < H)[:, None], other=0.0)
+            qp_s = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], SW, qp.to(gl.bfloat16))
+            p_s = gl.allocate_shared_memory(gl.bfloat16, [BS, BH], SWP)
+
+            m_i = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
+            l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, MMA))
+            acc = gl.zeros([R, BH], gl.float32, layout=MMA)  # acc^T
+            zero_s = gl.zeros([BS, BH], gl.float32, layout=MMA)
+            rows = gl.arange(0, BS, layout=gl.SliceLayout(1, MMA))
+            ntiles = gl.cdiv(s1 - s0, BS)
+            for it in range(ntiles):
+                s = s0 + it * BS
+                buf = it % 2
+                gl.thread_barrier()  # every warp is done with the buffer the next copies overwrite
+                if it + 1 < ntiles:  # the next tile streams in during this tile's products
+                    _issue_tile(c_bufs.index(1 - buf), k_bufs.index(1 - buf), lat, s + BS, s1, stride_lat,
+                                R, DR, BS, LC, LK)
+                cp.commit_group()
+                cp.wait_group(1)  # this tile's group has landed (the newest may still be in flight)
+                gl.thread_barrier()
+                fence_async_shared()
+                c_t = c_bufs.index(buf)
+                sc = warpgroup_mma(c_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                sc = warpgroup_mma(k_bufs.index(buf), qp_s.permute((1, 0)), sc, is_async=True)
+                sc = warpgroup_mma_wait(0, deps=[sc])  # scores^T [BS, BH]
+                sc = gl.where((s + rows < s1)[:, None], sc * qk_scale, float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(sc, 0))
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(sc - m_new[None, :])
+                l_i = l_i * alpha + gl.sum(p, 0)
+                m_i = m_new
+                p_s.store(p.to(gl.bfloat16))
+                gl.thread_barrier()
+                fence_async_shared()
+                acc = warpgroup_mma(c_t.permute((1, 0)), p_s, acc * alpha[None, :], is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            cp.wait_group(0)
+            oho = gl.arange(0, BH, layout=gl.SliceLayout(0, MMA))
+            gl.store(ws_m + i_s * H + oho, m_i, mask=oho < H)
+            gl.store(ws_l + i_s * H + oho, l_i, mask=oho < H)
+            oro = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
+            gl.store(ws_acc + (i_s * H + oho)[None, :] * R + oro[:, None], acc, mask=(oho < H)[None, :])
+
+
+def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, BS: int, min_chunk: int):
+    """Launch the split kernel: q_abs [H, R], q_pe [H, DR] (row stride free), latent [S_cap, R + DR] bf16,
+    seq_ptr an int32 device tensor [1]; ws = (m, l, acc) workspaces of mla._workspace(NS, H, R)."""
+    H, R = q_abs.shape
+    DR = q_pe.shape[1]
+    assert BS == 64 and latent.stride(1) == 1 and q_pe.stride(1) == 1 and q_abs.is_contiguous()
+    mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, seq_ptr, *ws, qk_scale, latent.stride(0), q_pe.stride(0),
+                                  H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS, MIN_CHUNK=min_chunk, num_warps=4)
