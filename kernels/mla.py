@@ -299,7 +299,9 @@ def default_splits(device) -> int:
 DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kda_mla.py measures the choices)
     # run 3 sweep (H200): bf16 "t" 4 warps 77 us at 128K (46 % of HBM), 429 us at 1M (66 %);
     # fp8 "t" with fp16 compute 125 us at 128K, 802 us at 1M (hm: 163 / 1120 us)
-    "bf16": dict(variant="t", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1),
+    # session 10 (H200, split + combine): Gluon "g" 13.0 / 62.9 / 313.5 us at 4K / 128K / 1M against "t" 15.6 /
+    # 77.4 / 433.0 (1M: 90.7 % of the copy bandwidth); "t" where "g" does not apply (see mla_decode)
+    "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1),
     "fp8": dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="fp16"),
     "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
 }
@@ -392,7 +394,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
         return _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, v_b, o, o8, combine_BR, NS, common)
     BR = min(R, combine_BR or 128)
     mla_decode_combine_kernel[(H, R // BR)](
-        ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=16, BNS=triton.next_power_of_2(NS),
+        ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=_combine_bn(NS), BNS=triton.next_power_of_2(NS),
         num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
     )
     return out
@@ -406,6 +408,13 @@ def _vo_workspace(device, H: int, NR: int, DV: int):
         _WS_VO[key] = (torch.empty(H * NR * DV, dtype=torch.float32, device=device),
                        torch.zeros(H, dtype=torch.int32, device=device))
     return _WS_VO[key]
+
+
+def _combine_bn(NS: int) -> int:
+    """Splits a combine program merges per loop step (its loads of one step are issued together): all of them up
+    to 128 (one round trip at 128K and 4K, two at 1M); KIMI_LOCAL_MLA_COMBINE_BN overrides (A/B runs; 16 was the
+    session-9 value: 8 dependent steps at 128K)."""
+    return int(os.environ.get("KIMI_LOCAL_MLA_COMBINE_BN", 0)) or min(128, triton.next_power_of_2(NS))
 
 
 def _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, ctx, v_b, o, o8, BR, NS, common):
@@ -426,7 +435,7 @@ def _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, ctx, v_b, o, o8, BR, NS, c
         (v_b if ctx is None else ctx).dtype]
     mla_decode_combine_vo_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, ws_m if ctx is None else ctx, v_b, o, ws_cnt if o8 is None else o8,
-        ws_o, ws_cnt, H=H, R=R, DV=DV, BDV=max(16, triton.next_power_of_2(DV)), BR=BR, BN=16,
+        ws_o, ws_cnt, H=H, R=R, DV=DV, BDV=max(16, triton.next_power_of_2(DV)), BR=BR, BN=_combine_bn(NS),
         BNS=triton.next_power_of_2(NS), CDT=cdt, STORE_CTX=ctx is not None, X8=o8 is not None,
         num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
     )
