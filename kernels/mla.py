@@ -70,10 +70,8 @@ def mla_decode_split_kernel(
     H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr, BH: tl.constexpr, BDR: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr,
     LEN_IN_PTR: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-    RPF: tl.constexpr = False,
 ):
-    """Heads as the MMA's M axis. RPF: the next tile's loads issued before this tile's products (as in
-    mla_decode_split_t_kernel; give num_stages=1)."""
+    """Heads as the MMA's M axis (mma.sync on sm_90: M = 32 heads is below a warpgroup MMA's 64)."""
     i_s = tl.program_id(0)
     if PDL:  # the length, q and the newest cache row come from earlier kernels (see kernels/pdl.py)
         gdc_wait()
@@ -93,16 +91,10 @@ def mla_decode_split_kernel(
         b_m = tl.full([BH], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BH], dtype=tl.float32)
         b_acc = tl.zeros([BH, R], dtype=tl.float32)
-        if RPF:
-            n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s0, s1, stride_lat, R, DR, BS, BDR, FP8)
         for s in range(s0, s1, BS):
             o_s = s + tl.arange(0, BS)
             m_s = o_s < s1
-            if RPF:  # this tile was loaded last iteration; issue the next one's loads now
-                r_c, r_kp, b_rs = n_c, n_kp, n_rs
-                n_c, n_kp, n_rs = _lat_tile(lat, lat_scale, s + BS, s1, stride_lat, R, DR, BS, BDR, FP8)
-            else:
-                r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
+            r_c, r_kp, b_rs = _lat_tile(lat, lat_scale, s, s1, stride_lat, R, DR, BS, BDR, FP8)
             b_c = r_c.to(cdt)  # [BS, R]
             b_kp = tl.where(m_d[None, :], r_kp.to(cdt), 0)
             b_sc = (tl.dot(b_qa, tl.trans(b_c), input_precision=PREC)
@@ -322,8 +314,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "g" ("t" in Gluon with
     the next tile's copies issued before this tile's products: kernels/mla_gluon.py; bf16 cache on sm_90 with
-    seq_len a device tensor, else "t"), "hm" (heads as M, the first kernel) or
-    "hmp" ("hm" with the next tile's loads issued early: num_stages=1); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
+    seq_len a device tensor, else "t") or "hm" (heads as M, the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
     widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
 
     v_b [H, Dv, R] (W_UV): the combine launch also does o[h] = v_b[h] ctx[h] (ctx rounded to out's dtype if
@@ -386,8 +377,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
             return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk,
                               BS=32, num_warps=8, num_stages=2, workspace=workspace, variant="hm",
                               v_b=v_b, o=o, o8=o8, combine_BR=combine_BR)
-    elif variant in ("hm", "hmp"):
-        mla_decode_split_kernel[(NS,)](*args, RPF=variant == "hmp", **kw)
+    elif variant == "hm":
+        mla_decode_split_kernel[(NS,)](*args, **kw)
     else:
         raise ValueError(f"unknown MLA decode variant {variant!r}")
     if v_b is not None:

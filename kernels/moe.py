@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_l2_span
+from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
                            _prefetch_rows,
@@ -171,25 +171,8 @@ def _act_store(act, i_e, i_f, f, f_mask, F, h, BF: tl.constexpr, X8: tl.constexp
 
 
 @triton.jit
-def _release_act(ready, i_e):
-    """One more finished act group of expert i_e (READY): every thread's act stores, then a releasing count."""
-    tl.debug_barrier()
-    tl.atomic_add(ready + i_e, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _await_act(ready, i_e, n):
-    """Spin until expert i_e's n act groups are released (READY), then acquire them (volatile polls: no RMW
-    traffic on the counter while the gate/up programs still count on it)."""
-    r = tl.load(ready + i_e, volatile=True)
-    while r < n:
-        r = tl.load(ready + i_e, volatile=True)
-    tl.atomic_add(ready + i_e, 0, sem="acquire", scope="gpu")
-
-
-@triton.jit
 def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, D, mat_g, mat_u, EPS, rbias, rscale,
-                          ready, READY: tl.constexpr, KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr, GT: tl.constexpr,
+                          KTOP: tl.constexpr, E: tl.constexpr, S1: tl.constexpr, BF: tl.constexpr, GT: tl.constexpr,
                           QTG: tl.constexpr, CG: tl.constexpr, EVG: tl.constexpr,
                           QTU: tl.constexpr, CU: tl.constexpr, EVU: tl.constexpr,
                           QTSG: tl.constexpr, CSG: tl.constexpr, EVSG: tl.constexpr,
@@ -225,8 +208,6 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
     NA: tl.constexpr = S1 * (GT // BF)  # arrivals per counter
     if NA == 1:
         _act_store(act, i_e, i_f, f, f_mask, F, b_g * tl.sigmoid(b_g) * b_u, BF, X8)
-        if READY:
-            _release_act(ready, i_e)
     else:
         pg = part + (i_s * E + i_e) * 2 * F
         tl.store(pg + f, b_g, mask=f_mask)
@@ -246,13 +227,11 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
                 u += tl.load(ps + F + fg, mask=fg_mask, other=0.0, cache_modifier=".cg")
             _act_store(act, i_e, i_g, fg, fg_mask, F, g * tl.sigmoid(g) * u, GT, X8)
             tl.atomic_xchg(cnt + i_e * nt + i_g, 0, sem="relaxed", scope="gpu")
-            if READY:
-                _release_act(ready, i_e)
 
 
 @triton.jit
 def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale,
-                       nxt, NXT_BYTES, NXT_CHUNK, NEXT: tl.constexpr, ready, READY: tl.constexpr, NREADY: tl.constexpr, KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
+                       KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
                        X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
@@ -285,32 +264,16 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             _prefetch_e(down + slot * mat_d, dl, D, F, e0, e1, QTD)
         else:
             _prefetch_e(sdown, dl, D, F, e0, e1, QTSD)
-    if NEXT:  # NEXT: this program's share of the next kernels' weights (nxt, NXT_BYTES) into L2 (moe_decode(l2_next=))
-        pid = (i_d * E + i_e) * S2 + i_s
-        start = pid.to(tl.int64) * NXT_CHUNK
-        if start < NXT_BYTES:
-            prefetch_l2_span(nxt + start, tl.minimum(NXT_BYTES - start, NXT_CHUNK).to(tl.int32))
-    # READY (with PDL): no wait for the whole gate/up grid; each program waits only for its expert's act (per-expert
-    # counters), so expert e's down rows start while other experts' gate/up programs still run; the grid-wide wait
-    # comes at the end (this grid then completes after gate/up, for the kernels that wait on it)
-    if READY:
-        _await_act(ready, i_e, NREADY)
-        if PDL:
-            gdc_launch_dependents()
-    elif PDL:
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
     if i_e < KTOP:
         y = wt * _wdot_e(a_e, down + slot * mat_d, dl, D, F, e0, e1, QTD, BD, CD, EVD, X8)
     else:
         y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
-    if PDL and READY:
-        gdc_wait()
     NP: tl.constexpr = E * S2
     if NP == 1:
         tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
-        if READY:
-            _rearm_ready(ready, E)
     else:
         tl.store(part + (i_e * S2 + i_s) * D + d, y, mask=d_mask)
         tl.debug_barrier()
@@ -321,20 +284,6 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
                 tot += tl.load(part + p * D + d, mask=d_mask, other=0.0, cache_modifier=".cg")
             tl.store(out + d, tot.to(out.dtype.element_ty), mask=d_mask)
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
-            if READY:
-                _rearm_ready(ready, E)
-
-
-@triton.jit
-def _rearm_ready(ready, E: tl.constexpr):
-    """After a d-tile's final store: the last d-tile of the grid zeroes the experts' act counters ready[:E] (READY)
-    and its own arrival counter ready[E] for the next launch (every program has passed its _await_act by then)."""
-    done = ready + E
-    c = tl.atomic_add(done, 1, sem="acq_rel", scope="gpu")
-    if c == tl.num_programs(0) - 1:
-        for e in range(E):
-            tl.atomic_xchg(ready + e, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(done, 0, sem="relaxed", scope="gpu")
 
 
 _DOWN_PARTS = 18  # down programs per d-tile (E * S2) of the routed layout: 8 experts + shared, S2 = 2
@@ -376,20 +325,9 @@ def moe_prefetch() -> set:
             if v.strip() and v.strip() != "none"}
 
 
-_READY: dict = {}
-
-
-def _ready_counters(device):
-    """Zeroed int32 counters for KIMI_LOCAL_MOE_READY (cached per device: graph-capturable after the first call;
-    the kernels re-arm them): one per expert of a launch (<= 63) and one for the down grid's d-tiles."""
-    if device not in _READY:
-        _READY[device] = torch.zeros(64, dtype=torch.int32, device=device)
-    return _READY[device]
-
-
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None, l2_next=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -402,9 +340,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     route = (bias [E], k, scale, biased_weights, renormalize): slot_ids is then the router's logits [E] fp32
     (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
-    router.route would (the word path; the other paths run router.route first).
-    l2_next: a contiguous tensor (the next GEMV's packed weights) that the down programs L2-prefetch before their
-    PDL wait, one share each, with KIMI_LOCAL_MOE_PREFETCH containing "next" (moe_prefetch)."""
+    router.route would (the word path; the other paths run router.route first)."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
@@ -482,29 +418,17 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         rkw = dict(ROUTE=True, NR=NR, BNR=triton.next_power_of_2(NR), BK=triton.next_power_of_2(max(K, 1)),
                    BIASED=bool(biased), RENORM=bool(renorm))
         rscale = float(rscale)
-    # KIMI_LOCAL_MOE_READY=1 (experiment, not GPU-verified): per-expert act counters instead of the down kernel's
-    # wait for the whole gate/up grid (ready[:E] counts act groups, ready[E] the down grid's finished d-tiles)
-    use_ready = os.environ.get("KIMI_LOCAL_MOE_READY", "0") == "1"
-    assert not use_ready or E < 64
-    ready = _ready_counters(x.device)
-    nready = ntf if na == 1 else triton.cdiv(F, gt)
     _moe_w_gate_up_kernel[(ntf, E, S1)](
         xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
-        eps, rbias, rscale, ready, READY=use_ready, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU,
+        eps, rbias, rscale, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU,
         EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(),
         X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps, num_stages=num_stages,
         **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
-    nxt, nxt_bytes, nxt_chunk = act, 0, 16
-    use_next = "next" in pre and l2_next is not None and l2_next.data_ptr() % 16 == 0
-    if use_next:  # one 16-byte-multiple share per down program
-        assert l2_next.is_contiguous()
-        nxt, nxt_bytes = l2_next, l2_next.numel() * l2_next.element_size() // 16 * 16
-        nxt_chunk = triton.cdiv(triton.cdiv(nxt_bytes, ntd * NP), 16) * 16
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights if route is None else rbias, down_pool, sd, out, part2, cnt2, F, D,
-        down_pool[0].numel(), fps, rscale, nxt, nxt_bytes, nxt_chunk, use_next, ready, READY=use_ready, NREADY=nready, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
+        down_pool[0].numel(), fps, rscale, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
         QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out

@@ -93,14 +93,3 @@ def prefetch_l2_bulk(ptr, nbytes):
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                               [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
-
-
-@triton.jit
-def prefetch_l2_span(ptr, nbytes):
-    """Prefetch [ptr, ptr + nbytes) into L2 with one bulk request from thread 0 of the program (ptr 16-byte
-    aligned, nbytes a multiple of 16, both scalars; the other threads issue nothing)."""
-    tl.inline_asm_elementwise(
-        "{\n\t.reg .pred p0;\n\t.reg .u32 t0;\n\tmov.u32 t0, %tid.x;\n\tsetp.eq.u32 p0, t0, 0;\n\t"
-        "@p0 cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
-        "=r,l,r", [ptr + tl.zeros([1], tl.int32), nbytes + tl.zeros([1], tl.int32)], dtype=tl.int32,
-        is_pure=False, pack=1)

@@ -367,13 +367,12 @@ class GpuKimi(KimiLinear):
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
-            nxt = self._first_projection(i + 1) if x.shape[0] == 1 else None  # for the FFN's L2 prefetch
             if cfg.is_moe(i) and fuse_route:
                 h, h8, routed = norm_route(a, i)
-                m = self.moe(i, h, h8, routed, l2_next=nxt)
+                m = self.moe(i, h, h8, routed)
             else:
                 h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
-                m = self.moe(i, h, h8, l2_next=nxt) if cfg.is_moe(i) else self.dense_mlp(i, h, h8, l2_next=nxt)
+                m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
             if i + 1 < cfg.num_hidden_layers:
                 h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
@@ -383,19 +382,6 @@ class GpuKimi(KimiLinear):
         h, h8 = norm(m, "output_norm.weight", residual=x)
         logits_out = torch.empty(h.shape[0], w["output.weight"].N, dtype=torch.float32, device=h.device)
         return w["output.weight"].matmul(h, out=logits_out, x8=h8)  # fp32 from the GEMV: no conversion launch
-
-    def _first_projection(self, i: int) -> torch.Tensor | None:
-        """The packed weights of layer i's first GEMV (KDA q/k/v/f/g/beta or MLA q/kv_a), which the FFN before it
-        may L2-prefetch (moe_decode(l2_next=), KIMI_LOCAL_MOE_PREFETCH=...,next); None past the last layer."""
-        if i >= self.cfg.num_hidden_layers:
-            return None
-        b = f"blk.{i}."
-        names = ("qkvfgb", "qkv") if self.cfg.is_kda(i) else ("attn_q_kv_a", "attn_q.weight")
-        wt = next((self.w[b + n] for n in names if b + n in self.w), None)
-        if not isinstance(wt, GpuWeight):
-            return None
-        d = wt.data if wt.data is not None else wt.dense
-        return d if d.is_cuda else None
 
     @property
     def embed_on_host(self) -> bool:
@@ -483,7 +469,7 @@ class GpuKimi(KimiLinear):
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
-    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, l2_next=None) -> torch.Tensor:
+    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self.w, f"blk.{i}."
         mats = [w[b + f"ffn_{n}.weight"] for n in ("gate", "up", "down")]
         if h.shape[0] == 1 and all(m.qtype in WORD_QTYPES for m in mats) \
@@ -494,16 +480,15 @@ class GpuKimi(KimiLinear):
             out = torch.empty_like(h)
             none_i = torch.empty(0, dtype=torch.int32, device=h.device)
             moe_decode(h[0], none_i, none_i.float(), *(d[None] for d in data), qts, out[0], shared=data,
-                       shared_qtypes=qts, x8=h8, l2_next=l2_next)
+                       shared_qtypes=qts, x8=h8)
             return out
         g = w[b + "ffn_gate.weight"].matmul(h, x8=h8)
         u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
         return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
 
-    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None, l2_next=None) -> torch.Tensor:
+    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None) -> torch.Tensor:
         """routed: (ids, weights) when the router already ran (norm_router_route), ("logits", logits [1, E]) when
-        it left the top-k to the MoE kernels (one token, resident experts), else routed here. l2_next: see
-        _first_projection."""
+        it left the top-k to the MoE kernels (one token, resident experts), else routed here."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         shared, shq = w.get(b + "shexp", (None, None))
         out = torch.empty_like(h)
@@ -511,7 +496,7 @@ class GpuKimi(KimiLinear):
             moe_decode(h[0], routed[1][0], None, *self.experts.pools(i), self.experts.qtypes(i), out[0], shared=shared,
                        shared_qtypes=shq, x8=h8, route=(w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                                        cfg.routed_scaling_factor, cfg.biased_router_weights,
-                                                       cfg.moe_renormalize), l2_next=l2_next)
+                                                       cfg.moe_renormalize))
             return out
         ids, wts = routed if routed is not None else route_tokens(
             h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
@@ -520,7 +505,7 @@ class GpuKimi(KimiLinear):
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)  # after prepare: it may stage the slots
         if h.shape[0] == 1:
             moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
-                       x8=h8, l2_next=l2_next)
+                       x8=h8)
         else:
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out

@@ -453,7 +453,8 @@ def bench_mla_decode(ctx):
     q_pe = torch.randn(H, DR, device="cuda").to(bf)
     q_cat = torch.cat([q_abs, q_pe], 1).view(1, 1, H, R + DR)  # MQA as one head: the 32 heads are 32 queries
     out = torch.empty(H, R, device="cuda")
-    configs = [dict(), dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128)]  # {}: mla.DEFAULTS
+    configs = [dict(), dict(variant="t", BS=64, num_warps=4, num_stages=2, min_chunk=128),  # {}: mla.DEFAULTS
+               dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128)]
     if not ctx.quick:  # scripts/sweep_kda_mla.py sweeps more
         configs += [dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128),
                     dict(variant="hm", BS=16, num_warps=8, num_stages=3, min_chunk=128)]
@@ -489,7 +490,7 @@ def bench_mla_decode(ctx):
                 ms = ctx.time(lambda: [mla.mla_decode(q_abs, q_pe, lat, seq, scale, out, latent_scale=sc, **cfg)
                                        for lat, sc in zip(lats, scs)], graph=True, calls=n)
                 cfg_s = " ".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
-                ctx.row("mla", f"S={S} {tag} split-K Triton {cfg_s}", ms, nbytes=nbytes, base=bname and f"{bname} bf16",
+                ctx.row("mla", f"S={S} {tag} split-K {cfg_s}", ms, nbytes=nbytes, base=bname and f"{bname} bf16",
                         base_ms=base_ms.get(bname), note=f"splits={mla.default_splits(out.device)}")
             del lats, scs
             torch.cuda.empty_cache()

@@ -71,7 +71,7 @@ def test_mla_decode_split_shapes(min_chunk, splits):
     assert rel(out, _attend(q_abs, q_pe, lat, None, n, 0.25)) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["t", "hmp", "hm"])
+@pytest.mark.parametrize("variant", ["t", "hm"])
 def test_mla_decode_strided_q_pe_bf16_out(variant):
     """q_pe as a slice of the q projection (rows strided by Dn + Dr, the engine passes it without a
     copy) and a bf16 out (no cast kernel): same result as contiguous q_pe into fp32 out."""
@@ -146,7 +146,7 @@ def test_mla_decode_fp8(n):
     assert rel(out, _attend(q_abs, q_pe, lat32, None, n, scale)) < 0.1  # fp8 band vs the unquantized cache
 
 
-@pytest.mark.parametrize("variant", ["hm", "t", "hmp", "g"])
+@pytest.mark.parametrize("variant", ["hm", "t", "g"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8])
 def test_mla_decode_variants(variant, dtype):
     """Both kernels on every cache dtype (the defaults pick one per dtype); fp8 also widened to fp16."""
@@ -348,15 +348,13 @@ def _real_case(n, dtype, gen, cap=None):
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", [1, 7, 4096, 4097, 33333, 131072])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
-@pytest.mark.parametrize("variant", [None, "hm", "t", "hmp", "g"])
+@pytest.mark.parametrize("variant", [None, "hm", "t", "g"])
 def test_mla_decode_real_shapes(n, dtype, variant):
     gen = torch.Generator().manual_seed(n)
     q_abs, q_pe, lat, sc = _real_case(n, dtype, gen)
     scale = 1 / math.sqrt(192)
     out = torch.full((32, 512), float("nan"), device="cuda")
-    kw = {} if variant is None else dict(variant=variant, BS=32 if variant in ("hm", "hmp") else 64)
-    if variant == "hmp":
-        kw["num_stages"] = 1
+    kw = {} if variant is None else dict(variant=variant, BS=32 if variant == "hm" else 64)
     seq = torch.tensor([n], dtype=torch.int32, device="cuda") if variant == "g" else n  # "g" reads it on the device
     mla.mla_decode(q_abs, q_pe, lat, seq, scale, out, latent_scale=sc, **kw)
     ref = _attend(q_abs, q_pe, lat, sc, n, scale)
