@@ -293,8 +293,10 @@ DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kd
     # fp8 "t" with fp16 compute 125 us at 128K, 802 us at 1M (hm: 163 / 1120 us)
     # session 10 (H200, split + combine): Gluon "g" 13.0 / 62.9 / 313.5 us at 4K / 128K / 1M against "t" 15.6 /
     # 77.4 / 433.0 (1M: 90.7 % of the copy bandwidth); "t" where "g" does not apply (see mla_decode)
-    "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1),
-    "fp8": dict(variant="t", BS=64, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="fp16"),
+    # t_warps: the "t" kernel's warps where "g" does not apply (not sm_90, a host length, MLA PDL on)
+    "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, t_warps=4),
+    "fp8": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="fp16",
+                t_warps=8),
     "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
 }
 _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared memory): use "hm" instead
@@ -364,9 +366,11 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
     if variant == "g" and not (in_ptr and BS == 64 and not kw["PDL"] and mla_gluon.supported(latent, H, R, DR)):
-        variant = "t"  # the Gluon kernel: bf16 cache on sm_90, length on the device, no PDL wait (else "t")
+        variant = "t"  # the Gluon kernels: bf16 / fp8 cache on sm_90, length on the device, no PDL wait (else "t")
+        num_warps = d.get("t_warps", num_warps)
     if variant == "g":
-        mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS, min_chunk)
+        mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS, min_chunk,
+                                  latent_scale=latent_scale if fp8 else None)
     elif variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)

@@ -29,9 +29,10 @@ except ImportError:  # pragma: no cover
 
 
 def supported(latent: torch.Tensor, H: int, R: int, DR: int) -> bool:
-    """The Gluon kernel applies: Gluon importable, a Hopper GPU, a bf16 cache, up to 32 heads, R and DR multiples of
-    64 (shared-memory swizzle rows)."""
-    return (HAVE_GLUON and latent.is_cuda and latent.dtype == torch.bfloat16 and H <= 32 and R % 64 == 0
+    """The Gluon kernels apply: Gluon importable, a Hopper GPU, a bf16 or fp8 (e4m3) cache, up to 32 heads, R and DR
+    powers of two from 64 (shared-memory swizzle rows)."""
+    return (HAVE_GLUON and latent.is_cuda and latent.dtype in (torch.bfloat16, torch.float8_e4m3fn) and H <= 32
+            and R % 64 == 0
             and DR % 64 == 0 and (R & (R - 1)) == 0 and (DR & (DR - 1)) == 0
             and torch.cuda.get_device_capability(latent.device)[0] == 9)
 
@@ -122,11 +123,102 @@ if HAVE_GLUON:
             gl.store(ws_acc + (i_s * H + oho)[None, :] * R + oro[:, None], acc, mask=(oho < H)[None, :])
 
 
-def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, BS: int, min_chunk: int):
-    """Launch the split kernel: q_abs [H, R], q_pe [H, DR] (row stride free), latent [S_cap, R + DR] bf16,
-    seq_ptr an int32 device tensor [1]; ws = (m, l, acc) workspaces of mla._workspace(NS, H, R)."""
+    @gluon.jit
+    def mla_split_gluon_fp8_kernel(q_abs, q_pe, lat, lat_scale, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat,
+                                   stride_qp, H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
+                                   BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr):
+        """fp8 (e4m3) cache, row = stored * lat_scale[row]: the tile ring holds the fp8 rows; each tile is widened to
+        fp16 (exact for e4m3) into one fp16 tile that the MMAs read (fp16 q and p; the row scales multiply the
+        scores and p, as the "t" kernel does)."""
+        LC8: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [4, 1], [1, 0])  # [BS, R] fp8: 16-byte vectors
+        LK8: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])  # [BS, DR] fp8
+        LC: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # q [BH, R]
+        LK: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # q_pe [BH, DR]
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
+        SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        SWP: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BH * 2, element_bitwidth=16, rank=2)
+        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # the fp8 ring: rows written and read whole
+
+        i_s = gl.program_id(0)
+        n = gl.load(seq_ptr)
+        chunk = gl.maximum(gl.cdiv(gl.cdiv(n, NS), BS) * BS, MIN_CHUNK)
+        s0 = i_s * chunk
+        s1 = gl.minimum(s0 + chunk, n)
+        if s0 < n:
+            c_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, R], PLAIN)
+            k_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, DR], PLAIN)
+            _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC8, LK8)
+            cp.commit_group()
+            oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LC))
+            orr = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
+            qa = gl.load(q_abs + oh[:, None] * R + orr[None, :], mask=(oh < H)[:, None], other=0.0)
+            q_s = gl.allocate_shared_memory(gl.float16, [BH, R], SW, qa.to(gl.float16))
+            ohk = gl.arange(0, BH, layout=gl.SliceLayout(1, LK))
+            odk = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
+            qp = gl.load(q_pe + ohk[:, None] * stride_qp + odk[None, :], mask=(ohk < H)[:, None], other=0.0)
+            qp_s = gl.allocate_shared_memory(gl.float16, [BH, DR], SW, qp.to(gl.float16))
+            c_s = gl.allocate_shared_memory(gl.float16, [BS, R], SW)  # this tile, widened
+            k_s = gl.allocate_shared_memory(gl.float16, [BS, DR], SW)
+            p_s = gl.allocate_shared_memory(gl.float16, [BS, BH], SWP)
+
+            m_i = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
+            l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, MMA))
+            acc = gl.zeros([R, BH], gl.float32, layout=MMA)  # acc^T
+            zero_s = gl.zeros([BS, BH], gl.float32, layout=MMA)
+            rows = gl.arange(0, BS, layout=gl.SliceLayout(1, MMA))
+            ntiles = gl.cdiv(s1 - s0, BS)
+            for it in range(ntiles):
+                s = s0 + it * BS
+                buf = it % 2
+                gl.thread_barrier()  # every warp is done with the ring slot the next copies overwrite, and with c_s
+                if it + 1 < ntiles:
+                    _issue_tile(c_ring.index(1 - buf), k_ring.index(1 - buf), lat, s + BS, s1, stride_lat,
+                                R, DR, BS, LC8, LK8)
+                cp.commit_group()
+                rs = gl.load(lat_scale + gl.minimum(s + rows, s1 - 1))  # [BS] row scales (tiny; overlaps the wait)
+                cp.wait_group(1)
+                gl.thread_barrier()
+                c8 = c_ring.index(buf)
+                for r0 in gl.static_range(0, BS, 16):  # 16-row chunks: few registers live beside acc
+                    c_s.slice(r0, 16).store(c8.slice(r0, 16).load(LC8).to(gl.float16))
+                k_s.store(k_ring.index(buf).load(LK8).to(gl.float16))
+                gl.thread_barrier()
+                fence_async_shared()
+                sc = warpgroup_mma(c_s, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                sc = warpgroup_mma(k_s, qp_s.permute((1, 0)), sc, is_async=True)
+                sc = warpgroup_mma_wait(0, deps=[sc])  # scores^T [BS, BH] of the stored values
+                sc = gl.where((s + rows < s1)[:, None], sc * (rs * qk_scale)[:, None], float("-inf"))
+                m_new = gl.maximum(m_i, gl.max(sc, 0))
+                alpha = gl.exp2(m_i - m_new)
+                p = gl.exp2(sc - m_new[None, :])
+                l_i = l_i * alpha + gl.sum(p, 0)
+                m_i = m_new
+                p_s.store((p * rs[:, None]).to(gl.float16))
+                gl.thread_barrier()
+                fence_async_shared()
+                acc = warpgroup_mma(c_s.permute((1, 0)), p_s, acc * alpha[None, :], is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            cp.wait_group(0)
+            oho = gl.arange(0, BH, layout=gl.SliceLayout(0, MMA))
+            gl.store(ws_m + i_s * H + oho, m_i, mask=oho < H)
+            gl.store(ws_l + i_s * H + oho, l_i, mask=oho < H)
+            oro = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
+            gl.store(ws_acc + (i_s * H + oho)[None, :] * R + oro[:, None], acc, mask=(oho < H)[None, :])
+
+
+def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, BS: int, min_chunk: int,
+                    latent_scale=None):
+    """Launch the split kernel: q_abs [H, R], q_pe [H, DR] (row stride free), latent [S_cap, R + DR] bf16, or fp8
+    e4m3 with latent_scale [S_cap] fp32; seq_ptr an int32 device tensor [1]; ws = (m, l, acc) workspaces of
+    mla._workspace(NS, H, R)."""
     H, R = q_abs.shape
     DR = q_pe.shape[1]
     assert BS == 64 and latent.stride(1) == 1 and q_pe.stride(1) == 1 and q_abs.is_contiguous()
-    mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, seq_ptr, *ws, qk_scale, latent.stride(0), q_pe.stride(0),
-                                  H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS, MIN_CHUNK=min_chunk, num_warps=4)
+    kw = dict(H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS, MIN_CHUNK=min_chunk, num_warps=4)
+    if latent.dtype == torch.float8_e4m3fn:
+        assert latent_scale is not None and latent_scale.is_contiguous()
+        mla_split_gluon_fp8_kernel[(NS,)](q_abs, q_pe, latent, latent_scale, seq_ptr, *ws, qk_scale, latent.stride(0),
+                                          q_pe.stride(0), **kw)
+    else:
+        mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, seq_ptr, *ws, qk_scale, latent.stride(0), q_pe.stride(0),
+                                      **kw)

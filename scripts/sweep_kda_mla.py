@@ -214,7 +214,8 @@ def mla_variants(dtype, S, n_sm):
               ("hm BS=32 w4 s2", dict(hm, num_warps=4)),
               ("t BS=64 w8 s2 bf16", t), ("t BS=64 w8 s2 fp16", dict(t, fp8_compute="fp16")),
               ("t BS=64 w8 s3 fp16", dict(t, fp8_compute="fp16", num_stages=3)),
-              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm))]
+              ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
+              ("g BS=64 w4 fp16", dict(variant="g", BS=64, num_warps=4))]
     if MATCH:  # --match: only the variants whose label contains one of these strings (and the default)
         v = [x for x in v if x[0] == "default" or any(m in x[0] for m in MATCH)]
     return v

@@ -363,18 +363,19 @@ def test_mla_decode_real_shapes(n, dtype, variant):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 4097, 131072])
-def test_mla_gluon_split_runs_and_matches(n):
-    """The Gluon split kernel (kernels/mla_gluon.py) is taken on this GPU for a bf16 cache (no silent fallback) and
-    matches the reference, with heads < 32 (masked) too."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8])
+def test_mla_gluon_split_runs_and_matches(n, dtype):
+    """The Gluon split kernels (kernels/mla_gluon.py) are taken on this GPU for bf16 and fp8 caches (no silent
+    fallback) and match the reference, with heads < 32 (masked) too."""
     gen = torch.Generator().manual_seed(n + 1)
-    q_abs, q_pe, lat, _ = _real_case(n, torch.bfloat16, gen)
+    q_abs, q_pe, lat, sc = _real_case(n, dtype, gen)
     assert mla.mla_gluon.supported(lat, 32, 512, 64)
     scale = 1 / math.sqrt(192)
     seq = torch.tensor([n], dtype=torch.int32, device="cuda")
     for H in (32, 20):
-        ref = _attend(q_abs[:H], q_pe[:H], lat, None, n, scale)
+        ref = _attend(q_abs[:H], q_pe[:H], lat, sc, n, scale)
         out = torch.full((H, 512), float("nan"), device="cuda")
-        mla.mla_decode(q_abs[:H].contiguous(), q_pe[:H], lat, seq, scale, out, variant="g", BS=64)
+        mla.mla_decode(q_abs[:H].contiguous(), q_pe[:H], lat, seq, scale, out, latent_scale=sc, variant="g", BS=64)
         assert rel(out, ref) < 1e-2, H
 
 
