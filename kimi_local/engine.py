@@ -672,8 +672,9 @@ class DecodeGraph:
         between steps, so replay n + 1 is launched before the host waits for token n + 1 to print token n,
         and the GPU never waits for the host (the token fed ahead is never wasted: a stop token is fed too).
         One host sync per token: an event after token n + 1's copy into pinned memory.
-        KIMI_LOCAL_STREAM=0 (A/B runs): one step() and an eager sample per token instead."""
-        if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0":
+        KIMI_LOCAL_STREAM=0 (A/B runs), or a host embedding table (self.inp is the embedded row: the host gathers
+        each token's row, so it must see the token first): one step() and an eager sample per token instead."""
+        if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0" or self.inp.is_floating_point():
             return eager_steps(self, self.cache, sampler, tok, max_tokens, stop_ids)
         c = self.cache
         sg = self._sampler_graph(sampler)

@@ -198,3 +198,24 @@ def test_vram_budget_is_enforced():
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         _VRAM_BUDGET.clear()
     assert total > budget
+
+
+def test_stream_with_host_embedding_table():
+    """A host embedding table (--vram budgets keep it in pinned host memory): DecodeGraph.stream, which the bench
+    calls directly, falls back to one step per token (the host gathers each token's row) and yields what generate
+    yields on the same net (session 10: the stream wrote the sampled id into the embedded-row input and failed)."""
+    from kimi_local.bench import synthetic_weights
+    from kimi_local.engine import GpuKimi
+    from kimi_local.generate import Sampler, SamplingParams, generate
+
+    cfg = small_config()
+    w = synthetic_weights(cfg, qtype_of, "cpu", seed=3)
+    net = GpuKimi(cfg, w, torch.device("cuda"), torch.bfloat16, embed_store="cpu")
+    assert net.embed_on_host
+    prompt = torch.randint(0, cfg.vocab_size, (17,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = list(generate(net, net.new_cache(max_ctx=256), prompt, SamplingParams(temperature=0), 24))
+    cache = net.new_cache(max_ctx=256)
+    logits = net.forward(torch.tensor(prompt), cache, "last")
+    tok = int(logits[-1].argmax())
+    got = list(net._graph(cache).stream(Sampler(SamplingParams(temperature=0), logits.shape[-1], "cuda"), tok, 24))
+    assert got == want and cache.tokens == prompt + want
