@@ -52,12 +52,17 @@ if HAVE_GLUON:
         cp.async_copy_global_to_shared(k_buf, lat + R + rk[:, None] * stride_lat + ck[None, :])
 
     @gluon.jit
-    def mla_split_gluon_kernel(q_abs, q_pe, lat, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat, stride_qp,
-                               H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
-                               BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr):
-        # register layouts: 16-byte vectors along the row for the copies; the warpgroup MMA accumulator
-        LC: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # [BS, R] tile, [BH, R] q
-        LK: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # [BS, DR] tile, [BH, DR] q_pe
+    def mla_split_gluon_kernel(q_abs, q_pe, lat, lat_scale, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat,
+                               stride_qp, H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
+                               BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr, FP8: gl.constexpr,
+                               RING_DT: gl.constexpr, LC: gl.constexpr, LK: gl.constexpr, RING_L: gl.constexpr):
+        """bf16 cache: the MMAs read the ring's tiles. FP8 (e4m3, row = stored * lat_scale[row]): the ring holds the
+        fp8 rows; each tile is widened to fp16 (exact for e4m3) into one fp16 tile that the MMAs read (fp16 q and p;
+        the row scales multiply the scores and p, as in the "t" kernel). LC / LK: the copies' register layouts
+        (16-byte vectors along a row) for the [BS, R] and [BS, DR] parts; RING_L: the ring's shared layout."""
+        CDT: gl.constexpr = gl.float16 if FP8 else gl.bfloat16  # the MMAs' operand type
+        LQ: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # q [BH, R]
+        LQP: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # q_pe [BH, DR]
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
         SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         SWP: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BH * 2, element_bitwidth=16, rank=2)
@@ -68,20 +73,23 @@ if HAVE_GLUON:
         s0 = i_s * chunk
         s1 = gl.minimum(s0 + chunk, n)
         if s0 < n:
-            c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BS, R], SW)
-            k_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BS, DR], SW)
-            _issue_tile(c_bufs.index(0), k_bufs.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
+            c_ring = gl.allocate_shared_memory(RING_DT, [2, BS, R], RING_L)
+            k_ring = gl.allocate_shared_memory(RING_DT, [2, BS, DR], RING_L)
+            _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
             cp.commit_group()
             # q_abs [BH, R] and q_pe [BH, DR] (heads past H = 0) into shared memory, read as q^T by the MMAs
-            oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LC))
-            orr = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
+            oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LQ))
+            orr = gl.arange(0, R, layout=gl.SliceLayout(0, LQ))
             qa = gl.load(q_abs + oh[:, None] * R + orr[None, :], mask=(oh < H)[:, None], other=0.0)
-            q_s = gl.allocate_shared_memory(gl.bfloat16, [BH, R], SW, qa.to(gl.bfloat16))
-            ohk = gl.arange(0, BH, layout=gl.SliceLayout(1, LK))
-            odk = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
+            q_s = gl.allocate_shared_memory(CDT, [BH, R], SW, qa.to(CDT))
+            ohk = gl.arange(0, BH, layout=gl.SliceLayout(1, LQP))
+            odk = gl.arange(0, DR, layout=gl.SliceLayout(0, LQP))
             qp = gl.load(q_pe + ohk[:, None] * stride_qp + odk[None, :], mask=(ohk < H)[:, None], other=0.0)
-            qp_s = gl.allocate_shared_memory(gl.bfloat16, [BH, DR], SW, qp.to(gl.bfloat16))
-            p_s = gl.allocate_shared_memory(gl.bfloat16, [BS, BH], SWP)
+            qp_s = gl.allocate_shared_memory(CDT, [BH, DR], SW, qp.to(CDT))
+            p_s = gl.allocate_shared_memory(CDT, [BS, BH], SWP)
+            if FP8:  # this tile, widened
+                c_w = gl.allocate_shared_memory(CDT, [BS, R], SW)
+                k_w = gl.allocate_shared_memory(CDT, [BS, DR], SW)
 
             m_i = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
             l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, MMA))
@@ -92,111 +100,46 @@ if HAVE_GLUON:
             for it in range(ntiles):
                 s = s0 + it * BS
                 buf = it % 2
-                gl.thread_barrier()  # every warp is done with the buffer the next copies overwrite
+                gl.thread_barrier()  # every warp is done with the ring slot the next copies overwrite (and c_w)
                 if it + 1 < ntiles:  # the next tile streams in during this tile's products
-                    _issue_tile(c_bufs.index(1 - buf), k_bufs.index(1 - buf), lat, s + BS, s1, stride_lat,
+                    _issue_tile(c_ring.index(1 - buf), k_ring.index(1 - buf), lat, s + BS, s1, stride_lat,
                                 R, DR, BS, LC, LK)
                 cp.commit_group()
+                if FP8:
+                    rs = gl.load(lat_scale + gl.minimum(s + rows, s1 - 1))  # [BS] row scales (overlaps the wait)
                 cp.wait_group(1)  # this tile's group has landed (the newest may still be in flight)
                 gl.thread_barrier()
+                if FP8:
+                    c8 = c_ring.index(buf)
+                    for r0 in gl.static_range(0, BS, 16):  # 16-row chunks: few registers live beside acc
+                        c_w.slice(r0, 16).store(c8.slice(r0, 16).load(LC).to(CDT))
+                    k_w.store(k_ring.index(buf).load(LK).to(CDT))
+                    gl.thread_barrier()
+                    c_t = c_w
+                    k_t = k_w
+                else:
+                    c_t = c_ring.index(buf)
+                    k_t = k_ring.index(buf)
                 fence_async_shared()
-                c_t = c_bufs.index(buf)
                 sc = warpgroup_mma(c_t, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                sc = warpgroup_mma(k_bufs.index(buf), qp_s.permute((1, 0)), sc, is_async=True)
-                sc = warpgroup_mma_wait(0, deps=[sc])  # scores^T [BS, BH]
-                sc = gl.where((s + rows < s1)[:, None], sc * qk_scale, float("-inf"))
+                sc = warpgroup_mma(k_t, qp_s.permute((1, 0)), sc, is_async=True)
+                sc = warpgroup_mma_wait(0, deps=[sc])  # scores^T [BS, BH] (of the stored values)
+                if FP8:
+                    sc = sc * (rs * qk_scale)[:, None]
+                else:
+                    sc = sc * qk_scale
+                sc = gl.where((s + rows < s1)[:, None], sc, float("-inf"))
                 m_new = gl.maximum(m_i, gl.max(sc, 0))
                 alpha = gl.exp2(m_i - m_new)
                 p = gl.exp2(sc - m_new[None, :])
                 l_i = l_i * alpha + gl.sum(p, 0)
                 m_i = m_new
-                p_s.store(p.to(gl.bfloat16))
+                if FP8:
+                    p = p * rs[:, None]
+                p_s.store(p.to(CDT))
                 gl.thread_barrier()
                 fence_async_shared()
                 acc = warpgroup_mma(c_t.permute((1, 0)), p_s, acc * alpha[None, :], is_async=True)
-                acc = warpgroup_mma_wait(0, deps=[acc])
-            cp.wait_group(0)
-            oho = gl.arange(0, BH, layout=gl.SliceLayout(0, MMA))
-            gl.store(ws_m + i_s * H + oho, m_i, mask=oho < H)
-            gl.store(ws_l + i_s * H + oho, l_i, mask=oho < H)
-            oro = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
-            gl.store(ws_acc + (i_s * H + oho)[None, :] * R + oro[:, None], acc, mask=(oho < H)[None, :])
-
-
-    @gluon.jit
-    def mla_split_gluon_fp8_kernel(q_abs, q_pe, lat, lat_scale, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat,
-                                   stride_qp, H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
-                                   BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr):
-        """fp8 (e4m3) cache, row = stored * lat_scale[row]: the tile ring holds the fp8 rows; each tile is widened to
-        fp16 (exact for e4m3) into one fp16 tile that the MMAs read (fp16 q and p; the row scales multiply the
-        scores and p, as the "t" kernel does)."""
-        LC8: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [4, 1], [1, 0])  # [BS, R] fp8: 16-byte vectors
-        LK8: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])  # [BS, DR] fp8
-        LC: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # q [BH, R]
-        LK: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # q_pe [BH, DR]
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BH, 16])
-        SW: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        SWP: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BH * 2, element_bitwidth=16, rank=2)
-        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # the fp8 ring: rows written and read whole
-
-        i_s = gl.program_id(0)
-        n = gl.load(seq_ptr)
-        chunk = gl.maximum(gl.cdiv(gl.cdiv(n, NS), BS) * BS, MIN_CHUNK)
-        s0 = i_s * chunk
-        s1 = gl.minimum(s0 + chunk, n)
-        if s0 < n:
-            c_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, R], PLAIN)
-            k_ring = gl.allocate_shared_memory(gl.float8e4nv, [2, BS, DR], PLAIN)
-            _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC8, LK8)
-            cp.commit_group()
-            oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LC))
-            orr = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
-            qa = gl.load(q_abs + oh[:, None] * R + orr[None, :], mask=(oh < H)[:, None], other=0.0)
-            q_s = gl.allocate_shared_memory(gl.float16, [BH, R], SW, qa.to(gl.float16))
-            ohk = gl.arange(0, BH, layout=gl.SliceLayout(1, LK))
-            odk = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
-            qp = gl.load(q_pe + ohk[:, None] * stride_qp + odk[None, :], mask=(ohk < H)[:, None], other=0.0)
-            qp_s = gl.allocate_shared_memory(gl.float16, [BH, DR], SW, qp.to(gl.float16))
-            c_s = gl.allocate_shared_memory(gl.float16, [BS, R], SW)  # this tile, widened
-            k_s = gl.allocate_shared_memory(gl.float16, [BS, DR], SW)
-            p_s = gl.allocate_shared_memory(gl.float16, [BS, BH], SWP)
-
-            m_i = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(0, MMA))
-            l_i = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(0, MMA))
-            acc = gl.zeros([R, BH], gl.float32, layout=MMA)  # acc^T
-            zero_s = gl.zeros([BS, BH], gl.float32, layout=MMA)
-            rows = gl.arange(0, BS, layout=gl.SliceLayout(1, MMA))
-            ntiles = gl.cdiv(s1 - s0, BS)
-            for it in range(ntiles):
-                s = s0 + it * BS
-                buf = it % 2
-                gl.thread_barrier()  # every warp is done with the ring slot the next copies overwrite, and with c_s
-                if it + 1 < ntiles:
-                    _issue_tile(c_ring.index(1 - buf), k_ring.index(1 - buf), lat, s + BS, s1, stride_lat,
-                                R, DR, BS, LC8, LK8)
-                cp.commit_group()
-                rs = gl.load(lat_scale + gl.minimum(s + rows, s1 - 1))  # [BS] row scales (tiny; overlaps the wait)
-                cp.wait_group(1)
-                gl.thread_barrier()
-                c8 = c_ring.index(buf)
-                for r0 in gl.static_range(0, BS, 16):  # 16-row chunks: few registers live beside acc
-                    c_s.slice(r0, 16).store(c8.slice(r0, 16).load(LC8).to(gl.float16))
-                k_s.store(k_ring.index(buf).load(LK8).to(gl.float16))
-                gl.thread_barrier()
-                fence_async_shared()
-                sc = warpgroup_mma(c_s, q_s.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                sc = warpgroup_mma(k_s, qp_s.permute((1, 0)), sc, is_async=True)
-                sc = warpgroup_mma_wait(0, deps=[sc])  # scores^T [BS, BH] of the stored values
-                sc = gl.where((s + rows < s1)[:, None], sc * (rs * qk_scale)[:, None], float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(sc, 0))
-                alpha = gl.exp2(m_i - m_new)
-                p = gl.exp2(sc - m_new[None, :])
-                l_i = l_i * alpha + gl.sum(p, 0)
-                m_i = m_new
-                p_s.store((p * rs[:, None]).to(gl.float16))
-                gl.thread_barrier()
-                fence_async_shared()
-                acc = warpgroup_mma(c_s.permute((1, 0)), p_s, acc * alpha[None, :], is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
             cp.wait_group(0)
             oho = gl.arange(0, BH, layout=gl.SliceLayout(0, MMA))
@@ -214,11 +157,14 @@ def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, 
     H, R = q_abs.shape
     DR = q_pe.shape[1]
     assert BS == 64 and latent.stride(1) == 1 and q_pe.stride(1) == 1 and q_abs.is_contiguous()
-    kw = dict(H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS, MIN_CHUNK=min_chunk, num_warps=4)
-    if latent.dtype == torch.float8_e4m3fn:
-        assert latent_scale is not None and latent_scale.is_contiguous()
-        mla_split_gluon_fp8_kernel[(NS,)](q_abs, q_pe, latent, latent_scale, seq_ptr, *ws, qk_scale, latent.stride(0),
-                                          q_pe.stride(0), **kw)
-    else:
-        mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, seq_ptr, *ws, qk_scale, latent.stride(0), q_pe.stride(0),
-                                      **kw)
+    fp8 = latent.dtype == torch.float8_e4m3fn
+    assert not fp8 or (latent_scale is not None and latent_scale.is_contiguous())
+    v = 16 if fp8 else 8  # elements per 16-byte copy
+    lc = gl.BlockedLayout([1, v], [1, 32], [4, 1], [1, 0])
+    lk = gl.BlockedLayout([1, v], [32 // (DR // v), DR // v], [4, 1], [1, 0])
+    ring = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if fp8 else gl.NVMMASharedLayout(
+        swizzle_byte_width=128, element_bitwidth=16, rank=2)  # fp8: rows written and read whole, no MMA reads it
+    mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, latent_scale if fp8 else ws[0], seq_ptr, *ws, qk_scale,
+                                  latent.stride(0), q_pe.stride(0), H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS,
+                                  MIN_CHUNK=min_chunk, FP8=fp8, RING_DT=gl.float8e4nv if fp8 else gl.bfloat16,
+                                  LC=lc, LK=lk, RING_L=ring, num_warps=4)
