@@ -13,6 +13,7 @@ seq_len may be a device int32 tensor [1] so one captured CUDA graph replays at g
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -300,6 +301,7 @@ DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kd
     "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),
 }
 _FALLBACK: set = set()  # configs whose launch failed for resources (e.g. shared memory): use "hm" instead
+_GLUON_FAILED: dict = {}  # cache kind -> why its Gluon kernel did not build here: "t" instead
 
 
 def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scale=None, num_splits: int | None = None,
@@ -365,12 +367,20 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant == "g" and not (in_ptr and BS == 64 and not kw["PDL"] and mla_gluon.supported(latent, H, R, DR)):
+    if variant == "g" and (kind in _GLUON_FAILED or not (in_ptr and BS == 64 and not kw["PDL"]
+                                                        and mla_gluon.supported(latent, H, R, DR))):
         variant = "t"  # the Gluon kernels: bf16 / fp8 cache on sm_90, length on the device, no PDL wait (else "t")
         num_warps = d.get("t_warps", num_warps)
     if variant == "g":
-        mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS, min_chunk,
-                                  latent_scale=latent_scale if fp8 else None)
+        try:
+            mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS,
+                                      min_chunk, latent_scale=latent_scale if fp8 else None)
+        except Exception as e:  # Gluon is experimental: a Triton whose Gluon this kernel does not compile with
+            _GLUON_FAILED[kind] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"MLA decode: the Gluon kernel failed to build ({_GLUON_FAILED[kind][:200]}); "
+                          "using the Triton kernel from now on", RuntimeWarning, stacklevel=2)
+            return mla_decode(q_abs, q_pe, latent, seq_len, scale, out, latent_scale, num_splits, min_chunk, BS,
+                              num_warps, num_stages, workspace, variant, fp8_compute, v_b, o, o8, combine_BR)
     elif variant == "t":
         cdt = tl.float32 if latent.dtype == torch.float32 else (
             tl.float16 if (fp8 and fp8_compute == "fp16") else tl.bfloat16)

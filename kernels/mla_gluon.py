@@ -23,6 +23,10 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    # Gluon is experimental and renames things between Triton releases (3.6: thread_barrier,
+    # async_copy_global_to_shared; 3.9: barrier, async_load): the names this Triton has
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover
     HAVE_GLUON = False
@@ -46,10 +50,10 @@ if HAVE_GLUON:
         and k_buf [BS, DR]."""
         rc = gl.minimum(s + gl.arange(0, BS, layout=gl.SliceLayout(1, LC)), s1 - 1).to(gl.int64)
         cc = gl.arange(0, R, layout=gl.SliceLayout(0, LC))
-        cp.async_copy_global_to_shared(c_buf, lat + rc[:, None] * stride_lat + cc[None, :])
+        _async_load(c_buf, lat + rc[:, None] * stride_lat + cc[None, :])
         rk = gl.minimum(s + gl.arange(0, BS, layout=gl.SliceLayout(1, LK)), s1 - 1).to(gl.int64)
         ck = gl.arange(0, DR, layout=gl.SliceLayout(0, LK))
-        cp.async_copy_global_to_shared(k_buf, lat + R + rk[:, None] * stride_lat + ck[None, :])
+        _async_load(k_buf, lat + R + rk[:, None] * stride_lat + ck[None, :])
 
     @gluon.jit
     def mla_split_gluon_kernel(q_abs, q_pe, lat, lat_scale, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat,
@@ -100,7 +104,7 @@ if HAVE_GLUON:
             for it in range(ntiles):
                 s = s0 + it * BS
                 buf = it % 2
-                gl.thread_barrier()  # every warp is done with the ring slot the next copies overwrite (and c_w)
+                _barrier()  # every warp is done with the ring slot the next copies overwrite (and c_w)
                 if it + 1 < ntiles:  # the next tile streams in during this tile's products
                     _issue_tile(c_ring.index(1 - buf), k_ring.index(1 - buf), lat, s + BS, s1, stride_lat,
                                 R, DR, BS, LC, LK)
@@ -108,13 +112,13 @@ if HAVE_GLUON:
                 if FP8:
                     rs = gl.load(lat_scale + gl.minimum(s + rows, s1 - 1))  # [BS] row scales (overlaps the wait)
                 cp.wait_group(1)  # this tile's group has landed (the newest may still be in flight)
-                gl.thread_barrier()
+                _barrier()
                 if FP8:
                     c8 = c_ring.index(buf)
                     for r0 in gl.static_range(0, BS, 16):  # 16-row chunks: few registers live beside acc
                         c_w.slice(r0, 16).store(c8.slice(r0, 16).load(LC).to(CDT))
                     k_w.store(k_ring.index(buf).load(LK).to(CDT))
-                    gl.thread_barrier()
+                    _barrier()
                     c_t = c_w
                     k_t = k_w
                 else:
@@ -137,7 +141,7 @@ if HAVE_GLUON:
                 if FP8:
                     p = p * rs[:, None]
                 p_s.store(p.to(CDT))
-                gl.thread_barrier()
+                _barrier()
                 fence_async_shared()
                 acc = warpgroup_mma(c_t.permute((1, 0)), p_s, acc * alpha[None, :], is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])

@@ -170,6 +170,28 @@ def test_mla_decode_variants(variant, dtype):
         assert rel(out, ref) < tol, (variant, dtype, fp8_compute)
 
 
+def test_mla_decode_gluon_build_failure_falls_back(monkeypatch):
+    """A Triton whose (experimental) Gluon API the kernel does not build with: mla_decode warns once and runs the
+    Triton split kernel from then on, with the right result."""
+    def broken(*a, **k):
+        raise AttributeError("module 'gluon.language' has no attribute 'thread_barrier'")
+
+    monkeypatch.setattr(mla.mla_gluon, "supported", lambda *a: True)
+    monkeypatch.setattr(mla.mla_gluon, "mla_split_gluon", broken)
+    monkeypatch.setattr(mla, "_GLUON_FAILED", {})
+    gen = torch.Generator().manual_seed(3)
+    H, R, DR, n = 4, 32, 16, 90
+    lat = torch.randn(n, R + DR, generator=gen).to(torch.bfloat16).to(DEV)
+    q_abs, q_pe = torch.randn(H, R, generator=gen).to(DEV), torch.randn(H, DR, generator=gen).to(DEV)
+    seq = torch.tensor([n], dtype=torch.int32, device=DEV)
+    with pytest.warns(RuntimeWarning, match="Gluon kernel failed to build"):
+        out = mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, variant="g", BS=64, num_splits=3, min_chunk=64)
+    assert "thread_barrier" in mla._GLUON_FAILED["bf16"]
+    assert rel(out, _attend(q_abs, q_pe, lat, None, n, 0.3)) < BF16_DOT_TOL
+    out2 = mla.mla_decode(q_abs, q_pe, lat, seq, 0.3, variant="g", BS=64, num_splits=3, min_chunk=64)  # no retry
+    assert torch.equal(out, out2)
+
+
 # ---- the decode step's fused launches: mla_absorb_write, mla_decode with v_b ---------------------
 NAN = float("nan")
 BF = torch.bfloat16
