@@ -9,7 +9,9 @@ num_stages=1 miscompiles that kernel (illegal shared reads, session 10). Here th
 issued before the products of tile i.
 
 Same contract as mla.mla_decode_split_t_kernel (workspace ws_m / ws_l [NS, H], ws_acc [NS, H, R] for the
-combine kernel; the length read from seq_ptr [1]); bf16 cache only, H <= 32 heads, BS = 64 rows, 4 warps.
+combine kernel; the length read from seq_ptr [1]); bf16 or fp8 (e4m3, per-row scale) cache, H <= 32 heads,
+BS = 64 rows, 4 warps. mla.mla_decode picks it (variant "g") and falls back to the Triton kernels where it
+does not apply or does not build.
 Per program: q_abs^T [R, 32] and q_pe^T in shared memory (B operands), the latent tile ring [2, 64, R] and
 [2, 64, DR], scores^T [64, 32] = C q^T and acc^T [R, 32] += C^T p^T as warpgroup MMAs (A = the tile, K-major for
 the scores, its transpose for acc), p [64, 32] through shared memory.
@@ -28,7 +30,7 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover
+except (ImportError, AttributeError):  # pragma: no cover (no Gluon, or one without these names)
     HAVE_GLUON = False
 
 
@@ -36,8 +38,7 @@ def supported(latent: torch.Tensor, H: int, R: int, DR: int) -> bool:
     """The Gluon kernels apply: Gluon importable, a Hopper GPU, a bf16 or fp8 (e4m3) cache, up to 32 heads, R and DR
     powers of two from 64 (shared-memory swizzle rows)."""
     return (HAVE_GLUON and latent.is_cuda and latent.dtype in (torch.bfloat16, torch.float8_e4m3fn) and H <= 32
-            and R % 64 == 0
-            and DR % 64 == 0 and (R & (R - 1)) == 0 and (DR & (DR - 1)) == 0
+            and R % 64 == 0 and DR % 64 == 0 and (R & (R - 1)) == 0 and (DR & (DR - 1)) == 0
             and torch.cuda.get_device_capability(latent.device)[0] == 9)
 
 
