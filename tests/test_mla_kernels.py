@@ -61,8 +61,13 @@ def test_mla_decode_matches_reference(n, dtype, len_tensor):
     assert rel(out, ref) < (1e-5 if dtype == torch.float32 else BF16_DOT_TOL)
 
 
-@pytest.mark.parametrize("min_chunk,splits", [(16, 3), (64, 8), (16, 16)])
-def test_mla_decode_split_shapes(min_chunk, splits):
+@pytest.mark.parametrize("min_chunk,splits,bn", [(16, 3, None), (64, 8, None), (16, 16, None), (16, 9, "2"),
+                                                  (16, 9, "4")])
+def test_mla_decode_split_shapes(min_chunk, splits, bn, monkeypatch):
+    """bn: KIMI_LOCAL_MLA_COMBINE_BN, splits merged per combine step (9 splits in steps of 2 or 4: a partial last
+    step; the default merges all of them in one)."""
+    if bn:
+        monkeypatch.setenv("KIMI_LOCAL_MLA_COMBINE_BN", bn)
     gen = torch.Generator().manual_seed(splits)
     H, R, DR, n = 3, 16, 8, 150  # DR < 16: padded key part
     lat = torch.randn(n, R + DR, generator=gen).to(DEV)
