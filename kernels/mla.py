@@ -293,8 +293,8 @@ DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kd
     # run 3 sweep (H200): bf16 "t" 4 warps 77 us at 128K (46 % of HBM), 429 us at 1M (66 %);
     # fp8 "t" with fp16 compute 125 us at 128K, 802 us at 1M (hm: 163 / 1120 us)
     # session 10 (H200, split + combine): Gluon "g" 13.0 / 62.9 / 313.5 us at 4K / 128K / 1M against "t" 15.6 /
-    # 77.4 / 433.0 (1M: 90.7 % of the copy bandwidth); "t" where "g" does not apply (see mla_decode)
-    # t_warps: the "t" kernel's warps where "g" does not apply (not sm_90, a host length, MLA PDL on)
+    # 77.4 / 433.0 (1M: 90.7 % of the copy bandwidth); fp8 "g" 14.7 / 67.4 / 410.5 against "t" 21.8 / 123.8 / 819.2
+    # t_warps: the "t" kernel's warps where "g" does not apply (see mla_decode)
     "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, t_warps=4),
     "fp8": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="fp16",
                 t_warps=8),
@@ -317,9 +317,12 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     rows). out [H, R] (default fp32; a bf16 out saves the caller a cast).
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "g" ("t" in Gluon with
-    the next tile's copies issued before this tile's products: kernels/mla_gluon.py; bf16 cache on sm_90 with
-    seq_len a device tensor, else "t") or "hm" (heads as M, the first kernel); None/other knobs: DEFAULTS for the cache dtype. fp8_compute: dtype the fp8 rows are
-    widened to for the products ("bf16" or "fp16"; q and p are cast to it too).
+    the next tile's copies issued before this tile's products, kernels/mla_gluon.py: bf16 or fp8 cache on sm_90
+    with seq_len a device tensor and the MLA launches without PDL, else "t" with DEFAULTS' t_warps; a Gluon
+    build failure warns once and uses "t" from then on) or "hm" (heads as M, the first kernel); None/other
+    knobs: DEFAULTS for the cache dtype (KIMI_LOCAL_MLA_CFG="variant,BS,warps,stages" replaces them). fp8_compute
+    ("t" / "hm"): dtype the fp8 rows are widened to for the products ("bf16" or "fp16"; q and p are cast to it
+    too); "g" widens to fp16.
 
     v_b [H, Dv, R] (W_UV): the combine launch also does o[h] = v_b[h] ctx[h] (ctx rounded to out's dtype if
     out is given, else to v_b's, as a bmm on that ctx sees it; fp32 products, o rounded once) and returns o
