@@ -1,0 +1,204 @@
+"""How fast can ONE graph-replayed kernel stream the bytes of one decode MoE half? (the floor under kernels/moe.py)
+
+The fused MoE decode reads ~27 MB (gate/up: 8 routed experts + the shared one, two [1024, 2304] matrices each at
+Q4_K / Q8_0) and ~16 MB (down) per layer, and measured 36 % of HBM bandwidth (session 10). This script times
+kernels that only read the same bytes in the same units (16-row tiles of expert matrices, whole rows
+contiguous) and add them up, so the number is what the access pattern alone allows:
+
+  direct   Triton, the MoE gate/up grid (16-row tiles x experts x K splits, 1 warp): loads straight into
+           registers, C 16-byte chunks per row and step (what the word-path kernels do, minus the arithmetic);
+  flat     Triton, P programs x W warps, each streaming its share of the tiles in [SR, 128]-word steps of
+           plain loads (no pipelining: one step's loads in flight per warp);
+  ring     Gluon (sm_90), the same split with an NS-stage cp.async ring in shared memory: each thread copies
+           16-byte pieces and later reads back exactly the pieces it copied (no barriers, no layout change),
+           so a CTA keeps up to NS steps in flight independent of its registers.
+
+Weights rotate over 4 copies (> the 50 MB L2), one CUDA graph of 8 calls, median per call.
+
+    python3 scripts/bench_stream.py [--mb 28] [--quick]
+"""
+import argparse
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    HAVE_GLUON = True
+except (ImportError, AttributeError):
+    HAVE_GLUON = False
+
+RW = 384  # int32 words per matrix row (1,536 B; a Q4_K row of 2304 is 1,332 B packed)
+F = 1024  # rows per expert matrix
+E = 9  # 8 routed + shared
+TILE = 16  # rows per tile: a tile is 16 * RW = 6,144 contiguous words (24 KB)
+
+
+@triton.jit
+def direct_kernel(pool, slots, out, S1: tl.constexpr, C: tl.constexpr, RW: tl.constexpr, F: tl.constexpr,
+                  TILE: tl.constexpr):
+    """grid (F / TILE, E, S1), 1 warp: rows of gate and up of expert e, words [s * RW/S1, (s+1) * RW/S1)."""
+    i_f, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slots + i_e).to(tl.int64)
+    n = i_f * TILE + tl.arange(0, TILE)
+    ii = tl.arange(0, 4)
+    acc = tl.zeros([TILE, C, 4], tl.int32)
+    WPS: tl.constexpr = RW // S1
+    for m in tl.static_range(2):
+        base = pool + (m * 64 + slot) * F * RW  # [2, 64, F, RW]
+        for c0 in range(i_s * WPS // 4, (i_s + 1) * WPS // 4, C):
+            cg = c0 + tl.arange(0, C)
+            acc += tl.load(base + ((n[:, None] * (RW // 4) + cg[None, :]) * 4)[:, :, None] + ii[None, None, :])
+    tl.store(out + (i_e * S1 + i_s) * tl.num_programs(0) + i_f, tl.sum(tl.sum(tl.sum(acc, 2), 1), 0))
+
+
+@triton.jit
+def flat_kernel(pool, slots, out, TPC, SR: tl.constexpr, RW: tl.constexpr, F: tl.constexpr, TILE: tl.constexpr):
+    """grid (P,): program p streams tiles [p * TPC, (p+1) * TPC) of the 2 * E * F / TILE tiles in [SR, 128] steps."""
+    p = tl.program_id(0)
+    NT: tl.constexpr = F // TILE
+    SPT: tl.constexpr = TILE * RW // (SR * 128)  # steps per tile
+    r = tl.arange(0, SR)
+    c = tl.arange(0, 128)
+    acc = tl.zeros([SR, 128], tl.int32)
+    for j in range(p * TPC * SPT, (p + 1) * TPC * SPT):
+        t = j // SPT
+        m = t // (E_ * NT)
+        e = (t // NT) % E_
+        slot = tl.load(slots + e).to(tl.int64)
+        base = pool + ((m * 64 + slot) * F + (t % NT) * TILE) * RW + (j % SPT) * SR * 128
+        acc += tl.load(base + r[:, None] * 128 + c[None, :])
+    tl.store(out + p, tl.sum(tl.sum(acc, 1), 0))
+
+
+E_ = tl.constexpr(E)
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue(ring, pool, slots, j, TPC, p, SR: gl.constexpr, RW: gl.constexpr, F: gl.constexpr,
+               TILE: gl.constexpr, NS: gl.constexpr, L: gl.constexpr):
+        NT: gl.constexpr = F // TILE
+        SPT: gl.constexpr = TILE * RW // (SR * 128)
+        jj = p * TPC * SPT + j
+        t = jj // SPT
+        m = t // (9 * NT)
+        e = (t // NT) % 9
+        slot = gl.load(slots + e).to(gl.int64)
+        base = pool + ((m * 64 + slot) * F + (t % NT) * TILE) * RW + (jj % SPT) * SR * 128
+        r = gl.arange(0, SR, layout=gl.SliceLayout(1, L))
+        c = gl.arange(0, 128, layout=gl.SliceLayout(0, L))
+        _async_load(ring.index(j % NS), base + r[:, None] * 128 + c[None, :])
+
+    @gluon.jit
+    def ring_kernel(pool, slots, out, TPC, SR: gl.constexpr, RW: gl.constexpr, F: gl.constexpr,
+                    TILE: gl.constexpr, NS: gl.constexpr, W: gl.constexpr):
+        L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
+        SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        p = gl.program_id(0)
+        SPT: gl.constexpr = TILE * RW // (SR * 128)
+        n = TPC * SPT
+        ring = gl.allocate_shared_memory(gl.int32, [NS, SR, 128], SL)
+        for j in gl.static_range(NS - 1):
+            if j < n:
+                _issue(ring, pool, slots, j, TPC, p, SR, RW, F, TILE, NS, L)
+            cp.commit_group()
+        acc = gl.zeros([SR, 128], gl.int32, layout=L)
+        for j in range(n):
+            if j + NS - 1 < n:
+                _issue(ring, pool, slots, j + NS - 1, TPC, p, SR, RW, F, TILE, NS, L)
+            cp.commit_group()
+            cp.wait_group(NS - 1)
+            acc += ring.index(j % NS).load(L)
+        cp.wait_group(0)
+        gl.store(out + p, gl.sum(gl.sum(acc, 1), 0))
+
+
+def graph_ms(calls, reps=60):
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    return triton.testing.do_bench(g.replay, warmup=20, rep=reps, return_mode="median") / len(calls)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    dev = "cuda"
+    nbytes = 2 * E * F * RW * 4
+    pools = [torch.randint(-2**31, 2**31 - 1, (2, 64, F, RW), dtype=torch.int32, device=dev) for _ in range(4)]
+    gen = torch.Generator().manual_seed(0)
+    slots = [torch.randperm(64, generator=gen)[:E].to(torch.int32).to(dev) for _ in range(8)]
+    out = torch.empty(1 << 16, dtype=torch.int64 if False else torch.int32, device=dev)
+    # reference sum of what every kernel reads (int32 wrap-around)
+    x = torch.empty(2 ** 28 // 4, dtype=torch.int32, device=dev)
+    cp_ms = graph_ms([lambda: x[: x.numel() // 2].copy_(x[x.numel() // 2:])])
+    bw = x.numel() * 4 / cp_ms / 1e6
+    rows = [dict(case="d2d copy 1 GiB r+w", us=cp_ms * 1e3, GBs=bw)]
+    print(f"copy bandwidth {bw:.0f} GB/s; bytes per call {nbytes / 1e6:.1f} MB, floor {nbytes / bw * 1e-3:.2f} us",
+          flush=True)
+
+    def want(pool, sl):
+        v = pool[:, sl.long()].reshape(-1).to(torch.int64).sum()
+        return int(((v + 2**31) % 2**32) - 2**31)
+
+    def run(name, launch, nout, check=True):
+        calls = [lambda i=i: launch(pools[i % 4], slots[i % 8]) for i in range(8)]
+        try:
+            launch(pools[0], slots[0])
+            torch.cuda.synchronize()
+            got = int(out[:nout].to(torch.int64).sum().item())
+            got = ((got + 2**31) % 2**32) - 2**31
+            ok = got == want(pools[0], slots[0]) if check else None
+            ms = graph_ms(calls)
+            r = dict(case=name, us=ms * 1e3, GBs=nbytes / ms / 1e6, pct=100 * nbytes / ms / 1e6 / bw, ok=ok)
+        except Exception as e:  # a config that does not compile / fit: keep going
+            r = dict(case=name, error=f"{type(e).__name__}: {str(e)[:160]}")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    NT = F // TILE
+    for S1, C, w in ((3, 8, 1), (3, 32, 1), (1, 16, 1), (3, 8, 2), (6, 16, 1)):
+        run(f"direct S1={S1} C={C} warps={w} ({NT * E * S1} programs)",
+            lambda p, s, S1=S1, C=C, w=w: direct_kernel[(NT, E, S1)](p, s, out, S1=S1, C=C, RW=RW, F=F, TILE=TILE,
+                                                                   num_warps=w), NT * E * S1)
+    ntiles = 2 * E * NT
+    for P, w, SR in ((144, 4, 8), (288, 4, 8), (576, 4, 4), (1152, 4, 4), (288, 8, 16), (144, 8, 16)):
+        tpc = ntiles // P
+        run(f"flat P={P} warps={w} SR={SR}",
+            lambda p, s, P=P, w=w, SR=SR, tpc=tpc: flat_kernel[(P,)](p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE,
+                                                                   num_warps=w), P)
+    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8:
+        for P, w, SR, NS in ((144, 4, 8, 4), (144, 4, 8, 8), (144, 4, 16, 6), (288, 4, 8, 4), (288, 4, 8, 6),
+                             (576, 4, 4, 4), (576, 4, 8, 4), (1152, 4, 4, 4), (144, 8, 16, 4), (288, 8, 8, 6),
+                             (144, 4, 4, 12), (72, 8, 16, 8)):
+            tpc = ntiles // P
+            run(f"ring P={P} warps={w} SR={SR} NS={NS} ({NS * SR * 512 // 1024} KB ring)",
+                lambda p, s, P=P, w=w, SR=SR, NS=NS, tpc=tpc: ring_kernel[(P,)](
+                    p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE, NS=NS, W=w, num_warps=w), P)
+    print("\n| kernel | us | GB/s | % of copy | check |\n|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['case']} | error: {r['error']} | | | |")
+        else:
+            print(f"| {r['case']} | {r['us']:.2f} | {r['GBs']:.0f} | {r.get('pct', 100):.1f} | {r.get('ok', '')} |")
+
+
+if __name__ == "__main__":
+    main()
