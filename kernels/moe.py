@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import pdl
+from . import moe_gluon, pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
@@ -327,7 +327,7 @@ def moe_prefetch() -> set:
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -340,7 +340,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     route = (bias [E], k, scale, biased_weights, renormalize): slot_ids is then the router's logits [E] fp32
     (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
-    router.route would (the word path; the other paths run router.route first)."""
+    router.route would (the word path; the other paths run router.route first).
+    gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper): None = where it
+    applies and no gate/up knob (BF, S1, KIMI_LOCAL_MOE_CFG) is given; False = the Triton kernel."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
@@ -367,6 +369,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     E = K + int(has_shared)
     if x8 is None:
         x8 = x8_default()
+    gu_knobs = BF is not None or S1 is not None or C is not None  # a gate/up config asked for: the Triton kernel
     dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False, E=E)
     BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
     num_warps = num_warps or dW
@@ -418,12 +421,18 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         rkw = dict(ROUTE=True, NR=NR, BNR=triton.next_power_of_2(NR), BK=triton.next_power_of_2(max(K, 1)),
                    BIASED=bool(biased), RENORM=bool(renorm))
         rscale = float(rscale)
-    _moe_w_gate_up_kernel[(ntf, E, S1)](
-        xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
-        eps, rbias, rscale, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu], CU=CU,
-        EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU, PDL=pdl.enabled(),
-        X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch_kw())
+    if gluon is None:
+        gluon = not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
+    if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
+        moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
+                          qsg if has_shared else None, K, route is not None, pdl.enabled())
+    else:
+        _moe_w_gate_up_kernel[(ntf, E, S1)](
+            xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
+            eps, rbias, rscale, KTOP=K, E=E, S1=S1, BF=BF, GT=gt, QTG=QT_ID[qg], CG=CG, EVG=EVG, QTU=QT_ID[qu],
+            CU=CU, EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
+            PDL=pdl.enabled(), X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps,
+            num_stages=num_stages, **pdl.launch_kw())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](

@@ -397,18 +397,36 @@ def sweep_moe_halves(bw, args):
     half_bytes = {"gate/up": k * (pools[0][0].numel() + pools[1][0].numel()) + sh[0] + sh[1],
                   "down": k * pools[2][0].numel() + sh[2]}
     out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
-    real = {"gate/up": moe._moe_w_gate_up_kernel, "down": moe._moe_w_down_kernel}
-    for vname, kw in [("word default", {}), _mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4),
-                      _mv(BD=32, S2=2)]:
-        for half, other in (("gate/up", "down"), ("down", "gate/up")):
-            setattr(moe, "_moe_w_down_kernel" if other == "down" else "_moe_w_gate_up_kernel", _NoLaunch())
+    moe_gluon = moe.moe_gluon
+    real = (moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel, getattr(moe_gluon, "moe_gate_up_gluon_kernel", None))
+    variants = [("word default", {}), ("triton gate/up", dict(gluon=False))]
+    variants += [(f"gluon NS={ns}", dict(gluon=True, _ns=ns)) for ns in (2, 3, 4, 6, 8)]
+    variants += [_mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4), _mv(BD=32, S2=2)]
+    for vname, kw in variants:
+        kw = dict(kw)
+        ns = kw.pop("_ns", None)
+        if ns:
+            os.environ["KIMI_LOCAL_MOE_GLUON_NS"] = str(ns)
+        for half in ("gate/up", "down"):
+            if half == "gate/up":
+                moe._moe_w_down_kernel = _NoLaunch()
+            else:
+                moe._moe_w_gate_up_kernel = _NoLaunch()
+                if real[2] is not None:
+                    moe_gluon.moe_gate_up_gluon_kernel = _NoLaunch()
             try:
                 ms = graph_time([lambda s=s, w=w: moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared,
                                                                  shared_qtypes=shq, x8=x8, **kw)
                                  for s, w in zip(sel, wts)], args.quick)
                 row("moe-half", f"Q4_K/Q4_K/Q5_K {half} only", "x8 " + vname, ms, half_bytes[half], bw=bw)
+            except Exception as e:  # a variant that does not build: keep going
+                row("moe-half", f"Q4_K/Q4_K/Q5_K {half} only", "x8 " + vname,
+                    note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
             finally:
-                moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel = real["gate/up"], real["down"]
+                moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel = real[0], real[1]
+                if real[2] is not None:
+                    moe_gluon.moe_gate_up_gluon_kernel = real[2]
+        os.environ.pop("KIMI_LOCAL_MOE_GLUON_NS", None)
     del pools
     empty_cache()
 

@@ -329,6 +329,65 @@ def test_cuda_moe_decode_route_in_kernel():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("qtypes,shq,route", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), True),  # the Q4_K_M recipe, as the engine calls it
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
+    (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
+    (("Q8_0", "Q8_0", "Q8_0"), None, False)])
+def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
+    """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
+    shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
+    PDL a graph replay equal to the eager call, bit for bit."""
+    from kimi_local.kernels import moe_gluon, pdl as P
+    S, D, F, k = 256, 2304, 1024, 8
+    if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F):
+        pytest.skip("the Gluon gate/up needs Gluon and a Hopper GPU")
+    g = torch.Generator().manual_seed(21)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    shared = shared_d = None
+    if shq:
+        shared, shared_d = [], []
+        for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
+            p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+            shared.append(p[0]), shared_d.append(dq[0])
+    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
+    logits, bias, route_fn = _router_case(S, k, 22, "cuda")
+    ids, wts = route_fn(logits[None], bias, k, 2.446, False, True)
+    kw = dict(shared=shared, shared_qtypes=shq, x8=True)
+    if route:
+        kw["route"] = (bias, k, 2.446, False, True)
+    args = (logits, None) if route else (ids[0], wts[0])
+    E = k + int(shq is not None)
+    nw = qm.x8_words(F)
+    acts, outs = [], []
+    for gluon in (False, True):
+        ws = torch.full((E * F,), float("nan"), device="cuda")
+        out = torch.full((D,), float("nan"), device="cuda")
+        moe.moe_decode(x, *args, *pools, qtypes, out, workspace=ws, gluon=gluon, **kw)
+        torch.cuda.synchronize()
+        acts.append(torch.stack([qm.dequantize_x8(r, F) for r in ws.view(torch.int32)[:E * nw].view(E, nw)]))
+        outs.append(out)
+    check(acts[1], acts[0], 1e-2)
+    raw_dense = [torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
+                              for s in ids[0].tolist()])
+                 for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F)))]
+    ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), wts[0], *raw_dense, shared=shared_d)
+    check(outs[1], ref8, 1e-2)
+    check(outs[1], outs[0], 1e-2)
+    got = torch.empty(D, device="cuda")
+    with P.active(P.supported("cuda")):
+        moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
+        want = got.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
+    got.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want) and torch.equal(got, outs[1])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 37, 512])
 def test_cuda_moe_prefill(T):
     S, D, F, k = 256, 2304, 1024, 8
