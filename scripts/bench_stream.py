@@ -119,6 +119,46 @@ if HAVE_GLUON:
         gl.store(out + p, gl.sum(gl.sum(acc, 1), 0))
 
 
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_rows(ring, pool, slot, m, f0, t, CH: gl.constexpr, RW: gl.constexpr, F: gl.constexpr,
+                    NS: gl.constexpr, L3: gl.constexpr):
+        """Stage t of matrix m: chunks t * CH .. + CH of rows f0 .. f0 + 15 (as the Gluon MoE gate/up reads)."""
+        L2: gl.constexpr = gl.SliceLayout(2, L3)
+        r = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, L2)), 1), 2)
+        c = gl.expand_dims(gl.expand_dims(gl.arange(0, CH, layout=gl.SliceLayout(0, L2)), 0), 2)
+        ii = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        base = pool + ((m * 64 + slot) * F + f0) * RW
+        _async_load(ring.index(t % NS), base + r * RW + (t * CH + c) * 4 + ii)
+
+    @gluon.jit
+    def ring_rows_kernel(pool, slots, out, CH: gl.constexpr, RW: gl.constexpr, F: gl.constexpr, NS: gl.constexpr):
+        """CTA (16-row tile, expert e), 4 warps: gate then up rows, CH 16-byte chunks of every row per stage."""
+        L3: gl.constexpr = gl.BlockedLayout([1, CH // 8, 4], [4, 8, 1], [4, 1, 1], [2, 1, 0])
+        SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        NT: gl.constexpr = F // 16
+        SPM: gl.constexpr = RW // (4 * CH)  # stages per matrix
+        pid = gl.program_id(0)
+        e = pid // NT
+        f0 = (pid % NT) * 16
+        slot = gl.load(slots + e).to(gl.int64)
+        ring = gl.allocate_shared_memory(gl.int32, [NS, 16, CH, 4], SL)
+        for t in gl.static_range(NS - 1):
+            _issue_rows(ring, pool, slot, t // SPM, f0, t % SPM, CH, RW, F, NS, L3)
+            cp.commit_group()
+        acc = gl.zeros([16, CH, 4], gl.int32, layout=L3)
+        for t in range(2 * SPM):
+            tn = t + NS - 1
+            if tn < 2 * SPM:
+                _issue_rows(ring, pool, slot, tn // SPM, f0, tn % SPM, CH, RW, F, NS, L3)
+            cp.commit_group()
+            cp.wait_group(NS - 1)
+            acc += ring.index(t % NS).load(L3)
+        cp.wait_group(0)
+        gl.store(out + pid, gl.sum(gl.sum(gl.sum(acc, 2), 1), 0))
+
+
 def graph_ms(calls, reps=60):
     for c in calls:
         c()
@@ -192,6 +232,11 @@ def main():
             run(f"ring P={P} warps={w} SR={SR} NS={NS} ({NS * SR * 512 // 1024} KB ring)",
                 lambda p, s, P=P, w=w, SR=SR, NS=NS, tpc=tpc: ring_kernel[(P,)](
                     p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE, NS=NS, W=w, num_warps=w), P)
+    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8:
+        for CH, NS in ((8, 4), (8, 8), (16, 4), (16, 6), (32, 3), (32, 4)):
+            run(f"ring rows CH={CH} NS={NS} (576 CTAs x 16 rows, {16 * CH * 16 * NS // 1024} KB ring)",
+                lambda p, s, CH=CH, NS=NS: ring_rows_kernel[(E * NT,)](p, s, out, CH=CH, RW=RW, F=F, NS=NS,
+                                                                      num_warps=4), E * NT)
     print("\n| kernel | us | GB/s | % of copy | check |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
