@@ -40,6 +40,7 @@ GLUON_QTYPES = ("Q4_K", "Q8_0")
 _QT = {"Q8_0": 0, "Q4_K": 3}  # quant_matmul.QT_ID
 BF = 16  # rows per CTA: one x8 group of act
 DEFAULT_NS = 4
+DEFAULT_W = 4
 
 
 def enabled() -> bool:
@@ -131,27 +132,26 @@ if HAVE_GLUON:
             # chunk c of block blk: 16 low nibbles = x group gl, 16 high nibbles = group gl + 2 (_i8dot_q45k)
             g3 = 2 * (blk * 8 + c3) - c3 % 2
             g2 = 2 * (blk * 8 + c2) - c2 % 2
-            x_lo = gl.load(xw + g3 * 4 + i3 + r3 * 0)
-            x_hi = gl.load(xw + (g3 + 2) * 4 + i3 + r3 * 0)
+            x_lo = gl.load(xw + g3 * 4 + i3)  # [1, 8, 4]: once per thread, whatever its rows
+            x_hi = gl.load(xw + (g3 + 2) * 4 + i3)
             i_lo = gl.sum(_dp4a(q & 0x0F0F0F0F, x_lo), axis=2).to(gl.float32)
             i_hi = gl.sum(_dp4a((q >> 4) & 0x0F0F0F0F, x_hi), axis=2).to(gl.float32)
             sh = 16 * ((c2 // 2) % 2)
             scp = (sr0.index(i).load(L2) >> sh) & 0xFFFF
             mp = (sr1.index(i).load(L2) >> sh) & 0xFFFF
             dd = sr2.index(i).load(L2)
-            zr = r2 * 0
-            s_lo = (scp & 0xFF).to(gl.float32) * gl.load(dxp + g2 + zr) * i_lo
-            s_hi = (scp >> 8).to(gl.float32) * gl.load(dxp + g2 + 2 + zr) * i_hi
-            m_lo = (mp & 0xFF).to(gl.float32) * gl.load(sqp + g2 + zr)
-            m_hi = (mp >> 8).to(gl.float32) * gl.load(sqp + g2 + 2 + zr)
+            s_lo = (scp & 0xFF).to(gl.float32) * gl.load(dxp + g2) * i_lo
+            s_hi = (scp >> 8).to(gl.float32) * gl.load(dxp + g2 + 2) * i_hi
+            m_lo = (mp & 0xFF).to(gl.float32) * gl.load(sqp + g2)
+            m_hi = (mp >> 8).to(gl.float32) * gl.load(sqp + g2 + 2)
             part = _h16(dd) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
         else:
             g3 = blk * 8 + c3
             g2 = blk * 8 + c2
-            xg = gl.load(xw + g3 * 4 + i3 + r3 * 0)
+            xg = gl.load(xw + g3 * 4 + i3)
             isum = gl.sum(_dp4a(q, xg), axis=2).to(gl.float32)
             dw = sr0.index(i).load(L2) >> (16 * ((g2 // 2) % 2))
-            part = _h16(dw) * gl.load(dxp + g2 + r2 * 0) * isum
+            part = _h16(dw) * gl.load(dxp + g2) * isum
         return part
 
     @gluon.jit
@@ -184,10 +184,10 @@ if HAVE_GLUON:
         return yg, yu
 
     @gluon.jit
-    def _pick(logits, rbias, j, NR: gl.constexpr):
+    def _pick(logits, rbias, j, NR: gl.constexpr, W: gl.constexpr):
         """Expert id of pick j of the top-k over logits [NR] fp32 (+ rbias for the selection): j + 1 arg-max
         passes, ties to the lower index (moe._route_id). Every warp holds the whole row: reductions stay in a warp."""
-        LR: gl.constexpr = gl.BlockedLayout([1, NR // 32], [1, 32], [4, 1], [1, 0])
+        LR: gl.constexpr = gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1], [1, 0])
         o = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(0, LR)), 0)  # [1, NR]
         lg = gl.load(logits + o, cache_modifier=".cg")
         sel = 1.0 / (1.0 + gl.exp(-lg)) + gl.load(rbias + o)
@@ -205,7 +205,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _routed(qr, sr0, sr1, sr2, q, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
-                PDL: gl.constexpr, L3: gl.constexpr):
+                PDL: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """Routed CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -214,7 +214,7 @@ if HAVE_GLUON:
             _gdc_wait()
             _gdc_launch_dependents()
         if ROUTE:
-            slot = _pick(slot_ids, rbias, e, NR).to(gl.int64)
+            slot = _pick(slot_ids, rbias, e, NR, W).to(gl.int64)
         else:
             slot = gl.load(slot_ids + e).to(gl.int64)
         wg = gate + slot * mat_g
@@ -227,10 +227,11 @@ if HAVE_GLUON:
     def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
-                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr):
+                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py)."""
-        L3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [4, 8, 1], [4, 1, 1], [2, 1, 0])
+        # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
+        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
         SL4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         NT: gl.constexpr = F // 16
@@ -253,10 +254,10 @@ if HAVE_GLUON:
                 yg, yu = _gate_up(qr, sr0, sr1, sr2, sgate, sup, f0, xw, dxp, sqp, F, D, QTS, NS, L3)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
-                                        F, D, QT, ROUTE, NR, NS, PDL, L3)
+                                        F, D, QT, ROUTE, NR, NS, PDL, L3, W)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
-                                    F, D, QT, ROUTE, NR, NS, PDL, L3)
+                                    F, D, QT, ROUTE, NR, NS, PDL, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
         amax = gl.max(gl.abs(h), 0)
@@ -287,9 +288,11 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     if route:
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
+    w = int(os.environ.get("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W))  # warps per CTA: 4, 2 or 1 (4, 2 or 1 rows per thread)
     moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=_QT[qt], QTS=_QT[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)), PDL=bool(pdl_on), num_warps=4,
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)),
+        PDL=bool(pdl_on), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     return act

@@ -400,13 +400,16 @@ def sweep_moe_halves(bw, args):
     moe_gluon = moe.moe_gluon
     real = (moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel, getattr(moe_gluon, "moe_gate_up_gluon_kernel", None))
     variants = [("word default", {}), ("triton gate/up", dict(gluon=False))]
-    variants += [(f"gluon NS={ns}", dict(gluon=True, _ns=ns)) for ns in (2, 3, 4, 6, 8)]
+    variants += [(f"gluon NS={ns} W={w}", dict(gluon=True, _ns=ns, _w=w))
+                 for ns, w in ((4, 4), (6, 4), (4, 2), (6, 2), (8, 2), (4, 1), (6, 1))]
     variants += [_mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4), _mv(BD=32, S2=2)]
     for vname, kw in variants:
         kw = dict(kw)
-        ns = kw.pop("_ns", None)
+        ns, w = kw.pop("_ns", None), kw.pop("_w", None)
         if ns:
             os.environ["KIMI_LOCAL_MOE_GLUON_NS"] = str(ns)
+        if w:
+            os.environ["KIMI_LOCAL_MOE_GLUON_W"] = str(w)
         for half in ("gate/up", "down"):
             if half == "gate/up":
                 moe._moe_w_down_kernel = _NoLaunch()
@@ -427,6 +430,7 @@ def sweep_moe_halves(bw, args):
                 if real[2] is not None:
                     moe_gluon.moe_gate_up_gluon_kernel = real[2]
         os.environ.pop("KIMI_LOCAL_MOE_GLUON_NS", None)
+        os.environ.pop("KIMI_LOCAL_MOE_GLUON_W", None)
     del pools
     empty_cache()
 
