@@ -341,8 +341,8 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     (router.norm_router_route(topk=False)), weights is ignored, and the experts must be resident (slot =
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
     router.route would (the word path; the other paths run router.route first).
-    gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper): None = where it
-    applies and no gate/up knob (BF, S1, KIMI_LOCAL_MOE_CFG) is given; False = the Triton kernel."""
+    gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper) where it applies:
+    None = if KIMI_LOCAL_MOE_GLUON=1 (off by default) and no gate/up knob (BF, S1, KIMI_LOCAL_MOE_CFG) is given."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
@@ -422,7 +422,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
                    BIASED=bool(biased), RENORM=bool(renorm))
         rscale = float(rscale)
     if gluon is None:
-        gluon = not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
+        gluon = moe_gluon.enabled() and not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
     if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
         moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
                           qsg if has_shared else None, K, route is not None, pdl.enabled())

@@ -44,16 +44,34 @@ DEFAULT_W = 4
 
 
 def enabled() -> bool:
-    """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton gate/up kernel (A/B runs). KIMI_LOCAL_MOE_GLUON_NS: ring
-    stages (default DEFAULT_NS)."""
-    return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
+    """KIMI_LOCAL_MOE_GLUON=1 turns the Gluon gate/up on (default off: see the module doc's measurements).
+    KIMI_LOCAL_MOE_GLUON_NS / _W: ring stages / warps per CTA; KIMI_LOCAL_MOE_GLUON_CARVEOUT: the kernel's preferred
+    shared-memory carveout in percent (0: the driver's choice)."""
+    return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "0") == "1"
+
+
+_CARVEOUT_DONE: set = set()
+
+
+def _set_carveout(kernel, percent: int):
+    """cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT) on a compiled kernel, once. The Triton kernels around the
+    gate/up (router, MoE down, GEMVs) run with a 64 KB shared-memory carveout; an SM changes its carveout only when
+    idle, so a kernel that asks for another one cannot overlap its neighbours under PDL."""
+    fn = getattr(kernel, "function", None)
+    if fn is None or percent <= 0 or (fn, percent) in _CARVEOUT_DONE:
+        return
+    import ctypes
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(9), ctypes.c_int(percent))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(carveout) failed: {rc}")
+    _CARVEOUT_DONE.add((fn, percent))
 
 
 def supported(device, qg, qu, qsg, qsu, D: int, F: int) -> bool:
     """The Gluon gate/up applies: Gluon, a Hopper GPU, gate and up of one type in GLUON_QTYPES (routed and shared
     each), D a multiple of 256, F a multiple of 16."""
     dev = torch.device(device)
-    return (enabled() and dev.type == "cuda" and qg == qu and qsg == qsu and qg in GLUON_QTYPES
+    return (HAVE_GLUON and dev.type == "cuda" and qg == qu and qsg == qsu and qg in GLUON_QTYPES
             and qsg in GLUON_QTYPES and D % 256 == 0 and F % BF == 0
             and torch.cuda.get_device_capability(dev)[0] == 9)
 
@@ -289,10 +307,11 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
     w = int(os.environ.get("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W))  # warps per CTA: 4, 2 or 1 (4, 2 or 1 rows per thread)
-    moe_gate_up_gluon_kernel[grid](
+    k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=_QT[qt], QTS=_QT[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)),
         PDL=bool(pdl_on), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
+    _set_carveout(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", "0")))
     return act
