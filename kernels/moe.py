@@ -342,7 +342,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
     router.route would (the word path; the other paths run router.route first).
     gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper) where it applies:
-    None = if KIMI_LOCAL_MOE_GLUON=1 (off by default) and no gate/up knob (BF, S1, KIMI_LOCAL_MOE_CFG) is given."""
+    None = unless KIMI_LOCAL_MOE_GLUON=0 or a gate/up knob (BF, S1, C, KIMI_LOCAL_MOE_CFG) is given."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route

@@ -39,15 +39,16 @@ except (ImportError, AttributeError):  # pragma: no cover
 GLUON_QTYPES = ("Q4_K", "Q8_0")
 _QT = {"Q8_0": 0, "Q4_K": 3}  # quant_matmul.QT_ID
 BF = 16  # rows per CTA: one x8 group of act
-DEFAULT_NS = 4
-DEFAULT_W = 4
+DEFAULT_NS = 3  # H200, session 11: see the module doc
+DEFAULT_W = 2
+DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
 
 def enabled() -> bool:
-    """KIMI_LOCAL_MOE_GLUON=1 turns the Gluon gate/up on (default off: see the module doc's measurements).
-    KIMI_LOCAL_MOE_GLUON_NS / _W: ring stages / warps per CTA; KIMI_LOCAL_MOE_GLUON_CARVEOUT: the kernel's preferred
-    shared-memory carveout in percent (0: the driver's choice)."""
-    return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "0") == "1"
+    """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton gate/up kernel (A/B runs). KIMI_LOCAL_MOE_GLUON_NS / _W:
+    ring stages / warps per CTA; KIMI_LOCAL_MOE_GLUON_CARVEOUT: the kernel's preferred shared-memory carveout in
+    percent (0: the driver's choice)."""
+    return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
 _CARVEOUT_DONE: set = set()
@@ -313,5 +314,5 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)),
         PDL=bool(pdl_on), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
-    _set_carveout(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", "0")))
+    _set_carveout(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT)))
     return act

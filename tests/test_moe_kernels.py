@@ -335,7 +335,7 @@ def test_cuda_moe_decode_route_in_kernel():
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, False)])
 def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
-    """kernels/moe_gluon.py's gate/up (opt-in: KIMI_LOCAL_MOE_GLUON=1) against the Triton word path at real
+    """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
     PDL a graph replay equal to the eager call, bit for bit."""
     from kimi_local.kernels import moe_gluon, pdl as P
