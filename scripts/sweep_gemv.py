@@ -401,7 +401,7 @@ def sweep_moe_halves(bw, args):
     real = (moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel, getattr(moe_gluon, "moe_gate_up_gluon_kernel", None))
     variants = [("word default", {}), ("triton gate/up", dict(gluon=False))]
     variants += [(f"gluon NS={ns} W={w}", dict(gluon=True, _ns=ns, _w=w))
-                 for ns, w in ((4, 4), (6, 4), (4, 2), (6, 2), (8, 2), (4, 1), (6, 1))]
+                 for ns, w in ((4, 4), (3, 2), (4, 2), (6, 2), (3, 1))]
     variants += [_mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4), _mv(BD=32, S2=2)]
     for vname, kw in variants:
         kw = dict(kw)
