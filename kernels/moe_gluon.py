@@ -1,25 +1,34 @@
 """The MoE decode gate/up kernel in Gluon (sm_90): the word-path kernel of kernels/moe.py with a cp.async copy ring,
-for Q4_K or Q8_0 experts and x8 activations (the Q4_K_M and Q4_K recipes' gate/up).
+for Q4_K or Q8_0 experts and x8 activations (the Q4_K_M and Q4_K recipes' gate/up). The default on Hopper.
 
 Why: the Triton gate/up kernel (1,728 one-warp programs: 16 rows x a third of D each, loads straight into
-registers, split-K partials and an arrival counter) read at 36 % of HBM bandwidth (17.4 us for 26.8 MB, H200,
-session 11). scripts/bench_stream.py timed kernels that only read the same bytes in the same units: with that
-grid and direct loads 14.3 us (50 %), with a Gluon cp.async ring 10.4 us (70 %), in the same run. Loads into
-registers bound the bytes a warp keeps in flight by its registers; the ring keeps NS stages in flight per CTA
-in shared memory. Here each CTA owns 16 rows of one expert and runs gate and up over the whole of D, so there
-are no partials and no counters either.
+registers, split-K partials and an arrival counter) reads at 36 % of HBM bandwidth (17.4 us for 26.8 MB, H200,
+session 11). scripts/bench_stream.py timed kernels that only read the same bytes: with that grid and direct loads
+14.3 us; with a Gluon cp.async ring in this kernel's stage pattern (16 rows x 128 bytes per stage) 10.8 us, in the
+same run. Loads into registers bound the bytes a warp keeps in flight by its registers; the ring keeps NS stages in
+flight per CTA in shared memory. Each CTA owns 16 rows of one expert and runs gate and up over the whole of D, so
+there are no partials and no counters.
 
-CTA (16-row f-tile, expert e), 4 warps, 128 threads: thread (r, c) owns row r of the tile and the 16-byte chunk c
-of every stage. A stage is 8 chunks of every row: one Q4_K block (256 weights), or 128 Q8_0 weights. Per stage a
-thread copies its 16-byte chunk and the 4-byte words holding its scales (Q4_K: sub-scales, mins, d / dmin;
-Q8_0: d) into the ring; NS - 1 stages are in flight while one is computed; it later reads back exactly what it
-copied. The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): dp4a of the weight
-nibbles / bytes with the x8 words, the group scales dx, and the mins through sq. The 8 threads of a row sum
-their partials at the end; act = silu(gate) * up of the 16 rows is quantized to one x8 group, as the Triton
-kernel's _act_store does, for the down kernel (still kernels/moe.py's Triton kernel).
-The shared expert's CTAs come first in the grid (they do not wait for the router) and, with PDL, issue their
-first copies before the grid-dependency wait. Routed CTAs pick their expert from the router's logits (ROUTE)
-as moe._route_id does (pick j = j + 1 arg-max passes, ties to the lower index), or read slot_ids.
+Layout: CTA (16-row f-tile, expert e), W warps; thread (lane // 8, lane % 8) of warp w owns 16 / (4 W) rows and the
+16-byte chunk lane % 8 of every stage. A stage is 8 chunks of every row: one Q4_K block (256 weights), or 128 Q8_0
+weights. Per stage a thread copies its rows' chunks and the 4-byte words holding their scales (Q4_K: sub-scales,
+mins, d / dmin; Q8_0: d) into the ring and later reads back exactly what it copied; its rows share the x loads.
+The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): dp4a of the weight nibbles / bytes
+with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end;
+act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does, for the
+down kernel (still kernels/moe.py's Triton kernel). The shared expert's CTAs come first in the grid and, with PDL,
+issue their first copies before the grid-dependency wait. Routed CTAs pick their expert from the router's logits
+(ROUTE) as moe._route_id does (pick j = j + 1 arg-max passes, ties to the lower index), or read slot_ids.
+
+The shared-memory carveout matters more than the kernel (H200, session 11, interleaved engine A/B, tok/s at 4K):
+an SM changes its L1 / shared split only when idle, and the Triton kernels around this one (router, MoE down,
+GEMVs) run in the 64 KB configuration. Left to the driver, this kernel asked for ~200 KB (its occupancy limit), so
+under PDL it could not overlap its neighbours: 515 vs 558 tok/s for the Triton kernel, although alone it was as
+fast (no PDL: 530 vs 532). With the carveout pinned to 64 KB (DEFAULT_CARVEOUT) and a ring that lets every CTA be
+resident in it (3 stages x 3.5 KB, 2 warps: 5 CTAs per SM >= 576 / 132): 578.1 vs 558.0, and 578.8 vs 559.0 in the
+final run (128K: 505.3 vs 490.1). 4 warps x 4 stages in 64 KB (4 CTAs per SM: a second wave) 510.7.
+Alone (graph-replayed, cold weights, scripts/sweep_gemv.py --only halves): 16.9 us against 17.4 for the Triton
+kernel; 4 warps x 4 stages 18.0, 2 warps x 6 stages 15.7 (but 21.5 KB of ring: it does not fit the 64 KB carveout).
 """
 from __future__ import annotations
 
