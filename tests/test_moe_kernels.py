@@ -410,3 +410,19 @@ def test_cuda_moe_prefill(T):
     ref = moe_ref(x, ids, w, *dense)
     torch.cuda.synchronize()
     check(out.float(), ref, 1e-2)
+
+
+def test_moe_gluon_dispatch(monkeypatch):
+    """Where the Gluon gate/up applies: never on the CPU, only Q4_K / Q8_0 with gate and up of one type; the
+    KIMI_LOCAL_MOE_GLUON=0 switch."""
+    from kimi_local.kernels import moe_gluon
+    assert not moe_gluon.supported("cpu", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304, 1024)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and moe_gluon.HAVE_GLUON:
+        assert moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304, 1024)
+        for bad in (("Q4_K", "Q5_K", "Q8_0", "Q8_0"), ("Q2_K", "Q2_K", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K", "Q6_K")):
+            assert not moe_gluon.supported("cuda", *bad, 2304, 1024)
+        assert not moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304 + 128, 1024)
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "0")
+    assert not moe_gluon.enabled()
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "1")
+    assert moe_gluon.enabled() == moe_gluon.HAVE_GLUON
