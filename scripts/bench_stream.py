@@ -19,6 +19,8 @@ Weights rotate over 4 copies (> the 50 MB L2), one CUDA graph of 8 calls, median
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -32,6 +34,9 @@ try:
     HAVE_GLUON = True
 except (ImportError, AttributeError):
     HAVE_GLUON = False
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_gemv import graph_time  # noqa: E402
 
 RW = 384  # int32 words per matrix row (1,536 B; a Q4_K row of 2304 is 1,332 B packed)
 F = 1024  # rows per expert matrix
@@ -159,21 +164,9 @@ if HAVE_GLUON:
         gl.store(out + pid, gl.sum(gl.sum(gl.sum(acc, 2), 1), 0))
 
 
-def graph_ms(calls, reps=60):
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    return triton.testing.do_bench(g.replay, warmup=20, rep=reps, return_mode="median") / len(calls)
+def graph_ms(calls):
+    """Median ms per call of the calls replayed as one CUDA graph (sweep_gemv.graph_time)."""
+    return graph_time(calls, quick=False)
 
 
 def main():
