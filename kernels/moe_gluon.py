@@ -36,6 +36,8 @@ import os
 
 import torch
 
+from .quant_matmul import QT_ID
+
 try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -46,7 +48,6 @@ except (ImportError, AttributeError):  # pragma: no cover
     HAVE_GLUON = False
 
 GLUON_QTYPES = ("Q4_K", "Q8_0")
-_QT = {"Q8_0": 0, "Q4_K": 3}  # quant_matmul.QT_ID
 BF = 16  # rows per CTA: one x8 group of act
 DEFAULT_NS = 3  # H200, session 11: see the module doc
 DEFAULT_W = 2
@@ -61,6 +62,7 @@ def enabled() -> bool:
 
 
 _CARVEOUT_DONE: set = set()
+_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # cuda.h CUfunction_attribute
 
 
 def _set_carveout(kernel, percent: int):
@@ -71,7 +73,8 @@ def _set_carveout(kernel, percent: int):
     if fn is None or percent <= 0 or (fn, percent) in _CARVEOUT_DONE:
         return
     import ctypes
-    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(9), ctypes.c_int(percent))
+    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(
+        ctypes.c_void_p(fn), ctypes.c_int(_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT), ctypes.c_int(percent))
     if rc != 0:
         raise RuntimeError(f"cuFuncSetAttribute(carveout) failed: {rc}")
     _CARVEOUT_DONE.add((fn, percent))
@@ -231,7 +234,7 @@ if HAVE_GLUON:
         return gl.where(take2, v2, v1), gl.where(take2, i2, i1)
 
     @gluon.jit
-    def _routed(qr, sr0, sr1, sr2, q, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
+    def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
                 PDL: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """Routed CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
@@ -281,10 +284,10 @@ if HAVE_GLUON:
                     _gdc_launch_dependents()
                 yg, yu = _gate_up(qr, sr0, sr1, sr2, sgate, sup, f0, xw, dxp, sqp, F, D, QTS, NS, L3)
             else:
-                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
-                                        F, D, QT, ROUTE, NR, NS, PDL, L3, W)
+                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, L3, W)
         else:
-            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, x8, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
+            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
                                     F, D, QT, ROUTE, NR, NS, PDL, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
@@ -316,12 +319,12 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     if route:
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
-    w = int(os.environ.get("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W))  # warps per CTA: 4, 2 or 1 (4, 2 or 1 rows per thread)
+    w = int(os.environ.get("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W))  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
-        gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=_QT[qt], QTS=_QT[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)),
-        PDL=bool(pdl_on), W=w, num_warps=w,
+        gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr,
+        NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)), PDL=bool(pdl_on), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _set_carveout(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT)))
     return act

@@ -15,7 +15,7 @@ contiguous) and add them up, so the number is what the access pattern alone allo
 
 Weights rotate over 4 copies (> the 50 MB L2), one CUDA graph of 8 calls, median per call.
 
-    python3 scripts/bench_stream.py [--mb 28] [--quick]
+    python3 scripts/bench_stream.py
 """
 import argparse
 import json
@@ -31,6 +31,7 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6 / 3.9 names
     HAVE_GLUON = True
 except (ImportError, AttributeError):
     HAVE_GLUON = False
@@ -115,6 +116,7 @@ if HAVE_GLUON:
             cp.commit_group()
         acc = gl.zeros([SR, 128], gl.int32, layout=L)
         for j in range(n):
+            _barrier()  # every warp has read the slot the next copies overwrite
             if j + NS - 1 < n:
                 _issue(ring, pool, slots, j + NS - 1, TPC, p, SR, RW, F, TILE, NS, L)
             cp.commit_group()
@@ -154,6 +156,7 @@ if HAVE_GLUON:
             cp.commit_group()
         acc = gl.zeros([16, CH, 4], gl.int32, layout=L3)
         for t in range(2 * SPM):
+            _barrier()  # every warp has read the slot the next copies overwrite
             tn = t + NS - 1
             if tn < 2 * SPM:
                 _issue_rows(ring, pool, slot, tn // SPM, f0, tn % SPM, CH, RW, F, NS, L3)
@@ -170,24 +173,21 @@ def graph_ms(calls):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    a = ap.parse_args()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     dev = "cuda"
     nbytes = 2 * E * F * RW * 4
     pools = [torch.randint(-2**31, 2**31 - 1, (2, 64, F, RW), dtype=torch.int32, device=dev) for _ in range(4)]
     gen = torch.Generator().manual_seed(0)
     slots = [torch.randperm(64, generator=gen)[:E].to(torch.int32).to(dev) for _ in range(8)]
-    out = torch.empty(1 << 16, dtype=torch.int64 if False else torch.int32, device=dev)
-    # reference sum of what every kernel reads (int32 wrap-around)
-    x = torch.empty(2 ** 28 // 4, dtype=torch.int32, device=dev)
+    out = torch.empty(1 << 16, dtype=torch.int32, device=dev)  # per-program sums (int32 wrap-around)
+    x = torch.empty(2 ** 28 // 4, dtype=torch.int32, device=dev)  # 256 MiB: copy its first half from its second
     cp_ms = graph_ms([lambda: x[: x.numel() // 2].copy_(x[x.numel() // 2:])])
     bw = x.numel() * 4 / cp_ms / 1e6
-    rows = [dict(case="d2d copy 1 GiB r+w", us=cp_ms * 1e3, GBs=bw)]
+    rows = [dict(case="d2d copy 256 MiB r+w", us=cp_ms * 1e3, GBs=bw)]
     print(f"copy bandwidth {bw:.0f} GB/s; bytes per call {nbytes / 1e6:.1f} MB, floor {nbytes / bw * 1e-3:.2f} us",
           flush=True)
 
-    def want(pool, sl):
+    def want(pool, sl):  # the wrapped int32 sum of what every kernel reads
         v = pool[:, sl.long()].reshape(-1).to(torch.int64).sum()
         return int(((v + 2**31) % 2**32) - 2**31)
 
