@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from . import carveout
 from .quant_matmul import QT_ID
 
 try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
@@ -59,25 +60,6 @@ def enabled() -> bool:
     ring stages / warps per CTA; KIMI_LOCAL_MOE_GLUON_CARVEOUT: the kernel's preferred shared-memory carveout in
     percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
-
-
-_CARVEOUT_DONE: set = set()
-_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # cuda.h CUfunction_attribute
-
-
-def _set_carveout(kernel, percent: int):
-    """cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT) on a compiled kernel, once. The Triton kernels around the
-    gate/up (router, MoE down, GEMVs) run with a 64 KB shared-memory carveout; an SM changes its carveout only when
-    idle, so a kernel that asks for another one cannot overlap its neighbours under PDL."""
-    fn = getattr(kernel, "function", None)
-    if fn is None or percent <= 0 or (fn, percent) in _CARVEOUT_DONE:
-        return
-    import ctypes
-    rc = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute(
-        ctypes.c_void_p(fn), ctypes.c_int(_CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT), ctypes.c_int(percent))
-    if rc != 0:
-        raise RuntimeError(f"cuFuncSetAttribute(carveout) failed: {rc}")
-    _CARVEOUT_DONE.add((fn, percent))
 
 
 def supported(device, qg, qu, qsg, qsu, D: int, F: int) -> bool:
@@ -326,5 +308,6 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr,
         NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)), PDL=bool(pdl_on), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
-    _set_carveout(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT)))
+    if not carveout.percent():  # else every kernel already has the global carveout (kernels/carveout.py)
+        carveout.set_kernel(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT)))
     return act

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import carveout
+
 try:  # Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     AVAILABLE = True
@@ -43,6 +45,8 @@ except ImportError:  # older Triton: enabled() stays False, these stubs are neve
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ON = False
+if not _INTERP:
+    carveout.install()  # every kernel module imports this one: the hook is in place before any kernel loads
 
 
 def supported(device) -> bool:

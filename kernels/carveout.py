@@ -1,0 +1,60 @@
+"""One shared-memory carveout for every kernel of the decode chain (sm_90).
+
+An SM splits its 256 KB of L1 / shared memory between the two, and changes that split only when it is idle. Left to
+the driver, each kernel gets the split that suits its own occupancy: the Triton decode kernels (little shared memory)
+run in the 64 KB configuration, a Gluon kernel with a deep copy ring asks for up to 228 KB. Under PDL the next kernel's
+CTAs start on an SM while the previous kernel's last CTAs still run there; a kernel that wants another split cannot,
+so it loses the overlap at both of its edges (H200, session 11: the first Gluon MoE gate/up lost 515 vs 558 tok/s
+end to end although alone it was as fast as the Triton kernel).
+
+Two ways out: size every Gluon kernel to the Triton kernels' 64 KB (what moe_gluon did in session 11: a 3-stage ring),
+or pin every kernel to one larger split, so that the Gluon kernels can keep deeper rings. KIMI_LOCAL_CARVEOUT=P
+(percent of the maximum shared memory, 228 KB on Hopper; the driver rounds up to a supported size) does the latter:
+a Triton load hook sets cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, P) on every kernel loaded from then on
+(Triton and Gluon, decode and prefill). 0 (the default): the driver's choice, and moe_gluon pins its own kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # cuda.h CUfunction_attribute
+_DONE: set = set()
+_LIB = None
+
+
+def percent() -> int:
+    """KIMI_LOCAL_CARVEOUT: the carveout (percent) every kernel gets; 0 = the driver's choice per kernel."""
+    return int(os.environ.get("KIMI_LOCAL_CARVEOUT", "0") or 0)
+
+
+def set_function(fn, pct: int):
+    """cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, pct) on a loaded CUfunction handle, once per (fn, pct)."""
+    global _LIB
+    if not fn or pct <= 0 or (fn, pct) in _DONE:
+        return
+    if _LIB is None:
+        _LIB = ctypes.CDLL("libcuda.so.1")
+    rc = _LIB.cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT),
+                                 ctypes.c_int(pct))
+    if rc != 0:
+        raise RuntimeError(f"cuFuncSetAttribute(carveout {pct} %) failed: CUresult {rc}")
+    _DONE.add((fn, pct))
+
+
+def set_kernel(kernel, pct: int):
+    """set_function on a launched Triton / Gluon kernel (the object kernel[grid](...) returns)."""
+    set_function(getattr(kernel, "function", None), pct)
+
+
+def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runtime.kernel_load_end_hook
+    set_function(function, percent())
+
+
+def install():
+    """Register the load hook (idempotent). Kernels loaded before this call keep the driver's choice."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover (Triton < 3.4: no hook; KIMI_LOCAL_CARVEOUT has no effect)
+        return
+    knobs.runtime.kernel_load_end_hook.add(_on_load)
