@@ -327,7 +327,7 @@ def moe_prefetch() -> set:
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None, gluon_down=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -342,7 +342,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     expert id): every program picks its expert (and the down programs its weight) from the logits itself, as
     router.route would (the word path; the other paths run router.route first).
     gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper) where it applies:
-    None = unless KIMI_LOCAL_MOE_GLUON=0 or a gate/up knob (BF, S1, C, KIMI_LOCAL_MOE_CFG) is given."""
+    None = unless KIMI_LOCAL_MOE_GLUON=0 or a gate/up knob (BF, S1, C, KIMI_LOCAL_MOE_CFG) is given.
+    gluon_down: the down half as moe_gluon's down kernel (x8; Q4_K / Q5_K / Q8_0 down, Hopper) where it applies:
+    None = with the Gluon gate/up, unless KIMI_LOCAL_MOE_GLUON_DOWN=0 or a down knob (BD, S2) is given."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
@@ -370,6 +372,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     if x8 is None:
         x8 = x8_default()
     gu_knobs = BF is not None or S1 is not None or C is not None  # a gate/up config asked for: the Triton kernel
+    down_knobs = BD is not None or S2 is not None  # likewise for the down half
     dBF, dS1, dBD, dS2, dW = moe_decode_config(qtypes, shared_qtypes, D, F, x8=x8 is not False, E=E)
     BF, S1, BD, S2 = BF or dBF, S1 or dS1, BD or dBD, S2 or dS2
     num_warps = num_warps or dW
@@ -433,6 +436,13 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
             CU=CU, EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
             PDL=pdl.enabled(), X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps,
             num_stages=num_stages, **pdl.launch_kw())
+    if gluon_down is None:
+        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
+    if gluon_down \
+            and use_x8 and not INTERPRET and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
+        part2, cnt2 = split_workspace(x.device, E * D, D // 16)
+        return moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
+                              D, F, qd, qsd if has_shared else None, K, route, pdl.enabled())
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     _moe_w_down_kernel[(ntd, E, S2)](

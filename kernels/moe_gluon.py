@@ -44,13 +44,16 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # 3.9 / 3.6 names
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     HAVE_GLUON = True
 except (ImportError, AttributeError):  # pragma: no cover
     HAVE_GLUON = False
 
 GLUON_QTYPES = ("Q4_K", "Q8_0")
+DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
+DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
-DEFAULT_NS = 3  # H200, session 11: see the module doc
+DEFAULT_NS = 5  # ring stages of 2 KB: 5 CTAs x (10 + 1) KB fit the 64 KB carveout
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
@@ -105,110 +108,162 @@ if HAVE_GLUON:
                 gl.expand_dims(gl.expand_dims(ii, 0), 1), gl.expand_dims(r, 1), gl.expand_dims(c, 0))
 
     @gluon.jit
-    def _issue(qr, sr0, sr1, sr2, i, w, blk, f0, F: gl.constexpr, D: gl.constexpr, QT: gl.constexpr,
-               L3: gl.constexpr):
-        """Copies of block column blk (8 chunks of every row) of the matrix at w, rows f0 .. f0 + 15, into ring slot i:
-        the chunks [16, 8, 4] and the words of their scales (Q4_K: sub-scale, min, d / dmin words; Q8_0: d words)."""
+    def _issue(qr, i, w, blk, f0, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+        """cp.async of block column blk of the main plane (Q4_K / Q5_K qs: 8 chunks = one block; Q8_0: 128 weights)
+        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values) into ring slot i [16, 8, 4] int32."""
         r3, c3, i3, r2, c2 = _idx(L3)
-        CPR: gl.constexpr = D // 32 if QT == 3 else D // 16  # 16-byte chunks per row
+        CPR: gl.constexpr = K // 16 if QT == 0 else K // 32  # 16-byte chunks per row of the main plane
         _async_load(qr.index(i), w.to(gl.pointer_type(gl.int32)) + ((f0 + r3) * CPR + blk * 8 + c3) * 4 + i3)
-        if QT == 3:  # Q4_K planes: qs 128, sc 8, m 8, dd 4 bytes per block (quant_matmul.repack)
-            NB: gl.constexpr = D // 256
-            NBT: gl.constexpr = F * NB
-            rb = (f0 + r2) * NB + blk
-            jw = (c2 // 2) // 2  # the word of the sub-scale pair c // 2
-            _async_load(sr0.index(i), (w + NBT * 128).to(gl.pointer_type(gl.int32)) + rb * 2 + jw)
-            _async_load(sr1.index(i), (w + NBT * 136).to(gl.pointer_type(gl.int32)) + rb * 2 + jw)
-            _async_load(sr2.index(i), (w + NBT * 144).to(gl.pointer_type(gl.int32)) + rb + c2 * 0)
-        else:  # Q8_0: qs [F, D] int8, then d [F, D / 32] fp16
-            _async_load(sr0.index(i), (w + F * D).to(gl.pointer_type(gl.int32))
-                        + ((f0 + r2) * (D // 32) + blk * 4 + c2 // 2) // 2)
 
     @gluon.jit
-    def _issue_stage(qr, sr0, sr1, sr2, t, wg, wu, f0, F: gl.constexpr, D: gl.constexpr, QT: gl.constexpr,
-                     NS: gl.constexpr, L3: gl.constexpr):
-        """Stage t of the CTA (gate's block columns, then up's; none past the last) into slot t % NS, as a group."""
-        SPM: gl.constexpr = D // 256 if QT == 3 else D // 128  # stages per matrix
-        if t < SPM:
-            _issue(qr, sr0, sr1, sr2, t % NS, wg, t, f0, F, D, QT, L3)
-        elif t < 2 * SPM:
-            _issue(qr, sr0, sr1, sr2, t % NS, wu, t - SPM, f0, F, D, QT, L3)
-        cp.commit_group()
-
-    @gluon.jit
-    def _stage_dot(qr, sr0, sr1, sr2, i, blk, xw, dxp, sqp, QT: gl.constexpr, L3: gl.constexpr):
-        """[16, 8] fp32: each thread's chunk of block column blk (in ring slot i) times x (the x8 word path's sums)."""
+    def _side(w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+        """The side words of block column blk, plain loads into registers (issued a stage before their use):
+        (s0, s1, s2) [16, 8] and h [16, 8, 4] int32. Q4_K / Q5_K (quant_matmul.repack planes: qs 128, [qh 32,] sc 8,
+        m 8, dd 4 bytes per block): the sub-scale word, the min word and the d / dmin word of each thread's chunk,
+        and Q5_K's qh words (half c % 2 of the block's 32 qh bytes); Q8_0 (qs [N, K] int8, then d [N, K / 32] fp16):
+        the d word (s1, s2, h unused)."""
         r3, c3, i3, r2, c2 = _idx(L3)
-        L2: gl.constexpr = gl.SliceLayout(2, L3)
-        q = qr.index(i).load(L3)  # [16, 8, 4] int32
-        if QT == 3:
-            # chunk c of block blk: 16 low nibbles = x group gl, 16 high nibbles = group gl + 2 (_i8dot_q45k)
-            g3 = 2 * (blk * 8 + c3) - c3 % 2
-            g2 = 2 * (blk * 8 + c2) - c2 % 2
-            x_lo = gl.load(xw + g3 * 4 + i3)  # [1, 8, 4]: once per thread, whatever its rows
-            x_hi = gl.load(xw + (g3 + 2) * 4 + i3)
-            i_lo = gl.sum(_dp4a(q & 0x0F0F0F0F, x_lo), axis=2).to(gl.float32)
-            i_hi = gl.sum(_dp4a((q >> 4) & 0x0F0F0F0F, x_hi), axis=2).to(gl.float32)
-            sh = 16 * ((c2 // 2) % 2)
-            scp = (sr0.index(i).load(L2) >> sh) & 0xFFFF
-            mp = (sr1.index(i).load(L2) >> sh) & 0xFFFF
-            dd = sr2.index(i).load(L2)
-            s_lo = (scp & 0xFF).to(gl.float32) * gl.load(dxp + g2) * i_lo
-            s_hi = (scp >> 8).to(gl.float32) * gl.load(dxp + g2 + 2) * i_hi
-            m_lo = (mp & 0xFF).to(gl.float32) * gl.load(sqp + g2)
-            m_hi = (mp >> 8).to(gl.float32) * gl.load(sqp + g2 + 2)
-            part = _h16(dd) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
+        w32 = w.to(gl.pointer_type(gl.int32))
+        if QT == 0:
+            s0 = gl.load(w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
+            return s0, s0, s0, gl.zeros([16, 8, 4], gl.int32, layout=L3)
         else:
+            NB: gl.constexpr = K // 256
+            NBT: gl.constexpr = N * NB
+            P: gl.constexpr = 40 if QT == 2 else 32  # words per block before the scale planes
+            rb = (f0 + r2) * NB + blk
+            jw = (c2 // 2) // 2  # the word of sub-scale pair c // 2
+            s0 = gl.load(w32 + NBT * P + rb * 2 + jw)
+            s1 = gl.load(w32 + NBT * (P + 2) + rb * 2 + jw)
+            s2 = gl.load(w32 + NBT * (P + 4) + rb + c2 * 0)
+            if QT == 2:
+                h = gl.load(w32 + NBT * 32 + ((f0 + r3) * NB + blk) * 8 + 4 * (c3 % 2) + i3)
+            else:
+                h = gl.zeros([16, 8, 4], gl.int32, layout=L3)
+            return s0, s1, s2, h
+
+    @gluon.jit
+    def _bulk_prefetch(ptr, nbytes, on):
+        gl.inline_asm_elementwise(
+            "{\n .reg .pred p;\n setp.ne.s32 p, $3, 0;\n @p cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;\n}",
+            "=r,l,r,r", [ptr, nbytes, on], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _prefetch_side(wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
+                       W: gl.constexpr):
+        """L2 prefetch (one bulk request per plane and matrix, from the first threads) of the side planes' bytes of
+        rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2."""
+        k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
+        plane = k % 4
+        mat = k // 4
+        if QT == 0:
+            off = N * K + f0 * (K // 16) + plane * 0
+            size = 16 * (K // 16) + plane * 0
+            on = (mat < NM) & (plane == 0)
+        else:
+            NB: gl.constexpr = K // 256
+            NBT: gl.constexpr = N * NB
+            P: gl.constexpr = 160 if QT == 2 else 128
+            off = gl.where(plane == 0, NBT * P + f0 * NB * 8,
+                           gl.where(plane == 1, NBT * (P + 8) + f0 * NB * 8,
+                                    gl.where(plane == 2, NBT * (P + 16) + f0 * NB * 4, NBT * 128 + f0 * NB * 32)))
+            size = gl.where(plane < 2, 16 * NB * 8, gl.where(plane == 2, 16 * NB * 4, 16 * NB * 32))
+            on = (mat < NM) & ((plane < 3) | (QT == 2))
+        base = gl.where(mat == 0, wa + k * 0, wb + k * 0)
+        _bulk_prefetch(base + off, size, on.to(gl.int32))
+
+    @gluon.jit
+    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
+        """[16, 8] fp32: each thread's chunk of block column blk (ring slot i; side words s0 .. h from _side) times x,
+        as the x8 word path computes it (quant_matmul._i8dot_q45k / _i8dot_q8_0)."""
+        r3, c3, i3, r2, c2 = _idx(L3)
+        q = qr.index(i).load(L3)  # [16, 8, 4] int32
+        if QT == 0:
             g3 = blk * 8 + c3
             g2 = blk * 8 + c2
             xg = gl.load(xw + g3 * 4 + i3)
             isum = gl.sum(_dp4a(q, xg), axis=2).to(gl.float32)
-            dw = sr0.index(i).load(L2) >> (16 * ((g2 // 2) % 2))
+            dw = s0 >> (16 * ((g2 // 2) % 2))
             part = _h16(dw) * gl.load(dxp + g2) * isum
+        else:
+            # chunk c of block blk: 16 low nibbles = x group gl, 16 high nibbles = group gl + 2 (_i8dot_q45k)
+            g3 = 2 * (blk * 8 + c3) - c3 % 2
+            g2 = 2 * (blk * 8 + c2) - c2 % 2
+            v_lo = q & 0x0F0F0F0F
+            v_hi = (q >> 4) & 0x0F0F0F0F
+            if QT == 2:  # Q5_K: the 5th bits of sub-blocks 2j, 2j + 1 (j = c // 2) at bit 4 of every byte
+                hs = h >> (2 * (c3 // 2))
+                v_lo = v_lo | ((hs << 4) & 0x10101010)
+                v_hi = v_hi | ((hs << 3) & 0x10101010)
+            x_lo = gl.load(xw + g3 * 4 + i3)  # [1, 8, 4]: once per thread, whatever its rows
+            x_hi = gl.load(xw + (g3 + 2) * 4 + i3)
+            i_lo = gl.sum(_dp4a(v_lo, x_lo), axis=2).to(gl.float32)
+            i_hi = gl.sum(_dp4a(v_hi, x_hi), axis=2).to(gl.float32)
+            sh = 16 * ((c2 // 2) % 2)
+            scp = (s0 >> sh) & 0xFFFF
+            mp = (s1 >> sh) & 0xFFFF
+            s_lo = (scp & 0xFF).to(gl.float32) * gl.load(dxp + g2) * i_lo
+            s_hi = (scp >> 8).to(gl.float32) * gl.load(dxp + g2 + 2) * i_hi
+            m_lo = (mp & 0xFF).to(gl.float32) * gl.load(sqp + g2)
+            m_hi = (mp >> 8).to(gl.float32) * gl.load(sqp + g2 + 2)
+            part = _h16(s2) * (s_lo + s_hi) - _h16(s2 >> 16) * (m_lo + m_hi)
         return part
 
     @gluon.jit
-    def _prologue(qr, sr0, sr1, sr2, wg, wu, f0, F: gl.constexpr, D: gl.constexpr, QT: gl.constexpr,
-                  NS: gl.constexpr, L3: gl.constexpr):
+    def _issue_stage(qr, t, wa, wb, NM: gl.constexpr, f0, K: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
+                     L3: gl.constexpr):
+        """Stage t of the CTA (wa's block columns, then wb's if NM == 2; none past the last) into slot t % NS, as
+        one commit group (empty past the last stage, so that wait_group counts stay the same)."""
+        SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
+        if t < SPM:
+            _issue(qr, t % NS, wa, t, f0, K, QT, L3)
+        elif t < NM * SPM:
+            _issue(qr, t % NS, wb, t - SPM, f0, K, QT, L3)
+        cp.commit_group()
+
+    @gluon.jit
+    def _side_stage(t, wa, wb, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+        SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
+        if t < SPM:
+            s0, s1, s2, h = _side(wa, t, f0, N, K, QT, L3)
+        else:
+            s0, s1, s2, h = _side(wb, t - SPM, f0, N, K, QT, L3)
+        return s0, s1, s2, h
+
+    @gluon.jit
+    def _prologue(qr, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
+                  NS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+        """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages."""
+        if PF:
+            _prefetch_side(wa, wb, NM, f0, N, K, QT, W)
         for t in gl.static_range(NS - 1):
-            _issue_stage(qr, sr0, sr1, sr2, t, wg, wu, f0, F, D, QT, NS, L3)
+            _issue_stage(qr, t, wa, wb, NM, f0, K, QT, NS, L3)
 
     @gluon.jit
-    def _matrix(qr, sr0, sr1, sr2, t0, wg, wu, f0, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr, QT: gl.constexpr,
-                NS: gl.constexpr, L3: gl.constexpr):
-        """[16] fp32: the rows' dot products over stages t0 .. t0 + SPM - 1 (one matrix), issuing NS - 1 stages ahead.
+    def _stream(qr, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
+                QT: gl.constexpr, NS: gl.constexpr, L3: gl.constexpr):
+        """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
+        Each step issues the stage NS - 1 ahead into the ring and loads the next stage's side words into registers.
         A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages (146 registers offline)."""
-        SPM: gl.constexpr = D // 256 if QT == 3 else D // 128
-        acc = gl.zeros([16, 8], gl.float32, layout=gl.SliceLayout(2, L3))
-        for t in range(t0, t0 + SPM):
-            _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wg, wu, f0, F, D, QT, NS, L3)
+        SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
+        T: gl.constexpr = NM * SPM
+        acc_a = gl.zeros([16, 8], gl.float32, layout=gl.SliceLayout(2, L3))
+        acc_b = gl.zeros([16, 8], gl.float32, layout=gl.SliceLayout(2, L3))
+        s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
+        for t in range(T):
+            _issue_stage(qr, t + NS - 1, wa, wb, NM, f0, K, QT, NS, L3)
+            n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
             cp.wait_group(NS - 1)  # stage t has landed; the NS - 1 newer ones may still be in flight
-            acc += _stage_dot(qr, sr0, sr1, sr2, t % NS, t - t0, xw, dxp, sqp, QT, L3)
-        return gl.sum(acc, axis=1)
-
-    @gluon.jit
-    def _gate_up(qr, sr0, sr1, sr2, wg, wu, f0, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr, QT: gl.constexpr,
-                 NS: gl.constexpr, L3: gl.constexpr):
-        """(gate, up) [16] fp32 of rows f0 .. f0 + 15 (after _prologue)."""
-        SPM: gl.constexpr = D // 256 if QT == 3 else D // 128
-        yg = _matrix(qr, sr0, sr1, sr2, 0, wg, wu, f0, xw, dxp, sqp, F, D, QT, NS, L3)
-        yu = _matrix(qr, sr0, sr1, sr2, SPM, wg, wu, f0, xw, dxp, sqp, F, D, QT, NS, L3)
+            part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+            if NM == 2:
+                first = t < SPM
+                acc_a += gl.where(first, part, 0.0)
+                acc_b += gl.where(first, 0.0, part)
+            else:
+                acc_a += part
+            s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
-        return yg, yu
-
-    @gluon.jit
-    def _pick(logits, rbias, j, NR: gl.constexpr, W: gl.constexpr):
-        """Expert id of pick j of the top-k over logits [NR] fp32 (+ rbias for the selection): j + 1 arg-max
-        passes, ties to the lower index (moe._route_id). Every warp holds the whole row: reductions stay in a warp."""
-        LR: gl.constexpr = gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1], [1, 0])
-        o = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(0, LR)), 0)  # [1, NR]
-        lg = gl.load(logits + o, cache_modifier=".cg")
-        sel = 1.0 / (1.0 + gl.exp(-lg)) + gl.load(rbias + o)
-        idx = gl.zeros([1], gl.int32, layout=gl.SliceLayout(1, LR))
-        for p in range(j + 1):
-            _, idx = gl.reduce((sel, o), 1, _max_idx)
-            sel = gl.where(o == gl.expand_dims(idx, 1), float("-inf"), sel)
-        return gl.max(idx, 0)
+        return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)
 
     @gluon.jit
     def _max_idx(v1, i1, v2, i2):
@@ -216,10 +271,57 @@ if HAVE_GLUON:
         return gl.where(take2, v2, v1), gl.where(take2, i2, i1)
 
     @gluon.jit
-    def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
-                D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
-                PDL: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
-        """Routed CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
+    def _max_carry(v1, i1, w1, v2, i2, w2):
+        take2 = (v2 > v1) | ((v2 == v1) & (i2 < i1))
+        return gl.where(take2, v2, v1), gl.where(take2, i2, i1), gl.where(take2, w2, w1)
+
+    @gluon.jit
+    def _scores(logits, rbias, NR: gl.constexpr, W: gl.constexpr):
+        """(o [1, NR], s = sigmoid(logits), selection scores s + rbias), every warp holding the whole row (reductions
+        stay in a warp)."""
+        LR: gl.constexpr = gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1], [1, 0])
+        o = gl.expand_dims(gl.arange(0, NR, layout=gl.SliceLayout(0, LR)), 0)
+        s = 1.0 / (1.0 + gl.exp(-gl.load(logits + o, cache_modifier=".cg")))
+        return o, s, s + gl.load(rbias + o)
+
+    @gluon.jit
+    def _pick(logits, rbias, j, NR: gl.constexpr, W: gl.constexpr):
+        """Expert id of pick j of the top-k over logits [NR] fp32 (+ rbias for the selection): j + 1 arg-max
+        passes, ties to the lower index (moe._route_id)."""
+        o, _s, sel = _scores(logits, rbias, NR, W)
+        idx = gl.zeros([1], gl.int32, layout=gl.SliceLayout(1, gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1],
+                                                                                 [1, 0])))
+        for p in range(j + 1):
+            _, idx = gl.reduce((sel, o), 1, _max_idx)
+            sel = gl.where(o == gl.expand_dims(idx, 1), float("-inf"), sel)
+        return gl.max(idx, 0)
+
+    @gluon.jit
+    def _pick_w(logits, rbias, j, rscale, NR: gl.constexpr, KTOP: gl.constexpr, BIASED: gl.constexpr,
+                RENORM: gl.constexpr, W: gl.constexpr):
+        """(expert id, routing weight) of pick j of the top-KTOP (router._topk: the weight is sigmoid(logit), or the
+        selection score if BIASED, renormalised over the KTOP picks if RENORM, times rscale)."""
+        o, s, sel = _scores(logits, rbias, NR, W)
+        wv = sel if BIASED else s
+        L1: gl.constexpr = gl.SliceLayout(1, gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1], [1, 0]))
+        idx_j = gl.zeros([1], gl.int32, layout=L1)
+        w_j = gl.zeros([1], gl.float32, layout=L1)
+        tot = gl.zeros([1], gl.float32, layout=L1)
+        for p in gl.static_range(KTOP):
+            _, idx, wp = gl.reduce((sel, o, wv), 1, _max_carry)
+            idx_j = gl.where(j == p, idx, idx_j)
+            w_j = gl.where(j == p, wp, w_j)
+            tot += wp
+            sel = gl.where(o == gl.expand_dims(idx, 1), float("-inf"), sel)
+        if RENORM:
+            w_j = w_j / (tot + 1e-20)
+        return gl.max(idx_j, 0), gl.max(w_j * rscale, 0)
+
+    @gluon.jit
+    def _routed(qr, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr,
+                QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
+                PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+        """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
         f0 = (q % NT) * 16
@@ -232,27 +334,24 @@ if HAVE_GLUON:
             slot = gl.load(slot_ids + e).to(gl.int64)
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
-        _prologue(qr, sr0, sr1, sr2, wg, wu, f0, F, D, QT, NS, L3)
-        yg, yu = _gate_up(qr, sr0, sr1, sr2, wg, wu, f0, xw, dxp, sqp, F, D, QT, NS, L3)
+        _prologue(qr, wg, wu, 2, f0, F, D, QT, NS, PF, L3, W)
+        yg, yu = _stream(qr, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, L3)
         return yg, yu, e, f0
 
     @gluon.jit
     def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
-                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, W: gl.constexpr):
+                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr,
+                                 W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py)."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
-        SL4: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         NT: gl.constexpr = F // 16
         pid = gl.program_id(0)
         qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
-        sr0 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL4)  # Q4_K sub-scale words (Q8_0: d words)
-        sr1 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL4)  # Q4_K min words
-        sr2 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL4)  # Q4_K d / dmin words
         xw = x8
         dxp = (x8 + D // 4).to(gl.pointer_type(gl.float32))
         sqp = dxp + D // 16
@@ -260,17 +359,17 @@ if HAVE_GLUON:
             if pid < NT:  # the shared expert: only weights are read before the wait
                 e = pid * 0 + KTOP
                 f0 = pid * 16
-                _prologue(qr, sr0, sr1, sr2, sgate, sup, f0, F, D, QTS, NS, L3)
+                _prologue(qr, sgate, sup, 2, f0, F, D, QTS, NS, PF, L3, W)
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
-                yg, yu = _gate_up(qr, sr0, sr1, sr2, sgate, sup, f0, xw, dxp, sqp, F, D, QTS, NS, L3)
+                yg, yu = _stream(qr, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, L3)
             else:
-                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, L3, W)
+                yg, yu, e, f0 = _routed(qr, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F, D, QT,
+                                        ROUTE, NR, NS, PDL, PF, L3, W)
         else:
-            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp,
-                                    F, D, QT, ROUTE, NR, NS, PDL, L3, W)
+            yg, yu, e, f0 = _routed(qr, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F, D, QT, ROUTE,
+                                    NR, NS, PDL, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
         amax = gl.max(gl.abs(h), 0)
@@ -288,6 +387,70 @@ if HAVE_GLUON:
         gl.store(fa + g, dx)
         gl.store(fa + F // 16 + g, sq)
 
+    @gluon.jit
+    def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
+        _prologue(qr, w, w, 1, d0, D, F, QT, NS, PF, L3, W)
+        if PDL:  # act is the gate/up kernel's output
+            _gdc_wait()
+            _gdc_launch_dependents()
+        xw = act + e * (F // 4 + F // 8)
+        dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
+        y, _ = _stream(qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, L3)
+        return y
+
+    @gluon.jit
+    def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale,
+                              D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
+                              QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
+                              BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
+                              PF: gl.constexpr, W: gl.constexpr):
+        """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
+        writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
+        re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]."""
+        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
+        SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
+        NT: gl.constexpr = D // 16
+        E: gl.constexpr = KTOP + HAS_SHARED
+        pid = gl.program_id(0)
+        qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
+        tile = pid % NT
+        d0 = tile * 16
+        if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
+            e = pid * 0 + KTOP
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W)
+        else:
+            e = pid // NT - HAS_SHARED
+            # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
+            # its own wait (router complete) and called launch_dependents, so it is read before our wait
+            if ROUTE:
+                slot, wt = _pick_w(slot_ids, rbias, e, rscale, NR, KTOP, BIASED, RENORM, W)
+            else:
+                slot = gl.load(slot_ids + e)
+                wt = gl.load(weights + e)
+            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
+        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        gl.store(part + e * D + d0 + o, y)
+        _barrier()  # every thread's partial stored before the (releasing) arrival
+        c = gl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu")
+        if c == E - 1:
+            tot = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+            for p in gl.static_range(E):
+                tot += gl.load(part + p * D + d0 + o, cache_modifier=".cg")
+            gl.store(out + d0 + o, tot.to(out.dtype.element_ty))
+            gl.atomic_xchg(cnt + tile, 0, sem="relaxed", scope="gpu")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _pin_carveout(k):
+    """The decode chain's 64 KB carveout for a launched kernel (kernels/carveout.py), unless a global one is set."""
+    if not carveout.percent():  # else every kernel already has the global carveout
+        carveout.set_kernel(k, _env_int("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT))
+
 
 def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: str, qts: str | None, ktop: int,
             route: bool, pdl_on: bool, NS: int | None = None):
@@ -301,13 +464,52 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     if route:
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
-    w = int(os.environ.get("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W))  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
+    w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr,
-        NS=NS or int(os.environ.get("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS)), PDL=bool(pdl_on), W=w, num_warps=w,
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS),
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 1) != 0, W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
-    if not carveout.percent():  # else every kernel already has the global carveout (kernels/carveout.py)
-        carveout.set_kernel(k, int(os.environ.get("KIMI_LOCAL_MOE_GLUON_CARVEOUT", DEFAULT_CARVEOUT)))
+    _pin_carveout(k)
     return act
+
+
+def down_supported(device, qd: str, qsd: str | None, D: int, F: int, ktop: int) -> bool:
+    """The Gluon down kernel applies: Gluon on Hopper, routed (and shared) down of a type in DOWN_QTYPES, D a multiple
+    of 16, F a multiple of 256 and at most DOWN_MAX_F (a CTA walks all of F), at least one routed expert."""
+    dev = torch.device(device)
+    return (HAVE_GLUON and dev.type == "cuda" and qd in DOWN_QTYPES and (qsd is None or qsd in DOWN_QTYPES)
+            and D % 16 == 0 and F % 256 == 0 and F <= DOWN_MAX_F and ktop >= 1
+            and torch.cuda.get_device_capability(dev)[0] == 9)
+
+
+def down_enabled() -> bool:
+    """KIMI_LOCAL_MOE_GLUON_DOWN (default on; "0" keeps the Triton down kernel, for A/B runs)."""
+    return enabled() and os.environ.get("KIMI_LOCAL_MOE_GLUON_DOWN", "1") != "0"
+
+
+def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int, F: int, qd: str, qsd: str | None,
+         ktop: int, route, pdl_on: bool, NS: int | None = None):
+    """Launch the Gluon down kernel: act int32 [ktop + 1, x8_words(F)] (gate/up's); slot_ids [ktop] int32 and weights
+    [ktop] fp32, or with route = (rbias, k, scale, biased, renorm) the router's logits [NR] fp32; down_pool uint8
+    [S, D, row bytes]; sdown the shared expert's packed down or None; out [D] (written); part fp32 >= (ktop + 1) * D
+    and cnt int32 [D / 16] zeroed (split_workspace). Graph-capturable."""
+    has_shared = sdown is not None
+    nr, rscale, biased, renorm = 32, 1.0, False, False
+    if route is not None:
+        rbias, _, rscale, biased, renorm = route
+        nr = slot_ids.numel()
+        assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon down routes over a power of 2 (>= 32) experts"
+    E = ktop + int(has_shared)
+    assert part.numel() >= E * D and cnt.numel() >= D // 16
+    w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)
+    k = moe_down_gluon_kernel[(D // 16 * E,)](
+        act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
+        sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
+        D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
+        NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DEFAULT_NS),
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 1) != 0, W=w, num_warps=w,
+        **({"launch_pdl": True} if pdl_on else {}))
+    _pin_carveout(k)
+    return out

@@ -398,25 +398,25 @@ def sweep_moe_halves(bw, args):
                   "down": k * pools[2][0].numel() + sh[2]}
     out = torch.empty(D, device=DEV, dtype=torch.bfloat16)
     moe_gluon = moe.moe_gluon
-    real = (moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel, getattr(moe_gluon, "moe_gate_up_gluon_kernel", None))
-    variants = [("word default", {}), ("triton gate/up", dict(gluon=False))]
-    variants += [(f"gluon NS={ns} W={w}", dict(gluon=True, _ns=ns, _w=w))
-                 for ns, w in ((4, 4), (3, 2), (4, 2), (6, 2), (3, 1))]
-    variants += [_mv(BF=8, S1=3), _mv(BF=16, S1=9), _mv(BD=8, S2=1), _mv(BD=16, S2=4), _mv(BD=32, S2=2)]
+    names = ("_moe_w_gate_up_kernel", "_moe_w_down_kernel", "moe_gate_up_gluon_kernel", "moe_down_gluon_kernel")
+    mods = (moe, moe, moe_gluon, moe_gluon)
+    real = [getattr(m, n, None) for m, n in zip(mods, names)]
+    stub = {"gate/up": (1, 3), "down": (0, 2)}  # the kernels replaced by no launch when timing a half
+    env = {"_ns": "KIMI_LOCAL_MOE_GLUON_NS", "_dns": "KIMI_LOCAL_MOE_GLUON_DOWN_NS", "_w": "KIMI_LOCAL_MOE_GLUON_W",
+           "_pf": "KIMI_LOCAL_MOE_GLUON_PF"}
+    variants = [("default", {}), ("triton (both halves)", dict(gluon=False)), ("triton down", dict(gluon_down=False))]
+    variants += [(f"gluon gate/up NS={ns}", dict(_ns=ns)) for ns in (3, 4, 6)]
+    variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (3, 4, 6)]
+    variants += [("gluon, no L2 prefetch of the side planes", dict(_pf=0))]
     for vname, kw in variants:
         kw = dict(kw)
-        ns, w = kw.pop("_ns", None), kw.pop("_w", None)
-        if ns:
-            os.environ["KIMI_LOCAL_MOE_GLUON_NS"] = str(ns)
-        if w:
-            os.environ["KIMI_LOCAL_MOE_GLUON_W"] = str(w)
+        for key, var in env.items():
+            if key in kw:
+                os.environ[var] = str(kw.pop(key))
         for half in ("gate/up", "down"):
-            if half == "gate/up":
-                moe._moe_w_down_kernel = _NoLaunch()
-            else:
-                moe._moe_w_gate_up_kernel = _NoLaunch()
-                if real[2] is not None:
-                    moe_gluon.moe_gate_up_gluon_kernel = _NoLaunch()
+            for i in stub[half]:
+                if real[i] is not None:
+                    setattr(mods[i], names[i], _NoLaunch())
             try:
                 ms = graph_time([lambda s=s, w=w: moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared,
                                                                  shared_qtypes=shq, x8=x8, **kw)
@@ -426,11 +426,11 @@ def sweep_moe_halves(bw, args):
                 row("moe-half", f"Q4_K/Q4_K/Q5_K {half} only", "x8 " + vname,
                     note=f"FAILED {type(e).__name__}: {str(e)[:200]}")
             finally:
-                moe._moe_w_gate_up_kernel, moe._moe_w_down_kernel = real[0], real[1]
-                if real[2] is not None:
-                    moe_gluon.moe_gate_up_gluon_kernel = real[2]
-        os.environ.pop("KIMI_LOCAL_MOE_GLUON_NS", None)
-        os.environ.pop("KIMI_LOCAL_MOE_GLUON_W", None)
+                for m, n, r in zip(mods, names, real):
+                    if r is not None:
+                        setattr(m, n, r)
+        for var in env.values():
+            os.environ.pop(var, None)
     del pools
     empty_cache()
 

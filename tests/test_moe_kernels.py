@@ -388,6 +388,68 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("qtypes,shq,route", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (False, True)),  # the Q4_K_M recipe, as the engine calls it
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), None),
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (True, False)),  # biased weights, no renormalisation
+    (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), (False, True)),  # uniform Q4_K
+    (("Q8_0", "Q8_0", "Q8_0"), None, None)])
+@pytest.mark.parametrize("ns", [None, 3])
+def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
+    """kernels/moe_gluon.py's down kernel after the Triton gate/up (same act) against the Triton down kernel at real
+    shapes (both reduce in fp32, in other orders: within 1e-4), against the x8 reference, and under PDL a graph
+    replay equal to the eager call, bit for bit. ns: the ring stages (3: the Q5_K rows take a second pass)."""
+    from kimi_local.kernels import moe_gluon, pdl as P
+    S, D, F, k = 256, 2304, 1024, 8
+    if not moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k):
+        pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
+    if ns:
+        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN_NS", str(ns))
+    g = torch.Generator().manual_seed(23)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    shared = shared_d = None
+    if shq:
+        shared, shared_d = [], []
+        for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
+            p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+            shared.append(p[0]), shared_d.append(dq[0])
+    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
+    logits, bias, route_fn = _router_case(S, k, 24, "cuda")
+    biased, renorm = route or (False, True)
+    ids, wts = route_fn(logits[None], bias, k, 2.446, biased, renorm)
+    kw = dict(shared=shared, shared_qtypes=shq, x8=True, gluon=False)
+    if route:
+        kw["route"] = (bias, k, 2.446, biased, renorm)
+    args = (logits, None) if route else (ids[0], wts[0])
+    outs = []
+    for gd in (False, True):
+        out = torch.full((D,), float("nan"), device="cuda")
+        moe.moe_decode(x, *args, *pools, qtypes, out, gluon_down=gd, **kw)
+        torch.cuda.synchronize()
+        outs.append(out)
+    check(outs[1], outs[0], 1e-4)
+    raw_dense = [torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
+                              for s in ids[0].tolist()])
+                 for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F)))]
+    ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), wts[0], *raw_dense, shared=shared_d)
+    check(outs[1], ref8, 1e-2)
+    got = torch.empty(D, device="cuda", dtype=torch.bfloat16)  # the engine's out dtype
+    kw["gluon"] = None  # the default pair: Gluon gate/up (where it applies) and Gluon down
+    with P.active(P.supported("cuda")):
+        moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
+        want = got.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
+        for _ in range(3):  # the arrival counters re-arm: replays stay equal
+            got.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want)
+    check(want.float(), ref8, 1e-2)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 37, 512])
 def test_cuda_moe_prefill(T):
     S, D, F, k = 256, 2304, 1024, 8
@@ -422,7 +484,16 @@ def test_moe_gluon_dispatch(monkeypatch):
         for bad in (("Q4_K", "Q5_K", "Q8_0", "Q8_0"), ("Q2_K", "Q2_K", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K", "Q6_K")):
             assert not moe_gluon.supported("cuda", *bad, 2304, 1024)
         assert not moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304 + 128, 1024)
+    assert not moe_gluon.down_supported("cpu", "Q5_K", "Q8_0", 2304, 1024, 8)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and moe_gluon.HAVE_GLUON:
+        assert moe_gluon.down_supported("cuda", "Q5_K", "Q8_0", 2304, 1024, 8)
+        assert moe_gluon.down_supported("cuda", "Q8_0", None, 2304, 1024, 8)
+        assert not moe_gluon.down_supported("cuda", "Q6_K", "Q8_0", 2304, 1024, 8)
+        assert not moe_gluon.down_supported("cuda", "Q5_K", "Q8_0", 2304, 9216, 8)  # F too long for one CTA
+        assert not moe_gluon.down_supported("cuda", "Q8_0", "Q8_0", 2304, 1024, 0)  # the dense layer: no routed
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN", "0")
+    assert not moe_gluon.down_enabled()
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "0")
-    assert not moe_gluon.enabled()
+    assert not moe_gluon.enabled() and not moe_gluon.down_enabled()
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "1")
     assert moe_gluon.enabled() == moe_gluon.HAVE_GLUON
