@@ -53,7 +53,8 @@ GLUON_QTYPES = ("Q4_K", "Q8_0")
 DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
-DEFAULT_NS = 5  # ring stages of 2 KB: 5 CTAs x (10 + 1) KB fit the 64 KB carveout
+DEFAULT_NS = 3  # gate/up ring stages of 3.5 KB (2 KB of weights, 1.5 KB of side words): see the module doc
+DOWN_NS = 3  # down ring stages of 2 KB: see the module doc
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
@@ -108,12 +109,25 @@ if HAVE_GLUON:
                 gl.expand_dims(gl.expand_dims(ii, 0), 1), gl.expand_dims(r, 1), gl.expand_dims(c, 0))
 
     @gluon.jit
-    def _issue(qr, i, w, blk, f0, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+    def _issue(qr, sr0, sr1, sr2, i, w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
+               SS: gl.constexpr, L3: gl.constexpr):
         """cp.async of block column blk of the main plane (Q4_K / Q5_K qs: 8 chunks = one block; Q8_0: 128 weights)
-        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values) into ring slot i [16, 8, 4] int32."""
+        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values) into ring slot i [16, 8, 4] int32; SS
+        (Q4_K / Q8_0): also each thread's side words (_side's s0 .. s2, 4-byte copies) into slot i of sr0 .. sr2."""
         r3, c3, i3, r2, c2 = _idx(L3)
         CPR: gl.constexpr = K // 16 if QT == 0 else K // 32  # 16-byte chunks per row of the main plane
-        _async_load(qr.index(i), w.to(gl.pointer_type(gl.int32)) + ((f0 + r3) * CPR + blk * 8 + c3) * 4 + i3)
+        w32 = w.to(gl.pointer_type(gl.int32))
+        _async_load(qr.index(i), w32 + ((f0 + r3) * CPR + blk * 8 + c3) * 4 + i3)
+        if SS:
+            if QT == 0:
+                _async_load(sr0.index(i), w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
+            else:
+                NBT: gl.constexpr = N * (K // 256)
+                rb = (f0 + r2) * (K // 256) + blk
+                jw = (c2 // 2) // 2
+                _async_load(sr0.index(i), w32 + NBT * 32 + rb * 2 + jw)
+                _async_load(sr1.index(i), w32 + NBT * 34 + rb * 2 + jw)
+                _async_load(sr2.index(i), w32 + NBT * 36 + rb + c2 * 0)
 
     @gluon.jit
     def _side(w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
@@ -210,58 +224,75 @@ if HAVE_GLUON:
         return part
 
     @gluon.jit
-    def _issue_stage(qr, t, wa, wb, NM: gl.constexpr, f0, K: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                     L3: gl.constexpr):
+    def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
+                     QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """Stage t of the CTA (wa's block columns, then wb's if NM == 2; none past the last) into slot t % NS, as
         one commit group (empty past the last stage, so that wait_group counts stay the same)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         if t < SPM:
-            _issue(qr, t % NS, wa, t, f0, K, QT, L3)
+            _issue(qr, sr0, sr1, sr2, t % NS, wa, t, f0, N, K, QT, SS, L3)
         elif t < NM * SPM:
-            _issue(qr, t % NS, wb, t - SPM, f0, K, QT, L3)
+            _issue(qr, sr0, sr1, sr2, t % NS, wb, t - SPM, f0, N, K, QT, SS, L3)
         cp.commit_group()
 
     @gluon.jit
     def _side_stage(t, wa, wb, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+        """_side of stage t (wa's block columns, then wb's): the matrix is selected, not branched on, so the loads stay
+        outside any branch (their latency is waited for at the use, a stage later)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
-        if t < SPM:
-            s0, s1, s2, h = _side(wa, t, f0, N, K, QT, L3)
-        else:
-            s0, s1, s2, h = _side(wb, t - SPM, f0, N, K, QT, L3)
-        return s0, s1, s2, h
+        second = t >= SPM
+        return _side(gl.where(second, wb, wa), t - second.to(gl.int32) * SPM, f0, N, K, QT, L3)
 
     @gluon.jit
-    def _prologue(qr, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-                  NS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+    def _prologue(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
+                  QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr,
+                  W: gl.constexpr):
         """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages."""
         if PF:
             _prefetch_side(wa, wb, NM, f0, N, K, QT, W)
         for t in gl.static_range(NS - 1):
-            _issue_stage(qr, t, wa, wb, NM, f0, K, QT, NS, L3)
+            _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
 
     @gluon.jit
-    def _stream(qr, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                QT: gl.constexpr, NS: gl.constexpr, L3: gl.constexpr):
+    def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
+                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
-        Each step issues the stage NS - 1 ahead into the ring and loads the next stage's side words into registers.
-        A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages (146 registers offline)."""
+        Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
+        registers a stage ahead (not SS). A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages
+        (146 registers offline)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
-        acc_a = gl.zeros([16, 8], gl.float32, layout=gl.SliceLayout(2, L3))
-        acc_b = gl.zeros([16, 8], gl.float32, layout=gl.SliceLayout(2, L3))
-        s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
-        for t in range(T):
-            _issue_stage(qr, t + NS - 1, wa, wb, NM, f0, K, QT, NS, L3)
-            n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
-            cp.wait_group(NS - 1)  # stage t has landed; the NS - 1 newer ones may still be in flight
-            part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-            if NM == 2:
-                first = t < SPM
-                acc_a += gl.where(first, part, 0.0)
-                acc_b += gl.where(first, 0.0, part)
-            else:
-                acc_a += part
-            s0, s1, s2, h = n0, n1, n2, nh
+        L2: gl.constexpr = gl.SliceLayout(2, L3)
+        acc_a = gl.zeros([16, 8], gl.float32, layout=L2)
+        acc_b = gl.zeros([16, 8], gl.float32, layout=L2)
+        if SS:
+            hz = gl.zeros([16, 8, 4], gl.int32, layout=L3)
+            for t in range(T):
+                _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                cp.wait_group(NS - 1)  # stage t has landed; the NS - 1 newer ones may still be in flight
+                i = t % NS
+                part = _stage_dot(qr, i, t % SPM, xw, dxp, sqp, sr0.index(i).load(L2), sr1.index(i).load(L2),
+                                  sr2.index(i).load(L2), hz, QT, L3)
+                if NM == 2:
+                    first = t < SPM
+                    acc_a += gl.where(first, part, 0.0)
+                    acc_b += gl.where(first, 0.0, part)
+                else:
+                    acc_a += part
+        else:
+            s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
+            for t in range(T):
+                _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
+                cp.wait_group(NS - 1)
+                part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+                if NM == 2:
+                    first = t < SPM
+                    acc_a += gl.where(first, part, 0.0)
+                    acc_b += gl.where(first, 0.0, part)
+                else:
+                    acc_a += part
+                s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
         return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)
 
@@ -318,9 +349,9 @@ if HAVE_GLUON:
         return gl.max(idx_j, 0), gl.max(w_j * rscale, 0)
 
     @gluon.jit
-    def _routed(qr, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr,
+    def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr,
                 QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+                SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -334,16 +365,16 @@ if HAVE_GLUON:
             slot = gl.load(slot_ids + e).to(gl.int64)
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
-        _prologue(qr, wg, wu, 2, f0, F, D, QT, NS, PF, L3, W)
-        yg, yu = _stream(qr, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, L3)
+        _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
         return yg, yu, e, f0
 
     @gluon.jit
     def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
-                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr,
-                                 W: gl.constexpr):
+                                 NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
+                                 PF: gl.constexpr, W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py)."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
@@ -352,6 +383,15 @@ if HAVE_GLUON:
         NT: gl.constexpr = F // 16
         pid = gl.program_id(0)
         qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
+        if SS:  # the side words' rings (Q4_K: sub-scale, min, d / dmin words; Q8_0: d words in sr0)
+            SL2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            sr0 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL2)
+            sr1 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL2)
+            sr2 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL2)
+        else:
+            sr0 = qr
+            sr1 = qr
+            sr2 = qr
         xw = x8
         dxp = (x8 + D // 4).to(gl.pointer_type(gl.float32))
         sqp = dxp + D // 16
@@ -359,17 +399,17 @@ if HAVE_GLUON:
             if pid < NT:  # the shared expert: only weights are read before the wait
                 e = pid * 0 + KTOP
                 f0 = pid * 16
-                _prologue(qr, sgate, sup, 2, f0, F, D, QTS, NS, PF, L3, W)
+                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, PF, L3, W)
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
-                yg, yu = _stream(qr, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, L3)
+                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
             else:
-                yg, yu, e, f0 = _routed(qr, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F, D, QT,
-                                        ROUTE, NR, NS, PDL, PF, L3, W)
+                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         else:
-            yg, yu, e, f0 = _routed(qr, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F, D, QT, ROUTE,
-                                    NR, NS, PDL, PF, L3, W)
+            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
         amax = gl.max(gl.abs(h), 0)
@@ -391,13 +431,13 @@ if HAVE_GLUON:
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
                    PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
-        _prologue(qr, w, w, 1, d0, D, F, QT, NS, PF, L3, W)
+        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, L3)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
         return y
 
     @gluon.jit
@@ -465,11 +505,14 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
     w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
+    ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 1) != 0  # side words through the ring (session 11), else registers
+    if NS is None:
+        NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS if ss else 5)
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS),
-        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 1) != 0, W=w, num_warps=w,
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
+        PDL=bool(pdl_on), SS=ss, PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1) != 0, W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -503,12 +546,12 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon down routes over a power of 2 (>= 32) experts"
     E = ktop + int(has_shared)
     assert part.numel() >= E * D and cnt.numel() >= D // 16
-    w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)
+    w = _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_W", DEFAULT_W)
     k = moe_down_gluon_kernel[(D // 16 * E,)](
         act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
-        NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DEFAULT_NS),
+        NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 1) != 0, W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)

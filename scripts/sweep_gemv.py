@@ -403,11 +403,12 @@ def sweep_moe_halves(bw, args):
     real = [getattr(m, n, None) for m, n in zip(mods, names)]
     stub = {"gate/up": (1, 3), "down": (0, 2)}  # the kernels replaced by no launch when timing a half
     env = {"_ns": "KIMI_LOCAL_MOE_GLUON_NS", "_dns": "KIMI_LOCAL_MOE_GLUON_DOWN_NS", "_w": "KIMI_LOCAL_MOE_GLUON_W",
-           "_pf": "KIMI_LOCAL_MOE_GLUON_PF"}
+           "_dw": "KIMI_LOCAL_MOE_GLUON_DOWN_W", "_pf": "KIMI_LOCAL_MOE_GLUON_PF", "_ss": "KIMI_LOCAL_MOE_GLUON_SS"}
     variants = [("default", {}), ("triton (both halves)", dict(gluon=False)), ("triton down", dict(gluon_down=False))]
-    variants += [(f"gluon gate/up NS={ns}", dict(_ns=ns)) for ns in (3, 4, 6)]
-    variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (3, 4, 6)]
-    variants += [("gluon, no L2 prefetch of the side planes", dict(_pf=0))]
+    variants += [(f"gluon gate/up NS={ns}", dict(_ns=ns)) for ns in (4,)]
+    variants += [(f"gluon gate/up side words in registers NS={ns}", dict(_ss=0, _ns=ns)) for ns in (4, 5)]
+    variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (2, 4)]
+    variants += [("gluon down 1 warp", dict(_dw=1)), ("gluon down, no L2 prefetch of the side planes", dict(_pf=0))]
     for vname, kw in variants:
         kw = dict(kw)
         for key, var in env.items():
