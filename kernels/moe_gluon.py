@@ -54,7 +54,7 @@ DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
 DEFAULT_NS = 3  # gate/up ring stages of 3.5 KB (2 KB of weights, 1.5 KB of side words): see the module doc
-DOWN_NS = 3  # down ring stages of 2 KB: see the module doc
+DOWN_NS = 2  # down ring stages of 2 KB: see the module doc
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
@@ -164,25 +164,28 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _prefetch_side(wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-                       W: gl.constexpr):
+                       PF: gl.constexpr, W: gl.constexpr):
         """L2 prefetch (one bulk request per plane and matrix, from the first threads) of the side planes' bytes of
-        rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2."""
+        rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2.
+        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued."""
         k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
-        plane = k % 4
-        mat = k // 4
+        plane = k % 8
+        mat = k // 8
         if QT == 0:
-            off = N * K + f0 * (K // 16) + plane * 0
-            size = 16 * (K // 16) + plane * 0
-            on = (mat < NM) & (plane == 0)
+            off = gl.where(plane == 4, f0 * K, N * K + f0 * (K // 16))
+            size = gl.where(plane == 4, 16 * K, 16 * (K // 16))
+            on = (mat < NM) & ((plane == 0) | ((plane == 4) & (PF == 2)))
         else:
             NB: gl.constexpr = K // 256
             NBT: gl.constexpr = N * NB
             P: gl.constexpr = 160 if QT == 2 else 128
             off = gl.where(plane == 0, NBT * P + f0 * NB * 8,
                            gl.where(plane == 1, NBT * (P + 8) + f0 * NB * 8,
-                                    gl.where(plane == 2, NBT * (P + 16) + f0 * NB * 4, NBT * 128 + f0 * NB * 32)))
-            size = gl.where(plane < 2, 16 * NB * 8, gl.where(plane == 2, 16 * NB * 4, 16 * NB * 32))
-            on = (mat < NM) & ((plane < 3) | (QT == 2))
+                                    gl.where(plane == 2, NBT * (P + 16) + f0 * NB * 4,
+                                             gl.where(plane == 3, NBT * 128 + f0 * NB * 32, f0 * NB * 128))))
+            size = gl.where(plane < 2, 16 * NB * 8,
+                            gl.where(plane == 2, 16 * NB * 4, gl.where(plane == 3, 16 * NB * 32, 16 * NB * 128)))
+            on = (mat < NM) & ((plane < 3) | ((plane == 3) & (QT == 2)) | ((plane == 4) & (PF == 2)))
         base = gl.where(mat == 0, wa + k * 0, wb + k * 0)
         _bulk_prefetch(base + off, size, on.to(gl.int32))
 
@@ -249,7 +252,7 @@ if HAVE_GLUON:
                   W: gl.constexpr):
         """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages."""
         if PF:
-            _prefetch_side(wa, wb, NM, f0, N, K, QT, W)
+            _prefetch_side(wa, wb, NM, f0, N, K, QT, PF, W)
         for t in gl.static_range(NS - 1):
             _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
 
@@ -512,7 +515,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
-        PDL=bool(pdl_on), SS=ss, PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1) != 0, W=w, num_warps=w,
+        PDL=bool(pdl_on), SS=ss, PF=min(1, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1)), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -552,7 +555,7 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
-        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_PF", 1) != 0, W=w, num_warps=w,
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out
