@@ -407,7 +407,7 @@ def sweep_moe_halves(bw, args):
     variants = [("default", {}), ("triton (both halves)", dict(gluon=False)), ("triton down", dict(gluon_down=False))]
     variants += [(f"gluon gate/up NS={ns}", dict(_ns=ns)) for ns in (4,)]
     variants += [(f"gluon gate/up side words in registers NS={ns}", dict(_ss=0, _ns=ns)) for ns in (4, 5)]
-    variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (2, 4)]
+    variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (1, 3)]
     variants += [("gluon down 1 warp", dict(_dw=1)), ("gluon down, no L2 prefetch of the side planes", dict(_pf=0))]
     for vname, kw in variants:
         kw = dict(kw)
