@@ -54,7 +54,7 @@ DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
 DEFAULT_NS = 3  # gate/up ring stages of 3.5 KB (2 KB of weights, 1.5 KB of side words): see the module doc
-DOWN_NS = 2  # down ring stages of 2 KB: see the module doc
+DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
