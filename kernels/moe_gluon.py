@@ -53,7 +53,8 @@ GLUON_QTYPES = ("Q4_K", "Q8_0")
 DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
-DEFAULT_NS = 3  # gate/up ring stages of 3.5 KB (2 KB of weights, 1.5 KB of side words): see the module doc
+DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
+SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
@@ -508,9 +509,9 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon gate/up routes over a power of 2 (>= 32) experts"
     grid = (F // BF * (ktop + int(has_shared)),)
     w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
-    ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 1) != 0  # side words through the ring (session 11), else registers
+    ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 0) != 0  # side words through the ring (session 11), else registers
     if NS is None:
-        NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", DEFAULT_NS if ss else 5)
+        NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", SS_NS if ss else DEFAULT_NS)
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
