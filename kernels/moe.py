@@ -438,8 +438,8 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
             num_stages=num_stages, **pdl.launch_kw())
     if gluon_down is None:
         gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
-    if gluon_down \
-            and use_x8 and not INTERPRET and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
+    if gluon_down and use_x8 and not INTERPRET \
+            and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
         part2, cnt2 = split_workspace(x.device, E * D, D // 16)
         return moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
                               D, F, qd, qsd if has_shared else None, K, route, pdl.enabled())

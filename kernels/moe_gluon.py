@@ -1,34 +1,47 @@
-"""The MoE decode gate/up kernel in Gluon (sm_90): the word-path kernel of kernels/moe.py with a cp.async copy ring,
-for Q4_K or Q8_0 experts and x8 activations (the Q4_K_M and Q4_K recipes' gate/up). The default on Hopper.
+"""The MoE decode kernels in Gluon (sm_90), both halves: the word-path kernels of kernels/moe.py with cp.async copy
+rings, for x8 activations. gate/up: Q4_K or Q8_0 experts (the Q4_K_M and Q4_K recipes); down: Q4_K, Q5_K or Q8_0
+(also the Q3_K_M and Q6_K recipes' down). The default on Hopper; other types and GPUs keep the Triton kernels.
 
 Why: the Triton gate/up kernel (1,728 one-warp programs: 16 rows x a third of D each, loads straight into
 registers, split-K partials and an arrival counter) reads at 36 % of HBM bandwidth (17.4 us for 26.8 MB, H200,
 session 11). scripts/bench_stream.py timed kernels that only read the same bytes: with that grid and direct loads
 14.3 us; with a Gluon cp.async ring in this kernel's stage pattern (16 rows x 128 bytes per stage) 10.8 us, in the
 same run. Loads into registers bound the bytes a warp keeps in flight by its registers; the ring keeps NS stages in
-flight per CTA in shared memory. Each CTA owns 16 rows of one expert and runs gate and up over the whole of D, so
-there are no partials and no counters.
+flight per CTA in shared memory.
 
-Layout: CTA (16-row f-tile, expert e), W warps; thread (lane // 8, lane % 8) of warp w owns 16 / (4 W) rows and the
-16-byte chunk lane % 8 of every stage. A stage is 8 chunks of every row: one Q4_K block (256 weights), or 128 Q8_0
-weights. Per stage a thread copies its rows' chunks and the 4-byte words holding their scales (Q4_K: sub-scales,
-mins, d / dmin; Q8_0: d) into the ring and later reads back exactly what it copied; its rows share the x loads.
+Layout: a CTA owns 16 rows of one matrix pair (gate/up: an f-tile of one expert, gate and up over the whole of D, so
+no partials and no counters) or of one down matrix (a d-tile of one expert over the whole of F). W warps; thread
+(lane // 8, lane % 8) of warp w owns 16 / (4 W) rows and the 16-byte chunk lane % 8 of every stage. A stage is 8
+chunks of every row: one K-quant block (256 weights), or 128 Q8_0 weights. The ring holds the main plane (qs); a
+thread reads back exactly what it copied. The side words of its chunks (Q4_K / Q5_K: sub-scale, min and d / dmin
+words, Q5_K's qh; Q8_0: d) are plain loads into registers issued a stage ahead of their use (_side_stage: the
+matrix is selected, not branched on, so the loads' latency is waited for only at the use); the CTA's first step
+bulk-prefetches those planes' rows into L2 (each plane's 16 rows are contiguous). KIMI_LOCAL_MOE_GLUON_SS=1 puts
+the gate/up side words into rings of their own instead (session 11's kernel: 3.5 KB stages).
 The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): dp4a of the weight nibbles / bytes
-with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end;
-act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does, for the
-down kernel (still kernels/moe.py's Triton kernel). The shared expert's CTAs come first in the grid and, with PDL,
-issue their first copies before the grid-dependency wait. Routed CTAs pick their expert from the router's logits
-(ROUTE) as moe._route_id does (pick j = j + 1 arg-max passes, ties to the lower index), or read slot_ids.
+with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end.
+gate/up: act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does;
+the shared expert's CTAs come first and, with PDL, issue their first copies before the grid-dependency wait;
+routed CTAs pick their expert from the router's logits (ROUTE) as moe._route_id does, or read slot_ids.
+down: grid (expert, d-tile), the shared expert's first; every CTA issues its weight copies before the wait (a
+routed CTA first picks its expert and weight from the logits, router._topk's rule: the logits are two launches
+old); it stores its weighted rows as a partial, and the last of the d-tile's E CTAs to arrive (counter, re-armed
+by it) sums the E partials in expert order and stores out (deterministic, as the Triton down kernel).
 
 The shared-memory carveout matters more than the kernel (H200, session 11, interleaved engine A/B, tok/s at 4K):
-an SM changes its L1 / shared split only when idle, and the Triton kernels around this one (router, MoE down,
-GEMVs) run in the 64 KB configuration. Left to the driver, this kernel asked for ~200 KB (its occupancy limit), so
+an SM changes its L1 / shared split only when idle, and the Triton kernels around this one (router, GEMVs) run in
+the 64 KB configuration. Left to the driver, the first gate/up kernel asked for ~200 KB (its occupancy limit), so
 under PDL it could not overlap its neighbours: 515 vs 558 tok/s for the Triton kernel, although alone it was as
-fast (no PDL: 530 vs 532). With the carveout pinned to 64 KB (DEFAULT_CARVEOUT) and a ring that lets every CTA be
-resident in it (3 stages x 3.5 KB, 2 warps: 5 CTAs per SM >= 576 / 132): 578.1 vs 558.0, and 578.8 vs 559.0 in the
-final run (128K: 505.3 vs 490.1). 4 warps x 4 stages in 64 KB (4 CTAs per SM: a second wave) 510.7.
-Alone (graph-replayed, cold weights, scripts/sweep_gemv.py --only halves): 16.9 us against 17.4 for the Triton
-kernel; 4 warps x 4 stages 18.0, 2 warps x 6 stages 15.7 (but 21.5 KB of ring: it does not fit the 64 KB carveout).
+fast (no PDL: 530 vs 532). Both kernels pin their carveout to 64 KB (DEFAULT_CARVEOUT) and size their rings to be
+resident in it: gate/up 5 CTAs per SM (>= 576 / 132). Session 12 (kernels/carveout.py) tried the other way, every
+kernel pinned to 228 KB so that the rings could be deeper: -9 % end to end with the same rings (525 vs 580), 567
+with 8 stages: the Triton kernels lose more than the rings gain.
+Ring depths (H200, session 12, interleaved engine A/B, tok/s at 4K): the down kernel is best with ONE stage per CTA
+(589.4, against 555.3 with 2 stages, 561.0 with 3, 531.2 with 5, and 577.5 for the Triton down kernel), although
+alone 2 stages are faster (9.86 vs 10.09 us; 3 stages 10.13, 5 stages 12.2, Triton 11.4): under PDL what counts is
+how many down CTAs are resident (2 KB + 1 KB each) while gate/up's last CTAs and the next kernel's first run. Without
+the L2 prefetch of the side planes 565.7. gate/up: side words in registers with 4 stages of 2 KB 597.8 against 590.7
+for session 11's 3.5 KB stages x 3 (alone 16.3 vs 17.0 us; Triton 17.4); 5 stages 17.9 us alone.
 """
 from __future__ import annotations
 
@@ -160,7 +173,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _bulk_prefetch(ptr, nbytes, on):
         gl.inline_asm_elementwise(
-            "{\n .reg .pred p;\n setp.ne.s32 p, $3, 0;\n @p cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;\n}",
+            "{\n .reg .pred p;\n setp.ne.s32 p, $3, 0;\n"
+            " @p cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;\n}",
             "=r,l,r,r", [ptr, nbytes, on], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
@@ -353,9 +367,9 @@ if HAVE_GLUON:
         return gl.max(idx_j, 0), gl.max(w_j * rscale, 0)
 
     @gluon.jit
-    def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr, D: gl.constexpr,
-                QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+    def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
+                D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
+                PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT

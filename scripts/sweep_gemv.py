@@ -403,7 +403,8 @@ def sweep_moe_halves(bw, args):
     real = [getattr(m, n, None) for m, n in zip(mods, names)]
     stub = {"gate/up": (1, 3), "down": (0, 2)}  # the kernels replaced by no launch when timing a half
     env = {"_ns": "KIMI_LOCAL_MOE_GLUON_NS", "_dns": "KIMI_LOCAL_MOE_GLUON_DOWN_NS", "_w": "KIMI_LOCAL_MOE_GLUON_W",
-           "_dw": "KIMI_LOCAL_MOE_GLUON_DOWN_W", "_pf": "KIMI_LOCAL_MOE_GLUON_DOWN_PF", "_ss": "KIMI_LOCAL_MOE_GLUON_SS"}
+           "_dw": "KIMI_LOCAL_MOE_GLUON_DOWN_W", "_pf": "KIMI_LOCAL_MOE_GLUON_DOWN_PF",
+           "_ss": "KIMI_LOCAL_MOE_GLUON_SS"}
     variants = [("default", {}), ("triton (both halves)", dict(gluon=False)), ("triton down", dict(gluon_down=False))]
     variants += [(f"gluon gate/up NS={ns}", dict(_ns=ns)) for ns in (4,)]
     variants += [(f"gluon gate/up side words in registers NS={ns}", dict(_ss=0, _ns=ns)) for ns in (4, 5)]

@@ -481,7 +481,8 @@ def test_moe_gluon_dispatch(monkeypatch):
     assert not moe_gluon.supported("cpu", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304, 1024)
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and moe_gluon.HAVE_GLUON:
         assert moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304, 1024)
-        for bad in (("Q4_K", "Q5_K", "Q8_0", "Q8_0"), ("Q2_K", "Q2_K", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q6_K", "Q6_K")):
+        for bad in (("Q4_K", "Q5_K", "Q8_0", "Q8_0"), ("Q2_K", "Q2_K", "Q8_0", "Q8_0"),
+                    ("Q4_K", "Q4_K", "Q6_K", "Q6_K")):
             assert not moe_gluon.supported("cuda", *bad, 2304, 1024)
         assert not moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304 + 128, 1024)
     assert not moe_gluon.down_supported("cpu", "Q5_K", "Q8_0", 2304, 1024, 8)

@@ -33,6 +33,26 @@ def test_pdl_off_on_cpu_and_under_interpreter(monkeypatch):
     assert not pdl.supported("cuda")
 
 
+def test_carveout_knob(monkeypatch):
+    """KIMI_LOCAL_CARVEOUT: 0 / unset = the driver's choice (the load hook does nothing); the hook registers once;
+    a missing function handle or a zero percent never reaches the driver."""
+    from kimi_local.kernels import carveout
+    monkeypatch.delenv("KIMI_LOCAL_CARVEOUT", raising=False)
+    assert carveout.percent() == 0
+    monkeypatch.setenv("KIMI_LOCAL_CARVEOUT", "")
+    assert carveout.percent() == 0
+    monkeypatch.setenv("KIMI_LOCAL_CARVEOUT", "44")
+    assert carveout.percent() == 44
+    carveout.install()
+    carveout.install()
+    from triton import knobs
+    assert knobs.runtime.kernel_load_end_hook.calls.count(carveout._on_load) == 1
+    carveout.set_function(0, 44)  # no handle: no driver call (this machine may have no libcuda)
+    carveout.set_function(12345, 0)
+    carveout.set_kernel(object(), 44)
+    assert not carveout._DONE
+
+
 def test_mla_pdl_switch(monkeypatch):
     """The MLA decode kernels launch without PDL while the rest of the step keeps it, unless KIMI_LOCAL_MLA_PDL=1."""
     monkeypatch.delenv("KIMI_LOCAL_MLA_PDL", raising=False)
