@@ -1,0 +1,122 @@
+"""Compile every Gluon kernel (kernels/moe_gluon.py, kernels/mla_gluon.py) for sm_90 on this machine, no GPU needed.
+
+Prints, per kernel configuration, the shared memory, and the registers and local memory (spills) of the sm_90 cubin
+(Triton's bundled cuobjdump); `--json` prints the same as JSON (tests/test_gluon_compile.py reads it). Exit status 1 if any
+configuration fails to compile. Run it without TRITON_INTERPRET (the interpreter replaces the jit functions that
+Gluon's reductions call). Use it before sending Gluon changes to a GPU: it catches compile errors and shows the
+resource use that decides residency (moe_gluon's module doc).
+
+    python scripts/gluon_compile.py [--json] [--only moe,mla]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cases(only: set):
+    """(name, kernel, argument types, constexprs, num_warps) of every configuration the engine launches by default,
+    plus the A/B variants that a device run may switch on."""
+    from kernels import mla_gluon, moe_gluon as M
+    out = []
+    if "moe" in only:
+        for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
+                                   ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
+                                   ("Q8_0", "Q8_0", False, False)):
+            types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
+                     "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
+                     "mat_u": "i64"}
+            ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
+                      NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss, PF=int(not ss),
+                      W=M.DEFAULT_W)
+            out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
+                        ce, M.DEFAULT_W))
+        for qd, qsd, route, ns in (("Q5_K", "Q8_0", True, M.DOWN_NS), ("Q5_K", "Q8_0", False, 3),
+                                   ("Q4_K", "Q4_K", True, M.DOWN_NS), ("Q8_0", None, False, M.DOWN_NS)):
+            types = {"act": "*i32", "slot_ids": "*fp32" if route else "*i32", "weights": "*fp32",
+                     "rbias": "*fp32" if route else "*i32", "down": "*u8", "sdown": "*u8", "out": "*bf16",
+                     "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32"}
+            ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
+                      ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
+                      W=M.DEFAULT_W)
+            out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns}", M.moe_down_gluon_kernel, types, ce,
+                        M.DEFAULT_W))
+    if "mla" in only:
+        gl = mla_gluon.gl
+        for fp8 in (False, True):
+            types = {"q_abs": "*bf16", "q_pe": "*bf16", "lat": "*fp8e4nv" if fp8 else "*bf16", "lat_scale": "*fp32",
+                     "seq_ptr": "*i32", "ws_m": "*fp32", "ws_l": "*fp32", "ws_acc": "*fp32", "qk_scale": "fp32",
+                     "stride_lat": "i32", "stride_qp": "i32"}
+            v, DR = (16 if fp8 else 8), 64  # as mla_gluon.mla_split_gluon lays out the copies
+            ring = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if fp8 else gl.NVMMASharedLayout(
+                swizzle_byte_width=128, element_bitwidth=16, rank=2)
+            ce = dict(H=32, R=512, DR=DR, BH=32, BS=64, NS=128, MIN_CHUNK=256, FP8=fp8,
+                      RING_DT=gl.float8e4nv if fp8 else gl.bfloat16,
+                      LC=gl.BlockedLayout([1, v], [1, 32], [4, 1], [1, 0]),
+                      LK=gl.BlockedLayout([1, v], [32 // (DR // v), DR // v], [4, 1], [1, 0]), RING_L=ring)
+            out.append((f"mla_split {'fp8' if fp8 else 'bf16'}", mla_gluon.mla_split_gluon_kernel, types, ce, 4))
+    return out
+
+
+def compile_one(fn, types: dict, constexprs: dict, num_warps: int) -> dict:
+    """triton.compile for sm_90 (pointer and integer arguments marked 16-divisible, as Triton's launcher specialises
+    them for these sizes), then cuobjdump -res-usage on the cubin: {shared, regs, local_bytes}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    sig = dict(types)
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.values()) if t[0] in "*i"}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    res = {"shared": int(c.metadata.shared), "regs": None, "local_bytes": None}
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if cuobjdump.exists() and c.asm.get("cubin"):
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "k.cubin"
+            p.write_bytes(c.asm["cubin"])
+            usage = subprocess.run([str(cuobjdump), "-res-usage", str(p)], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) .*LOCAL:(\d+)", usage)
+        if m:  # LOCAL > 0: register spills (or a local array)
+            res["regs"], res["local_bytes"] = int(m.group(1)), int(m.group(2))
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--only", default="moe,mla", help="comma list of: moe, mla")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the interpreter's jit functions cannot be compiled", file=sys.stderr)
+        return 2
+    from kernels import moe_gluon
+    if not moe_gluon.HAVE_GLUON:
+        print("this Triton has no Gluon", file=sys.stderr)
+        return 2
+    results, failed = {}, 0
+    for name, fn, types, ce, warps in cases(set(args.only.split(","))):
+        try:
+            results[name] = compile_one(fn, types, ce, warps)
+        except Exception as e:  # keep going: report every configuration
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[-600:]}"}
+            failed += 1
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for name, r in results.items():
+            print(f"{name:40s} " + (r["error"] if "error" in r else
+                                    f"shared {r['shared']:6d} B  regs {r['regs']}  local {r['local_bytes']} B"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
