@@ -74,9 +74,11 @@ DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton d
 
 
 def enabled() -> bool:
-    """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton gate/up kernel (A/B runs). KIMI_LOCAL_MOE_GLUON_NS / _W:
-    ring stages / warps per CTA; KIMI_LOCAL_MOE_GLUON_CARVEOUT: the kernel's preferred shared-memory carveout in
-    percent (0: the driver's choice)."""
+    """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
+    gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
+    11's kernel), _PF=0 (no L2 prefetch of the side planes); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel),
+    _DOWN_NS / _DOWN_W, _DOWN_PF (0: no L2 prefetch, 2: also the weights' main plane); KIMI_LOCAL_MOE_GLUON_CARVEOUT:
+    both kernels' preferred shared-memory carveout in percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
