@@ -274,6 +274,14 @@ if HAVE_GLUON:
             _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
 
     @gluon.jit
+    def _accumulate(acc_a, acc_b, part, t, SPM: gl.constexpr, NM: gl.constexpr):
+        """Stage t's products into matrix a's accumulator (t < SPM, or NM == 1) or matrix b's."""
+        if NM == 2:
+            first = t < SPM
+            return acc_a + gl.where(first, part, 0.0), acc_b + gl.where(first, 0.0, part)
+        return acc_a + part, acc_b
+
+    @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
                 QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
@@ -293,12 +301,7 @@ if HAVE_GLUON:
                 i = t % NS
                 part = _stage_dot(qr, i, t % SPM, xw, dxp, sqp, sr0.index(i).load(L2), sr1.index(i).load(L2),
                                   sr2.index(i).load(L2), hz, QT, L3)
-                if NM == 2:
-                    first = t < SPM
-                    acc_a += gl.where(first, part, 0.0)
-                    acc_b += gl.where(first, 0.0, part)
-                else:
-                    acc_a += part
+                acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
         else:
             s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
             for t in range(T):
@@ -306,12 +309,7 @@ if HAVE_GLUON:
                 n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
                 cp.wait_group(NS - 1)
                 part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-                if NM == 2:
-                    first = t < SPM
-                    acc_a += gl.where(first, part, 0.0)
-                    acc_b += gl.where(first, 0.0, part)
-                else:
-                    acc_a += part
+                acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
                 s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
         return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)

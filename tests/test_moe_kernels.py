@@ -328,6 +328,34 @@ def test_cuda_moe_decode_route_in_kernel():
     assert torch.equal(got, want)
 
 
+REAL = (256, 2304, 1024, 8)  # S experts, D, F, top-k: the real decode shapes
+
+
+def _real_case(qtypes, shq, seed):
+    """The real-shape decode inputs on the GPU: (expert pools, shared packed or None, shared dense or None, x bf16 [D],
+    router logits, selection bias, router.route); the router case is seeded with seed + 1."""
+    S, D, F, k = REAL
+    g = torch.Generator().manual_seed(seed)
+    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    shared = shared_d = None
+    if shq:
+        shared, shared_d = [], []
+        for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
+            p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+            shared.append(p[0]), shared_d.append(dq[0])
+    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
+    return (pools, shared, shared_d, x) + _router_case(S, k, seed + 1, "cuda")
+
+
+def _real_ref8(pools, qtypes, ids, wts, x, shared_d):
+    """moe_ref_x8 of the picked experts (dequantized on the GPU)."""
+    S, D, F, k = REAL
+    raw_dense = [torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
+                              for s in ids.tolist()])
+                 for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F)))]
+    return moe_ref_x8(x, torch.arange(k, device="cuda"), wts, *raw_dense, shared=shared_d)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtypes,shq,route", [
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), True),  # the Q4_K_M recipe, as the engine calls it
@@ -339,19 +367,10 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
     PDL a graph replay equal to the eager call, bit for bit."""
     from kimi_local.kernels import moe_gluon, pdl as P
-    S, D, F, k = 256, 2304, 1024, 8
+    S, D, F, k = REAL
     if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F):
         pytest.skip("the Gluon gate/up needs Gluon and a Hopper GPU")
-    g = torch.Generator().manual_seed(21)
-    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
-    shared = shared_d = None
-    if shq:
-        shared, shared_d = [], []
-        for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
-            p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
-            shared.append(p[0]), shared_d.append(dq[0])
-    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
-    logits, bias, route_fn = _router_case(S, k, 22, "cuda")
+    pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 21)
     ids, wts = route_fn(logits[None], bias, k, 2.446, False, True)
     kw = dict(shared=shared, shared_qtypes=shq, x8=True)
     if route:
@@ -368,10 +387,7 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
         acts.append(torch.stack([qm.dequantize_x8(r, F) for r in ws.view(torch.int32)[:E * nw].view(E, nw)]))
         outs.append(out)
     check(acts[1], acts[0], 1e-2)
-    raw_dense = [torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
-                              for s in ids[0].tolist()])
-                 for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F)))]
-    ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), wts[0], *raw_dense, shared=shared_d)
+    ref8 = _real_ref8(pools, qtypes, ids[0], wts[0], x, shared_d)
     check(outs[1], ref8, 1e-2)
     check(outs[1], outs[0], 1e-2)
     got = torch.empty(D, device="cuda")
@@ -400,21 +416,12 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
     shapes (both reduce in fp32, in other orders: within 1e-4), against the x8 reference, and under PDL a graph
     replay equal to the eager call, bit for bit. ns: the ring stages (3: the Q5_K rows take a second pass)."""
     from kimi_local.kernels import moe_gluon, pdl as P
-    S, D, F, k = 256, 2304, 1024, 8
+    S, D, F, k = REAL
     if not moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k):
         pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
     if ns:
         monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN_NS", str(ns))
-    g = torch.Generator().manual_seed(23)
-    pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0] for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
-    shared = shared_d = None
-    if shq:
-        shared, shared_d = [], []
-        for qt, r, c in zip(shq, (F, F, D), (D, D, F)):
-            p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
-            shared.append(p[0]), shared_d.append(dq[0])
-    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
-    logits, bias, route_fn = _router_case(S, k, 24, "cuda")
+    pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 23)
     biased, renorm = route or (False, True)
     ids, wts = route_fn(logits[None], bias, k, 2.446, biased, renorm)
     kw = dict(shared=shared, shared_qtypes=shq, x8=True, gluon=False)
@@ -428,10 +435,7 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
         torch.cuda.synchronize()
         outs.append(out)
     check(outs[1], outs[0], 1e-4)
-    raw_dense = [torch.stack([qm.dequantize_gpu(pool[s], qt, (r, c), out=torch.empty(r, c, device="cuda"))
-                              for s in ids[0].tolist()])
-                 for pool, qt, (r, c) in zip(pools, qtypes, ((F, D), (F, D), (D, F)))]
-    ref8 = moe_ref_x8(x, torch.arange(k, device="cuda"), wts[0], *raw_dense, shared=shared_d)
+    ref8 = _real_ref8(pools, qtypes, ids[0], wts[0], x, shared_d)
     check(outs[1], ref8, 1e-2)
     got = torch.empty(D, device="cuda", dtype=torch.bfloat16)  # the engine's out dtype
     kw["gluon"] = None  # the default pair: Gluon gate/up (where it applies) and Gluon down
