@@ -154,6 +154,17 @@ if HAVE_GLUON:
             gl.store(ws_acc + (i_s * H + oho)[None, :] * R + oro[:, None], acc, mask=(oho < H)[None, :])
 
 
+def split_layouts(fp8: bool, DR: int):
+    """(LC, LK, RING_L) of the split kernel: the register layouts of the latent and rope copies (16 bytes a thread)
+    and the ring's shared layout (fp8: rows written and read whole, no MMA reads it)."""
+    v = 16 if fp8 else 8  # elements per 16-byte copy
+    lc = gl.BlockedLayout([1, v], [1, 32], [4, 1], [1, 0])
+    lk = gl.BlockedLayout([1, v], [32 // (DR // v), DR // v], [4, 1], [1, 0])
+    ring = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if fp8 else gl.NVMMASharedLayout(
+        swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    return lc, lk, ring
+
+
 def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, BS: int, min_chunk: int,
                     latent_scale=None):
     """Launch the split kernel: q_abs [H, R], q_pe [H, DR] (row stride free), latent [S_cap, R + DR] bf16, or fp8
@@ -164,11 +175,7 @@ def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, 
     assert BS == 64 and latent.stride(1) == 1 and q_pe.stride(1) == 1 and q_abs.is_contiguous()
     fp8 = latent.dtype == torch.float8_e4m3fn
     assert not fp8 or (latent_scale is not None and latent_scale.is_contiguous())
-    v = 16 if fp8 else 8  # elements per 16-byte copy
-    lc = gl.BlockedLayout([1, v], [1, 32], [4, 1], [1, 0])
-    lk = gl.BlockedLayout([1, v], [32 // (DR // v), DR // v], [4, 1], [1, 0])
-    ring = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if fp8 else gl.NVMMASharedLayout(
-        swizzle_byte_width=128, element_bitwidth=16, rank=2)  # fp8: rows written and read whole, no MMA reads it
+    lc, lk, ring = split_layouts(fp8, DR)
     mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, latent_scale if fp8 else ws[0], seq_ptr, *ws, qk_scale,
                                   latent.stride(0), q_pe.stride(0), H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS,
                                   MIN_CHUNK=min_chunk, FP8=fp8, RING_DT=gl.float8e4nv if fp8 else gl.bfloat16,

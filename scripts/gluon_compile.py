@@ -55,13 +55,9 @@ def cases(only: set):
             types = {"q_abs": "*bf16", "q_pe": "*bf16", "lat": "*fp8e4nv" if fp8 else "*bf16", "lat_scale": "*fp32",
                      "seq_ptr": "*i32", "ws_m": "*fp32", "ws_l": "*fp32", "ws_acc": "*fp32", "qk_scale": "fp32",
                      "stride_lat": "i32", "stride_qp": "i32"}
-            v, DR = (16 if fp8 else 8), 64  # as mla_gluon.mla_split_gluon lays out the copies
-            ring = gl.SwizzledSharedLayout(1, 1, 1, [1, 0]) if fp8 else gl.NVMMASharedLayout(
-                swizzle_byte_width=128, element_bitwidth=16, rank=2)
-            ce = dict(H=32, R=512, DR=DR, BH=32, BS=64, NS=128, MIN_CHUNK=256, FP8=fp8,
-                      RING_DT=gl.float8e4nv if fp8 else gl.bfloat16,
-                      LC=gl.BlockedLayout([1, v], [1, 32], [4, 1], [1, 0]),
-                      LK=gl.BlockedLayout([1, v], [32 // (DR // v), DR // v], [4, 1], [1, 0]), RING_L=ring)
+            lc, lk, ring = mla_gluon.split_layouts(fp8, 64)
+            ce = dict(H=32, R=512, DR=64, BH=32, BS=64, NS=128, MIN_CHUNK=256, FP8=fp8,
+                      RING_DT=gl.float8e4nv if fp8 else gl.bfloat16, LC=lc, LK=lk, RING_L=ring)
             out.append((f"mla_split {'fp8' if fp8 else 'bf16'}", mla_gluon.mla_split_gluon_kernel, types, ce, 4))
     return out
 
