@@ -76,8 +76,9 @@ DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton d
 def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
-    11's kernel), _PF=0 (no L2 prefetch of the side planes); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel),
-    _DOWN_NS / _DOWN_W, _DOWN_PF (0: no L2 prefetch, 2: also the weights' main plane); KIMI_LOCAL_MOE_GLUON_CARVEOUT:
+    11's kernel), _PF (0: no L2 prefetch of the side planes, 2: also the main plane); down
+    KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF); _MAXNREG /
+    _DOWN_MAXNREG (registers per thread, ptxas' maxnreg; unset: the compiler's choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT:
     both kernels' preferred shared-memory carveout in percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
@@ -504,6 +505,14 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def _maxnreg(name: str) -> dict:
+    """{"maxnreg": n} from the environment variable `name` (unset or 0: the compiler's choice): fewer registers per
+    thread let more CTAs be resident (the down kernel's routing passes take 100 registers, 9 CTAs of 2 warps per SM;
+    at 64 no spills offline, 16 per SM)."""
+    n = _env_int(name, 0)
+    return {"maxnreg": n} if n else {}
+
+
 def _pin_carveout(k):
     """The decode chain's 64 KB carveout for a launched kernel (kernels/carveout.py), unless a global one is set."""
     if not carveout.percent():  # else every kernel already has the global carveout
@@ -530,8 +539,8 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
-        PDL=bool(pdl_on), SS=ss, PF=min(1, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1)), W=w, num_warps=w,
-        **({"launch_pdl": True} if pdl_on else {}))
+        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1)), W=w, num_warps=w,
+        **_maxnreg("KIMI_LOCAL_MOE_GLUON_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 
@@ -571,6 +580,6 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
-        **({"launch_pdl": True} if pdl_on else {}))
+        **_maxnreg("KIMI_LOCAL_MOE_GLUON_DOWN_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out
