@@ -77,9 +77,10 @@ def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
     11's kernel), _PF (0: no L2 prefetch of the side planes, 2: also the main plane); down
-    KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF); _MAXNREG /
-    _DOWN_MAXNREG (registers per thread, ptxas' maxnreg; unset: the compiler's choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT:
-    both kernels' preferred shared-memory carveout in percent (0: the driver's choice)."""
+    KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF; 3: the main plane
+    after the wait); _MAXNREG / _DOWN_MAXNREG (registers per thread, ptxas' maxnreg; unset: the compiler's
+    choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the
+    driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
@@ -185,14 +186,15 @@ if HAVE_GLUON:
                        PF: gl.constexpr, W: gl.constexpr):
         """L2 prefetch (one bulk request per plane and matrix, from the first threads) of the side planes' bytes of
         rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2.
-        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued."""
+        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued; PF == 4: the main plane only
+        (the down kernel's PF == 3 issues it after its grid-dependency wait)."""
         k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
         plane = k % 8
         mat = k // 8
         if QT == 0:
             off = gl.where(plane == 4, f0 * K, N * K + f0 * (K // 16))
             size = gl.where(plane == 4, 16 * K, 16 * (K // 16))
-            on = (mat < NM) & ((plane == 0) | ((plane == 4) & (PF == 2)))
+            on = (mat < NM) & (((plane == 0) & (PF != 4)) | ((plane == 4) & ((PF == 2) | (PF == 4))))
         else:
             NB: gl.constexpr = K // 256
             NBT: gl.constexpr = N * NB
@@ -203,7 +205,8 @@ if HAVE_GLUON:
                                              gl.where(plane == 3, NBT * 128 + f0 * NB * 32, f0 * NB * 128))))
             size = gl.where(plane < 2, 16 * NB * 8,
                             gl.where(plane == 2, 16 * NB * 4, gl.where(plane == 3, 16 * NB * 32, 16 * NB * 128)))
-            on = (mat < NM) & ((plane < 3) | ((plane == 3) & (QT == 2)) | ((plane == 4) & (PF == 2)))
+            side = (plane < 3) | ((plane == 3) & (QT == 2))
+            on = (mat < NM) & ((side & (PF != 4)) | ((plane == 4) & ((PF == 2) | (PF == 4))))
         base = gl.where(mat == 0, wa + k * 0, wb + k * 0)
         _bulk_prefetch(base + off, size, on.to(gl.int32))
 
@@ -450,10 +453,12 @@ if HAVE_GLUON:
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
                    PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
-        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
+        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, 1 if PF == 3 else PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
+        if PF == 3:  # the main plane's rows into L2 once gate/up is done (before the wait they compete with it)
+            _prefetch_side(w, w, 1, d0, D, F, QT, 4, W)
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
         y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
