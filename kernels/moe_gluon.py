@@ -66,10 +66,12 @@ GLUON_QTYPES = ("Q4_K", "Q8_0")
 DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
+DEFAULT_PF = 2  # gate/up: L2 prefetch of the side planes and (2) the main plane of the CTA's rows (module doc)
 DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
+DEFAULT_DPF = 1  # gate/up CTAs L2-prefetch the down rows at their end (KIMI_LOCAL_MOE_GLUON_DPF=0: off)
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
 
@@ -209,6 +211,22 @@ if HAVE_GLUON:
             on = (mat < NM) & ((side & (PF != 4)) | ((plane == 4) & ((PF == 2) | (PF == 4))))
         base = gl.where(mat == 0, wa + k * 0, wb + k * 0)
         _bulk_prefetch(base + off, size, on.to(gl.int32))
+
+    @gluon.jit
+    def _prefetch_rows(w, r0, RPC: gl.constexpr, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
+                       W: gl.constexpr):
+        """L2 prefetch of the main plane (and Q5_K's qh plane) of rows r0 .. r0 + RPC - 1 (those below N) of the
+        packed matrix at w (rows of K values): one bulk request per row and plane, from the first RPC threads."""
+        k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
+        row = r0 + k
+        on = ((k < RPC) & (row < N)).to(gl.int32)
+        if QT == 0:  # Q8_0: qs [N, K] int8
+            _bulk_prefetch(w + row * K, K + k * 0, on)
+        else:
+            NB: gl.constexpr = K // 256
+            _bulk_prefetch(w + row * (NB * 128), NB * 128 + k * 0, on)
+            if QT == 2:
+                _bulk_prefetch(w + N * NB * 128 + row * (NB * 32), NB * 32 + k * 0, on)
 
     @gluon.jit
     def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
@@ -389,16 +407,20 @@ if HAVE_GLUON:
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
         yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
-        return yg, yu, e, f0
+        return yg, yu, e, f0, slot
 
     @gluon.jit
-    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
+    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u, down, sdown, mat_d,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, W: gl.constexpr):
+                                 PF: gl.constexpr, W: gl.constexpr, DPF: gl.constexpr = 0, QTD: gl.constexpr = 0,
+                                 QTDS: gl.constexpr = 0):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
-        x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py)."""
+        x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). DPF > 0: each CTA
+        ends by L2-prefetching a 1 / (F / 16) share (DPF rows) of its expert's down matrix (down pool + slot * mat_d,
+        or sdown; types QTD / QTDS), so that the down kernel's rings read L2: issued after all of this kernel's own
+        weight requests, they do not compete with them (the down kernel's own prefetch before its wait did)."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
@@ -426,11 +448,12 @@ if HAVE_GLUON:
                     _gdc_wait()
                     _gdc_launch_dependents()
                 yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
+                slot = pid.to(gl.int64) * 0
             else:
-                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
                                         sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         else:
-            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
+            yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
                                     D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
@@ -448,6 +471,11 @@ if HAVE_GLUON:
         fa = (a_e + F // 4).to(gl.pointer_type(gl.float32))
         gl.store(fa + g, dx)
         gl.store(fa + F // 16 + g, sq)
+        if DPF > 0:  # this CTA's share of its expert's down rows into L2 (see the docstring)
+            if HAS_SHARED and pid < NT:
+                _prefetch_rows(sdown, g * DPF, DPF, D, F, QTDS, W)
+            else:
+                _prefetch_rows(down + slot * mat_d, g * DPF, DPF, D, F, QTD, W)
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
@@ -525,10 +553,12 @@ def _pin_carveout(k):
 
 
 def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: str, qts: str | None, ktop: int,
-            route: bool, pdl_on: bool, NS: int | None = None):
+            route: bool, pdl_on: bool, NS: int | None = None, down=None):
     """Launch the Gluon gate/up kernel (see the module doc): x8 [x8_words(D)] int32; slot_ids [ktop] int32, or with
     route the router's logits [NR] fp32 (rbias [NR] the selection bias); pools uint8 [S, F, row bytes]; shared
-    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). Graph-capturable."""
+    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). down: (down_pool, sdown or None, qd, qsd)
+    of the down kernel launched next, for the L2 prefetch of its rows at each CTA's end (KIMI_LOCAL_MOE_GLUON_DPF,
+    default on; 0 = off), or None. Graph-capturable."""
     F = gate_pool.shape[1]
     has_shared = shared is not None
     sg, su = shared if has_shared else (gate_pool[0], up_pool[0])
@@ -540,11 +570,20 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 0) != 0  # side words through the ring (session 11), else registers
     if NS is None:
         NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", SS_NS if ss else DEFAULT_NS)
+    dpf, dkw = 0, dict(down=gate_pool, sdown=gate_pool, mat_d=0)
+    if down is not None and _env_int("KIMI_LOCAL_MOE_GLUON_DPF", DEFAULT_DPF):
+        down_pool, sdown, qd, qsd = down
+        dpf = -(-D // (F // BF))  # down rows per gate/up CTA: the expert's D rows over its F / 16 f-tiles
+        if dpf <= 32 * w:
+            dkw = dict(down=down_pool, sdown=sdown if sdown is not None else down_pool, mat_d=down_pool[0].numel(),
+                       QTD=QT_ID[qd], QTDS=QT_ID[qsd or qd])
+        else:
+            dpf = 0
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
-        gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
-        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else 1)), W=w, num_warps=w,
+        gate_pool[0].numel(), up_pool[0].numel(), **dkw, F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS, DPF=dpf,
+        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF)), W=w, num_warps=w,
         **_maxnreg("KIMI_LOCAL_MOE_GLUON_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act

@@ -33,10 +33,11 @@ def cases(only: set):
                                    ("Q8_0", "Q8_0", False, False)):
             types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                      "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
-                     "mat_u": "i64"}
+                     "mat_u": "i64", "down": "*u8", "sdown": "*u8", "mat_d": "i64"}
             ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
-                      NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss, PF=int(not ss),
-                      W=M.DEFAULT_W)
+                      NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
+                      PF=0 if ss else M.DEFAULT_PF, W=M.DEFAULT_W, DPF=36 if M.DEFAULT_DPF else 0,
+                      QTD=M.QT_ID["Q5_K" if qts == "Q8_0" else qt], QTDS=M.QT_ID[qts])
             out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
                         ce, M.DEFAULT_W))
         for qd, qsd, route, ns in (("Q5_K", "Q8_0", True, M.DOWN_NS), ("Q5_K", "Q8_0", False, 3),
