@@ -71,7 +71,7 @@ DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs 
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
-DEFAULT_DPF = 1  # gate/up CTAs L2-prefetch the down rows at their end (KIMI_LOCAL_MOE_GLUON_DPF=0: off)
+DEFAULT_DPF = 0  # gate/up CTAs L2-prefetch the down rows at their end (KIMI_LOCAL_MOE_GLUON_DPF=1): lost, run 3
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
 
@@ -80,9 +80,10 @@ def enabled() -> bool:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
     11's kernel), _PF (0: no L2 prefetch of the side planes, 2: also the main plane); down
     KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF; 3: the main plane
-    after the wait); _MAXNREG / _DOWN_MAXNREG (registers per thread, ptxas' maxnreg; unset: the compiler's
-    choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the
-    driver's choice)."""
+    after the wait); _SPF / _DOWN_SPF: the shared expert's CTAs' prefetch (as _PF; unset: _PF's); _DPF=1: gate/up
+    CTAs prefetch the down rows at their end; _MAXNREG / _DOWN_MAXNREG (registers per thread, ptxas' maxnreg;
+    unset: the compiler's choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in
+    percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
@@ -415,7 +416,7 @@ if HAVE_GLUON:
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
                                  PF: gl.constexpr, W: gl.constexpr, DPF: gl.constexpr = 0, QTD: gl.constexpr = 0,
-                                 QTDS: gl.constexpr = 0):
+                                 QTDS: gl.constexpr = 0, SPF: gl.constexpr = -1):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). DPF > 0: each CTA
         ends by L2-prefetching a 1 / (F / 16) share (DPF rows) of its expert's down matrix (down pool + slot * mat_d,
@@ -443,18 +444,18 @@ if HAVE_GLUON:
             if pid < NT:  # the shared expert: only weights are read before the wait
                 e = pid * 0 + KTOP
                 f0 = pid * 16
-                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, PF, L3, W)
+                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, PF if SPF < 0 else SPF, L3, W)
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
                 yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
                 slot = pid.to(gl.int64) * 0
             else:
-                yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+                yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u,
+                                              xw, dxp, sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         else:
-            yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+            yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                                          sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
         amax = gl.max(gl.abs(h), 0)
@@ -497,7 +498,7 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr):
+                              PF: gl.constexpr, W: gl.constexpr, SPF: gl.constexpr = -1):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]."""
@@ -511,7 +512,7 @@ if HAVE_GLUON:
         d0 = tile * 16
         if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
-            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W)
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF if SPF < 0 else SPF, L3, W)
         else:
             e = pid // NT - HAS_SHARED
             # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
@@ -583,7 +584,8 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), **dkw, F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS, DPF=dpf,
-        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF)), W=w, num_warps=w,
+        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF)),
+        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", -1)), W=w, num_warps=w,
         **_maxnreg("KIMI_LOCAL_MOE_GLUON_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -623,7 +625,8 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
-        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1),
+        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_SPF", -1)), W=w, num_warps=w,
         **_maxnreg("KIMI_LOCAL_MOE_GLUON_DOWN_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out
