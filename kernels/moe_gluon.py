@@ -66,7 +66,8 @@ GLUON_QTYPES = ("Q4_K", "Q8_0")
 DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")
 DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
-DEFAULT_PF = 2  # gate/up: L2 prefetch of the side planes and (2) the main plane of the CTA's rows (module doc)
+DEFAULT_PF = 1  # gate/up routed CTAs: L2 prefetch of the side planes of the CTA's rows (2: also the main plane)
+DEFAULT_SPF = 2  # gate/up shared-expert CTAs: side and main planes, before the wait (module doc, session 13)
 DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
@@ -585,7 +586,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), **dkw, F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS, DPF=dpf,
         PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF)),
-        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", -1)), W=w, num_warps=w,
+        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", -1 if ss else DEFAULT_SPF)), W=w, num_warps=w,
         **_maxnreg("KIMI_LOCAL_MOE_GLUON_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
