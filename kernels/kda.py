@@ -33,7 +33,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 
 from . import pdl as _pdl
-from .pdl import gdc_launch_dependents, gdc_wait, prefetch_l2_bulk
+from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import X8_GROUP, _x8_put, env_config, x8_words
 
 
@@ -139,7 +139,6 @@ def kda_decode_step_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, X8: tl.constexpr,
     FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
-    PFN: tl.constexpr = 0, PFE: tl.constexpr = 0,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
     last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
@@ -217,10 +216,6 @@ def kda_decode_step_kernel(
     if FUSED:  # chunk 0 of the head's f_b rows and of this block's g_b rows (weights: no kernel writes them)
         b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
         b_gw0 = _lr_chunk(g_b, ch_v, m_v, 0, RG, RCG)  # [BV, RCG]
-        if PFN > 0:  # this block's share (K / NV rows) of the head's f_b rows into L2: the chunks after the wait
-            # hit L2 (the head's NV programs together cover its K rows); PFN requests of PFE elements each
-            prefetch_l2_bulk(f_b + (i_h * K + i_v * (K // NV)) * RF + tl.arange(0, PFN) * PFE,
-                             PFE * f_b.dtype.element_ty.primitive_bitwidth // 8)
     if PDL:
         gdc_wait()  # the projections below come from the previous kernel; all writes come after this
         gdc_launch_dependents()
@@ -305,24 +300,6 @@ def _workspace(device, H: int, V: int):
     return _WS[key]
 
 
-def l2_prefetch() -> bool:
-    """KIMI_LOCAL_KDA_PF=1: each fused-step program L2-prefetches its share of the head's f_b rows before the PDL wait
-    (A/B runs; off by default)."""
-    return os.environ.get("KIMI_LOCAL_KDA_PF", "0") == "1"
-
-
-def _prefetch_split(on: bool, f_b, K: int, NV: int, RF: int, num_warps: int) -> tuple[int, int]:
-    """(requests per program, elements per request) of the f_b L2 prefetch: one request per thread over the
-    program's K / NV rows; (0, 0) = off, also when the share does not split into 16-byte-aligned requests."""
-    n = 32 * num_warps
-    if not on or K % NV or f_b.data_ptr() % 16:
-        return 0, 0
-    elems = K // NV * RF
-    if elems % n or (elems // n * f_b.element_size()) % 16:
-        return 0, 0
-    return n, elems // n
-
-
 DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.36 us per layer
 # with the fused f / z products (fg_a given): 1 warp spills at BV=16 (offline sm_90 compile: 255 registers).
 # Whole decode step, H200 (session 8, runs 3 and 6, graph-interleaved, tok/s at 4K / 128K): BV=16 4 warps
@@ -397,21 +374,17 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     if out8 is not None:
         assert V % X8_GROUP == 0 and out8.dtype == torch.int32 and out8.numel() == x8_words(H * V)
 
-    if rank_chunk is None and os.environ.get("KIMI_LOCAL_KDA_RC"):  # A/B runs
-        rank_chunk = int(os.environ["KIMI_LOCAL_KDA_RC"])
-
     def chunk(R: int, rows: int) -> int:  # columns per [rows, chunk] weight tile of the fused products
         c = rank_chunk if rank_chunk is not None else max(8, 1024 * num_warps // rows)  # 32 weights per thread
         assert c & (c - 1) == 0, f"rank_chunk must be a power of 2, not {c}"
         return min(c, triton.next_power_of_2(R))
 
-    pfn, pfe = _prefetch_split(fused and pdl and l2_prefetch(), f_b, K, NV, RF, num_warps)
     kda_decode_step_kernel[(NV, H)](
         q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
         out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
         H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
         EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None,
-        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), PFN=pfn, PFE=pfe, num_warps=num_warps,
+        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
 

@@ -431,10 +431,8 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     gluon_down = bool(gluon_down and use_x8 and not INTERPRET
                       and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K))
     if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
-        # with the Gluon down kernel next, the gate/up CTAs also L2-prefetch its rows at their end
-        down = (down_pool, sd if has_shared else None, qd, qsd if has_shared else None) if gluon_down else None
         moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
-                          qsg if has_shared else None, K, route is not None, pdl.enabled(), down=down)
+                          qsg if has_shared else None, K, route is not None, pdl.enabled())
     else:
         _moe_w_gate_up_kernel[(ntf, E, S1)](
             xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),

@@ -42,6 +42,14 @@ alone 2 stages are faster (9.86 vs 10.09 us; 3 stages 10.13, 5 stages 12.2, Trit
 how many down CTAs are resident (2 KB + 1 KB each) while gate/up's last CTAs and the next kernel's first run. Without
 the L2 prefetch of the side planes 565.7. gate/up: side words in registers with 4 stages of 2 KB 597.8 against 590.7
 for session 11's 3.5 KB stages x 3 (alone 16.3 vs 17.0 us; Triton 17.4); 5 stages 17.9 us alone.
+L2 prefetch of the main plane (session 13, H200, interleaved, tok/s at 4K): the gate/up shared expert's CTAs
+bulk-prefetch their rows' main plane too (SPF = 2) before the wait, i.e. while the router runs: 616.8 against 598.2
+with the side planes only. The same prefetch by the routed CTAs (PF = 2, after their routing) is slower alone (18.1
+vs 16.3 us) and at best neutral end to end (620.1 with it off, 616.8 on); so is any extra prefetch in the down
+kernel: its main plane before the wait 553.0 (it competes with gate/up), after the wait 613.6, by the shared down
+CTAs before the wait 561.1, each gate/up CTA prefetching its share of the down rows at its end 611.4 (vs 616.9).
+Fewer registers for more resident down CTAs (ptxas maxnreg 64 / 80, no spills offline) lost too: 567.7 / 585.8 vs
+599.5.
 """
 from __future__ import annotations
 
@@ -72,19 +80,16 @@ DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs 
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
-DEFAULT_DPF = 0  # gate/up CTAs L2-prefetch the down rows at their end (KIMI_LOCAL_MOE_GLUON_DPF=1): lost, run 3
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
 
 def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
-    11's kernel), _PF (0: no L2 prefetch of the side planes, 2: also the main plane); down
-    KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF; 3: the main plane
-    after the wait); _SPF / _DOWN_SPF: the shared expert's CTAs' prefetch (as _PF; unset: _PF's); _DPF=1: gate/up
-    CTAs prefetch the down rows at their end; _MAXNREG / _DOWN_MAXNREG (registers per thread, ptxas' maxnreg;
-    unset: the compiler's choice); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in
-    percent (0: the driver's choice)."""
+    11's kernel), _PF / _SPF: the L2 prefetch of the routed / the shared expert's CTAs (0: none, 1: the side planes,
+    2: also the main plane); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as
+    _PF); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the driver's
+    choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
@@ -190,15 +195,14 @@ if HAVE_GLUON:
                        PF: gl.constexpr, W: gl.constexpr):
         """L2 prefetch (one bulk request per plane and matrix, from the first threads) of the side planes' bytes of
         rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2.
-        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued; PF == 4: the main plane only
-        (the down kernel's PF == 3 issues it after its grid-dependency wait)."""
+        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued."""
         k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
         plane = k % 8
         mat = k // 8
         if QT == 0:
             off = gl.where(plane == 4, f0 * K, N * K + f0 * (K // 16))
             size = gl.where(plane == 4, 16 * K, 16 * (K // 16))
-            on = (mat < NM) & (((plane == 0) & (PF != 4)) | ((plane == 4) & ((PF == 2) | (PF == 4))))
+            on = (mat < NM) & ((plane == 0) | ((plane == 4) & (PF == 2)))
         else:
             NB: gl.constexpr = K // 256
             NBT: gl.constexpr = N * NB
@@ -209,26 +213,9 @@ if HAVE_GLUON:
                                              gl.where(plane == 3, NBT * 128 + f0 * NB * 32, f0 * NB * 128))))
             size = gl.where(plane < 2, 16 * NB * 8,
                             gl.where(plane == 2, 16 * NB * 4, gl.where(plane == 3, 16 * NB * 32, 16 * NB * 128)))
-            side = (plane < 3) | ((plane == 3) & (QT == 2))
-            on = (mat < NM) & ((side & (PF != 4)) | ((plane == 4) & ((PF == 2) | (PF == 4))))
+            on = (mat < NM) & ((plane < 3) | ((plane == 3) & (QT == 2)) | ((plane == 4) & (PF == 2)))
         base = gl.where(mat == 0, wa + k * 0, wb + k * 0)
         _bulk_prefetch(base + off, size, on.to(gl.int32))
-
-    @gluon.jit
-    def _prefetch_rows(w, r0, RPC: gl.constexpr, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-                       W: gl.constexpr):
-        """L2 prefetch of the main plane (and Q5_K's qh plane) of rows r0 .. r0 + RPC - 1 (those below N) of the
-        packed matrix at w (rows of K values): one bulk request per row and plane, from the first RPC threads."""
-        k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
-        row = r0 + k
-        on = ((k < RPC) & (row < N)).to(gl.int32)
-        if QT == 0:  # Q8_0: qs [N, K] int8
-            _bulk_prefetch(w + row * K, K + k * 0, on)
-        else:
-            NB: gl.constexpr = K // 256
-            _bulk_prefetch(w + row * (NB * 128), NB * 128 + k * 0, on)
-            if QT == 2:
-                _bulk_prefetch(w + N * NB * 128 + row * (NB * 32), NB * 32 + k * 0, on)
 
     @gluon.jit
     def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
@@ -409,20 +396,17 @@ if HAVE_GLUON:
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
         yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
-        return yg, yu, e, f0, slot
+        return yg, yu, e, f0
 
     @gluon.jit
-    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u, down, sdown, mat_d,
+    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, W: gl.constexpr, DPF: gl.constexpr = 0, QTD: gl.constexpr = 0,
-                                 QTDS: gl.constexpr = 0, SPF: gl.constexpr = -1):
+                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
-        x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). DPF > 0: each CTA
-        ends by L2-prefetching a 1 / (F / 16) share (DPF rows) of its expert's down matrix (down pool + slot * mat_d,
-        or sdown; types QTD / QTDS), so that the down kernel's rings read L2: issued after all of this kernel's own
-        weight requests, they do not compete with them (the down kernel's own prefetch before its wait did)."""
+        x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
+        prefetch (_prefetch_side) of the routed / the shared expert's CTAs."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
@@ -445,18 +429,17 @@ if HAVE_GLUON:
             if pid < NT:  # the shared expert: only weights are read before the wait
                 e = pid * 0 + KTOP
                 f0 = pid * 16
-                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, PF if SPF < 0 else SPF, L3, W)
+                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, SPF, L3, W)
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
                 yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
-                slot = pid.to(gl.int64) * 0
             else:
-                yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u,
-                                              xw, dxp, sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         else:
-            yg, yu, e, f0, slot = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                          sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
         h = yg / (1.0 + gl.exp(-yg)) * yu
         amax = gl.max(gl.abs(h), 0)
@@ -473,22 +456,15 @@ if HAVE_GLUON:
         fa = (a_e + F // 4).to(gl.pointer_type(gl.float32))
         gl.store(fa + g, dx)
         gl.store(fa + F // 16 + g, sq)
-        if DPF > 0:  # this CTA's share of its expert's down rows into L2 (see the docstring)
-            if HAS_SHARED and pid < NT:
-                _prefetch_rows(sdown, g * DPF, DPF, D, F, QTDS, W)
-            else:
-                _prefetch_rows(down + slot * mat_d, g * DPF, DPF, D, F, QTD, W)
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
                    PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
-        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, 1 if PF == 3 else PF, L3, W)
+        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
-        if PF == 3:  # the main plane's rows into L2 once gate/up is done (before the wait they compete with it)
-            _prefetch_side(w, w, 1, d0, D, F, QT, 4, W)
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
         y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
@@ -499,7 +475,7 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, SPF: gl.constexpr = -1):
+                              PF: gl.constexpr, W: gl.constexpr):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]."""
@@ -513,7 +489,7 @@ if HAVE_GLUON:
         d0 = tile * 16
         if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
-            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF if SPF < 0 else SPF, L3, W)
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W)
         else:
             e = pid // NT - HAS_SHARED
             # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
@@ -540,14 +516,6 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def _maxnreg(name: str) -> dict:
-    """{"maxnreg": n} from the environment variable `name` (unset or 0: the compiler's choice): fewer registers per
-    thread let more CTAs be resident (the down kernel's routing passes take 100 registers, 9 CTAs of 2 warps per SM;
-    at 64 no spills offline, 16 per SM)."""
-    n = _env_int(name, 0)
-    return {"maxnreg": n} if n else {}
-
-
 def _pin_carveout(k):
     """The decode chain's 64 KB carveout for a launched kernel (kernels/carveout.py), unless a global one is set."""
     if not carveout.percent():  # else every kernel already has the global carveout
@@ -555,12 +523,10 @@ def _pin_carveout(k):
 
 
 def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: str, qts: str | None, ktop: int,
-            route: bool, pdl_on: bool, NS: int | None = None, down=None):
+            route: bool, pdl_on: bool, NS: int | None = None):
     """Launch the Gluon gate/up kernel (see the module doc): x8 [x8_words(D)] int32; slot_ids [ktop] int32, or with
     route the router's logits [NR] fp32 (rbias [NR] the selection bias); pools uint8 [S, F, row bytes]; shared
-    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). down: (down_pool, sdown or None, qd, qsd)
-    of the down kernel launched next, for the L2 prefetch of its rows at each CTA's end (KIMI_LOCAL_MOE_GLUON_DPF,
-    default on; 0 = off), or None. Graph-capturable."""
+    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). Graph-capturable."""
     F = gate_pool.shape[1]
     has_shared = shared is not None
     sg, su = shared if has_shared else (gate_pool[0], up_pool[0])
@@ -572,22 +538,14 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 0) != 0  # side words through the ring (session 11), else registers
     if NS is None:
         NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", SS_NS if ss else DEFAULT_NS)
-    dpf, dkw = 0, dict(down=gate_pool, sdown=gate_pool, mat_d=0)
-    if down is not None and _env_int("KIMI_LOCAL_MOE_GLUON_DPF", DEFAULT_DPF):
-        down_pool, sdown, qd, qsd = down
-        dpf = -(-D // (F // BF))  # down rows per gate/up CTA: the expert's D rows over its F / 16 f-tiles
-        if dpf <= 32 * w:
-            dkw = dict(down=down_pool, sdown=sdown if sdown is not None else down_pool, mat_d=down_pool[0].numel(),
-                       QTD=QT_ID[qd], QTDS=QT_ID[qsd or qd])
-        else:
-            dpf = 0
+    pf = min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF))
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
-        gate_pool[0].numel(), up_pool[0].numel(), **dkw, F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
-        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS, DPF=dpf,
-        PDL=bool(pdl_on), SS=ss, PF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF)),
-        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", -1 if ss else DEFAULT_SPF)), W=w, num_warps=w,
-        **_maxnreg("KIMI_LOCAL_MOE_GLUON_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
+        gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
+        PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
+        W=w, num_warps=w,
+        **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 
@@ -627,7 +585,6 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1),
-        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_SPF", -1)), W=w, num_warps=w,
-        **_maxnreg("KIMI_LOCAL_MOE_GLUON_DOWN_MAXNREG"), **({"launch_pdl": True} if pdl_on else {}))
+        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

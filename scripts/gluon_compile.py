@@ -33,11 +33,11 @@ def cases(only: set):
                                    ("Q8_0", "Q8_0", False, False)):
             types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                      "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
-                     "mat_u": "i64", "down": "*u8", "sdown": "*u8", "mat_d": "i64"}
+                     "mat_u": "i64"}
             ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
                       NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
-                      PF=0 if ss else M.DEFAULT_PF, W=M.DEFAULT_W, DPF=36 if route and not ss else 0,
-                      QTD=M.QT_ID["Q5_K" if qts == "Q8_0" else qt], QTDS=M.QT_ID[qts], SPF=-1 if ss else M.DEFAULT_SPF)
+                      PF=0 if ss else M.DEFAULT_PF, W=M.DEFAULT_W,
+                      SPF=0 if ss else M.DEFAULT_SPF)
             out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
                         ce, M.DEFAULT_W))
         for qd, qsd, route, ns in (("Q5_K", "Q8_0", True, M.DOWN_NS), ("Q5_K", "Q8_0", False, 3),
@@ -47,7 +47,7 @@ def cases(only: set):
                      "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DEFAULT_W, SPF=-1)
+                      W=M.DEFAULT_W)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns}", M.moe_down_gluon_kernel, types, ce,
                         M.DEFAULT_W))
     if "mla" in only:

@@ -386,8 +386,7 @@ class _NoLaunch:
 
 def sweep_moe_halves(bw, args):
     """The x8 MoE decode's two kernels timed apart (the other one replaced by no launch), for the default
-    and the --small variants' gate/up or down configs: where the MoE time goes. The gate/up half includes the L2
-    prefetch of the down rows its CTAs issue at their end (moe_gluon's DPF) unless the variant turns it off."""
+    and the --small variants' gate/up or down configs: where the MoE time goes."""
     S, D, Fe, k = MOE_SHAPE
     shq = MOE_SHARED_QT
     shared, sel, wts, x = moe_inputs()
@@ -405,14 +404,13 @@ def sweep_moe_halves(bw, args):
     stub = {"gate/up": (1, 3), "down": (0, 2)}  # the kernels replaced by no launch when timing a half
     env = {"_ns": "KIMI_LOCAL_MOE_GLUON_NS", "_dns": "KIMI_LOCAL_MOE_GLUON_DOWN_NS", "_w": "KIMI_LOCAL_MOE_GLUON_W",
            "_dw": "KIMI_LOCAL_MOE_GLUON_DOWN_W", "_pf": "KIMI_LOCAL_MOE_GLUON_DOWN_PF",
-           "_ss": "KIMI_LOCAL_MOE_GLUON_SS", "_gpf": "KIMI_LOCAL_MOE_GLUON_PF", "_dpf": "KIMI_LOCAL_MOE_GLUON_DPF"}
+           "_ss": "KIMI_LOCAL_MOE_GLUON_SS", "_gpf": "KIMI_LOCAL_MOE_GLUON_PF", "_gspf": "KIMI_LOCAL_MOE_GLUON_SPF"}
     variants = [("default", {}), ("triton (both halves)", dict(gluon=False)), ("triton down", dict(gluon_down=False))]
-    variants += [("gluon gate/up without the down-row prefetch", dict(_dpf=0)),
-                 ("gluon gate/up, side planes prefetched only (session 12)", dict(_gpf=1, _dpf=0)),
-                 ("gluon gate/up side words through the ring (session 11)", dict(_ss=1, _dpf=0))]
+    variants += [("gluon gate/up, main plane prefetched by the routed CTAs too", dict(_gpf=2)),
+                 ("gluon gate/up, side planes prefetched only (session 12)", dict(_gspf=1)),
+                 ("gluon gate/up side words through the ring (session 11)", dict(_ss=1))]
     variants += [(f"gluon down NS={ns}", dict(_dns=ns)) for ns in (2,)]
-    variants += [("gluon down, main plane prefetched after the wait", dict(_pf=3)),
-                 ("gluon down, no L2 prefetch of the side planes", dict(_pf=0))]
+    variants += [("gluon down, no L2 prefetch of the side planes", dict(_pf=0))]
     for vname, kw in variants:
         kw = dict(kw)
         for key, var in env.items():

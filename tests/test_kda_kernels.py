@@ -148,26 +148,6 @@ def test_decode_step_env_config(monkeypatch):
         _run_steps(3, 8, 12, 4, 1, None, torch.float32, torch.float32, torch.float32, seed=8)
 
 
-def test_fused_step_prefetch_split():
-    # the f_b L2 prefetch: one 16-byte-aligned request per thread over the program's K / NV rows, else off
-    f_b = torch.zeros(32 * 128, 128, dtype=torch.bfloat16)
-    assert kda._prefetch_split(True, f_b, 128, 4, 128, 4) == (128, 32)  # 32 rows x 128 x 2 B = 8 KiB: 64 B each
-    assert kda._prefetch_split(False, f_b, 128, 4, 128, 4) == (0, 0)
-    assert kda._prefetch_split(True, f_b, 128, 3, 128, 4) == (0, 0)  # K not split evenly
-    assert kda._prefetch_split(True, f_b[:, 1:], 128, 4, 127, 4) == (0, 0)  # unaligned base
-    assert kda._prefetch_split(True, f_b, 128, 4, 12, 4) == (0, 0)  # 3 B per request
-
-
-def test_fused_step_env_rank_chunk(monkeypatch):
-    # KIMI_LOCAL_KDA_RC (A/B runs) sets the rank chunk when the caller gives none: same results
-    monkeypatch.setenv("KIMI_LOCAL_KDA_RC", "4")
-    e_out, e_state = _run_fused_steps(3, 8, 12, 4, 16, 8, 2, 4, torch.float32, torch.float32, seed=3)
-    assert e_out < 1e-5 and e_state < 1e-5
-    monkeypatch.setenv("KIMI_LOCAL_KDA_RC", "3")
-    with pytest.raises(AssertionError, match="power of 2"):
-        _run_fused_steps(3, 8, 12, 4, 16, 8, 1, 4, torch.float32, torch.float32, seed=3)
-
-
 def test_decode_step_counters_reset():
     _run_steps(3, 8, 12, 4, 3, 4, torch.float32, torch.float32, torch.float32, seed=5)
     ws_o, ws_cnt = kda._workspace(torch.empty(0, device=DEV).device, 3, 12)
