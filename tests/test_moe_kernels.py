@@ -502,3 +502,42 @@ def test_moe_gluon_dispatch(monkeypatch):
     assert not moe_gluon.enabled() and not moe_gluon.down_enabled()
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "1")
     assert moe_gluon.enabled() == moe_gluon.HAVE_GLUON
+
+
+def test_moe_gluon_gate_up_launch_prefetch(monkeypatch):
+    """The Gluon gate/up launch's prefetch settings (no GPU: the kernel is replaced by a recorder): by default the
+    routed CTAs prefetch their side planes only (PF 1) and the shared expert's CTAs also their main plane before the
+    wait (SPF 2, session 13); the knobs override them; with side words through the ring (SS) neither prefetches."""
+    from kimi_local.kernels import moe_gluon
+    if not moe_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.update(kw, grid=grid)
+            return launch
+
+    monkeypatch.setattr(moe_gluon, "moe_gate_up_gluon_kernel", Recorder())
+    monkeypatch.setattr(moe_gluon, "_pin_carveout", lambda k: None)
+    F, D, S = 64, 256, 4
+    pools = [torch.zeros(S, F, 144 * D // 256, dtype=torch.uint8) for _ in range(2)]
+    shared = tuple(torch.zeros(F, 144 * D // 256, dtype=torch.uint8) for _ in range(2))
+    act = torch.zeros(3, F // 4 + F // 8, dtype=torch.int32)
+    ids = torch.zeros(2, dtype=torch.int32)
+
+    def launch():
+        seen.clear()
+        moe_gluon.gate_up(torch.zeros(D // 4 + D // 8, dtype=torch.int32), ids, ids, *pools, shared, act, D, "Q4_K",
+                          "Q4_K", 2, False, True)
+        return seen["PF"], seen["SPF"], seen["grid"]
+
+    assert launch() == (moe_gluon.DEFAULT_PF, moe_gluon.DEFAULT_SPF, (F // 16 * 3,)) == (1, 2, (12,))
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_PF", "2")
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_SPF", "1")
+    assert launch()[:2] == (2, 1)
+    monkeypatch.delenv("KIMI_LOCAL_MOE_GLUON_PF")
+    monkeypatch.delenv("KIMI_LOCAL_MOE_GLUON_SPF")
+    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_SS", "1")
+    assert launch()[:2] == (0, 0)
