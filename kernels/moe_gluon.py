@@ -16,8 +16,9 @@ chunks of every row: one K-quant block (256 weights), or 128 Q8_0 weights. The r
 thread reads back exactly what it copied. The side words of its chunks (Q4_K / Q5_K: sub-scale, min and d / dmin
 words, Q5_K's qh; Q8_0: d) are plain loads into registers issued a stage ahead of their use (_side_stage: the
 matrix is selected, not branched on, so the loads' latency is waited for only at the use); the CTA's first step
-bulk-prefetches those planes' rows into L2 (each plane's 16 rows are contiguous). KIMI_LOCAL_MOE_GLUON_SS=1 puts
-the gate/up side words into rings of their own instead (session 11's kernel: 3.5 KB stages).
+bulk-prefetches those planes' rows into L2 (each plane's 16 rows are contiguous); the gate/up shared expert's CTAs
+prefetch their main plane too, before their wait (SPF, see the end). KIMI_LOCAL_MOE_GLUON_SS=1 puts the gate/up side
+words into rings of their own instead (session 11's kernel: 3.5 KB stages).
 The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): dp4a of the weight nibbles / bytes
 with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end.
 gate/up: act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does;
