@@ -426,10 +426,6 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         rscale = float(rscale)
     if gluon is None:
         gluon = moe_gluon.enabled() and not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
-    if gluon_down is None:
-        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
-    gluon_down = bool(gluon_down and use_x8 and not INTERPRET
-                      and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K))
     if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
         moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
                           qsg if has_shared else None, K, route is not None, pdl.enabled())
@@ -440,7 +436,10 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
             CU=CU, EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
             PDL=pdl.enabled(), X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps,
             num_stages=num_stages, **pdl.launch_kw())
-    if gluon_down:
+    if gluon_down is None:
+        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
+    if gluon_down and use_x8 and not INTERPRET \
+            and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
         part2, cnt2 = split_workspace(x.device, E * D, D // 16)
         return moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
                               D, F, qd, qsd if has_shared else None, K, route, pdl.enabled())

@@ -545,8 +545,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, num_warps=w,
-        **({"launch_pdl": True} if pdl_on else {}))
+        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 
@@ -585,7 +584,7 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
-        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1),
-        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
+        **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out
