@@ -37,7 +37,7 @@ import triton.language as tl
 from . import moe_gluon, pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
-from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_w, _dq_dot_rows, _dq_tile, _i8dot,
+from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_wt, _dq_ab, _dq_dot_rows, _dq_q, _i8dot,
                            _prefetch_rows,
                            _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
                            split_workspace, word_c, x8_default, x8_words)
@@ -511,20 +511,23 @@ def _moe_gate_up_grouped_kernel(x, stride_xt, tok, tile_slot, tile_row0, tile_ro
     n = i_n * BN + tl.arange(0, BN).to(tl.int64)
     n_mask = n < F
     wg, wu = gate + slot * mat_g, up + slot * mat_u
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
+    acc_g = tl.zeros([BN, BM], tl.float32)  # transposed (see quant_matmul._qgemm_kernel)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    Ag, Bg = _dq_ab(wg, n, n_mask, tl.arange(0, G), F, D, QTG)
+    Au, Bu = _dq_ab(wu, n, n_mask, tl.arange(0, G), F, D, QTU)
     for g0 in range(0, tl.cdiv(D, 16), G):
         gg = g0 + tl.arange(0, G)
+        Ag_next, Bg_next = _dq_ab(wg, n, n_mask, gg + G, F, D, QTG)
+        Au_next, Bu_next = _dq_ab(wu, n, n_mask, gg + G, F, D, QTU)
         k = g0 * 16 + tl.arange(0, G * 16)
         b_x = tl.load(x + t[:, None] * stride_xt + k[None, :], mask=r_mask[:, None] & (k < D)[None, :],
                       other=0.0)
-        q, A, B = _dq_tile(wg, n, n_mask, gg, F, D, QTG)
-        acc_g = _dot_w(b_x, q, A, B, acc_g, DOT_F32)
-        q, A, B = _dq_tile(wu, n, n_mask, gg, F, D, QTU)
-        acc_u = _dot_w(b_x, q, A, B, acc_u, DOT_F32)
+        acc_g = _dot_wt(_dq_q(wg, n, n_mask, gg, F, D, QTG), Ag, Bg, b_x, acc_g, DOT_F32)
+        acc_u = _dot_wt(_dq_q(wu, n, n_mask, gg, F, D, QTU), Au, Bu, b_x, acc_u, DOT_F32)
+        Ag, Bg, Au, Bu = Ag_next, Bg_next, Au_next, Bu_next
     b_h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h + r[:, None].to(tl.int64) * F + n[None, :], b_h.to(h.dtype.element_ty),
-             mask=r_mask[:, None] & n_mask[None, :])
+    tl.store(h + r[None, :].to(tl.int64) * F + n[:, None], b_h.to(h.dtype.element_ty),
+             mask=r_mask[None, :] & n_mask[:, None])
 
 
 @triton.autotune(configs=_gemm_cfgs(), key=["F", "D", "BM", "QTD"])
@@ -543,15 +546,17 @@ def _moe_down_grouped_kernel(h, asg, topk_w, tile_slot, tile_row0, tile_row1, do
     n = i_n * BN + tl.arange(0, BN).to(tl.int64)
     n_mask = n < D
     wd = down + slot * mat_d
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc = tl.zeros([BN, BM], tl.float32)  # transposed (see quant_matmul._qgemm_kernel)
+    A, B = _dq_ab(wd, n, n_mask, tl.arange(0, G), D, F, QTD)
     for g0 in range(0, tl.cdiv(F, 16), G):
         gg = g0 + tl.arange(0, G)
+        A_next, B_next = _dq_ab(wd, n, n_mask, gg + G, D, F, QTD)
         k = g0 * 16 + tl.arange(0, G * 16)
         b_h = tl.load(h + r[:, None] * F + k[None, :], mask=r_mask[:, None] & (k < F)[None, :], other=0.0)
-        q, A, B = _dq_tile(wd, n, n_mask, gg, D, F, QTD)
-        acc = _dot_w(b_h, q, A, B, acc, DOT_F32)
-    acc = acc * wt[:, None]
-    tl.store(y + a[:, None] * D + n[None, :], acc.to(y.dtype.element_ty), mask=r_mask[:, None] & n_mask[None, :])
+        acc = _dot_wt(_dq_q(wd, n, n_mask, gg, D, F, QTD), A, B, b_h, acc, DOT_F32)
+        A, B = A_next, B_next
+    acc = acc * wt[None, :]
+    tl.store(y + a[None, :] * D + n[:, None], acc.to(y.dtype.element_ty), mask=r_mask[None, :] & n_mask[:, None])
 
 
 def moe_route_tiles(topk_ids, S, BM):

@@ -122,52 +122,37 @@ def _dq_tile(w, n, n_mask, gg, N, K, QT: tl.constexpr):
     """Dequantize weight rows `n` [R] (int64) at 16-element groups `gg` [G] (global group index along
     K) of the packed matrix at uint8 pointer `w` ([N, K]). Returns q [R, G, 16] fp32, A, B [R, G] (or
     broadcastable) fp32 with weight = q * A[..., None] - B[..., None]. Out-of-range rows/groups give q = 0."""
+    q = _dq_q(w, n, n_mask, gg, N, K, QT)
+    A, B = _dq_ab(w, n, n_mask, gg, N, K, QT)
+    return q, A, B
+
+
+@triton.jit
+def _dq_q(w, n, n_mask, gg, N, K, QT: tl.constexpr):
+    """The integer part q [R, G, 16] fp32 of `_dq_tile` (the quant planes)."""
     l16 = tl.arange(0, 16)
-    k_mask = gg * 16 < K  # [G]
-    mask2 = n_mask[:, None] & k_mask[None, :]  # [R, G]
-    mask3 = mask2[:, :, None]
+    mask3 = (n_mask[:, None] & (gg * 16 < K)[None, :])[:, :, None]
     l3 = l16[None, None, :]
     if QT == 6:  # BF16
-        wb = w.to(tl.pointer_type(tl.bfloat16))
         off = n[:, None, None] * K + (gg * 16)[None, :, None] + l3
-        q = tl.load(wb + off, mask=mask3, other=0.0).to(tl.float32)
-        A = tl.full([1, 1], 1.0, tl.float32)
-        B = tl.zeros([1, 1], tl.float32)
+        q = tl.load(w.to(tl.pointer_type(tl.bfloat16)) + off, mask=mask3, other=0.0).to(tl.float32)
     elif QT == 0:  # Q8_0: qs [N*NB, 32], d [N*NB] fp16
-        NBT = N.to(tl.int64) * (K // 32)
         off = n[:, None, None] * K + (gg * 16)[None, :, None] + l3
         v = tl.load(w + off, mask=mask3, other=128).to(tl.int32)
         q = _i2f(v ^ 0x80, 128.0)
-        rb = n[:, None] * (K // 32) + (gg // 2)[None, :]
-        d = tl.load(w.to(tl.pointer_type(tl.float16)) + NBT * 16 + rb, mask=mask2, other=0.0)
-        A = d.to(tl.float32)
-        B = tl.zeros([1, 1], tl.float32)
     else:
-        NB = K // 256
-        NBT = N.to(tl.int64) * NB
+        NBT = N.to(tl.int64) * (K // 256)
         g = gg % 16
-        rb = n[:, None] * NB + (gg // 16)[None, :]  # [R, G] block index in the matrix
-        rb3 = rb[:, :, None]
+        rb3 = (n[:, None] * (K // 256) + (gg // 16)[None, :])[:, :, None]  # [R, G, 1] block index in the matrix
         half = (g % 2) * 16  # [G] which 16 of a 32-run
         if QT == 3 or QT == 2:  # Q4_K / Q5_K
             qs = tl.load(w + rb3 * 128 + ((g // 4) * 32 + half)[None, :, None] + l3, mask=mask3, other=0)
             sub = g // 2
             v = (qs.to(tl.int32) >> (4 * (sub % 2))[None, :, None]) & 0xF
-            if QT == 3:
-                o_sc = NBT * 128
-            else:
-                o_qh = NBT * 128
-                qh = tl.load(w + o_qh + rb3 * 32 + half[None, :, None] + l3, mask=mask3, other=0)
+            if QT == 2:
+                qh = tl.load(w + NBT * 128 + rb3 * 32 + half[None, :, None] + l3, mask=mask3, other=0)
                 v = v | (((qh.to(tl.int32) >> sub[None, :, None]) & 1) << 4)
-                o_sc = NBT * 160
-            sc = tl.load(w + o_sc + rb * 8 + sub[None, :], mask=mask2, other=0).to(tl.float32)
-            m = tl.load(w + o_sc + NBT * 8 + rb * 8 + sub[None, :], mask=mask2, other=0).to(tl.float32)
-            dd = w.to(tl.pointer_type(tl.float16)) + (o_sc + NBT * 16) // 2 + rb * 2
-            d = tl.load(dd, mask=mask2, other=0.0).to(tl.float32)
-            dmin = tl.load(dd + 1, mask=mask2, other=0.0).to(tl.float32)
             q = _i2f(v, 0.0)
-            A = d * sc
-            B = dmin * m
         elif QT == 1:  # Q6_K
             c = (g // 2) % 4
             nh = g // 8
@@ -177,13 +162,7 @@ def _dq_tile(w, n, n_mask, gg, N, K, QT: tl.constexpr):
                          mask=mask3, other=0)
             v = (ql.to(tl.int32) >> (4 * (c // 2))[None, :, None]) & 0xF
             v = v | (((qh.to(tl.int32) >> (2 * c)[None, :, None]) & 3) << 4)
-            sc = tl.load((w + NBT * 192).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
-                         mask=mask2, other=0).to(tl.float32)
-            d = tl.load((w + NBT * 208).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
-                        other=0.0).to(tl.float32)
             q = _i2f(v, 32.0)
-            A = d * sc
-            B = tl.zeros([1, 1], tl.float32)
         else:  # Q3_K (4) / Q2_K (5): qs [64] first
             j = (g // 2) % 4
             nh = g // 8
@@ -192,22 +171,60 @@ def _dq_tile(w, n, n_mask, gg, N, K, QT: tl.constexpr):
             if QT == 4:
                 hm = tl.load(w + NBT * 64 + rb3 * 32 + half[None, :, None] + l3, mask=mask3, other=0)
                 v = v | (((hm.to(tl.int32) >> (g // 2)[None, :, None]) & 1) << 2)
-                sc = tl.load((w + NBT * 96).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
-                             mask=mask2, other=0).to(tl.float32)
-                d = tl.load((w + NBT * 112).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
-                            other=0.0).to(tl.float32)
                 q = _i2f(v, 4.0)
-                A = d * sc
-                B = tl.zeros([1, 1], tl.float32)
             else:
-                sc = tl.load(w + NBT * 64 + rb * 16 + g[None, :], mask=mask2, other=0).to(tl.int32)
-                dd = (w + NBT * 80).to(tl.pointer_type(tl.float16)) + rb * 2
-                d = tl.load(dd, mask=mask2, other=0.0).to(tl.float32)
-                dmin = tl.load(dd + 1, mask=mask2, other=0.0).to(tl.float32)
                 q = _i2f(v, 0.0)
-                A = d * (sc & 15).to(tl.float32)
-                B = dmin * (sc >> 4).to(tl.float32)
-    return q, A, B
+    return q
+
+
+@triton.jit
+def _dq_ab(w, n, n_mask, gg, N, K, QT: tl.constexpr):
+    """The per-group scale A and offset B [R, G] (or [1, 1]) fp32 of `_dq_tile` (the side planes)."""
+    mask2 = n_mask[:, None] & (gg * 16 < K)[None, :]  # [R, G]
+    if QT == 6:  # BF16
+        A = tl.full([1, 1], 1.0, tl.float32)
+        B = tl.zeros([1, 1], tl.float32)
+    elif QT == 0:  # Q8_0
+        rb = n[:, None] * (K // 32) + (gg // 2)[None, :]
+        d = tl.load(w.to(tl.pointer_type(tl.float16)) + N.to(tl.int64) * (K // 32) * 16 + rb, mask=mask2, other=0.0)
+        A = d.to(tl.float32)
+        B = tl.zeros([1, 1], tl.float32)
+    else:
+        NBT = N.to(tl.int64) * (K // 256)
+        g = gg % 16
+        rb = n[:, None] * (K // 256) + (gg // 16)[None, :]  # [R, G] block index in the matrix
+        if QT == 3 or QT == 2:  # Q4_K / Q5_K: sc [8], m [8], then (d, dmin) fp16
+            sub = g // 2
+            o_sc = NBT * 128 if QT == 3 else NBT * 160
+            sc = tl.load(w + o_sc + rb * 8 + sub[None, :], mask=mask2, other=0).to(tl.float32)
+            m = tl.load(w + o_sc + NBT * 8 + rb * 8 + sub[None, :], mask=mask2, other=0).to(tl.float32)
+            dd = w.to(tl.pointer_type(tl.float16)) + (o_sc + NBT * 16) // 2 + rb * 2
+            d = tl.load(dd, mask=mask2, other=0.0).to(tl.float32)
+            dmin = tl.load(dd + 1, mask=mask2, other=0.0).to(tl.float32)
+            A = d * sc
+            B = dmin * m
+        elif QT == 1:  # Q6_K: sc [16] int8, d fp16
+            sc = tl.load((w + NBT * 192).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
+                         mask=mask2, other=0).to(tl.float32)
+            d = tl.load((w + NBT * 208).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
+                        other=0.0).to(tl.float32)
+            A = d * sc
+            B = tl.zeros([1, 1], tl.float32)
+        elif QT == 4:  # Q3_K: sc [16] int8 (already minus 32), d fp16
+            sc = tl.load((w + NBT * 96).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
+                         mask=mask2, other=0).to(tl.float32)
+            d = tl.load((w + NBT * 112).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
+                        other=0.0).to(tl.float32)
+            A = d * sc
+            B = tl.zeros([1, 1], tl.float32)
+        else:  # Q2_K: sc [16] (scale | min << 4), (d, dmin) fp16
+            sc = tl.load(w + NBT * 64 + rb * 16 + g[None, :], mask=mask2, other=0).to(tl.int32)
+            dd = (w + NBT * 80).to(tl.pointer_type(tl.float16)) + rb * 2
+            d = tl.load(dd, mask=mask2, other=0.0).to(tl.float32)
+            dmin = tl.load(dd + 1, mask=mask2, other=0.0).to(tl.float32)
+            A = d * (sc & 15).to(tl.float32)
+            B = dmin * (sc >> 4).to(tl.float32)
+    return A, B
 
 
 @triton.jit
@@ -1226,30 +1243,39 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BM": 16, "BN": 16, "G": 4, "GROUP_M": 2}, num_warps=4)]
-    cfgs = []
-    for bm, bn, g, nw, ns in [(128, 128, 4, 8, 3), (128, 128, 8, 8, 2), (128, 64, 4, 4, 3),
-                              (64, 128, 4, 4, 3), (64, 64, 8, 4, 3), (256, 128, 4, 8, 2),
-                              (16, 64, 8, 4, 3), (32, 128, 8, 4, 3), (16, 128, 16, 4, 2)]:
-        cfgs.append(triton.Config({"BM": bm, "BN": bn, "G": g, "GROUP_M": 8}, num_warps=nw, num_stages=ns))
-    return cfgs
+    return [triton.Config({"BM": bm, "BN": bn, "G": g, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
+            for bn, bm, g, nw, ns in [(128, 128, 4, 8, 3), (128, 256, 4, 8, 3), (128, 64, 4, 4, 3),
+                                      (64, 128, 4, 4, 3), (64, 256, 4, 4, 3), (128, 32, 8, 4, 3)]]
 
 
 @triton.jit
-def _dot_w(b_x, q, A, B, acc, DOT_F32: tl.constexpr):
-    """acc [BM, BN] += b_x [BM, BK] @ (q * A - B)^T, with q [BN, G, 16]."""
+def _dot_wt(q, A, B, b_x, acc, DOT_F32: tl.constexpr):
+    """acc [BN, BM] += (q * A - B) [BN, BK] @ b_x [BM, BK]^T, with q [BN, G, 16], A, B [BN, G].
+    The weight tile is the dot's first operand: on sm_90 it stays in registers (wgmma's A operand)."""
     BN: tl.constexpr = q.shape[0]
     BK: tl.constexpr = q.shape[1] * 16
     wv = tl.reshape(q * A[:, :, None] - B[:, :, None], [BN, BK])
     if DOT_F32:
-        return tl.dot(b_x.to(tl.float32), tl.trans(wv), acc)
-    return tl.dot(b_x.to(tl.bfloat16), tl.trans(wv.to(tl.bfloat16)), acc)
+        return tl.dot(wv, tl.trans(b_x.to(tl.float32)), acc)
+    return tl.dot(wv.to(tl.bfloat16), tl.trans(b_x.to(tl.bfloat16)), acc)
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M", "QT"])
+def m_bucket(M):
+    """Autotuning key for a GEMM of M rows: the next power of two, so that a prompt of a new length
+    reuses the configuration measured for its bucket instead of autotuning again."""
+    return triton.next_power_of_2(max(int(M), 16))
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "QT"])
 @triton.jit
-def _qgemm_kernel(x, w, out, M, N, K, stride_xm, stride_xk, stride_om,
+def _qgemm_kernel(x, w, out, M, N, K, stride_xm, stride_xk, stride_om, M_BUCKET,
                   QT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
                   GROUP_M: tl.constexpr, DOT_F32: tl.constexpr):
+    """out [M, N] = x [M, K] @ W^T, computed as its transpose acc [BN, BM] = W_tile @ x_tile^T so that the
+    dequantized weight tile is the wgmma's register operand A (sm_90: no shared-memory round trip for it;
+    the x tile is the shared-memory operand, pipelined by Triton). The next K step's scales (A, B of
+    `_dq_ab`) are loaded one iteration ahead: they are too narrow for the async-copy pipeline, and a
+    plain load in the same iteration would put one global-memory latency on every K step."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     width = GROUP_M * n_n
@@ -1260,16 +1286,18 @@ def _qgemm_kernel(x, w, out, M, N, K, stride_xm, stride_xk, stride_om,
     o_m = i_m * BM + tl.arange(0, BM).to(tl.int64)
     n = i_n * BN + tl.arange(0, BN).to(tl.int64)
     m_mask, n_mask = o_m < M, n < N
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc = tl.zeros([BN, BM], tl.float32)
+    A, B = _dq_ab(w, n, n_mask, tl.arange(0, G), N, K, QT)
     for g0 in range(0, tl.cdiv(K, 16), G):
         gg = g0 + tl.arange(0, G)
+        A_next, B_next = _dq_ab(w, n, n_mask, gg + G, N, K, QT)  # zero past K
         k = g0 * 16 + tl.arange(0, G * 16)
         b_x = tl.load(x + o_m[:, None] * stride_xm + k[None, :] * stride_xk,
                       mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
-        q, A, B = _dq_tile(w, n, n_mask, gg, N, K, QT)
-        acc = _dot_w(b_x, q, A, B, acc, DOT_F32)
-    tl.store(out + o_m[:, None] * stride_om + n[None, :], acc.to(out.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+        acc = _dot_wt(_dq_q(w, n, n_mask, gg, N, K, QT), A, B, b_x, acc, DOT_F32)
+        A, B = A_next, B_next
+    tl.store(out + o_m[None, :] * stride_om + n[:, None], acc.to(out.dtype.element_ty),
+             mask=m_mask[None, :] & n_mask[:, None])
 
 
 def qgemm(x, data, qtype, N, out=None, method="fused", scratch=None):
@@ -1289,7 +1317,7 @@ def qgemm(x, data, qtype, N, out=None, method="fused", scratch=None):
             out.copy_(xb @ wd.t())
         return out
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _qgemm_kernel[grid](x, data, out, M, N, K, x.stride(0), x.stride(1), out.stride(0),
+    _qgemm_kernel[grid](x, data, out, M, N, K, x.stride(0), x.stride(1), out.stride(0), m_bucket(M),
                         QT=QT_ID[qtype], DOT_F32=INTERPRET)
     return out
 

@@ -454,10 +454,10 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 37, 512])
-def test_cuda_moe_prefill(T):
+@pytest.mark.parametrize("T", [1, 37, 512, 4096])
+@pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q5_K"), ("Q3_K", "Q3_K", "Q6_K")])
+def test_cuda_moe_prefill(T, qtypes):
     S, D, F, k = 256, 2304, 1024, 8
-    qtypes = ("Q4_K", "Q4_K", "Q5_K")
     g = torch.Generator().manual_seed(8)
     pools = [make_pool(qt, S, r, c, "cuda", g, 0.002, dense=False)[0]
              for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]

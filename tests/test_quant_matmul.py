@@ -298,13 +298,18 @@ def test_cuda_qgemv(qtype, N, K, M):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("M", [512, 2048])
-def test_cuda_qgemm(qtype, M):
+@pytest.mark.parametrize("qtype", QUANT + ["BF16"])
+@pytest.mark.parametrize("M,contiguous", [(300, True), (2048, False), (8192, True)])
+def test_cuda_qgemm(qtype, M, contiguous):
     N, K = 4096, 2304
-    p, raw = _gpu_weight(qtype, N, K, 11)
-    wd = _gpu_dense(raw, qtype)
-    x = torch.randn(K, M, device="cuda", dtype=torch.bfloat16).t()  # non-contiguous
+    if qtype == "BF16":
+        wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01
+        p, wd = qm.repack(wb, "BF16"), wb.float()
+    else:
+        p, raw = _gpu_weight(qtype, N, K, 11)
+        wd = _gpu_dense(raw, qtype)
+    x = (torch.randn(M, K, device="cuda", dtype=torch.bfloat16) if contiguous else
+         torch.randn(K, M, device="cuda", dtype=torch.bfloat16).t())
     ref = qlinear_ref(x, wd)
     for method in ["fused", "cublas"]:
         out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
