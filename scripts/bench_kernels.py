@@ -196,6 +196,20 @@ def bench_qgemm(ctx):
         w = rand_packed(qt, (), N, K)
         ms = ctx.time(lambda: qm.dequantize_gpu(w, qt, (N, K), out=scratch))
         ctx.row("qgemm", f"dequantize [{N},{K}] {qt} -> bf16", ms, nbytes=w.numel() + scratch.numel() * 2)
+        for br, g, nw in [(16, 16, 2), (32, 16, 4), (64, 16, 8), (16, 8, 1), (32, 8, 2), (64, 8, 4)]:
+            grid = (triton.cdiv(N, br), triton.cdiv(K, 16 * g))
+            ms = ctx.time(lambda: qm._dequant_kernel[grid](w, scratch, N, K, scratch.stride(0), QT=qm.QT_ID[qt],
+                                                           BR=br, G=g, num_warps=nw))
+            ctx.row("qgemm", f"dequantize {qt} BR={br} G={g} warps={nw}", ms, nbytes=w.numel() + scratch.numel() * 2)
+        for M in [64, 256]:  # short prompts: where the fused GEMM and dequant + cuBLAS cross
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            base_ms = ctx.time(lambda: torch.matmul(x, wb.t(), out=out))
+            ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T bf16 cuBLAS (dequantized weight)", base_ms, flop=2 * M * N * K)
+            for meth in ["fused", "cublas"]:
+                ms = ctx.time(lambda: qm.qgemm(x, w, qt, N, out=out, method=meth, scratch=scratch))
+                ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T {qt} {meth}", ms, flop=2 * M * N * K, base="bf16 cuBLAS",
+                        base_ms=base_ms)
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
@@ -278,7 +292,7 @@ def bench_moe_prefill(ctx):
     qtypes = ("Q4_K", "Q4_K", "Q4_K")
     pools = _moe_pools(qtypes, S, D, Fe)
     wbf = [torch.randn(S, r, c, device="cuda", dtype=torch.bfloat16) * 0.01 for r, c in ((Fe, D), (Fe, D), (D, Fe))]
-    Ts = [512, 2048] if ctx.quick else [512, 2048, 8192]
+    Ts = [512, 2048, 8192]
     for T in Ts:
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(T, S, device="cuda").topk(k, dim=1).indices
