@@ -493,10 +493,21 @@ def _gemm_cfgs():
     if INTERPRET:
         return [triton.Config({"BN": 64, "G": 16}, num_warps=4)]
     return [triton.Config({"BN": bn, "G": g}, num_warps=nw, num_stages=ns)
-            for bn, g, nw, ns in [(64, 4, 4, 3), (128, 4, 8, 3), (64, 8, 4, 2), (128, 8, 8, 2), (32, 8, 4, 3)]]
+            for bn, g, nw, ns in [(64, 4, 4, 3), (128, 4, 8, 3), (64, 8, 4, 2), (128, 8, 8, 2), (32, 8, 4, 3),
+                                  (64, 4, 8, 3)]]
 
 
-@triton.autotune(configs=_gemm_cfgs(), key=["F", "D", "BM", "QTG", "QTU"])
+def _acc_prune(n_acc):
+    """Autotuner pre-filter: drop configurations whose fp32 accumulators ([BN, BM] x n_acc) would take more than
+    128 registers per thread (they spill: BM = 256 with gate and up accumulated together)."""
+    def prune(configs, nargs, **kw):
+        bm = kw.get("BM", nargs.get("BM"))
+        ok = [c for c in configs if n_acc * c.kwargs["BN"] * bm <= 128 * 32 * c.num_warps]
+        return ok or configs
+    return {"early_config_prune": prune}
+
+
+@triton.autotune(configs=_gemm_cfgs(), key=["F", "D", "BM", "QTG", "QTU"], prune_configs_by=_acc_prune(2))
 @triton.jit
 def _moe_gate_up_grouped_kernel(x, stride_xt, tok, tile_slot, tile_row0, tile_row1, gate, up, h, F, D,
                                 mat_g, mat_u, S, QTG: tl.constexpr, QTU: tl.constexpr, BM: tl.constexpr,
@@ -530,7 +541,7 @@ def _moe_gate_up_grouped_kernel(x, stride_xt, tok, tile_slot, tile_row0, tile_ro
              mask=r_mask[None, :] & n_mask[:, None])
 
 
-@triton.autotune(configs=_gemm_cfgs(), key=["F", "D", "BM", "QTD"])
+@triton.autotune(configs=_gemm_cfgs(), key=["F", "D", "BM", "QTD"], prune_configs_by=_acc_prune(1))
 @triton.jit
 def _moe_down_grouped_kernel(h, asg, topk_w, tile_slot, tile_row0, tile_row1, down, y, F, D, mat_d, S,
                              QTD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
@@ -589,8 +600,9 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     S, F = gate_pool.shape[0], gate_pool.shape[1]
     qg, qu, qd = qtypes
     A = T * k
-    if BM is None:  # rows per expert tile, from the mean rows per slot
-        BM = 16 if INTERPRET else max(16, min(128, triton.next_power_of_2(max(1, A // S))))
+    if BM is None:  # rows per expert tile, from the mean rows per slot: each tile dequantizes its expert's weights
+        # once, so one tile per expert is what keeps the (dequant-bound) kernels fast; 256 = the wgmma N limit
+        BM = 16 if INTERPRET else max(16, min(256, triton.next_power_of_2(max(1, A // S))))
     asg, tile_slot, row0, row1 = moe_route_tiles(topk_ids, S, BM)
     tok = asg // k
     h = torch.empty(A, F, dtype=torch.bfloat16, device=x.device)

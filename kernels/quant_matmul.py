@@ -1322,9 +1322,10 @@ def qgemm(x, data, qtype, N, out=None, method="fused", scratch=None):
     return out
 
 
-# Below this many rows the in-kernel dequant GEMM wins over dequant-to-scratch + cuBLAS
-# (scratch costs ~2.6 B/weight of extra traffic; set from scripts/bench_kernels.py results).
-GEMM_CUBLAS_MIN_M = 2048
+# Below this many rows the in-kernel dequant GEMM wins over dequant-to-scratch + cuBLAS (H200, session 14,
+# scripts/bench_kernels.py, [M x 2304] x [4096, 2304]^T, us, fused / dequant + cuBLAS: Q4_K M=64 43.9 / 34.4,
+# M=256 41.8 / 29.9, M=512 55.7 / 36.1; Q8_0 M=64 40.4 / 90.6, M=256 37.5 / 27.5, M=512 57.1 / 31.0).
+GEMM_CUBLAS_MIN_M = 128
 
 
 def qlinear(x, data, qtype, N, out=None, x8=None):
@@ -1335,8 +1336,8 @@ def qlinear(x, data, qtype, N, out=None, x8=None):
     o2 = None if out is None else out.view(M, N)
     if M <= 8:
         y = qgemv(x2, data, qtype, N, out=o2, **({} if x8 is None else {"x8": x8}))
-    elif M >= GEMM_CUBLAS_MIN_M and out is None:
-        y = qgemm(x2, data, qtype, N, method="cublas")
+    elif M >= GEMM_CUBLAS_MIN_M:
+        y = qgemm(x2, data, qtype, N, out=o2, method="cublas")
     else:
         y = qgemm(x2, data, qtype, N, out=o2)
     return y.view(*lead, N) if out is None else out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks  # noqa: E402
@@ -454,7 +455,7 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 37, 512, 4096])
+@pytest.mark.parametrize("T", [1, 37, 512, 8192])  # 8192: 256-row tiles
 @pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q5_K"), ("Q3_K", "Q3_K", "Q6_K")])
 def test_cuda_moe_prefill(T, qtypes):
     S, D, F, k = 256, 2304, 1024, 8
@@ -476,6 +477,16 @@ def test_cuda_moe_prefill(T, qtypes):
     ref = moe_ref(x, ids, w, *dense)
     torch.cuda.synchronize()
     check(out.float(), ref, 1e-2)
+
+
+def test_moe_prefill_config_prune():
+    """The grouped GEMMs' autotuner never tries accumulators of more than 128 fp32 registers per thread."""
+    prune = moe._acc_prune(2)["early_config_prune"]
+    cfgs = [triton.Config({"BN": bn, "G": 4}, num_warps=nw) for bn, nw in ((64, 4), (128, 8), (64, 8), (32, 4))]
+    kept = [(c.kwargs["BN"], c.num_warps) for c in prune(cfgs, {}, BM=256)]
+    assert kept == [(64, 8), (32, 4)]
+    assert len(prune(cfgs, {}, BM=128)) == 4
+    assert len(moe._acc_prune(1)["early_config_prune"](cfgs, {}, BM=256)) == 4
 
 
 def test_moe_gluon_dispatch(monkeypatch):

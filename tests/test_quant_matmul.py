@@ -247,6 +247,10 @@ def test_qgemm_cublas_and_qlinear(qtype):
     check(y, qlinear_ref(x3, wd), TOL_DOT)
     y1 = qm.qlinear(x3[:, :1], p, qtype, N)  # 2 rows -> GEMV path
     check(y1, qlinear_ref(x3[:, :1], wd), TOL_F32)
+    xl = torch.randn(qm.GEMM_CUBLAS_MIN_M + 3, K, generator=g).bfloat16()  # dequant + matmul path, into `out`
+    yl = torch.full((xl.shape[0], N), float("nan"), dtype=torch.bfloat16)
+    assert qm.qlinear(xl, p, qtype, N, out=yl) is yl
+    check(yl.float(), qlinear_ref(xl, wd), 1e-2)
 
 
 def test_q8_0_k_not_multiple_of_256():
