@@ -373,7 +373,7 @@ def bench(
     contexts: str = typer.Option("4k,128k,1m", "--contexts", help="Decode depths to time (tokens in context)."),
     prompts: str = typer.Option("8k,128k", "--prompts", help="Prompt lengths for prefill."),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens decoded per depth."),
-    chunks: str = typer.Option("auto", "--chunk", help="Prefill chunk(s) in tokens; a list times each (e.g. 2048,4096,8192). auto: the engine's own (up to 8192, fitted to the free GPU memory or --vram)."),
+    chunks: str = typer.Option("auto", "--chunk", help="Prefill chunk(s) in tokens; a list times each (e.g. 2048,4096,8192). auto: the engine's own (up to 16384, fitted to the free GPU memory or --vram)."),
     kv_cache: str = typer.Option("bf16", "--kv-cache", help="MLA latent cache type: bf16 or fp8."),
     zipf: float = typer.Option(0.0, "--zipf", help="Skew the synthetic routing by Zipf(s) popularity (0 = uniform)."),
     vram: Optional[str] = typer.Option(None, "--vram", help="Enforced GPU memory budget, e.g. 24GB."),

@@ -232,7 +232,7 @@ class GpuKimi(KimiLinear):
     """KimiLinear on CUDA with the Triton kernels; activations bf16, recurrent state fp32."""
 
     def __init__(self, cfg, weights: dict, device="cuda", dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
-                 use_graph: bool = True, prefill_chunk: int = 8192, expert_store: str | None = None,
+                 use_graph: bool = True, prefill_chunk: int = 16384, expert_store: str | None = None,
                  embed_store: str | None = "auto"):
         """expert_store="cpu": routed experts stay in pinned host memory, for kimi_local.offload.
         embed_store="cpu": the token embedding stays in pinned host memory (0.29 GiB at Q6_K); "auto"
@@ -279,7 +279,8 @@ class GpuKimi(KimiLinear):
         """The largest prefill chunk (max_prefill_chunk, halved down to 256) whose estimated activations
         (prefill_peak_bytes) fit what the weights and caches leave of the --vram budget (without one: of
         the GPU's free memory), keeping decode_reserve for the decode graph's warm-up and cuBLAS workspaces.
-        Default 8192: 1.16x the prefill speed of 4096 for an 8K prompt (H200, session 4, run 1)."""
+        Default 16384: 8192 was 1.16x the speed of 4096 for an 8K prompt (H200, session 4, run 1); 16384 is 1.11x
+        8192 for a 128K prompt (21,423 vs 19,233 tok/s, H200, session 14, run 4)."""
         budget = budget_of(self.device)
         chunk = self.max_prefill_chunk
         free = None

@@ -173,7 +173,7 @@ class Stats:
 def prefill(model, cache, ids: list[int], chunk: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
     """Feed ids through the model in chunks; returns the last position's logits [1, vocab].
-    chunk None: the model's `prefill_chunk` (the engine: up to 8192, fitted to the GPU memory left; the
+    chunk None: the model's `prefill_chunk` (the engine: up to 16384, fitted to the GPU memory left; the
     CPU reference: 2048)."""
     if not ids:
         return None
