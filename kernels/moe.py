@@ -21,8 +21,9 @@ arrival counters) was tried and measured 1.6-2.7x slower than these kernels (H10
 Q4_K/Q4_K/Q6_K, 85-130 vs 47.4 us Q3_K/Q3_K/Q4_K), so it was removed.
 
 Prefill (T tokens): assignments (token, j) are sorted by slot on the device (torch.sort + scatter_add
-counts + searchsorted tile table: no host sync); grouped GEMMs over BM-row tiles of one expert each,
-in-kernel dequant + tl.dot: gate/up fused with SiLU*up -> H [T*k, F] bf16 (sorted order), then down
+counts + searchsorted tile table: no host sync); grouped GEMMs over BM-row tiles (16-256) of one expert each,
+in-kernel dequant + tl.dot with the weight tile as the first (register) operand, as in quant_matmul._qgemm_kernel:
+gate/up fused with SiLU*up -> H [T*k, F] bf16 (sorted order), then down
 with the routing weight in the epilogue -> Y [T*k, D] in (token, j) order, summed over j in fp32.
 Floor: 2 * T * k * 3 * F * D flops (T=8192: 928 GFLOP -> ~1.2 ms at ~780 TFLOP/s); compute bound
 from T ~ 1k on; at T=512 the expert weights (all 256 experts touched: 1.3 GB in Q4_K... per layer
