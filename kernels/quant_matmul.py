@@ -203,17 +203,11 @@ def _dq_ab(w, n, n_mask, gg, N, K, QT: tl.constexpr):
             dmin = tl.load(dd + 1, mask=mask2, other=0.0).to(tl.float32)
             A = d * sc
             B = dmin * m
-        elif QT == 1:  # Q6_K: sc [16] int8, d fp16
-            sc = tl.load((w + NBT * 192).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
+        elif QT == 1 or QT == 4:  # Q6_K / Q3_K: sc [16] int8 (Q3_K's already minus 32), then d fp16
+            o_sc = NBT * 192 if QT == 1 else NBT * 96
+            sc = tl.load((w + o_sc).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
                          mask=mask2, other=0).to(tl.float32)
-            d = tl.load((w + NBT * 208).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
-                        other=0.0).to(tl.float32)
-            A = d * sc
-            B = tl.zeros([1, 1], tl.float32)
-        elif QT == 4:  # Q3_K: sc [16] int8 (already minus 32), d fp16
-            sc = tl.load((w + NBT * 96).to(tl.pointer_type(tl.int8)) + rb * 16 + g[None, :],
-                         mask=mask2, other=0).to(tl.float32)
-            d = tl.load((w + NBT * 112).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
+            d = tl.load((w + o_sc + NBT * 16).to(tl.pointer_type(tl.float16)) + rb, mask=mask2,
                         other=0.0).to(tl.float32)
             A = d * sc
             B = tl.zeros([1, 1], tl.float32)
