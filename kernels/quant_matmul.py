@@ -1316,7 +1316,8 @@ def qgemm(x, data, qtype, N, out=None, method="fused", scratch=None):
     return out
 
 
-# Below this many rows the in-kernel dequant GEMM wins over dequant-to-scratch + cuBLAS (H200, session 14,
+# From this many rows on, qlinear dequantizes into a scratch for cuBLAS instead of the in-kernel dequant GEMM.
+# The crossover lies between 64 and 256 rows, by type (H200, session 14,
 # scripts/bench_kernels.py, [M x 2304] x [4096, 2304]^T, us, fused / dequant + cuBLAS: Q4_K M=64 43.9 / 34.4,
 # M=256 41.8 / 29.9, M=512 55.7 / 36.1; Q8_0 M=64 40.4 / 90.6, M=256 37.5 / 27.5, M=512 57.1 / 31.0).
 GEMM_CUBLAS_MIN_M = 128

@@ -189,7 +189,8 @@ def bench_qgemv(ctx):
 @section("qgemm")
 def bench_qgemm(ctx):
     N, K = 4096, 2304
-    Ms = [512, 2048, 8192] if ctx.quick else [512, 1024, 2048, 4096, 8192]
+    # 64, 256: short prompts, where the fused GEMM and dequant + cuBLAS cross (qm.GEMM_CUBLAS_MIN_M)
+    Ms = [64, 256, 512, 2048, 8192] if ctx.quick else [64, 256, 512, 1024, 2048, 4096, 8192]
     wb = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.01
     scratch = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
     for qt in ["Q4_K", "Q8_0"] if ctx.quick else ["Q4_K", "Q6_K", "Q8_0", "Q3_K"]:
@@ -201,15 +202,6 @@ def bench_qgemm(ctx):
             ms = ctx.time(lambda: qm._dequant_kernel[grid](w, scratch, N, K, scratch.stride(0), QT=qm.QT_ID[qt],
                                                            BR=br, G=g, num_warps=nw))
             ctx.row("qgemm", f"dequantize {qt} BR={br} G={g} warps={nw}", ms, nbytes=w.numel() + scratch.numel() * 2)
-        for M in [64, 256]:  # short prompts: where the fused GEMM and dequant + cuBLAS cross
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            base_ms = ctx.time(lambda: torch.matmul(x, wb.t(), out=out))
-            ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T bf16 cuBLAS (dequantized weight)", base_ms, flop=2 * M * N * K)
-            for meth in ["fused", "cublas"]:
-                ms = ctx.time(lambda: qm.qgemm(x, w, qt, N, out=out, method=meth, scratch=scratch))
-                ctx.row("qgemm", f"[{M}x{K}]x[{N},{K}]^T {qt} {meth}", ms, flop=2 * M * N * K, base="bf16 cuBLAS",
-                        base_ms=base_ms)
         for M in Ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
