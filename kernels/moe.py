@@ -40,8 +40,9 @@ from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_wt, _dq_ab, _dq_dot_rows, _dq_q, _i8dot,
                            _prefetch_rows,
-                           _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
-                           split_workspace, word_c, x8_default, x8_words)
+                           _res_norm_x8n, _wdot, _x8_put, env_config, packed_row_bytes, qlinear, quantize_x8,
+                           split_workspace, word_c, x8_default, x8_words, x8n_words)
+from .norm import add_norm_x8n
 
 
 def _cfgs(opts, names):
@@ -231,13 +232,16 @@ def _moe_w_gate_up_kernel(x, slot_ids, gate, up, sgate, sup, act, part, cnt, F, 
 
 
 @triton.jit
-def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale,
+def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D, mat_d, FPS, rscale, res, nw, x8n,
                        KTOP: tl.constexpr, E: tl.constexpr, S2: tl.constexpr, BD: tl.constexpr,
                        QTD: tl.constexpr, CD: tl.constexpr, EVD: tl.constexpr,
                        QTSD: tl.constexpr, CSD: tl.constexpr, EVSD: tl.constexpr, PDL: tl.constexpr,
                        X8: tl.constexpr, PREFETCH: tl.constexpr, ROUTE: tl.constexpr, NR: tl.constexpr,
-                       BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr):
-    # ROUTE: slot_ids / weights are the router's logits [NR] / selection bias, see _moe_w_gate_up_kernel
+                       BNR: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr, RENORM: tl.constexpr,
+                       NORM: tl.constexpr):
+    # ROUTE: slot_ids / weights are the router's logits [NR] / selection bias, see _moe_w_gate_up_kernel.
+    # NORM: the output rows go into the residual res and the next RMSNorm's normed x8 buffer x8n (weight nw)
+    # instead of out (quant_matmul._res_norm_x8n; BD a multiple of 16)
     i_d, i_e, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if X8:
         a_e = act + i_e * (F // 4 + F // 8)  # expert e's x8 row of act
@@ -274,7 +278,7 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
         y = _wdot_e(a_e, sdown, dl, D, F, e0, e1, QTSD, BD, CSD, EVSD, X8)
     NP: tl.constexpr = E * S2
     if NP == 1:
-        tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
+        _down_store(out, d, d_mask, y, res, nw, x8n, D, i_d * BD, BD, NORM)
     else:
         tl.store(part + (i_e * S2 + i_s) * D + d, y, mask=d_mask)
         tl.debug_barrier()
@@ -283,8 +287,17 @@ def _moe_w_down_kernel(act, slot_ids, weights, down, sdown, out, part, cnt, F, D
             tot = tl.zeros([BD], tl.float32)
             for p in range(NP):
                 tot += tl.load(part + p * D + d, mask=d_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out + d, tot.to(out.dtype.element_ty), mask=d_mask)
+            _down_store(out, d, d_mask, tot, res, nw, x8n, D, i_d * BD, BD, NORM)
             tl.atomic_xchg(cnt + i_d, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _down_store(out, d, d_mask, y, res, nw, x8n, D, d0, BD: tl.constexpr, NORM: tl.constexpr):
+    """The down kernel's finished rows d = d0 + [0, BD) (fp32 y): to out, or with NORM into res and x8n."""
+    if NORM:
+        _res_norm_x8n(res, nw, x8n, D, d0, y, BD // 16)
+    else:
+        tl.store(out + d, y.to(out.dtype.element_ty), mask=d_mask)
 
 
 _DOWN_PARTS = 18  # down programs per d-tile (E * S2) of the routed layout: 8 experts + shared, S2 = 2
@@ -328,7 +341,8 @@ def moe_prefetch() -> set:
 
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
-               num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None, gluon_down=None):
+               num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None, gluon_down=None,
+               res_norm=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -345,16 +359,24 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     gluon: the gate/up half as kernels/moe_gluon.py's kernel (x8, Q4_K / Q8_0 gate and up, Hopper) where it applies:
     None = unless KIMI_LOCAL_MOE_GLUON=0 or a gate/up knob (BF, S1, C, KIMI_LOCAL_MOE_CFG) is given.
     gluon_down: the down half as moe_gluon's down kernel (x8; Q4_K / Q5_K / Q8_0 down, Hopper) where it applies:
-    None = with the Gluon gate/up, unless KIMI_LOCAL_MOE_GLUON_DOWN=0 or a down knob (BD, S2) is given."""
+    None = with the Gluon gate/up, unless KIMI_LOCAL_MOE_GLUON_DOWN=0 or a down knob (BD, S2) is given.
+    res_norm = (residual [D], norm weight [D], x8n int32 [x8n_words(D)]): the layer's output goes into the residual
+    stream (residual += out) and x8n receives the normed x8 buffer of the next RMSNorm (quant_matmul.NormedX8), from
+    the down kernel's last arrival per d-tile (word path with x8; elsewhere a norm.add_norm_x8n launch after it);
+    out is then not written."""
     if route is not None and (impl == "tile" or not all(q in WORD_QTYPES for q in tuple(qtypes) + tuple(
             shared_qtypes or ()))):
         rb, rk, rs, rbw, rrn = route
         ids, wts = _route(slot_ids.reshape(1, -1), rb, rk, rs, rbw, rrn)
         return moe_decode(x, ids[0], wts[0], gate_pool, up_pool, down_pool, qtypes, out, shared, shared_qtypes,
-                          workspace, impl, BF, S1, BD, S2, num_warps, num_stages, C, x8)
+                          workspace, impl, BF, S1, BD, S2, num_warps, num_stages, C, x8, res_norm=res_norm)
+    if res_norm is not None:
+        assert res_norm[2].dtype == torch.int32 and res_norm[2].numel() == x8n_words(x.shape[-1])
+        assert res_norm[0].is_contiguous() and res_norm[1].is_contiguous() and res_norm[2].is_contiguous()
     if impl == "tile":
-        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
-                               shared_qtypes=shared_qtypes, workspace=workspace)
+        moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                        shared_qtypes=shared_qtypes, workspace=workspace)
+        return out if res_norm is None else add_norm_x8n(out, *res_norm)
     D = x.shape[-1]
     F = gate_pool.shape[1]
     K = slot_ids.shape[0] if route is None else route[1]
@@ -382,8 +404,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         assert t.data_ptr() % 16 == 0
     assert gate_pool[0].numel() % 16 == 0 and up_pool[0].numel() % 16 == 0 and down_pool[0].numel() % 16 == 0
     if not all_word:  # the word path has no BF16 reader: use the tile kernels
-        return moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
-                               shared_qtypes=shared_qtypes, workspace=workspace)
+        moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=shared,
+                        shared_qtypes=shared_qtypes, workspace=workspace)
+        return out if res_norm is None else add_norm_x8n(out, *res_norm)
     # K slices in elements, multiples of 256 (a K below 256, Q8_0 only, is one slice)
     S1 = max(1, min(S1, D // 256))
     eps = triton.cdiv(D // 256, S1) * 256 if D >= 256 else D
@@ -442,16 +465,19 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     if gluon_down and use_x8 and not INTERPRET \
             and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
         part2, cnt2 = split_workspace(x.device, E * D, D // 16)
-        return moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
-                              D, F, qd, qsd if has_shared else None, K, route, pdl.enabled())
+        moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
+                       D, F, qd, qsd if has_shared else None, K, route, pdl.enabled(), res_norm=res_norm)
+        return out
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
+    fuse = res_norm is not None and BD % X8_GROUP == 0
+    rn = res_norm if fuse else (out, out, out)
     _moe_w_down_kernel[(ntd, E, S2)](
         act, slot_ids, weights if route is None else rbias, down_pool, sd, out, part2, cnt2, F, D,
-        down_pool[0].numel(), fps, rscale, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
+        down_pool[0].numel(), fps, rscale, *rn, KTOP=K, E=E, S2=S2, BD=BD, QTD=QT_ID[qd], CD=CD, EVD=EVD,
         QTSD=QT_ID[qsd], CSD=CSD, EVSD=EVSD, PDL=pdl.enabled(), X8=use_x8, PREFETCH="down" in pre, **rkw,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
-    return out
+        NORM=fuse, num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
+    return out if res_norm is None or fuse else add_norm_x8n(out, *res_norm)
 
 
 def moe_decode_tile(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,

@@ -441,22 +441,24 @@ if HAVE_GLUON:
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
                                     D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
-        # act = silu(gate) * up of the 16 rows, as one x8 group (quant_matmul._x8_quant)
-        h = yg / (1.0 + gl.exp(-yg)) * yu
+        # act = silu(gate) * up of the 16 rows, as one x8 group
+        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
+
+    @gluon.jit
+    def _x8_group(x8, K: gl.constexpr, g, h, o):
+        """Store h (fp32 [16], lanes o) as group g of the x8 buffer x8 of a K-vector (quant_matmul._x8_quant)."""
         amax = gl.max(gl.abs(h), 0)
         inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
         qv = gl.floor(h * inv + 0.5)
         dx = amax / 127.0
         sq = dx * gl.sum(qv, 0)
-        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         b = (qv.to(gl.int32) & 0xFF) << (8 * (o % 4))
-        a_e = act + e * (F // 4 + F // 8)
-        g = f0 // 16
         for wd in gl.static_range(4):
-            gl.store(a_e + g * 4 + wd, gl.sum(gl.where(o // 4 == wd, b, 0), 0))
-        fa = (a_e + F // 4).to(gl.pointer_type(gl.float32))
+            gl.store(x8 + g * 4 + wd, gl.sum(gl.where(o // 4 == wd, b, 0), 0))
+        fa = (x8 + K // 4).to(gl.pointer_type(gl.float32))
         gl.store(fa + g, dx)
-        gl.store(fa + F // 16 + g, sq)
+        gl.store(fa + K // 16 + g, sq)
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
@@ -472,14 +474,16 @@ if HAVE_GLUON:
         return y
 
     @gluon.jit
-    def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale,
+    def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale, res, nw, x8n,
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr):
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
-        re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]."""
+        re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
+        them to the residual res [D] instead and writes the tile's group of the next RMSNorm's normed x8 buffer x8n
+        (weight nw; quant_matmul._res_norm_x8n's roundings)."""
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
         NT: gl.constexpr = D // 16
@@ -503,13 +507,24 @@ if HAVE_GLUON:
             y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
+        if NORM:  # the tile's residual rows and norm weights: their latency overlaps the arrival's
+            xdt: gl.constexpr = res.dtype.element_ty
+            b_res = gl.load(res + d0 + o)
+            b_nw = gl.load(nw + d0 + o).to(xdt).to(gl.float32)
         _barrier()  # every thread's partial stored before the (releasing) arrival
         c = gl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu")
         if c == E - 1:
             tot = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
             for p in gl.static_range(E):
                 tot += gl.load(part + p * D + d0 + o, cache_modifier=".cg")
-            gl.store(out + d0 + o, tot.to(out.dtype.element_ty))
+            if NORM:  # quant_matmul._res_norm_x8n for one group
+                xs = (b_res.to(gl.float32) + tot.to(xdt).to(gl.float32)).to(xdt)
+                gl.store(res + d0 + o, xs)
+                xf = xs.to(gl.float32)
+                _x8_group(x8n, D, tile, xf * b_nw, o)
+                gl.store((x8n + D // 4 + D // 8).to(gl.pointer_type(gl.float32)) + tile, gl.sum(xf * xf, 0))
+            else:
+                gl.store(out + d0 + o, tot.to(out.dtype.element_ty))
             gl.atomic_xchg(cnt + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -565,11 +580,12 @@ def down_enabled() -> bool:
 
 
 def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int, F: int, qd: str, qsd: str | None,
-         ktop: int, route, pdl_on: bool, NS: int | None = None):
+         ktop: int, route, pdl_on: bool, NS: int | None = None, res_norm=None):
     """Launch the Gluon down kernel: act int32 [ktop + 1, x8_words(F)] (gate/up's); slot_ids [ktop] int32 and weights
     [ktop] fp32, or with route = (rbias, k, scale, biased, renorm) the router's logits [NR] fp32; down_pool uint8
     [S, D, row bytes]; sdown the shared expert's packed down or None; out [D] (written); part fp32 >= (ktop + 1) * D
-    and cnt int32 [D / 16] zeroed (split_workspace). Graph-capturable."""
+    and cnt int32 [D / 16] zeroed (split_workspace); res_norm: moe.moe_decode's (out then not written).
+    Graph-capturable."""
     has_shared = sdown is not None
     nr, rscale, biased, renorm = 32, 1.0, False, False
     if route is not None:
@@ -582,6 +598,7 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
     k = moe_down_gluon_kernel[(D // 16 * E,)](
         act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
+        *(res_norm if res_norm is not None else (out, out, out)), NORM=res_norm is not None,
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,

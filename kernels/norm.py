@@ -11,7 +11,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import _x8_put, x8_words
+from .quant_matmul import _x8_put, _x8n_put, x8_words, x8n_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -35,7 +35,9 @@ def rms_norm_kernel(
     x, res, res_out, w, out, x8, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]; x8 (X8)
     stride_x, stride_r, stride_ro, stride_o,
     D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, X8: tl.constexpr,
+    X8N: tl.constexpr = False,
 ):
+    # X8N (one row): no normalisation here; x8 receives the normed x8 buffer of x (quant_matmul.x8n_words)
     i_t = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -49,10 +51,13 @@ def rms_norm_kernel(
         # h = x + residual in the activation dtype (a bf16 add rounds once, like torch)
         b_x = (b_x.to(tl.float32) + tl.load(res + i_t * stride_r + o_d, mask=m_d, other=0).to(tl.float32)).to(xdt)
         tl.store(res_out + i_t * stride_ro + o_d, b_x, mask=m_d)
-    b_o = _rms_scaled(b_x.to(tl.float32), b_w, D, eps, xdt).to(out.dtype.element_ty)
-    tl.store(out + i_t * stride_o + o_d, b_o, mask=m_d)
-    if X8:  # the stored values as int8 activations (quant_matmul's x8 buffer; one row, D % 16 == 0)
-        _x8_row(x8, D, b_o, BD)
+    if X8N:
+        _x8n_put(x8, D, 0, D // 16, b_x.to(tl.float32), b_w, BD // 16)
+    else:
+        b_o = _rms_scaled(b_x.to(tl.float32), b_w, D, eps, xdt).to(out.dtype.element_ty)
+        tl.store(out + i_t * stride_o + o_d, b_o, mask=m_d)
+        if X8:  # the stored values as int8 activations (quant_matmul's x8 buffer; one row, D % 16 == 0)
+            _x8_row(x8, D, b_o, BD)
 
 
 def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None, x8_out=None):
@@ -78,6 +83,22 @@ def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None, x8_ou
                           D=D, BD=max(BD, 16), HAS_RES=has_res, PDL=pdl.enabled(), X8=x8_out is not None,
                           num_warps=1 if _INTERP else min(16, max(1, BD // 256)), **pdl.launch_kw())
     return out
+
+
+def add_norm_x8n(v, residual, w, x8n):
+    """One token: residual += v (in place, rounded once as rms_norm rounds it), and x8n (int32 [x8n_words(D)])
+    <- the normed x8 buffer of the new residual for the RMSNorm with weight w (quant_matmul's "normed x8": the
+    consumer GEMV applies 1 / rms). The stand-alone form of the MoE down kernel's fused epilogue (moe.moe_decode's
+    res_norm), for the paths that have no such epilogue. v, residual [D] or [1, D]. Graph-capturable, PDL-aware."""
+    D = v.shape[-1]
+    assert v.numel() == D and residual.numel() == D and v.is_contiguous() and residual.is_contiguous()
+    assert x8n.dtype == torch.int32 and x8n.numel() == x8n_words(D) and x8n.is_contiguous()
+    v2, r2 = v.view(1, D), residual.view(1, D)
+    BD = max(16, triton.next_power_of_2(D))
+    rms_norm_kernel[(1,)](v2, r2, r2, w, v2, x8n, 0.0, D, D, D, D, D=D, BD=BD, HAS_RES=True, PDL=pdl.enabled(),
+                          X8=False, X8N=True, num_warps=1 if _INTERP else min(16, max(1, BD // 256)),
+                          **pdl.launch_kw())
+    return x8n
 
 
 @triton.jit

@@ -30,6 +30,7 @@ Q4_K 0.578, Q3_K 0.445, Q2_K 0.328, BF16 2):
     dequant-to-scratch costs ~19 MB bf16 written+read -> ~13 us extra (so scratch+cuBLAS wins for big M).
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -345,6 +346,8 @@ def qgemv(x, data, qtype, N, out=None, method="auto", **word_kw):
         assert M == 1
         qgemv1(x2[0], data, qtype, N, out=o2[0], **word_kw)
         return out
+    if isinstance(word_kw.get("x8"), NormedX8):  # x is not what the buffer stands for: only the word path reads it
+        raise ValueError(f"a normed x8 buffer needs the word path (M = 1, a type in {WORD_QTYPES}), not {qtype}")
     if method == "dot":
         qgemm(x2, data, qtype, N, out=o2)
         return out
@@ -771,6 +774,26 @@ def x8_words(K):
     return K // 4 + 2 * (K // X8_GROUP)
 
 
+# A "normed x8" buffer carries an RMSNorm whose 1 / rms the consumer applies: for h = rms_norm(x) * w it holds
+# the x8 groups of x * w (not of h) and then K/16 more fp32 words, each group's sum of x^2. h = r * (x * w) with
+# the scalar r = rsqrt(mean(x^2) + eps), so a GEMV of h is r times the GEMV of x * w, and every 16-group of the
+# buffer can be written by whichever program produced those 16 values of x (the MoE down kernel's last arrival
+# for a d-tile: the residual add + norm need no launch and no grid-wide reduction of their own). The consumer
+# (_qgemv1_kernel with NORM) sums the K/16 squares itself. Roundings differ from rms_norm's (h is not rounded to
+# bf16 before quantizing): within the x8 rounding, which is ~0.3 %.
+
+
+def x8n_words(K):
+    """Words of a normed x8 buffer (see above): the x8 buffer of x * w, then K/16 fp32 group sums of x^2."""
+    return x8_words(K) + K // X8_GROUP
+
+
+class NormedX8(NamedTuple):
+    """A normed x8 buffer int32 [x8n_words(K)] and the norm's eps: qgemv1's x8 for h = rms_norm(x) * w."""
+    buf: torch.Tensor
+    eps: float
+
+
 @triton.jit
 def _dp4a(a, b):
     """Per 32-bit lane: the sum of the 4 products of the signed bytes of a and b (int32)."""
@@ -814,6 +837,31 @@ def _x8_put(x8, K, g0, n, vals, G: tl.constexpr):
     words, dx, sq = _x8_quant(tl.reshape(vals, [G, 16]))
     g = tl.arange(0, G)
     _x8_store(x8, K, g0 + g, g < n, words, dx, sq)
+
+
+@triton.jit
+def _x8n_put(x8n, K, g0, n, xs, ws, G: tl.constexpr):
+    """Groups g0 .. g0 + n - 1 (of G) of a normed x8 buffer from xs = x and ws = the norm weight (fp32 [G * 16]
+    each, as rounded by the caller): the x8 groups of x * w and the groups' sums of x^2."""
+    _x8_put(x8n, K, g0, n, xs * ws, G)
+    g = tl.arange(0, G)
+    ssp = (x8n + K // 4 + K // 8).to(tl.pointer_type(tl.float32))
+    tl.store(ssp + g0 + g, tl.sum(tl.reshape(xs * xs, [G, 16]), axis=1), mask=g < n)
+
+
+@triton.jit
+def _res_norm_x8n(res, nw, x8n, K, d0, m, G: tl.constexpr):
+    """A layer output's rows d0 .. d0 + 16 G - 1 (m fp32 [16 G], d0 a multiple of 16, rows past K ignored) into
+    the residual stream and the next RMSNorm's normed x8 buffer: x = res + m (res's dtype: m rounded to it first,
+    as a stored output would be; the add rounds once, as norm.rms_norm's), res <- x, and the groups of x8n from
+    x and nw (rounded to res's dtype, as rms_norm rounds its weight)."""
+    xdt = res.dtype.element_ty
+    d = d0 + tl.arange(0, 16 * G)
+    dm = d < K
+    xs = (tl.load(res + d, mask=dm, other=0).to(tl.float32) + m.to(xdt).to(tl.float32)).to(xdt)
+    tl.store(res + d, xs, mask=dm)
+    ws = tl.load(nw + d, mask=dm, other=0).to(xdt).to(tl.float32)
+    _x8n_put(x8n, K, d0 // 16, (K - d0) // 16, xs.to(tl.float32), ws, G)
 
 
 @triton.jit
@@ -1064,10 +1112,12 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 
 
 @triton.jit
-def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
+def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
-                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr):
-    # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk
+                   EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
+                   NORM: tl.constexpr, BG: tl.constexpr):
+    # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
+    # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps)
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1077,10 +1127,15 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS,
     if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
         gdc_wait()
         gdc_launch_dependents()
+    if NORM:  # the groups' sums of squares: loads issued before the dot products, summed after them
+        o_g = tl.arange(0, BG)
+        b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
     if X8:
         y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
         y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(b_ss, 0) / K + eps)
     _split_finish(y, out, part, cnt, n, N, i_n, i_s, SPLIT)
 
 
@@ -1206,6 +1261,10 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     if qtype not in WORD_QTYPES:
         return qgemv(x, data, qtype, N, out=out, method="fma")
     assert data.numel() < 2 ** 31
+    normed = isinstance(x8, NormedX8)
+    if normed:
+        x8, eps = x8
+        assert x8.dtype == torch.int32 and x8.numel() == x8n_words(K) and x8.is_contiguous()
     use_x8 = isinstance(x8, torch.Tensor) or (x8 is True and K % X8_GROUP == 0)
     dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K, x8=use_x8)
     BN, SPLIT = BN or dBN, SPLIT or dS
@@ -1220,12 +1279,14 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     if use_x8:
         xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
-        assert xs.dtype == torch.int32 and xs.numel() == x8_words(K)
+        assert xs.dtype == torch.int32 and xs.numel() == (x8n_words(K) if normed else x8_words(K))
     else:
         xs = x.reshape(-1)
-    _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps, QT=QT_ID[qtype],
+    _qgemv1_kernel[(tiles, SPLIT)](xs, data, out, part, cnt, N, K, xs.stride(0), nblk, bps,
+                                   float(eps) if normed else 0.0, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
+                                   NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)),
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

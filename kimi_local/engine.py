@@ -26,9 +26,9 @@ from kimi_local.kernels import naive, pdl
 from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_absorb_write, mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
-from kimi_local.kernels.norm import rms_norm as fused_rms_norm
-from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, embed_gpu, qlinear,
-                                             quantize_x8, repack, x8_default, x8_words)
+from kimi_local.kernels.norm import add_norm_x8n, rms_norm as fused_rms_norm
+from kimi_local.kernels.quant_matmul import (QT_ID, WORD_QTYPES, X8_GROUP, NormedX8, embed_gpu, qlinear,
+                                             quantize_x8, repack, x8_default, x8_words, x8n_words)
 from kimi_local.kernels.router import norm_router_route, route_tokens
 from kimi_local.model import KimiLinear
 
@@ -364,17 +364,29 @@ class GpuKimi(KimiLinear):
                                             topk=not topk_in_moe)
             return h, h8, (("logits", ids) if topk_in_moe else (ids, wts))
 
+        # one token: the residual add + the next layer's attention RMSNorm run inside the FFN's down kernel, which
+        # writes a normed x8 buffer (quant_matmul.NormedX8: the projection GEMV applies 1 / rms), where that
+        # layer's projections all read x8 on the word path (KIMI_LOCAL_NORM_IN_DOWN=0: a norm launch of its own)
+        norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "1") != "0"
+
         h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
+            res_norm = None
+            if norm_in_down and i + 1 < cfg.num_hidden_layers and self._reads_normed_x8(i + 1):
+                x8n = torch.empty(x8n_words(cfg.hidden_size), dtype=torch.int32, device=x.device)
+                res_norm = (x, w[f"blk.{i + 1}.attn_norm.weight"], x8n)
             if cfg.is_moe(i) and fuse_route:
                 h, h8, routed = norm_route(a, i)
-                m = self.moe(i, h, h8, routed)
+                m = self.moe(i, h, h8, routed, res_norm=res_norm)
             else:
                 h, h8 = norm(a, b + "ffn_norm.weight", residual=x)
-                m = self.moe(i, h, h8) if cfg.is_moe(i) else self.dense_mlp(i, h, h8)
-            if i + 1 < cfg.num_hidden_layers:
+                m = (self.moe(i, h, h8, res_norm=res_norm) if cfg.is_moe(i)
+                     else self.dense_mlp(i, h, h8, res_norm=res_norm))
+            if res_norm is not None:  # x += m and the norm are done: x stands in for h (shape, dtype, device)
+                h, h8 = x, NormedX8(res_norm[2], eps)
+            elif i + 1 < cfg.num_hidden_layers:
                 h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
             return None
@@ -383,6 +395,17 @@ class GpuKimi(KimiLinear):
         h, h8 = norm(m, "output_norm.weight", residual=x)
         logits_out = torch.empty(h.shape[0], w["output.weight"].N, dtype=torch.float32, device=h.device)
         return w["output.weight"].matmul(h, out=logits_out, x8=h8)  # fp32 from the GEMV: no conversion launch
+
+    def _reads_normed_x8(self, i: int) -> bool:
+        """Layer i's attention input projections all run on the x8 word path (quantized, a WORD_QTYPES type), the
+        only readers of a normed x8 buffer."""
+        w, b = self.w, f"blk.{i}."
+        if self.cfg.is_kda(i):
+            names = ["qkvfgb"] if b + "qkvfgb" in w else ["qkv", "fgb_a"]
+        else:
+            names = ["attn_q_kv_a"] if b + "attn_q_kv_a" in w else ["attn_q.weight", "attn_kv_a_mqa.weight"]
+        return all(isinstance(w[b + n], GpuWeight) and w[b + n].dense is None and w[b + n].qtype in WORD_QTYPES
+                   and w[b + n].K % X8_GROUP == 0 for n in names)
 
     @property
     def embed_on_host(self) -> bool:
@@ -470,7 +493,8 @@ class GpuKimi(KimiLinear):
         return w[b + "attn_output.weight"].matmul(o.to(self.dtype))
 
     # ---- FFNs ----------------------------------------------------------------------------
-    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None) -> torch.Tensor:
+    def dense_mlp(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, res_norm=None) -> torch.Tensor:
+        """res_norm (one token): see moe.moe_decode (the output then goes into the residual, not returned)."""
         w, b = self.w, f"blk.{i}."
         mats = [w[b + f"ffn_{n}.weight"] for n in ("gate", "up", "down")]
         if h.shape[0] == 1 and all(m.qtype in WORD_QTYPES for m in mats) \
@@ -481,15 +505,19 @@ class GpuKimi(KimiLinear):
             out = torch.empty_like(h)
             none_i = torch.empty(0, dtype=torch.int32, device=h.device)
             moe_decode(h[0], none_i, none_i.float(), *(d[None] for d in data), qts, out[0], shared=data,
-                       shared_qtypes=qts, x8=h8)
+                       shared_qtypes=qts, x8=h8, res_norm=res_norm)
             return out
         g = w[b + "ffn_gate.weight"].matmul(h, x8=h8)
         u = w[b + "ffn_up.weight"].matmul(h, x8=h8)
-        return w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
+        out = w[b + "ffn_down.weight"].matmul((F.silu(g.float()) * u.float()).to(self.dtype))
+        if res_norm is not None:
+            add_norm_x8n(out, *res_norm)
+        return out
 
-    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None) -> torch.Tensor:
+    def moe(self, i: int, h: torch.Tensor, h8: torch.Tensor | None = None, routed=None, res_norm=None) -> torch.Tensor:
         """routed: (ids, weights) when the router already ran (norm_router_route), ("logits", logits [1, E]) when
-        it left the top-k to the MoE kernels (one token, resident experts), else routed here."""
+        it left the top-k to the MoE kernels (one token, resident experts), else routed here. res_norm (one
+        token): see moe.moe_decode (the output then goes into the residual, not returned)."""
         cfg, w, b = self.cfg, self.w, f"blk.{i}."
         shared, shq = w.get(b + "shexp", (None, None))
         out = torch.empty_like(h)
@@ -497,7 +525,7 @@ class GpuKimi(KimiLinear):
             moe_decode(h[0], routed[1][0], None, *self.experts.pools(i), self.experts.qtypes(i), out[0], shared=shared,
                        shared_qtypes=shq, x8=h8, route=(w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
                                                        cfg.routed_scaling_factor, cfg.biased_router_weights,
-                                                       cfg.moe_renormalize))
+                                                       cfg.moe_renormalize), res_norm=res_norm)
             return out
         ids, wts = routed if routed is not None else route_tokens(
             h, w[b + "ffn_gate_inp.weight"], w[b + "exp_probs_b.bias"], cfg.num_experts_per_token,
@@ -506,8 +534,9 @@ class GpuKimi(KimiLinear):
         pools, qtypes = self.experts.pools(i), self.experts.qtypes(i)  # after prepare: it may stage the slots
         if h.shape[0] == 1:
             moe_decode(h[0], slots[0], wts[0].contiguous(), *pools, qtypes, out[0], shared=shared, shared_qtypes=shq,
-                       x8=h8)
+                       x8=h8, res_norm=res_norm)
         else:
+            assert res_norm is None
             moe_prefill(h, slots, wts, *pools, qtypes, out, shared=shared, shared_qtypes=shq)
         return out
 

@@ -39,16 +39,18 @@ def cases(only: set):
                       PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W)
             out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
                         ce, M.DEFAULT_W))
-        for qd, qsd, route, ns in (("Q5_K", "Q8_0", True, M.DOWN_NS), ("Q5_K", "Q8_0", False, 3),
-                                   ("Q4_K", "Q4_K", True, M.DOWN_NS), ("Q8_0", None, False, M.DOWN_NS)):
+        for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True), ("Q5_K", "Q8_0", True, M.DOWN_NS, False),
+                                         ("Q5_K", "Q8_0", False, 3, False), ("Q4_K", "Q4_K", True, M.DOWN_NS, True),
+                                         ("Q8_0", None, False, M.DOWN_NS, False)):
             types = {"act": "*i32", "slot_ids": "*fp32" if route else "*i32", "weights": "*fp32",
                      "rbias": "*fp32" if route else "*i32", "down": "*u8", "sdown": "*u8", "out": "*bf16",
-                     "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32"}
+                     "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32", "res": "*bf16",
+                     "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DEFAULT_W)
-            out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns}", M.moe_down_gluon_kernel, types, ce,
-                        M.DEFAULT_W))
+                      W=M.DEFAULT_W, NORM=norm)
+            out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
+                        types, ce, M.DEFAULT_W))
     if "mla" in only:
         gl = mla_gluon.gl
         for fp8 in (False, True):

@@ -100,6 +100,46 @@ def test_engine_router_topk_in_moe_equals_router_topk(tiny_dir, monkeypatch):
     _decode_env_ab(tiny_dir, monkeypatch, "KIMI_LOCAL_ROUTE_IN_MOE", seed=3)
 
 
+def test_engine_norm_in_down(tiny_dir, monkeypatch):
+    """One token: the residual add + next attention RMSNorm inside the FFN's down kernel (normed x8 buffer, the
+    projection GEMV applies 1 / rms) against their own norm launches (KIMI_LOCAL_NORM_IN_DOWN=0): both within the
+    bf16 band of the reference, and rms_norm launches left only for layer 0's attention norm, the dense layers'
+    FFN norms and the output norm."""
+    import kimi_local.engine as E
+    from kimi_local.bench import synthetic_weights
+
+    cfg = HFCheckpoint(tiny_dir).cfg
+    w = synthetic_weights(cfg, lambda name, shape: "Q8_0" if shape[-1] % 32 == 0 else "BF16", "cpu", seed=5)
+    g = torch.Generator().manual_seed(5)
+    for name in [n for n in w if n.endswith("norm.weight")]:  # (synthetic norms are ones: a weak test of them)
+        w[name] = 1 + 0.2 * torch.randn(w[name].shape, generator=g)
+    ref = KimiLinear(cfg, dict(w), "cpu", torch.float32)
+    band = KimiLinear(cfg, dict(w), "cpu", torch.bfloat16)
+    eng = E.GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False)
+    assert all(eng._reads_normed_x8(i) for i in range(cfg.num_hidden_layers))
+    calls = []
+    real = E.fused_rms_norm
+    monkeypatch.setattr(E, "fused_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    caches = [ref.new_cache(), band.new_cache(), eng.new_cache(max_ctx=32), eng.new_cache(max_ctx=32)]
+    for t in [7, 300, 41]:
+        ids = torch.tensor([t])
+        r, b = ref.forward(ids, caches[0]), band.forward(ids, caches[1])
+        outs, n = [], []
+        for env, cache in zip(("1", "0"), caches[2:]):
+            monkeypatch.setenv("KIMI_LOCAL_NORM_IN_DOWN", env)
+            calls.clear()
+            outs.append(eng.forward(ids, cache))
+            n.append(len(calls))
+        L = cfg.num_hidden_layers
+        dense = sum(not cfg.is_moe(i) for i in range(L))  # their FFN norm is a launch (MoE: in the router's)
+        assert n == [2 + dense, 2 + dense + L - 1], n
+        assert torch.isfinite(outs[0]).all() and not torch.equal(outs[0], outs[1])
+        # the two differ by x8 roundings (measured 2-4 %, as far as each is from the fp32 reference)
+        assert _rel(outs[0], outs[1]) < 3 * _rel(b, r), (_rel(outs[0], outs[1]), _rel(b, r))
+        for e in outs:
+            assert _rel(e, r) < max(3 * _rel(b, r), 1e-2), (_rel(e, r), _rel(b, r))
+
+
 def test_engine_with_offloaded_experts_equals_resident(tiny_dir):
     """The engine reading its packed expert pools through kimi_local.offload's slot cache (2 + 1
     slots of 8 per layer, prefetch on) decodes the same greedy tokens as with all experts resident."""

@@ -159,6 +159,33 @@ def test_moe_decode_x8(qtypes, shared_qtypes, D, kw, monkeypatch):
     check(out, moe_ref(x, slots[None], w[None], gd, ud, dd, shared=shared[1]), 3e-2)
 
 
+@pytest.mark.parametrize("qtypes,shared_qtypes,k,kw", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), 2, dict(BD=32, S2=2)),  # partials, last arrival per tile
+    (("Q8_0", "Q8_0", "Q8_0"), None, 1, dict(BD=64, S2=1)),  # one program per d-tile: stored directly
+    (("Q4_K", "Q4_K", "Q5_K"), ("BF16", "BF16", "BF16"), 2, {}),  # tile path: a norm.add_norm_x8n launch after it
+])
+def test_moe_decode_res_norm(qtypes, shared_qtypes, k, kw):
+    """res_norm: the down kernel's last arrival adds the output to the residual and writes the next RMSNorm's
+    normed x8 buffer; the same bits as moe_decode's out followed by norm.add_norm_x8n (the two-launch form)."""
+    import importlib
+    norm = importlib.import_module(qm.__package__ + ".norm")
+    D = 256
+    (gp, up, dp), _, shared, x, slots, w = _decode_case(qtypes, shared_qtypes, D, 256, seed=21, k=k)
+    g = torch.Generator().manual_seed(22)
+    res0 = torch.randn(1, D, generator=g).bfloat16()
+    nw = 1 + 0.3 * torch.randn(D, generator=g)
+    args = (x, slots, w, gp, up, dp, qtypes)
+    kw = dict(kw, shared=shared[0] if shared else None, shared_qtypes=shared_qtypes, x8=True)
+    out = torch.full((D,), float("nan")).bfloat16()
+    moe.moe_decode(*args, out, **kw)
+    want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32)
+    norm.add_norm_x8n(out, want_res, nw, want8)
+    res, x8n = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32)
+    moe.moe_decode(*args, torch.empty_like(out), res_norm=(res, nw, x8n), **kw)
+    assert torch.equal(res, want_res) and torch.equal(x8n, want8)
+    assert not torch.equal(res, res0)
+
+
 def _router_case(S, k, seed, device="cpu"):
     from kimi_local.kernels.router import route
     g = torch.Generator().manual_seed(seed)
@@ -451,6 +478,16 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(got, want)
+        # res_norm (the engine's residual add + next norm in the last arrival): the bits of out + add_norm_x8n
+        from kimi_local.kernels.norm import add_norm_x8n
+        res0 = torch.randn(1, D, device="cuda").bfloat16()
+        nw = 1 + 0.3 * torch.randn(D, device="cuda")
+        want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
+        add_norm_x8n(want, want_res, nw, want8)
+        res, x8n = res0.clone(), torch.full_like(want8, -1)
+        moe.moe_decode(x, *args, *pools, qtypes, torch.empty_like(got), res_norm=(res, nw, x8n), **kw)
+        torch.cuda.synchronize()
+        assert torch.equal(res, want_res) and torch.equal(x8n, want8)
     check(want.float(), ref8, 1e-2)
 
 

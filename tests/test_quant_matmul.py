@@ -412,3 +412,66 @@ def test_cuda_qgemv_x8(qtype, N, K):
     torch.cuda.synchronize()
     check(out, qlinear_ref(qm.dequantize_x8(x8, K)[None], wd), 1e-5)
     check(out, qlinear_ref(x, wd), 2e-2)
+
+
+@pytest.mark.parametrize("qtype,N,K,kw", [
+    ("Q8_0", 17, 160, dict(BN=8, C=4, SPLIT=2)),  # split K: every split scales its partial
+    ("Q4_K", 37, 768, dict(BN=16, C=8, SPLIT=1)),
+    ("Q6_K", 19, 768, dict(BN=8, C=4, SPLIT=3)),
+])
+def test_qgemv_normed_x8(qtype, N, K, kw):
+    """A normed x8 buffer (norm.add_norm_x8n: residual add, then the x8 groups of x * w and the groups' sums of
+    x^2): the residual is updated as rms_norm's fused add rounds it, and the GEMV that applies 1 / rms equals the
+    GEMV of the normalised row within the x8 rounding."""
+    import importlib
+    norm = importlib.import_module(qm.__package__ + ".norm")
+    rms_norm = importlib.import_module(qm.__package__ + ".naive").rms_norm
+    g = torch.Generator().manual_seed(70 + N)
+    p, wd = make_weight(qtype, N, K, gen=g)
+    res = (torch.randn(K, generator=g) * 2).bfloat16()
+    v = torch.randn(K, generator=g).bfloat16()
+    nw = (1 + 0.3 * torch.randn(K, generator=g)).bfloat16().float()  # exact in bf16 (the interpreter truncates)
+    eps = 1e-5
+    want_res = (res.float() + v.float()).bfloat16()
+    x8n = torch.full((qm.x8n_words(K),), -1, dtype=torch.int32)
+    r = res.clone()
+    norm.add_norm_x8n(v, r, nw, x8n)
+    torch.testing.assert_close(r.float(), want_res.float(), rtol=2 ** -7, atol=0)  # the interpreter truncates
+    xs = r.float()
+    ss = x8n[qm.x8_words(K):].view(torch.float32)
+    torch.testing.assert_close(ss, (xs * xs).view(-1, 16).sum(1), rtol=1e-6, atol=0)
+    xw = xs * nw.bfloat16().float()
+    torch.testing.assert_close(qm.dequantize_x8(x8n[:qm.x8_words(K)], K), dequantize_x8_ref(xw), rtol=1e-6, atol=1e-6)
+    out = torch.full((N,), float("nan"))
+    qm.qgemv(r[None], p, qtype, N, out=out[None], method="word", x8=qm.NormedX8(x8n, eps), **kw)
+    h = rms_norm(xs, nw, eps)
+    check(out, qlinear_ref(h, wd), 2e-2)
+    xq = qm.dequantize_x8(x8n[:qm.x8_words(K)], K)  # what the buffer holds, times 1 / rms: the GEMV exactly
+    check(out, qlinear_ref(xq * torch.rsqrt((xs * xs).mean() + eps), wd), TOL_F32)
+    with pytest.raises(ValueError, match="word path"):  # other readers would read x itself, not the buffer
+        qm.qgemv(r[None].repeat(2, 1), p, qtype, N, x8=qm.NormedX8(x8n, eps))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtype,N,K", [("Q8_0", 12576, 2304), ("Q6_K", 12576, 2304), ("Q8_0", 5184, 2304),
+                                       ("Q4_K", 6144, 2304)])
+def test_cuda_qgemv_normed_x8(qtype, N, K):
+    """A normed x8 buffer at the engine's projection shapes (KDA q/k/v/f_a/g_a/beta, MLA q/kv_a): the GEMV that
+    applies 1 / rms equals the dequantized weights times the buffer's values over the rms, and is within the x8
+    rounding of the GEMV of the normalised row."""
+    from kimi_local.kernels.naive import rms_norm
+    from kimi_local.kernels.norm import add_norm_x8n
+    p, raw = _gpu_weight(qtype, N, K, 17)
+    wd = _gpu_dense(raw, qtype)
+    res = torch.randn(1, K, device="cuda").bfloat16()
+    v = torch.randn(1, K, device="cuda").bfloat16()
+    nw = 1 + 0.3 * torch.randn(K, device="cuda")
+    x8n = torch.full((qm.x8n_words(K),), -1, dtype=torch.int32, device="cuda")
+    add_norm_x8n(v, res, nw, x8n)
+    out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float32)
+    qm.qgemv(res, p, qtype, N, out=out, x8=qm.NormedX8(x8n, 1e-5))
+    torch.cuda.synchronize()
+    xs = res[0].float()
+    r = torch.rsqrt((xs * xs).mean() + 1e-5)
+    check(out, qlinear_ref(qm.dequantize_x8(x8n[:qm.x8_words(K)], K)[None] * r, wd), 1e-5)
+    check(out, qlinear_ref(rms_norm(res, nw, 1e-5).float(), wd), 2e-2)
