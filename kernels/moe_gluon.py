@@ -27,7 +27,12 @@ routed CTAs pick their expert from the router's logits (ROUTE) as moe._route_id 
 down: grid (expert, d-tile), the shared expert's first; every CTA issues its weight copies before the wait (a
 routed CTA first picks its expert and weight from the logits, router._topk's rule: the logits are two launches
 old); it stores its weighted rows as a partial, and the last of the d-tile's E CTAs to arrive (counter, re-armed
-by it) sums the E partials in expert order and stores out (deterministic, as the Triton down kernel).
+by it) sums the E partials in expert order and stores out (deterministic, as the Triton down kernel). With NORM
+(the engine's default) that last arrival instead adds the rows to the residual and writes the tile's group of the
+next RMSNorm's normed x8 buffer (quant_matmul.NormedX8), working in a [4 words, 4 bytes] layout of one warp's lanes:
+its reductions are shuffles, no barrier (the 16-row layout's cross-warp reductions cost 0.8 us per call: -1.6 %
+decode on an H200; this one +0.8 % on an H100, docs/perf-notes.md session 15). KIMI_LOCAL_NORM_PRE=2 (A/B) loads
+the residual and norm weight after the arrival instead of before it: -6.7 %.
 
 The shared-memory carveout matters more than the kernel (H200, session 11, interleaved engine A/B, tok/s at 4K):
 an SM changes its L1 / shared split only when idle, and the Triton kernels around this one (router, GEMVs) run in
@@ -507,23 +512,43 @@ if HAVE_GLUON:
             y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
-        if NORM:  # the tile's residual rows and norm weights: their latency overlaps the arrival's
-            xdt: gl.constexpr = res.dtype.element_ty
-            b_res = gl.load(res + d0 + o)
-            b_nw = gl.load(nw + d0 + o).to(xdt).to(gl.float32)
+        # NORM: the last arrival works on the tile's 16 rows as [4 words, 4 bytes] in one warp's lanes (the warps
+        # replicate it), so the int8 words are packed in registers and the group's reductions are lane shuffles
+        LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])
+        ow = gl.arange(0, 4, layout=gl.SliceLayout(1, LW))
+        ob = gl.arange(0, 4, layout=gl.SliceLayout(0, LW))
+        o2 = d0 + ow[:, None] * 4 + ob[None, :]  # [4, 4] rows of the tile
+        xdt: gl.constexpr = res.dtype.element_ty
+        if NORM == 1:  # the tile's residual rows and norm weights: their latency overlaps the arrival's
+            b_res = gl.load(res + o2)
+            b_nw = gl.load(nw + o2).to(xdt).to(gl.float32)
         _barrier()  # every thread's partial stored before the (releasing) arrival
         c = gl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu")
         if c == E - 1:
-            tot = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-            for p in gl.static_range(E):
-                tot += gl.load(part + p * D + d0 + o, cache_modifier=".cg")
             if NORM:  # quant_matmul._res_norm_x8n for one group
+                tot = gl.zeros([4, 4], gl.float32, layout=LW)
+                for p in gl.static_range(E):
+                    tot += gl.load(part + p * D + o2, cache_modifier=".cg")
+                if NORM == 2:  # (A/B: loaded here, by the last arrival only)
+                    b_res = gl.load(res + o2)
+                    b_nw = gl.load(nw + o2).to(xdt).to(gl.float32)
                 xs = (b_res.to(gl.float32) + tot.to(xdt).to(gl.float32)).to(xdt)
-                gl.store(res + d0 + o, xs)
+                gl.store(res + o2, xs)
                 xf = xs.to(gl.float32)
-                _x8_group(x8n, D, tile, xf * b_nw, o)
-                gl.store((x8n + D // 4 + D // 8).to(gl.pointer_type(gl.float32)) + tile, gl.sum(xf * xf, 0))
+                h = xf * b_nw
+                amax = gl.max(gl.max(gl.abs(h), 1), 0)
+                inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
+                qv = gl.floor(h * inv + 0.5)
+                dx = amax / 127.0
+                gl.store(x8n + tile * 4 + ow, gl.sum((qv.to(gl.int32) & 0xFF) << (8 * ob[None, :]), 1))
+                fa = (x8n + D // 4).to(gl.pointer_type(gl.float32))
+                gl.store(fa + tile, dx)
+                gl.store(fa + D // 16 + tile, dx * gl.sum(gl.sum(qv, 1), 0))
+                gl.store(fa + D // 8 + tile, gl.sum(gl.sum(xf * xf, 1), 0))
             else:
+                tot = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+                for p in gl.static_range(E):
+                    tot += gl.load(part + p * D + d0 + o, cache_modifier=".cg")
                 gl.store(out + d0 + o, tot.to(out.dtype.element_ty))
             gl.atomic_xchg(cnt + tile, 0, sem="relaxed", scope="gpu")
 
@@ -598,7 +623,8 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
     k = moe_down_gluon_kernel[(D // 16 * E,)](
         act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
-        *(res_norm if res_norm is not None else (out, out, out)), NORM=res_norm is not None,
+        *(res_norm if res_norm is not None else (out, out, out)),
+        NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
