@@ -28,11 +28,11 @@ down: grid (expert, d-tile), the shared expert's first; every CTA issues its wei
 routed CTA first picks its expert and weight from the logits, router._topk's rule: the logits are two launches
 old); it stores its weighted rows as a partial, and the last of the d-tile's E CTAs to arrive (counter, re-armed
 by it) sums the E partials in expert order and stores out (deterministic, as the Triton down kernel). With NORM
-(the engine's default) that last arrival instead adds the rows to the residual and writes the tile's group of the
-next RMSNorm's normed x8 buffer (quant_matmul.NormedX8), working in a [4 words, 4 bytes] layout of one warp's lanes:
+(the engine's KIMI_LOCAL_NORM_IN_DOWN=1) that last arrival instead adds the rows to the residual and writes the
+tile's group of the next RMSNorm's normed x8 buffer (quant_matmul.NormedX8), in a [4 words, 4 bytes] layout of lanes:
 its reductions are shuffles, no barrier (the 16-row layout's cross-warp reductions cost 0.8 us per call: -1.6 %
-decode on an H200; this one +0.8 % on an H100, docs/perf-notes.md session 15). KIMI_LOCAL_NORM_PRE=2 (A/B) loads
-the residual and norm weight after the arrival instead of before it: -6.7 %.
+decode on an H200; this one +0.8 % on an H100 but still -1.0 % on an H200, docs/perf-notes.md session 15).
+KIMI_LOCAL_NORM_PRE=2 (A/B) loads the residual and norm weight after the arrival instead of before it: -6.7 %.
 
 The shared-memory carveout matters more than the kernel (H200, session 11, interleaved engine A/B, tok/s at 4K):
 an SM changes its L1 / shared split only when idle, and the Triton kernels around this one (router, GEMVs) run in

@@ -364,10 +364,11 @@ class GpuKimi(KimiLinear):
                                             topk=not topk_in_moe)
             return h, h8, (("logits", ids) if topk_in_moe else (ids, wts))
 
-        # one token: the residual add + the next layer's attention RMSNorm run inside the FFN's down kernel, which
-        # writes a normed x8 buffer (quant_matmul.NormedX8: the projection GEMV applies 1 / rms), where that
-        # layer's projections all read x8 on the word path (KIMI_LOCAL_NORM_IN_DOWN=0: a norm launch of its own)
-        norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "1") != "0"
+        # KIMI_LOCAL_NORM_IN_DOWN=1, one token: the residual add + the next layer's attention RMSNorm run inside the
+        # FFN's down kernel, which writes a normed x8 buffer (quant_matmul.NormedX8: the projection GEMV applies
+        # 1 / rms), where that layer's projections all read x8 on the word path. Off by default: +0.8-0.9 % decode
+        # on an H100, -0.6 to -1.0 % on an H200, neutral with the Triton down kernel (docs/perf-notes.md, session 15)
+        norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "0") == "1"
 
         h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):

@@ -39,9 +39,9 @@ def cases(only: set):
                       PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W)
             out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
                         ce, M.DEFAULT_W))
-        for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True), ("Q5_K", "Q8_0", True, M.DOWN_NS, False),
-                                         ("Q5_K", "Q8_0", False, 3, False), ("Q4_K", "Q4_K", True, M.DOWN_NS, True),
-                                         ("Q8_0", None, False, M.DOWN_NS, False)):
+        for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
+                                         ("Q5_K", "Q8_0", True, M.DOWN_NS, False), ("Q5_K", "Q8_0", False, 3, False),
+                                         ("Q4_K", "Q4_K", True, M.DOWN_NS, True), ("Q8_0", None, False, M.DOWN_NS, False)):
             types = {"act": "*i32", "slot_ids": "*fp32" if route else "*i32", "weights": "*fp32",
                      "rbias": "*fp32" if route else "*i32", "down": "*u8", "sdown": "*u8", "out": "*bf16",
                      "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32", "res": "*bf16",

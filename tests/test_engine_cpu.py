@@ -101,10 +101,10 @@ def test_engine_router_topk_in_moe_equals_router_topk(tiny_dir, monkeypatch):
 
 
 def test_engine_norm_in_down(tiny_dir, monkeypatch):
-    """One token: the residual add + next attention RMSNorm inside the FFN's down kernel (normed x8 buffer, the
-    projection GEMV applies 1 / rms) against their own norm launches (KIMI_LOCAL_NORM_IN_DOWN=0): both within the
-    bf16 band of the reference, and rms_norm launches left only for layer 0's attention norm, the dense layers'
-    FFN norms and the output norm."""
+    """One token: the residual add + next attention RMSNorm inside the FFN's down kernel
+    (KIMI_LOCAL_NORM_IN_DOWN=1: normed x8 buffer, the projection GEMV applies 1 / rms) against their own norm
+    launches (the default): both within the bf16 band of the reference, and rms_norm launches left only for
+    layer 0's attention norm, the dense layers' FFN norms and the output norm."""
     import kimi_local.engine as E
     from kimi_local.bench import synthetic_weights
 

@@ -51,12 +51,16 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("kv_cache,x8,n_prefill", [("bf16", "0", 60), ("bf16", "1", 60), ("fp8", "1", 60),
-                                                  ("bf16", "1", 160)])  # 160: prefill GEMMs on dequant + cuBLAS
+                                                  ("bf16", "1", 160),  # 160: prefill GEMMs on dequant + cuBLAS
+                                                  ("bf16", "norm", 60)])  # x8, KIMI_LOCAL_NORM_IN_DOWN=1
 def test_gpu_logits_match_cpu_reference(kv_cache, x8, n_prefill, monkeypatch):
     """The bf16 band: the same reference run in bf16 on the CPU sets the tolerance (2x its error vs
     fp32, with fp activations: KIMI_LOCAL_X8=0). The default int8 activations (x8) round every GEMV input
     once more (0.3-0.5 % per GEMV; ggml rounds its activations the same way, per 32 values): 3x; with the
-    fp8 cache as well: 4x (as before the KDA o-projection took x8; it measured within that)."""
+    fp8 cache as well: 4x (as before the KDA o-projection took x8; it measured within that). "norm": x8 with the
+    attention norms inside the down kernels (normed x8 buffers)."""
+    monkeypatch.setenv("KIMI_LOCAL_NORM_IN_DOWN", "1" if x8 == "norm" else "0")
+    x8 = "1" if x8 == "norm" else x8
     monkeypatch.setenv("KIMI_LOCAL_X8", x8)
     cfg, cpu, gpu = _models(kv_cache=kv_cache)
     cpu16 = _models(cpu_dtype=torch.bfloat16)[1]
