@@ -451,12 +451,16 @@ if HAVE_GLUON:
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
 
     @gluon.jit
+    def _q8(h, amax):
+        """(q, dx): one 16-group h (any layout) in int8 steps (integral fp32) and its scale, given max |h|
+        (quant_matmul._x8_quant's rounding)."""
+        inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
+        return gl.floor(h * inv + 0.5), amax / 127.0
+
+    @gluon.jit
     def _x8_group(x8, K: gl.constexpr, g, h, o):
         """Store h (fp32 [16], lanes o) as group g of the x8 buffer x8 of a K-vector (quant_matmul._x8_quant)."""
-        amax = gl.max(gl.abs(h), 0)
-        inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
-        qv = gl.floor(h * inv + 0.5)
-        dx = amax / 127.0
+        qv, dx = _q8(h, gl.max(gl.abs(h), 0))
         sq = dx * gl.sum(qv, 0)
         b = (qv.to(gl.int32) & 0xFF) << (8 * (o % 4))
         for wd in gl.static_range(4):
@@ -512,16 +516,17 @@ if HAVE_GLUON:
             y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
-        # NORM: the last arrival works on the tile's 16 rows as [4 words, 4 bytes] in one warp's lanes (the warps
-        # replicate it), so the int8 words are packed in registers and the group's reductions are lane shuffles
-        LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])
-        ow = gl.arange(0, 4, layout=gl.SliceLayout(1, LW))
-        ob = gl.arange(0, 4, layout=gl.SliceLayout(0, LW))
-        o2 = d0 + ow[:, None] * 4 + ob[None, :]  # [4, 4] rows of the tile
-        xdt: gl.constexpr = res.dtype.element_ty
-        if NORM == 1:  # the tile's residual rows and norm weights: their latency overlaps the arrival's
-            b_res = gl.load(res + o2)
-            b_nw = gl.load(nw + o2).to(xdt).to(gl.float32)
+        if NORM:
+            # the last arrival works on the tile's 16 rows as [4 words, 4 bytes] in one warp's lanes (the warps
+            # replicate it), so the int8 words are packed in registers and the group's reductions are lane shuffles
+            LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [W, 1], [1, 0])
+            ow = gl.arange(0, 4, layout=gl.SliceLayout(1, LW))
+            ob = gl.arange(0, 4, layout=gl.SliceLayout(0, LW))
+            o2 = d0 + ow[:, None] * 4 + ob[None, :]  # [4, 4] rows of the tile
+            xdt: gl.constexpr = res.dtype.element_ty
+            if NORM == 1:  # the tile's residual rows and norm weights: their latency overlaps the arrival's
+                b_res = gl.load(res + o2)
+                b_nw = gl.load(nw + o2).to(xdt).to(gl.float32)
         _barrier()  # every thread's partial stored before the (releasing) arrival
         c = gl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu")
         if c == E - 1:
@@ -536,10 +541,7 @@ if HAVE_GLUON:
                 gl.store(res + o2, xs)
                 xf = xs.to(gl.float32)
                 h = xf * b_nw
-                amax = gl.max(gl.max(gl.abs(h), 1), 0)
-                inv = gl.where(amax > 0, 127.0 / gl.maximum(amax, 1e-30), 0.0)
-                qv = gl.floor(h * inv + 0.5)
-                dx = amax / 127.0
+                qv, dx = _q8(h, gl.max(gl.max(gl.abs(h), 1), 0))
                 gl.store(x8n + tile * 4 + ow, gl.sum((qv.to(gl.int32) & 0xFF) << (8 * ob[None, :]), 1))
                 fa = (x8n + D // 4).to(gl.pointer_type(gl.float32))
                 gl.store(fa + tile, dx)
