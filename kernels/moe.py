@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import moe_gluon, pdl
+from . import moe_gluon, moe_prefill_gluon, pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .router import _max_carry, _scores, _topk, route as _route
 from .quant_matmul import (INTERPRET, QT_ID, WORD_QTYPES, X8_GROUP, _dot_wt, _dq_ab, _dq_dot_rows, _dq_q, _i8dot,
@@ -630,18 +630,35 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     if BM is None:  # rows per expert tile, from the mean rows per slot; every tile dequantizes its expert's weights
         # again. 256 = the wgmma N limit (T=8192, H200: 5.81 ms vs 6.10 with 128-row tiles, session 14)
         BM = 16 if INTERPRET else max(16, min(256, triton.next_power_of_2(max(1, A // S))))
-    asg, tile_slot, row0, row1 = moe_route_tiles(topk_ids, S, BM)
+    # Q4_K / Q5_K halves on Hopper: the Gluon kernels (moe_prefill_gluon), at most 128-row tiles
+    g_gu = (qg == qu and x.dtype == torch.bfloat16 and x.stride(1) == 1 and moe_prefill_gluon.enabled()
+            and moe_prefill_gluon.supported(x.device, qg, F, D))
+    g_dn = moe_prefill_gluon.enabled() and moe_prefill_gluon.supported(x.device, qd, D, F)
+    bm_g = max(16, min(128, BM))
+    tiles = {bm: moe_route_tiles(topk_ids, S, bm) for bm in {bm_g if g_gu else BM, bm_g if g_dn else BM}}
+    asg = tiles[bm_g if g_gu else BM][0]  # the same sort whatever the tile size
     tok = asg // k
     h = torch.empty(A, F, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
-    nt = tile_slot.numel()
     w_flat = topk_w.reshape(-1).contiguous()
-    _moe_gate_up_grouped_kernel[lambda m: (nt, triton.cdiv(F, m["BN"]))](
-        x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, F, D,
-        gate_pool[0].numel(), up_pool[0].numel(), S, QTG=QT_ID[qg], QTU=QT_ID[qu], BM=BM, DOT_F32=INTERPRET)
-    _moe_down_grouped_kernel[lambda m: (nt, triton.cdiv(D, m["BN"]))](
-        h, asg, w_flat, tile_slot, row0, row1, down_pool, y, F, D, down_pool[0].numel(), S,
-        QTD=QT_ID[qd], BM=BM, DOT_F32=INTERPRET)
+    if g_gu:
+        _, tile_slot, row0, row1 = tiles[bm_g]
+        moe_prefill_gluon.gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qg, bm_g)
+    else:
+        _, tile_slot, row0, row1 = tiles[BM]
+        nt = tile_slot.numel()
+        _moe_gate_up_grouped_kernel[lambda m: (nt, triton.cdiv(F, m["BN"]))](
+            x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, F, D,
+            gate_pool[0].numel(), up_pool[0].numel(), S, QTG=QT_ID[qg], QTU=QT_ID[qu], BM=BM, DOT_F32=INTERPRET)
+    if g_dn:
+        _, tile_slot, row0, row1 = tiles[bm_g]
+        moe_prefill_gluon.down(h, asg, w_flat, tile_slot, row0, row1, down_pool, y, qd, bm_g)
+    else:
+        _, tile_slot, row0, row1 = tiles[BM]
+        nt = tile_slot.numel()
+        _moe_down_grouped_kernel[lambda m: (nt, triton.cdiv(D, m["BN"]))](
+            h, asg, w_flat, tile_slot, row0, row1, down_pool, y, F, D, down_pool[0].numel(), S,
+            QTD=QT_ID[qd], BM=BM, DOT_F32=INTERPRET)
     res = y.view(T, k, D).sum(1)
     if shared is not None:
         sg, su, sd = shared

@@ -298,10 +298,12 @@ def _with_env(env: dict, fn):
 
 
 def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], decode_tokens: int,
-              chunks: list[int], kv_bytes: int, label: str, decode_variants: list | None = None) -> BenchResult:
+              chunks: list[int], kv_bytes: int, label: str, decode_variants: list | None = None,
+              prefill_variants: list | None = None) -> BenchResult:
     """decode_variants: [(name, env)] to time each decode depth under each environment (a decode graph per
     variant, captured under its environment; a row's "note" names its variant), e.g. PDL_VARIANTS. On CUDA
-    with graphs the variants are timed in interleaved rounds (time_decode_variants)."""
+    with graphs the variants are timed in interleaved rounds (time_decode_variants). prefill_variants: likewise,
+    each prompt prefilled once per variant under its environment (read at each call, e.g. the MoE kernels')."""
     dev = net.device
     res = BenchResult()
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 0.0
@@ -348,12 +350,16 @@ def run_bench(net, cfg: KimiConfig, contexts: list[int], prompts: list[int], dec
                 torch.cuda.empty_cache()
     for n in prompts:
         for chunk in chunks:
-            try:
-                s, chunk = time_prefill(net, n, chunk, cfg.vocab_size)
-            except torch.cuda.OutOfMemoryError:
-                res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, note="does not fit"))
-                continue
-            res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, tok_s=round(n / s, 1), s=round(s, 3)))
+            for name, env in prefill_variants or [(None, {})]:
+                try:
+                    s, used = _with_env(env, lambda: time_prefill(net, n, chunk, cfg.vocab_size))
+                except torch.cuda.OutOfMemoryError:
+                    res.rows.append(dict(kind="prefill", ctx=n, chunk=chunk, note="does not fit"))
+                    break
+                row = dict(kind="prefill", ctx=n, chunk=used, tok_s=round(n / s, 1), s=round(s, 3))
+                if name:
+                    row["note"] = name
+                res.rows.append(row)
     if dev.type == "cuda":
         res.info["peak_vram_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         res.info["peak_reserved_GiB"] = round(torch.cuda.max_memory_reserved(dev) / 2**30, 2)

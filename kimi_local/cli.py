@@ -383,7 +383,7 @@ def bench(
     prefetch: bool = typer.Option(True, "--prefetch/--no-prefetch", help="With --vram: prefetch the next layer's experts."),
     expert_loader: str = typer.Option("device", "--expert-loader", help="With --vram: where cache decisions run: device (inside the decode graph) or host (one sync per MoE layer)."),
     pdl_ab: bool = typer.Option(False, "--pdl-ab", help="Time each decode depth three ways: kernels chained by programmatic dependent launch with each GEMV prefetching its own weights into L2 before the wait, PDL alone (the default), and without PDL."),
-    variants: Optional[List[str]] = typer.Option(None, "--variant", help="A/B in one run: also time each decode depth with these environment settings (repeatable), e.g. --variant KIMI_LOCAL_X8=0 --variant 'KIMI_LOCAL_PREFETCH_NEXT=kda,mla;KIMI_LOCAL_PDL=1'. Each variant captures its own decode graph; rows name their variant."),
+    variants: Optional[List[str]] = typer.Option(None, "--variant", help="A/B in one run: also time each decode depth and prompt with these environment settings (repeatable), e.g. --variant KIMI_LOCAL_X8=0 --variant 'KIMI_LOCAL_PREFETCH_NEXT=kda,mla;KIMI_LOCAL_PDL=1'. Each variant captures its own decode graph; rows name their variant."),
     llama_cpp: bool = typer.Option(False, "--llama-cpp", help="Also time llama.cpp (llama-cpp-python) on the same GGUF file, same depths and prompts, and print our speed as a multiple of its (on CUDA it needs a CUDA build of llama-cpp-python)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
@@ -399,7 +399,8 @@ def bench(
     if kv_cache not in ("bf16", "fp8"):
         fail("--kv-cache must be bf16 or fp8", 2)
     try:
-        decode_variants = B.PDL_VARIANTS if pdl_ab else (B.parse_variants(variants) if variants else None)
+        prefill_variants = B.parse_variants(variants) if variants else None
+        decode_variants = B.PDL_VARIANTS if pdl_ab else prefill_variants
     except ValueError as e:
         fail(str(e), 2)
     if not synthetic and model is None:
@@ -454,7 +455,8 @@ def bench(
         net, cfg, label = lm.net, lm.cfg, str(model)
     res = B.run_bench(net, cfg, _ints(contexts), _ints(prompts), decode_tokens,
                       [None] if chunks.strip().lower() == "auto" else _ints(chunks),
-                      1 if kv_cache == "fp8" else 2, label, decode_variants=decode_variants)
+                      1 if kv_cache == "fp8" else 2, label, decode_variants=decode_variants,
+                      prefill_variants=prefill_variants)
     if llama_cpp:
         del net, lm  # its memory goes back before llama.cpp loads the file
         if dev.type == "cuda":

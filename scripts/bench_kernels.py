@@ -327,11 +327,14 @@ def bench_moe_prefill(ctx):
                 ctx.row("moe_prefill", f"T={T} bf16 torch._grouped_mm (pre-sorted)", gm_ms, flop=flop)
             except Exception as e:  # older torch / unsupported layout: keep the per-expert baseline
                 print(f"torch._grouped_mm: {type(e).__name__}: {e}", file=sys.stderr)
-        for bm in [None] + ([128] if T >= 8192 else []):
-            ms = ctx.time(lambda: moe.moe_prefill(x, ids, w, *pools, qtypes, out, BM=bm))
-            ctx.row("moe_prefill", f"T={T} Q4_K fused grouped (sort+gemms+sum)" + (f" BM={bm}" if bm else ""), ms,
-                    flop=flop, base="bf16 cuBLAS per expert", base_ms=base_ms,
-                    note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+        for gluon in ("1", "0"):  # the Gluon kernels (moe_prefill_gluon), then the Triton grouped kernels
+            os.environ["KIMI_LOCAL_MOE_PREFILL_GLUON"] = gluon
+            for bm in [None] + ([128] if T >= 8192 and gluon == "0" else []):
+                ms = ctx.time(lambda: moe.moe_prefill(x, ids, w, *pools, qtypes, out, BM=bm))
+                ctx.row("moe_prefill", f"T={T} Q4_K {'Gluon' if gluon == '1' else 'Triton'} grouped (sort+gemms+sum)"
+                        + (f" BM={bm}" if bm else ""), ms, flop=flop, base="bf16 cuBLAS per expert", base_ms=base_ms,
+                        note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+        os.environ.pop("KIMI_LOCAL_MOE_PREFILL_GLUON")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Compile every Gluon kernel (kernels/moe_gluon.py, kernels/mla_gluon.py) for sm_90 on this machine, no GPU needed.
+"""Compile every Gluon kernel (kernels/moe_gluon.py, moe_prefill_gluon.py, mla_gluon.py) for sm_90 on this machine, no GPU needed.
 
 Prints, per kernel configuration, the shared memory, and the registers and local memory (spills) of the sm_90 cubin
 (Triton's bundled cuobjdump); `--json` prints the same as JSON (tests/test_gluon_compile.py reads it). Exit status 1 if any
@@ -6,7 +6,7 @@ configuration fails to compile. Run it without TRITON_INTERPRET (the interpreter
 Gluon's reductions call). Use it before sending Gluon changes to a GPU: it catches compile errors and shows the
 resource use that decides residency (moe_gluon's module doc).
 
-    python scripts/gluon_compile.py [--json] [--only moe,mla]
+    python scripts/gluon_compile.py [--json] [--only moe,prefill,mla]
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def cases(only: set):
     """(name, kernel, argument types, constexprs, num_warps) of every configuration the engine launches by default,
     plus the A/B variants that a device run may switch on."""
-    from kernels import mla_gluon, moe_gluon as M
+    from kernels import mla_gluon, moe_gluon as M, moe_prefill_gluon as P
     out = []
     if "moe" in only:
         for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
@@ -51,6 +51,23 @@ def cases(only: set):
                       W=M.DEFAULT_W, NORM=norm)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
                         types, ce, M.DEFAULT_W))
+    if "prefill" in only:
+        for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
+                              ("gate_up", 128, "Q5_K"), ("down", 16, "Q4_K"), ("down", 128, "Q4_K"),
+                              ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
+            lp, lqc, lvc, lxc, le = P.layouts(bm)
+            ce = dict(F=1024, D=2304, BM=bm, NS=P.DEFAULT_NS, Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
+                      WAIT=1)
+            if which == "gate_up":
+                types = {"x": "*bf16", "stride_xt": "i32", "tok": "*i32", "tile_slot": "*i32", "tile_row0": "*i32",
+                         "tile_row1": "*i32", "gate": "*u8", "up": "*u8", "h": "*bf16", "mat_g": "i64", "S": "i32"}
+                ce["LE"] = le
+                fn = P.moe_gate_up_prefill_kernel
+            else:
+                types = {"hin": "*bf16", "asg": "*i32", "topk_w": "*fp32", "tile_slot": "*i32", "tile_row0": "*i32",
+                         "tile_row1": "*i32", "down": "*u8", "y": "*fp32", "mat_d": "i64", "S": "i32"}
+                fn = P.moe_down_prefill_kernel
+            out.append((f"moe_prefill_{which} {qt} BM={bm}", fn, types, ce, 8))
     if "mla" in only:
         gl = mla_gluon.gl
         for fp8 in (False, True):
@@ -91,7 +108,7 @@ def compile_one(fn, types: dict, constexprs: dict, num_warps: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--only", default="moe,mla", help="comma list of: moe, mla")
+    ap.add_argument("--only", default="moe,prefill,mla", help="comma list of: moe, prefill, mla")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter's jit functions cannot be compiled", file=sys.stderr)

@@ -83,11 +83,15 @@ def test_bench_variant_option(tiny_dir):
     assert parse_variants(["KIMI_LOCAL_PREFETCH_NEXT=kda,mla; KIMI_LOCAL_X8=0"]) == [
         ("default", {}), ("KIMI_LOCAL_PREFETCH_NEXT=kda,mla; KIMI_LOCAL_X8=0",
                           {"KIMI_LOCAL_PREFETCH_NEXT": "kda,mla", "KIMI_LOCAL_X8": "0"})]
-    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--contexts", "16", "--prompts", "", "--decode-tokens", "1",
-              "--variant", "KIMI_LOCAL_NORM_ROUTE=0", "--json"])
+    r = _run(["bench", str(tiny_dir), "--device", "cpu", "--contexts", "16", "--prompts", "24", "--decode-tokens", "1",
+              "--chunk", "8", "--variant", "KIMI_LOCAL_NORM_ROUTE=0", "--json"])
     assert r.returncode == 0, r.stderr.decode()
-    dec = [x for x in json.loads(r.stdout)["rows"] if x["kind"] == "decode"]
+    rows = json.loads(r.stdout)["rows"]
+    dec = [x for x in rows if x["kind"] == "decode"]
     assert [x.get("note") for x in dec] == ["default", "KIMI_LOCAL_NORM_ROUTE=0"] and all(x["tok_s"] > 0 for x in dec)
+    pre = [x for x in rows if x["kind"] == "prefill"]  # each prompt under each variant too
+    assert [(x["ctx"], x.get("note")) for x in pre] == [(24, "default"), (24, "KIMI_LOCAL_NORM_ROUTE=0")]
+    assert all(x["tok_s"] > 0 for x in pre)
     r = _run(["bench", str(tiny_dir), "--device", "cpu", "--variant", "X8", "--json"])
     assert r.returncode == 2 and "VAR=value" in r.stderr.decode()
 

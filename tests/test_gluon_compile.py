@@ -1,4 +1,4 @@
-"""The Gluon kernels (kernels/moe_gluon.py, kernels/mla_gluon.py) compile for sm_90 on this machine, no GPU needed.
+"""The Gluon kernels (kernels/moe_gluon.py, moe_prefill_gluon.py, mla_gluon.py) compile for sm_90 on this machine, no GPU needed.
 
 The CPU interpreter cannot run Gluon, so without this test CI would not notice a Gluon kernel that no longer builds
 (Gluon is experimental and changes between Triton releases). scripts/gluon_compile.py compiles every configuration
@@ -34,7 +34,7 @@ def built():
 
 
 def test_every_gluon_kernel_builds_without_spills(built):
-    assert len(built) == 12
+    assert len(built) == 20
     for name, r in built.items():
         assert "error" not in r, (name, r.get("error"))
         assert r["local_bytes"] in (0, None), (name, r)  # None: no cuobjdump in this Triton build
@@ -52,6 +52,18 @@ def test_moe_gluon_shared_memory_fits_the_carveout(built):
     assert moe_gluon.DOWN_NS == 1
     for norm in (0, 1):  # the default down, and with the residual add + next norm's x8 (engine.body) fused in
         assert f"moe_down Q5_K+Q8_0 route=1 ns={moe_gluon.DOWN_NS} norm={norm}" in built
+
+
+def test_moe_prefill_gluon_fits(built):
+    """The prefill kernels (kernels/moe_prefill_gluon.py): every tile size and type builds within sm_90's shared memory
+    per CTA; the Q4_K ones up to 64-row tiles with room for a second CTA on the SM."""
+    names = [n for n in built if n.startswith("moe_prefill_")]
+    assert len(names) == 8
+    for name in names:
+        r = built[name]
+        assert r["shared"] <= 227 * 1024, (name, r)
+        if "Q4_K" in name and int(name.rsplit("BM=", 1)[1]) <= 64:
+            assert 2 * (r["shared"] + CTA_RESERVED) <= 228 * 1024, (name, r)
 
 
 def test_mla_gluon_shared_memory_fits_one_cta(built):

@@ -12,7 +12,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks  # noqa: E402
+from test_quant_matmul import _gpu_dense, check, oracle_dequant, random_blocks, rel_rmse  # noqa: E402
 
 try:
     from kimi_local.kernels import moe, quant_matmul as qm
@@ -523,6 +523,56 @@ def test_cuda_moe_prefill(T, qtypes):
     ref = moe_ref(x, ids, w, *dense)
     torch.cuda.synchronize()
     check(out.float(), ref, 1e-2)
+
+
+_POOLS = {}
+
+
+def _cuda_pool(qt, S, r, c):
+    """A random expert pool on the GPU, made once per shape and type for the tests that only read it."""
+    if (qt, S, r, c) not in _POOLS:
+        _POOLS[(qt, S, r, c)] = make_pool(qt, S, r, c, "cuda", torch.Generator().manual_seed(r + c), 0.002,
+                                          dense=False)[0]
+    return _POOLS[(qt, S, r, c)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,skew", [(1, False), (37, False), (300, True), (2048, False), (8192, False)])
+@pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q5_K"), ("Q5_K", "Q5_K", "Q6_K")])
+def test_cuda_moe_prefill_gluon(T, skew, qtypes, monkeypatch):
+    """The Gluon Q4_K / Q5_K grouped GEMMs (kernels/moe_prefill_gluon.py): against the dequantized bf16 reference and
+    the Triton grouped kernels (KIMI_LOCAL_MOE_PREFILL_GLUON=0). Tiles of 16 (T=1, 37: mostly one row), 64 (T=2048)
+    and 128 rows (T=8192: two tiles an expert); skew: 300 tokens over 10 experts (240 rows each: a full and a partial
+    128-row tile). Q6_K down: the Gluon gate/up beside the Triton down kernel."""
+    from kimi_local.kernels import moe_prefill_gluon
+    S, D, F, k = 256, 2304, 1024, 8
+    if not moe_prefill_gluon.supported("cuda", "Q4_K", F, D):
+        pytest.skip("needs Gluon and a Hopper GPU")
+    g = torch.Generator().manual_seed(9 + T)
+    pools = [_cuda_pool(qt, S, r, c) for qt, r, c in zip(qtypes, (F, F, D), (D, D, F))]
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    if skew:
+        ids = (torch.rand(T, 10, generator=g).topk(k, dim=1).indices * 25 + 3).cuda()
+    else:
+        ids = torch.rand(T, S, generator=g).topk(k, dim=1).indices.cuda()
+    w = torch.rand(T, k, generator=g).cuda()
+    out = torch.full((T, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    moe.moe_prefill(x, ids, w, *pools, qtypes, out)
+    monkeypatch.setenv("KIMI_LOCAL_MOE_PREFILL_GLUON", "0")
+    out_t = torch.full((T, D), float("nan"), device="cuda", dtype=torch.bfloat16)
+    moe.moe_prefill(x, ids, w, *pools, qtypes, out_t)
+    used = ids.unique()
+    dense = []
+    for pool, qt, (r, c) in zip(pools, qtypes, [(F, D), (F, D), (D, F)]):
+        d = torch.zeros(S, r, c, device="cuda", dtype=torch.bfloat16)
+        for s in used.tolist():
+            d[s] = qm.dequantize_gpu(pool[s], qt, (r, c))
+        dense.append(d)
+    ref = moe_ref(x, ids, w, *dense)
+    torch.cuda.synchronize()
+    print(f"T={T} {qtypes}: rel RMSE gluon {rel_rmse(out.float(), ref):.2e}, triton {rel_rmse(out_t.float(), ref):.2e}")
+    check(out.float(), ref, 1e-2)
+    check(out.float(), out_t.float(), 1e-2)
 
 
 def test_moe_prefill_config_prune():
