@@ -158,6 +158,28 @@ if HAVE_GLUON:
         _async_load(x_s, x_row[:, None] + (c * 64 + ok)[None, :])
 
     @gluon.jit
+    def _step(i, acc, a_prev, qs_s, qh_s, sc_s, mn_s, dd_s, x_s, wq_row, wh_row, wv_row, rb_row, x_row, NBT,
+              NC: gl.constexpr, NS: gl.constexpr, Q5: gl.constexpr, LP: gl.constexpr, DOT: gl.constexpr,
+              LQC: gl.constexpr, LVC: gl.constexpr, LXC: gl.constexpr, WAIT: gl.constexpr):
+        """Chunk i of the main loop: wait for its stage, refill the stage two chunks back, dequantize, issue its MMA,
+        retire the previous one (whose register operand is a_prev). Returns (acc, a_prev, this chunk's operand)."""
+        cp.wait_group(NS - 3)  # chunk i's copies (this thread's) have landed
+        _barrier()  # everyone's; and every MMA that read stage (i - 2) % NS has been waited for
+        j = i + NS - 2
+        if j < NC:
+            sj = j % NS
+            _issue(qs_s.index(sj), qh_s.index(sj), sc_s.index(sj), mn_s.index(sj), dd_s.index(sj), x_s.index(sj),
+                   wq_row, wh_row, wv_row, rb_row, x_row, j, NBT, Q5, LQC, LVC, LXC)
+        cp.commit_group()
+        st = i % NS
+        a = _dequant(qs_s.index(st), qh_s.index(st), sc_s.index(st), mn_s.index(st), dd_s.index(st), i % 4, Q5, LP,
+                     DOT)
+        fence_async_shared()
+        acc = warpgroup_mma(a, x_s.index(st).permute((1, 0)), acc, is_async=True)
+        acc, a_prev = warpgroup_mma_wait(WAIT, deps=[acc, a_prev])
+        return acc, a_prev, a
+
+    @gluon.jit
     def _mainloop(wq_row, wh_row, wv_row, rb_row, x_row, K: gl.constexpr, NBT, BM: gl.constexpr, NS: gl.constexpr,
                   Q5: gl.constexpr, LP: gl.constexpr, MMA: gl.constexpr, LQC: gl.constexpr, LVC: gl.constexpr,
                   LXC: gl.constexpr, WAIT: gl.constexpr):
@@ -177,28 +199,24 @@ if HAVE_GLUON:
         dd_s = gl.allocate_shared_memory(gl.uint32, [NS, 128], V_L)
         x_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BM, 64], X_L)
         NC: gl.constexpr = K // 64
+        gl.static_assert(NC % 2 == 0)
         for p in gl.static_range(NS - 2):
             if p < NC:
                 _issue(qs_s.index(p), qh_s.index(p), sc_s.index(p), mn_s.index(p), dd_s.index(p), x_s.index(p),
                        wq_row, wh_row, wv_row, rb_row, x_row, p, NBT, Q5, LQC, LVC, LXC)
             cp.commit_group()
         acc = gl.zeros([128, BM], gl.float32, layout=MMA)
-        for i in range(NC):  # (a static trip count: ptxas pipelines the MMAs only without a zero-trip path)
-            cp.wait_group(NS - 3)  # chunk i's copies (this thread's) have landed
-            _barrier()  # everyone's; and every MMA that read stage (i - 2) % NS has been waited for
-            j = i + NS - 2
-            if j < NC:
-                sj = j % NS
-                _issue(qs_s.index(sj), qh_s.index(sj), sc_s.index(sj), mn_s.index(sj), dd_s.index(sj),
-                       x_s.index(sj), wq_row, wh_row, wv_row, rb_row, x_row, j, NBT, Q5, LQC, LVC, LXC)
-            cp.commit_group()
-            st = i % NS
-            a = _dequant(qs_s.index(st), qh_s.index(st), sc_s.index(st), mn_s.index(st), dd_s.index(st), i % 4,
-                         Q5, LP, DOT)
-            fence_async_shared()
-            acc = warpgroup_mma(a, x_s.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(WAIT, deps=[acc])  # (WAIT = 1: the previous chunk's MMA has retired)
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        a_odd = gl.zeros([128, 64], gl.bfloat16, layout=DOT)
+        # Unrolled by two chunks (even, odd): an MMA reads its register operand while in flight, so the operand is a
+        # dependency of the wait that retires that MMA, and the next chunk's operand is another value; with one
+        # value per loop body the compiler gave every chunk the same registers and the next dequantization wrote
+        # them under the running MMA (NaN at 64- and 128-row tiles, run 1). WAIT = 1: the previous MMA retires there.
+        for i2 in range(NC // 2):  # (static trip count: ptxas pipelines the MMAs only without a zero-trip path)
+            acc, a_odd, a_even = _step(2 * i2, acc, a_odd, qs_s, qh_s, sc_s, mn_s, dd_s, x_s, wq_row, wh_row, wv_row,
+                                       rb_row, x_row, NBT, NC, NS, Q5, LP, DOT, LQC, LVC, LXC, WAIT)
+            acc, a_even, a_odd = _step(2 * i2 + 1, acc, a_even, qs_s, qh_s, sc_s, mn_s, dd_s, x_s, wq_row, wh_row,
+                                       wv_row, rb_row, x_row, NBT, NC, NS, Q5, LP, DOT, LQC, LVC, LXC, WAIT)
+        acc, a_odd = warpgroup_mma_wait(0, deps=[acc, a_odd])
         cp.wait_group(0)
         return acc
 
