@@ -630,31 +630,30 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     if BM is None:  # rows per expert tile, from the mean rows per slot; every tile dequantizes its expert's weights
         # again. 256 = the wgmma N limit (T=8192, H200: 5.81 ms vs 6.10 with 128-row tiles, session 14)
         BM = 16 if INTERPRET else max(16, min(256, triton.next_power_of_2(max(1, A // S))))
-    # Q4_K / Q5_K halves on Hopper: the Gluon kernels (moe_prefill_gluon), at most 128-row tiles
+    # Q4_K / Q5_K halves on Hopper: the Gluon kernels (moe_prefill_gluon; down tiles of at most 128 rows)
     g_gu = (qg == qu and x.dtype == torch.bfloat16 and x.stride(1) == 1 and moe_prefill_gluon.enabled()
             and moe_prefill_gluon.supported(x.device, qg, F, D))
     g_dn = moe_prefill_gluon.enabled() and moe_prefill_gluon.supported(x.device, qd, D, F)
-    bm_g = max(16, min(128, BM))
-    tiles = {bm: moe_route_tiles(topk_ids, S, bm) for bm in {bm_g if g_gu else BM, bm_g if g_dn else BM}}
-    asg = tiles[bm_g if g_gu else BM][0]  # the same sort whatever the tile size
+    bm_gu = max(16, BM) if g_gu else BM
+    bm_dn = max(16, min(moe_prefill_gluon.DOWN_MAX_BM, BM)) if g_dn else BM
+    tiles = {bm: moe_route_tiles(topk_ids, S, bm) for bm in {bm_gu, bm_dn}}
+    asg = tiles[bm_gu][0]  # the same sort whatever the tile size
     tok = asg // k
     h = torch.empty(A, F, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     w_flat = topk_w.reshape(-1).contiguous()
+    _, tile_slot, row0, row1 = tiles[bm_gu]
     if g_gu:
-        _, tile_slot, row0, row1 = tiles[bm_g]
-        moe_prefill_gluon.gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qg, bm_g)
+        moe_prefill_gluon.gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qg, bm_gu)
     else:
-        _, tile_slot, row0, row1 = tiles[BM]
         nt = tile_slot.numel()
         _moe_gate_up_grouped_kernel[lambda m: (nt, triton.cdiv(F, m["BN"]))](
             x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, F, D,
             gate_pool[0].numel(), up_pool[0].numel(), S, QTG=QT_ID[qg], QTU=QT_ID[qu], BM=BM, DOT_F32=INTERPRET)
+    _, tile_slot, row0, row1 = tiles[bm_dn]
     if g_dn:
-        _, tile_slot, row0, row1 = tiles[bm_g]
-        moe_prefill_gluon.down(h, asg, w_flat, tile_slot, row0, row1, down_pool, y, qd, bm_g)
+        moe_prefill_gluon.down(h, asg, w_flat, tile_slot, row0, row1, down_pool, y, qd, bm_dn)
     else:
-        _, tile_slot, row0, row1 = tiles[BM]
         nt = tile_slot.numel()
         _moe_down_grouped_kernel[lambda m: (nt, triton.cdiv(D, m["BN"]))](
             h, asg, w_flat, tile_slot, row0, row1, down_pool, y, F, D, down_pool[0].numel(), S,

@@ -41,7 +41,8 @@ try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
 except (ImportError, AttributeError):  # pragma: no cover
     HAVE_GLUON = False
 
-BMS = (16, 32, 64, 128)  # rows per expert tile this kernel takes (the wgmma N)
+BMS = (16, 32, 64, 128, 256)  # rows per expert tile (the wgmma N); gate/up up to 256, down up to DOWN_MAX_BM
+DOWN_MAX_BM = 128  # (256-row down tiles spill: the epilogue's store addresses beside 128 accumulator registers)
 QTYPES = ("Q4_K", "Q5_K")
 DEFAULT_NS = 5  # ring stages (a chunk of 64 weights each); KIMI_LOCAL_MOE_PREFILL_NS: another (A/B runs, >= 3)
 ROWS = 128  # weight rows per CTA (two warpgroups)
@@ -336,7 +337,7 @@ def down(h, asg, topk_w, tile_slot, row0, row1, down_pool, y, qtype: str, BM: in
     """y [A, D] fp32: y[asg[r]] = topk_w[asg[r]] * (h[r] down^T) per expert tile."""
     S, D = down_pool.shape[0], down_pool.shape[1]
     F = h.shape[1]
-    assert qtype in QTYPES and BM in BMS and h.is_contiguous() and h.dtype == torch.bfloat16
+    assert qtype in QTYPES and BM in BMS and BM <= DOWN_MAX_BM and h.is_contiguous() and h.dtype == torch.bfloat16
     lp, lqc, lvc, lxc, _ = layouts(BM)
     moe_down_prefill_kernel[(D // 128, tile_slot.numel())](
         h, asg, topk_w, tile_slot, row0, row1, down_pool, y, down_pool[0].numel(), S, F=F, D=D,

@@ -53,7 +53,7 @@ def cases(only: set):
                         types, ce, M.DEFAULT_W))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
-                              ("gate_up", 128, "Q5_K"), ("down", 16, "Q4_K"), ("down", 128, "Q4_K"),
+                              ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"), ("down", 128, "Q4_K"),
                               ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
             lp, lqc, lvc, lxc, le = P.layouts(bm)
             ce = dict(F=1024, D=2304, BM=bm, NS=P.DEFAULT_NS, Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,

@@ -34,7 +34,7 @@ def built():
 
 
 def test_every_gluon_kernel_builds_without_spills(built):
-    assert len(built) == 20
+    assert len(built) == 21
     for name, r in built.items():
         assert "error" not in r, (name, r.get("error"))
         assert r["local_bytes"] in (0, None), (name, r)  # None: no cuobjdump in this Triton build
@@ -58,7 +58,7 @@ def test_moe_prefill_gluon_fits(built):
     """The prefill kernels (kernels/moe_prefill_gluon.py): every tile size and type builds within sm_90's shared memory
     per CTA; the Q4_K ones up to 64-row tiles with room for a second CTA on the SM."""
     names = [n for n in built if n.startswith("moe_prefill_")]
-    assert len(names) == 8
+    assert len(names) == 9
     for name in names:
         r = built[name]
         assert r["shared"] <= 227 * 1024, (name, r)
