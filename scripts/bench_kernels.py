@@ -327,6 +327,25 @@ def bench_moe_prefill(ctx):
                 ctx.row("moe_prefill", f"T={T} bf16 torch._grouped_mm (pre-sorted)", gm_ms, flop=flop)
             except Exception as e:  # older torch / unsupported layout: keep the per-expert baseline
                 print(f"torch._grouped_mm: {type(e).__name__}: {e}", file=sys.stderr)
+        if moe.moe_prefill_gluon.supported("cuda", "Q4_K", Fe, D):  # the two GEMMs alone, pre-sorted as the baselines
+            PG = moe.moe_prefill_gluon
+            A = T * k
+            bm = max(16, min(256, triton.next_power_of_2(max(1, A // S))))
+            asg, ts_gu, r0_gu, r1_gu = moe.moe_route_tiles(ids, S, bm)
+            _, ts_dn, r0_dn, r1_dn = moe.moe_route_tiles(ids, S, min(bm, PG.DOWN_MAX_BM))
+            tok = asg // k
+            hh = torch.empty(A, Fe, device="cuda", dtype=torch.bfloat16)
+            yy = torch.empty(A, D, device="cuda", dtype=torch.float32)
+            wf = w.reshape(-1).contiguous()
+
+            def gemms():
+                PG.gate_up(x, tok, ts_gu, r0_gu, r1_gu, pools[0], pools[1], hh, "Q4_K", bm)
+                PG.down(hh, asg, wf, ts_dn, r0_dn, r1_dn, pools[2], yy, "Q4_K", min(bm, PG.DOWN_MAX_BM))
+
+            ms = ctx.time(gemms, graph=True)
+            ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only (pre-sorted)", ms, flop=flop,
+                    base="bf16 cuBLAS per expert", base_ms=base_ms,
+                    note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
         for gluon in ("1", "0"):  # the Gluon kernels (moe_prefill_gluon), then the Triton grouped kernels
             os.environ["KIMI_LOCAL_MOE_PREFILL_GLUON"] = gluon
             for bm in [None] + ([128] if T >= 8192 and gluon == "0" else []):
