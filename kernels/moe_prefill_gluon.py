@@ -44,7 +44,7 @@ except (ImportError, AttributeError):  # pragma: no cover
 BMS = (16, 32, 64, 128, 256)  # rows per expert tile (the wgmma N); gate/up up to 256, down up to DOWN_MAX_BM
 DOWN_MAX_BM = 128  # (256-row down tiles spill: the epilogue's store addresses beside 128 accumulator registers)
 QTYPES = ("Q4_K", "Q5_K")
-DEFAULT_NS = 5  # ring stages (a chunk of 64 weights each); KIMI_LOCAL_MOE_PREFILL_NS: another (A/B runs, >= 3)
+DEFAULT_NS = 5  # ring stages (a chunk of 64 weights each) from 128-row tiles (_ns); KIMI_LOCAL_MOE_PREFILL_NS: A/B, >= 3
 ROWS = 128  # weight rows per CTA (two warpgroups)
 
 
@@ -315,8 +315,11 @@ def layouts(BM: int):
     return lp, lqc, lvc, lxc, le
 
 
-def _ns(NS):
-    return NS or int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_NS", DEFAULT_NS))
+def _ns(NS: int, BM: int) -> int:
+    """Ring stages: NS if given, else KIMI_LOCAL_MOE_PREFILL_NS, else 3 for tiles of up to 64 rows (the copies one
+    chunk ahead) and DEFAULT_NS above. H100, session 16 (GEMMs alone, ms): T=2048 (64-row tiles) 1.44 / 1.50 / 1.54
+    with 3 / 4 / 5 stages; T=8192 (256 / 128) 5.02 / 3.95 / 3.76; T=512 (16) 0.85 / 0.86 with 3 / 5."""
+    return NS or int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_NS", 0)) or (3 if BM <= 64 else DEFAULT_NS)
 
 
 def gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qtype: str, BM: int, NS: int = 0):
@@ -329,7 +332,7 @@ def gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qtype: str, BM
     lp, lqc, lvc, lxc, le = layouts(BM)
     moe_gate_up_prefill_kernel[(F // 64, tile_slot.numel())](
         x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, gate_pool[0].numel(), S, F=F, D=D,
-        BM=BM, NS=_ns(NS), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, LE=le, WAIT=_wait(), num_warps=8)
+        BM=BM, NS=_ns(NS, BM), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, LE=le, WAIT=_wait(), num_warps=8)
     return h
 
 
@@ -341,5 +344,5 @@ def down(h, asg, topk_w, tile_slot, row0, row1, down_pool, y, qtype: str, BM: in
     lp, lqc, lvc, lxc, _ = layouts(BM)
     moe_down_prefill_kernel[(D // 128, tile_slot.numel())](
         h, asg, topk_w, tile_slot, row0, row1, down_pool, y, down_pool[0].numel(), S, F=F, D=D,
-        BM=BM, NS=_ns(NS), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, WAIT=_wait(), num_warps=8)
+        BM=BM, NS=_ns(NS, BM), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, WAIT=_wait(), num_warps=8)
     return y

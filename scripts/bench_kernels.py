@@ -346,6 +346,24 @@ def bench_moe_prefill(ctx):
             ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only (pre-sorted)", ms, flop=flop,
                     base="bf16 cuBLAS per expert", base_ms=base_ms,
                     note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+            if T >= 2048:  # each half alone, and the ring depth / MMA overlap knobs (A/B)
+                ms = ctx.time(lambda: PG.gate_up(x, tok, ts_gu, r0_gu, r1_gu, pools[0], pools[1], hh, "Q4_K", bm),
+                              graph=True)
+                ctx.row("moe_prefill", f"T={T} Q4_K Gluon gate/up alone BM={bm}", ms, flop=flop * 2 / 3)
+                bmd = min(bm, PG.DOWN_MAX_BM)
+                ms = ctx.time(lambda: PG.down(hh, asg, wf, ts_dn, r0_dn, r1_dn, pools[2], yy, "Q4_K", bmd), graph=True)
+                ctx.row("moe_prefill", f"T={T} Q4_K Gluon down alone BM={bmd}", ms, flop=flop / 3)
+                for ns, wait in ((3, 1), (4, 1), (5, 0)):
+                    os.environ.update(KIMI_LOCAL_MOE_PREFILL_NS=str(ns), KIMI_LOCAL_MOE_PREFILL_WAIT=str(wait))
+                    try:
+                        ms = ctx.time(gemms, graph=True)
+                    except Exception as e:  # e.g. a ring that does not fit the shared memory
+                        print(f"NS={ns} WAIT={wait}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                        continue
+                    ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only NS={ns} WAIT={wait}", ms, flop=flop,
+                            note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+                for var in ("KIMI_LOCAL_MOE_PREFILL_NS", "KIMI_LOCAL_MOE_PREFILL_WAIT"):
+                    os.environ.pop(var)
         for gluon in ("1", "0"):  # the Gluon kernels (moe_prefill_gluon), then the Triton grouped kernels
             os.environ["KIMI_LOCAL_MOE_PREFILL_GLUON"] = gluon
             for bm in [None] + ([128] if T >= 8192 and gluon == "0" else []):

@@ -56,7 +56,7 @@ def cases(only: set):
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"), ("down", 128, "Q4_K"),
                               ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
             lp, lqc, lvc, lxc, le = P.layouts(bm)
-            ce = dict(F=1024, D=2304, BM=bm, NS=P.DEFAULT_NS, Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
+            ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm), Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
                       WAIT=1)
             if which == "gate_up":
                 types = {"x": "*bf16", "stride_xt": "i32", "tok": "*i32", "tile_slot": "*i32", "tile_row0": "*i32",
