@@ -28,6 +28,8 @@ with the routing weight in the epilogue -> Y [T*k, D] in (token, j) order, summe
 Floor: 2 * T * k * 3 * F * D flops (T=8192: 928 GFLOP -> ~1.2 ms at ~780 TFLOP/s); compute bound
 from T ~ 1k on; at T=512 the expert weights (all 256 experts touched: 1.3 GB in Q4_K... per layer
 256 * 3 * 2.36 M * 0.578 B = 1.05 GB -> 350 us) dominate.
+On Hopper, Q4_K / Q5_K halves run the Gluon kernels of moe_prefill_gluon instead (same tiles, same H and Y; its
+module doc): they spend ~2.3 instructions per weight on the dequantization where these spend ~15.
 """
 import os
 

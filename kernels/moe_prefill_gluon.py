@@ -1,28 +1,39 @@
-"""MoE prefill grouped GEMMs for Q4_K experts in Gluon (sm_90): the tokens sorted by expert (moe.moe_route_tiles),
-one CTA per (expert tile of BM sorted rows, 128 weight rows), the dequantized weight tile as the warpgroup MMA's
-register operand (A) and the activation rows as its shared-memory operand (B), as moe._moe_*_grouped_kernel.
+"""MoE prefill grouped GEMMs for Q4_K / Q5_K experts in Gluon (sm_90): the tokens sorted by expert
+(moe.moe_route_tiles), one CTA per (expert tile of BM sorted rows, 128 weight rows), the dequantized weight tile as
+the warpgroup MMA's register operand (A) and the activation rows as its shared-memory operand (B), as
+moe._moe_*_grouped_kernel do in Triton. moe.moe_prefill picks these where they apply (supported()).
 
 Why: the Triton grouped kernels spend ~15 instructions per weight on the dequantization (offline SASS, session 14:
 LOP3 / PRMT / IMAD / SHF / FADD / FFMA per nibble, in fp32), so they are bound by it and stay 1.8-2.3x behind
 torch._grouped_mm on the dequantized bf16 weights. Here a thread unpacks the nibbles straight into the MMA's register
 layout with packed bf16x2 arithmetic: per 16-bit word (4 weights) one PRMT, two LOP3 and one shift make the bf16x2
-pairs (0x4300 | n is the bf16 of 128 + n), then per pair one HSUB2 (- 128, exact) and one HFMA2 (n * s - m, one
-rounding): ~2.3 instructions per weight, plus the per-sub-block scale pairs.
+pairs (0x4300 | n is the bf16 of 128 + n; Q5_K ORs the 5th bits of qh in at bit 4), then per pair one HSUB2 (- 128,
+exact) and one HFMA2 (n * s - m, one rounding; s and m are rounded to bf16 first): ~2.3 instructions per weight, plus
+the per-sub-block scale pairs. Measured (session 16, docs/perf-notes.md), the two GEMMs alone against
+torch._grouped_mm on bf16 weights (tokens pre-sorted for both): 0.61-0.69x the time at T = 512, 0.95-1.23x at 2048,
+1.48-1.53x at 8192 (H100 / H200); the error against the bf16 reference is the Triton kernels' for Q4_K (1.7e-3
+relative RMSE) and 1.7x theirs for Q5_K (4e-3: the extra roundings of s and of n * s - m matter more at 5 bits).
 
 Register layout of the A operand (wgmma m64nNk16, bf16): thread (g = lane // 4, t = lane % 4) of warp w holds rows
 16 w + g and 16 w + g + 8, columns 2t, 2t + 1, 2t + 8, 2t + 9 of every 16-column step. A Q4_K 64-weight chunk is 32
 bytes whose low nibbles are weights 0..31 and high nibbles weights 32..63 (ggml order, kept by the loader). So the
 thread's weights of a chunk are the low and high nibbles of the 16-bit words t, t + 4, t + 8, t + 12 of its rows:
-qs is read from shared memory as u16 [128, 16] in layout _lp() (lanes t over the word index), and join / reshape /
-permute of the four unpacked bf16 values per word give exactly the A layout (checked by the compiler:
+qs is read from shared memory as u16 [128, 16] in layout LP (layouts(): lanes t over the word index), and join /
+reshape / permute of the four unpacked bf16 values per word give exactly the A layout (checked by the compiler:
 convert_layout(assert_trivial=True)).
 
 Pipeline: per 64-weight chunk a stage holds the qs rows (4 KB, swizzled so that rows g and g + 4 fall in other
-banks), the rows' sub-scale / min / (d, dmin) words (u32) and the activation tile [BM, 64] (NVMMA-swizzled), copied
-with cp.async NS - 2 chunks ahead; one MMA in flight while the next chunk is dequantized.
+banks; Q5_K: also the block's qh rows), the rows' sub-scale / min / (d, dmin) words (u32) and the activation tile
+[BM, 64] (NVMMA-swizzled), copied with cp.async NS - 2 chunks ahead (_ns: 3 stages up to 64-row tiles, 5 above); one
+MMA in flight while the next chunk is dequantized (WAIT = 1; 0 retires each MMA first: 13 % slower at T = 8192).
+The loop body holds two chunks, so that the operand registers of the MMA in flight are never the next chunk's
+(one chunk per body: NaN from 64-row tiles up, H100 run 1). The chunk loop has a static trip count (K constexpr):
+with a possible zero-trip path ptxas serialized every MMA ("non wgmma instructions defining accumulator registers").
 gate/up: rows 0..63 of the A tile are gate rows f0 .. f0 + 63, rows 64..127 the same rows of up (one warpgroup
-each); the epilogue meets them in shared memory and stores h = silu(gate) * up (bf16). down: 128 rows of down; the
-epilogue stores y[assignment] = acc * topk weight (fp32), as the Triton kernel.
+each); the epilogue meets them in shared memory and stores h = silu(gate) * up (bf16); tiles of up to 256 rows.
+down: 128 rows of down; the epilogue stores y[assignment] = acc * topk weight (fp32), as the Triton kernel; tiles of
+up to 128 rows (DOWN_MAX_BM). The column tiles of one expert tile are neighbours in the grid (program_id(0)), so
+its activation rows are read from L2 by all of them.
 """
 from __future__ import annotations
 
@@ -44,7 +55,8 @@ except (ImportError, AttributeError):  # pragma: no cover
 BMS = (16, 32, 64, 128, 256)  # rows per expert tile (the wgmma N); gate/up up to 256, down up to DOWN_MAX_BM
 DOWN_MAX_BM = 128  # (256-row down tiles spill: the epilogue's store addresses beside 128 accumulator registers)
 QTYPES = ("Q4_K", "Q5_K")
-DEFAULT_NS = 5  # ring stages (a chunk of 64 weights each) from 128-row tiles (_ns); KIMI_LOCAL_MOE_PREFILL_NS: A/B, >= 3
+DEFAULT_NS = 5  # ring stages (a chunk of 64 weights each) from 128-row tiles (_ns); KIMI_LOCAL_MOE_PREFILL_NS:
+# A/B (>= 3)
 ROWS = 128  # weight rows per CTA (two warpgroups)
 
 
@@ -140,8 +152,8 @@ if HAVE_GLUON:
     def _issue(qs_s, qh_s, sc_s, mn_s, dd_s, x_s, wq_row, wh_row, wv_row, rb_row, x_row, c, NBT, Q5: gl.constexpr,
                LQC: gl.constexpr, LVC: gl.constexpr, LXC: gl.constexpr):
         """cp.async of chunk c (64 weights of every row) into one stage: the rows' qs words (wq_row: u16 pointers to
-        each row's first block), Q5_K's qh (wh_row: likewise), the side words (wv_row: u32 pointers to each row's matrix, rb_row: the
-        row's first block index) and the activation tile (x_row: each row's first element)."""
+        each row's first block), Q5_K's qh (wh_row: likewise), the side words (wv_row: u32 pointers to each row's
+        matrix, rb_row: the row's first block index) and the activation tile (x_row: each row's first element)."""
         b = c // 4
         cc = c % 4
         oq = gl.arange(0, 16, layout=gl.SliceLayout(0, LQC))

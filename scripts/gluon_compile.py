@@ -1,4 +1,4 @@
-"""Compile every Gluon kernel (kernels/moe_gluon.py, moe_prefill_gluon.py, mla_gluon.py) for sm_90 on this machine, no GPU needed.
+"""Compile every Gluon kernel (kernels/moe_gluon.py, moe_prefill_gluon.py, mla_gluon.py) for sm_90 here, no GPU needed.
 
 Prints, per kernel configuration, the shared memory, and the registers and local memory (spills) of the sm_90 cubin
 (Triton's bundled cuobjdump); `--json` prints the same as JSON (tests/test_gluon_compile.py reads it). Exit status 1 if any
@@ -53,8 +53,8 @@ def cases(only: set):
                         types, ce, M.DEFAULT_W))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
-                              ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"), ("down", 128, "Q4_K"),
-                              ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
+                              ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),
+                              ("down", 128, "Q4_K"), ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
             lp, lqc, lvc, lxc, le = P.layouts(bm)
             ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm), Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
                       WAIT=1)
