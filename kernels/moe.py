@@ -633,7 +633,8 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
         # again. 256 = the wgmma N limit (T=8192, H200: 5.81 ms vs 6.10 with 128-row tiles, session 14)
         BM = 16 if INTERPRET else max(16, min(256, triton.next_power_of_2(max(1, A // S))))
     # Q4_K / Q5_K halves on Hopper: the Gluon kernels (moe_prefill_gluon; down tiles of at most 128 rows)
-    g_gu = (qg == qu and x.dtype == torch.bfloat16 and x.stride(1) == 1 and moe_prefill_gluon.enabled()
+    g_gu = (qg == qu and x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0 and moe_prefill_gluon.enabled()  # (16-byte rows for its copies)
             and moe_prefill_gluon.supported(x.device, qg, F, D))
     g_dn = moe_prefill_gluon.enabled() and moe_prefill_gluon.supported(x.device, qd, D, F)
     bm_gu = max(16, BM) if g_gu else BM

@@ -575,6 +575,61 @@ def test_cuda_moe_prefill_gluon(T, skew, qtypes, monkeypatch):
     check(out.float(), out_t.float(), 1e-2)
 
 
+def test_moe_prefill_gluon_dispatch(monkeypatch):
+    """moe_prefill's plumbing around the Gluon prefill kernels, on the CPU with stand-ins that compute their outputs
+    from the dense weights: which halves go there (types, dtype), their tile sizes (gate/up 16..256, down at most
+    DOWN_MAX_BM, each with its own tile table over the same sort), and that H and Y meet the Triton halves'."""
+    from kimi_local.kernels import moe_prefill_gluon as PG
+    S, D, F, k, T = 4, 256, 256, 2, 40
+    qtypes = ("Q4_K", "Q4_K", "Q5_K")
+    (gp, up, dp), (gd, ud, dd), _ = make_moe(qtypes, S, D, F, None, seed=4)
+    calls = []
+
+    def gate_up(x, tok, ts, r0, r1, gpool, upool, h, qt, BM):
+        calls.append(("gate_up", qt, BM, ts.numel()))
+        for t in range(ts.numel()):
+            s = int(ts[t])
+            if s < S:
+                rows = torch.arange(int(r0[t]), min(int(r0[t]) + BM, int(r1[t])))
+                xs = x[tok[rows].long()].float()
+                h[rows] = (torch.nn.functional.silu(xs @ gd[s].t()) * (xs @ ud[s].t())).to(h.dtype)
+
+    def down(h, asg, wf, ts, r0, r1, dpool, y, qt, BM):
+        calls.append(("down", qt, BM, ts.numel()))
+        for t in range(ts.numel()):
+            s = int(ts[t])
+            if s < S:
+                rows = torch.arange(int(r0[t]), min(int(r0[t]) + BM, int(r1[t])))
+                a = asg[rows].long()
+                y[a] = (h[rows].float() @ dd[s].t()) * wf[a][:, None]
+
+    monkeypatch.setattr(PG, "supported", lambda device, qtype, N, K: qtype in PG.QTYPES)
+    monkeypatch.setattr(PG, "gate_up", gate_up)
+    monkeypatch.setattr(PG, "down", down)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    ids = torch.stack([torch.ones(T, dtype=torch.long), torch.tensor([0, 2, 3])[torch.randint(0, 3, (T,),
+                                                                                               generator=g)]], 1)
+    w = torch.rand(T, k, generator=g)
+    ref = moe_ref(x.float(), ids, w, gd, ud, dd)
+    for BM, want in ((8, [("gate_up", "Q4_K", 16), ("down", "Q5_K", 16)]),
+                     (256, [("gate_up", "Q4_K", 256), ("down", "Q5_K", PG.DOWN_MAX_BM)])):
+        calls.clear()
+        out = torch.full((T, D), float("nan")).bfloat16()
+        moe.moe_prefill(x, ids, w, gp, up, dp, qtypes, out, BM=BM)
+        assert [c[:3] for c in calls] == want
+        check(out.float(), ref, 1e-2)
+    calls.clear()  # fp32 activations: gate/up stays on the Triton kernel, down still goes to the Gluon one
+    out = torch.full((T, D), float("nan"))
+    moe.moe_prefill(x.float(), ids, w, gp, up, dp, qtypes, out, BM=8)
+    assert [c[:3] for c in calls] == [("down", "Q5_K", 16)]
+    check(out, ref, 1e-2)
+    monkeypatch.setenv("KIMI_LOCAL_MOE_PREFILL_GLUON", "0")
+    calls.clear()
+    moe.moe_prefill(x, ids, w, gp, up, dp, qtypes, out, BM=8)
+    assert calls == []
+
+
 def test_moe_prefill_config_prune():
     """The grouped GEMMs' autotuner never tries accumulators of more than 128 fp32 registers per thread."""
     prune = moe._acc_prune(2)["early_config_prune"]
