@@ -513,16 +513,20 @@ def test_cuda_moe_prefill(T, qtypes):
     w = torch.rand(T, k, generator=g).cuda()
     out = torch.full((T, D), float("nan"), device="cuda", dtype=torch.bfloat16)
     moe.moe_prefill(x, ids, w, *pools, qtypes, out)
-    used = ids.unique()
+    ref = moe_ref(x, ids, w, *_dense_used(pools, qtypes, ids, S, D, F))
+    torch.cuda.synchronize()
+    check(out.float(), ref, 1e-2)
+
+
+def _dense_used(pools, qtypes, ids, S, D, F):
+    """The gate, up and down pools as bf16 [S, rows, K] on the GPU, dequantized for the slots in ids (others 0)."""
     dense = []
     for pool, qt, (r, c) in zip(pools, qtypes, [(F, D), (F, D), (D, F)]):
         d = torch.zeros(S, r, c, device="cuda", dtype=torch.bfloat16)
-        for s in used.tolist():
+        for s in ids.unique().tolist():
             d[s] = qm.dequantize_gpu(pool[s], qt, (r, c))
         dense.append(d)
-    ref = moe_ref(x, ids, w, *dense)
-    torch.cuda.synchronize()
-    check(out.float(), ref, 1e-2)
+    return dense
 
 
 _POOLS = {}
@@ -541,9 +545,10 @@ def _cuda_pool(qt, S, r, c):
 @pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q5_K"), ("Q5_K", "Q5_K", "Q6_K")])
 def test_cuda_moe_prefill_gluon(T, skew, qtypes, monkeypatch):
     """The Gluon Q4_K / Q5_K grouped GEMMs (kernels/moe_prefill_gluon.py): against the dequantized bf16 reference and
-    the Triton grouped kernels (KIMI_LOCAL_MOE_PREFILL_GLUON=0). Tiles of 16 (T=1, 37: mostly one row), 64 (T=2048)
-    and 128 rows (T=8192: two tiles an expert); skew: 300 tokens over 10 experts (240 rows each: a full and a partial
-    128-row tile). Q6_K down: the Gluon gate/up beside the Triton down kernel."""
+    the Triton grouped kernels (KIMI_LOCAL_MOE_PREFILL_GLUON=0). Tiles of 16 (T=1, 37: mostly one row; 3 ring stages),
+    64 (T=2048; 3 stages) and, at T=8192, 256 rows for gate/up (one tile an expert) and 128 for down (two; 5 stages);
+    skew: 300 tokens over 10 experts (240 rows each: 16-row tiles, 15 of them an expert). Q6_K down: the Gluon gate/up
+    beside the Triton down kernel."""
     from kimi_local.kernels import moe_prefill_gluon
     S, D, F, k = 256, 2304, 1024, 8
     if not moe_prefill_gluon.supported("cuda", "Q4_K", F, D):
@@ -561,14 +566,7 @@ def test_cuda_moe_prefill_gluon(T, skew, qtypes, monkeypatch):
     monkeypatch.setenv("KIMI_LOCAL_MOE_PREFILL_GLUON", "0")
     out_t = torch.full((T, D), float("nan"), device="cuda", dtype=torch.bfloat16)
     moe.moe_prefill(x, ids, w, *pools, qtypes, out_t)
-    used = ids.unique()
-    dense = []
-    for pool, qt, (r, c) in zip(pools, qtypes, [(F, D), (F, D), (D, F)]):
-        d = torch.zeros(S, r, c, device="cuda", dtype=torch.bfloat16)
-        for s in used.tolist():
-            d[s] = qm.dequantize_gpu(pool[s], qt, (r, c))
-        dense.append(d)
-    ref = moe_ref(x, ids, w, *dense)
+    ref = moe_ref(x, ids, w, *_dense_used(pools, qtypes, ids, S, D, F))
     torch.cuda.synchronize()
     print(f"T={T} {qtypes}: rel RMSE gluon {rel_rmse(out.float(), ref):.2e}, triton {rel_rmse(out_t.float(), ref):.2e}")
     check(out.float(), ref, 1e-2)
