@@ -621,6 +621,13 @@ def moe_route_tiles(topk_ids, S, BM):
     return asg.to(torch.int32), tile_slot, tile_row0.to(torch.int32), tile_row1
 
 
+def prefill_tile_rows(A: int, S: int) -> int:
+    """Rows per expert tile of the prefill GEMMs for A assignments over S slots: from the mean rows per slot (every
+    tile dequantizes its expert's weights again), 16..256; 256 = the wgmma N limit (T=8192, H200: 5.81 ms vs 6.10
+    with 128-row tiles, session 14)."""
+    return max(16, min(256, triton.next_power_of_2(max(1, A // S))))
+
+
 def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                 shared_qtypes=None, BM=None):
     """x [T, D]; topk_ids [T, k] slot ids (int); topk_w [T, k]; pools as in moe_decode. Writes out [T, D]."""
@@ -629,9 +636,8 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     S, F = gate_pool.shape[0], gate_pool.shape[1]
     qg, qu, qd = qtypes
     A = T * k
-    if BM is None:  # rows per expert tile, from the mean rows per slot; every tile dequantizes its expert's weights
-        # again. 256 = the wgmma N limit (T=8192, H200: 5.81 ms vs 6.10 with 128-row tiles, session 14)
-        BM = 16 if INTERPRET else max(16, min(256, triton.next_power_of_2(max(1, A // S))))
+    if BM is None:
+        BM = 16 if INTERPRET else prefill_tile_rows(A, S)
     # Q4_K / Q5_K halves on Hopper: the Gluon kernels (moe_prefill_gluon; down tiles of at most 128 rows)
     g_gu = (qg == qu and x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 8 == 0
             and x.data_ptr() % 16 == 0 and moe_prefill_gluon.enabled()  # (16-byte rows for its copies)

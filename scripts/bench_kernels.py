@@ -330,7 +330,7 @@ def bench_moe_prefill(ctx):
         if moe.moe_prefill_gluon.supported("cuda", "Q4_K", Fe, D):  # the two GEMMs alone, pre-sorted as the baselines
             PG = moe.moe_prefill_gluon
             A = T * k
-            bm = max(16, min(256, triton.next_power_of_2(max(1, A // S))))
+            bm = moe.prefill_tile_rows(A, S)  # as moe_prefill picks it
             asg, ts_gu, r0_gu, r1_gu = moe.moe_route_tiles(ids, S, bm)
             _, ts_dn, r0_dn, r1_dn = moe.moe_route_tiles(ids, S, min(bm, PG.DOWN_MAX_BM))
             tok = asg // k
