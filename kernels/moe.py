@@ -599,26 +599,53 @@ def _moe_down_grouped_kernel(h, asg, topk_w, tile_slot, tile_row0, tile_row1, do
     tl.store(y + a[None, :] * D + n[:, None], acc.to(y.dtype.element_ty), mask=r_mask[None, :] & n_mask[:, None])
 
 
-def moe_route_tiles(topk_ids, S, BM):
+def _cut_tiles(counts, row_end, rows, BM: int, max_tiles: int):
+    """BM-row tiles over the first rows[s] of each slot s's sorted rows (rows <= counts), on the device:
+    (tile_slot, tile_row0, tile_row1) [max_tiles] int32; tiles past the real count carry slot = S (programs exit)."""
+    S = counts.numel()
+    tiles = (rows + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)  # [S]
+    p = torch.arange(max_tiles, dtype=torch.int32, device=counts.device)
+    tile_slot = torch.searchsorted(tile_end, p, right=True).to(torch.int32)  # S past the end
+    e = tile_slot.clamp(max=S - 1).long()
+    start = row_end[e] - counts[e]
+    tile_row0 = start + (p - (tile_end[e] - tiles[e])) * BM
+    return tile_slot, tile_row0.to(torch.int32), (start + rows[e]).to(torch.int32)
+
+
+def moe_route_tiles(topk_ids, S, BM, small: int = 0):
     """Sort assignments by slot and cut them into BM-row tiles of one slot each, on the device.
     Returns (asg [A] sorted assignment indices, tile_slot, tile_row0, tile_row1 [max_tiles] int32);
-    tiles past the real count carry slot = S (programs exit)."""
+    tiles past the real count carry slot = S (programs exit).
+    small (0 < small <= BM): a slot's last partial tile of at most `small` rows is cut off the BM tiles and returned
+    apart, as one tile per slot for a second launch with small-row tiles: (asg, big (tile_slot, row0, row1),
+    small (tile_slot [S] = s or S when slot s has none, row0, row1)). Why: every tile dequantizes its expert's
+    weights again and its MMA is BM rows wide however few are real, so at T = 8192 (~256 +- 16 rows per expert)
+    half the experts paid a second 256-row tile for ~13 rows."""
     flat = topk_ids.reshape(-1)
     A = flat.numel()
     srt, asg = torch.sort(flat.to(torch.int32), stable=True)
     counts = torch.zeros(S, dtype=torch.int32, device=flat.device)
     counts.scatter_add_(0, srt.long(), torch.ones_like(srt))
     row_end = torch.cumsum(counts, 0, dtype=torch.int32)  # [S]
-    tiles = (counts + BM - 1) // BM
-    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)  # [S]
     max_tiles = triton.cdiv(A, BM) + min(S, A)
-    p = torch.arange(max_tiles, dtype=torch.int32, device=flat.device)
-    tile_slot = torch.searchsorted(tile_end, p, right=True).to(torch.int32)  # S past the end
-    e = tile_slot.clamp(max=S - 1).long()
-    first_tile = tile_end[e] - tiles[e]
-    tile_row0 = (row_end[e] - counts[e]) + (p - first_tile) * BM
-    tile_row1 = row_end[e]
-    return asg.to(torch.int32), tile_slot, tile_row0.to(torch.int32), tile_row1
+    asg = asg.to(torch.int32)
+    if not small:
+        return (asg, *_cut_tiles(counts, row_end, counts, BM, max_tiles))
+    assert 0 < small <= BM
+    rem = counts % BM
+    cut = (rem > 0) & (rem <= small)  # [S] slots whose last tile goes to the small launch
+    rows = counts - torch.where(cut, rem, 0)
+    s = torch.arange(S, dtype=torch.int32, device=flat.device)
+    small_tiles = (torch.where(cut, s, S).to(torch.int32), (row_end - rem).to(torch.int32), row_end)
+    return asg, _cut_tiles(counts, row_end, rows, BM, max_tiles), small_tiles
+
+
+def prefill_split(BM: int) -> int:
+    """Rows of the small tiles that take a slot's last partial tile of at most that many rows (moe_route_tiles'
+    small), 0 for none: BM / KIMI_LOCAL_MOE_PREFILL_SPLIT (default 4; 0 = off), if at least 16 (the MMA's N)."""
+    div = int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_SPLIT", "4"))
+    return BM // div if div and BM // div >= 16 else 0
 
 
 def prefill_tile_rows(A: int, S: int) -> int:
@@ -629,8 +656,10 @@ def prefill_tile_rows(A: int, S: int) -> int:
 
 
 def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
-                shared_qtypes=None, BM=None):
-    """x [T, D]; topk_ids [T, k] slot ids (int); topk_w [T, k]; pools as in moe_decode. Writes out [T, D]."""
+                shared_qtypes=None, BM=None, small=None):
+    """x [T, D]; topk_ids [T, k] slot ids (int); topk_w [T, k]; pools as in moe_decode. Writes out [T, D].
+    BM: rows per expert tile (None: prefill_tile_rows); small: rows of the tiles that take each expert's last
+    partial tile when it is that short (None: prefill_split of each half's BM; 0: none), in a second launch."""
     T, D = x.shape
     k = topk_ids.shape[1]
     S, F = gate_pool.shape[0], gate_pool.shape[1]
@@ -645,28 +674,34 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     g_dn = moe_prefill_gluon.enabled() and moe_prefill_gluon.supported(x.device, qd, D, F)
     bm_gu = max(16, BM) if g_gu else BM
     bm_dn = max(16, min(moe_prefill_gluon.DOWN_MAX_BM, BM)) if g_dn else BM
-    tiles = {bm: moe_route_tiles(topk_ids, S, bm) for bm in {bm_gu, bm_dn}}
+    cuts = {bm: prefill_split(bm) if small is None else min(small, bm) for bm in {bm_gu, bm_dn}}
+    tiles = {bm: moe_route_tiles(topk_ids, S, bm, cuts[bm]) for bm in {bm_gu, bm_dn}}
     asg = tiles[bm_gu][0]  # the same sort whatever the tile size
+
+    def launches(bm):  # [(BM, (tile_slot, row0, row1), ring stages)]: the BM tiles, then the small ones (if split)
+        t = tiles[bm]
+        return [(bm, t[1:], 0)] if not cuts[bm] else [(bm, t[1], 0), (cuts[bm], t[2], moe_prefill_gluon.small_ns())]
+
     tok = asg // k
     h = torch.empty(A, F, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(A, D, dtype=torch.float32, device=x.device)
     w_flat = topk_w.reshape(-1).contiguous()
-    _, tile_slot, row0, row1 = tiles[bm_gu]
-    if g_gu:
-        moe_prefill_gluon.gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qg, bm_gu)
-    else:
-        nt = tile_slot.numel()
-        _moe_gate_up_grouped_kernel[lambda m: (nt, triton.cdiv(F, m["BN"]))](
-            x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, F, D,
-            gate_pool[0].numel(), up_pool[0].numel(), S, QTG=QT_ID[qg], QTU=QT_ID[qu], BM=BM, DOT_F32=INTERPRET)
-    _, tile_slot, row0, row1 = tiles[bm_dn]
-    if g_dn:
-        moe_prefill_gluon.down(h, asg, w_flat, tile_slot, row0, row1, down_pool, y, qd, bm_dn)
-    else:
-        nt = tile_slot.numel()
-        _moe_down_grouped_kernel[lambda m: (nt, triton.cdiv(D, m["BN"]))](
-            h, asg, w_flat, tile_slot, row0, row1, down_pool, y, F, D, down_pool[0].numel(), S,
-            QTD=QT_ID[qd], BM=BM, DOT_F32=INTERPRET)
+    for bm, (tile_slot, row0, row1), ns in launches(bm_gu):
+        if g_gu:
+            moe_prefill_gluon.gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qg, bm, ns)
+        else:
+            nt = tile_slot.numel()
+            _moe_gate_up_grouped_kernel[lambda m: (nt, triton.cdiv(F, m["BN"]))](
+                x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, F, D,
+                gate_pool[0].numel(), up_pool[0].numel(), S, QTG=QT_ID[qg], QTU=QT_ID[qu], BM=bm, DOT_F32=INTERPRET)
+    for bm, (tile_slot, row0, row1), ns in launches(bm_dn):
+        if g_dn:
+            moe_prefill_gluon.down(h, asg, w_flat, tile_slot, row0, row1, down_pool, y, qd, bm, ns)
+        else:
+            nt = tile_slot.numel()
+            _moe_down_grouped_kernel[lambda m: (nt, triton.cdiv(D, m["BN"]))](
+                h, asg, w_flat, tile_slot, row0, row1, down_pool, y, F, D, down_pool[0].numel(), S,
+                QTD=QT_ID[qd], BM=bm, DOT_F32=INTERPRET)
     res = y.view(T, k, D).sum(1)
     if shared is not None:
         sg, su, sd = shared

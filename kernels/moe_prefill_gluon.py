@@ -65,6 +65,12 @@ def enabled() -> bool:
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_PREFILL_GLUON", "1") != "0"
 
 
+def small_ns() -> int:
+    """Ring stages of the small-tile launch (moe.moe_route_tiles' small): KIMI_LOCAL_MOE_PREFILL_SMALL_NS (A/B), else 0
+    (_ns' default)."""
+    return int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_SMALL_NS", 0))
+
+
 def supported(device, qtype: str, N: int, K: int) -> bool:
     """A matrix [N, K] of the prefill MoE can go through these kernels: Gluon, a Hopper GPU, a type in QTYPES, K a
     multiple of 256 and N of 128."""

@@ -331,45 +331,73 @@ def bench_moe_prefill(ctx):
             PG = moe.moe_prefill_gluon
             A = T * k
             bm = moe.prefill_tile_rows(A, S)  # as moe_prefill picks it
-            asg, ts_gu, r0_gu, r1_gu = moe.moe_route_tiles(ids, S, bm)
-            _, ts_dn, r0_dn, r1_dn = moe.moe_route_tiles(ids, S, min(bm, PG.DOWN_MAX_BM))
-            tok = asg // k
+            bmd = min(bm, PG.DOWN_MAX_BM)
             hh = torch.empty(A, Fe, device="cuda", dtype=torch.bfloat16)
             yy = torch.empty(A, D, device="cuda", dtype=torch.float32)
             wf = w.reshape(-1).contiguous()
 
-            def gemms():
-                PG.gate_up(x, tok, ts_gu, r0_gu, r1_gu, pools[0], pools[1], hh, "Q4_K", bm)
-                PG.down(hh, asg, wf, ts_dn, r0_dn, r1_dn, pools[2], yy, "Q4_K", min(bm, PG.DOWN_MAX_BM))
+            def plan(b, small):  # [(BM, tile table)] as moe_prefill launches them
+                asg, *t = moe.moe_route_tiles(ids, S, b, small)
+                return asg, ([(b, t)] if not small else [(b, t[0]), (small, t[1])])
 
-            ms = ctx.time(gemms, graph=True)
-            ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only (pre-sorted)", ms, flop=flop,
-                    base="bf16 cuBLAS per expert", base_ms=base_ms,
-                    note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
-            if T >= 2048:  # each half alone, and the ring depth / MMA overlap knobs (A/B)
-                ms = ctx.time(lambda: PG.gate_up(x, tok, ts_gu, r0_gu, r1_gu, pools[0], pools[1], hh, "Q4_K", bm),
-                              graph=True)
-                ctx.row("moe_prefill", f"T={T} Q4_K Gluon gate/up alone BM={bm}", ms, flop=flop * 2 / 3)
-                bmd = min(bm, PG.DOWN_MAX_BM)
-                ms = ctx.time(lambda: PG.down(hh, asg, wf, ts_dn, r0_dn, r1_dn, pools[2], yy, "Q4_K", bmd), graph=True)
-                ctx.row("moe_prefill", f"T={T} Q4_K Gluon down alone BM={bmd}", ms, flop=flop / 3)
-                for ns, wait in ((3, 1), (4, 1), (5, 0)):
-                    os.environ.update(KIMI_LOCAL_MOE_PREFILL_NS=str(ns), KIMI_LOCAL_MOE_PREFILL_WAIT=str(wait))
-                    try:
-                        ms = ctx.time(gemms, graph=True)
-                    except Exception as e:  # e.g. a ring that does not fit the shared memory
-                        print(f"NS={ns} WAIT={wait}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                        continue
-                    ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only NS={ns} WAIT={wait}", ms, flop=flop,
-                            note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
-                for var in ("KIMI_LOCAL_MOE_PREFILL_NS", "KIMI_LOCAL_MOE_PREFILL_WAIT"):
-                    os.environ.pop(var)
+            def gemm_fns(split):  # (both halves, gate/up alone, down alone); split: the small tiles as moe_prefill
+                asg, gu = plan(bm, moe.prefill_split(bm) if split else 0)
+                _, dn = plan(bmd, moe.prefill_split(bmd) if split else 0)
+                tok = asg // k
+
+                def gate_up():
+                    for i, (b, (ts, r0, r1)) in enumerate(gu):  # i = 1: the small tiles
+                        PG.gate_up(x, tok, ts, r0, r1, pools[0], pools[1], hh, "Q4_K", b, i and PG.small_ns())
+
+                def down():
+                    for i, (b, (ts, r0, r1)) in enumerate(dn):
+                        PG.down(hh, asg, wf, ts, r0, r1, pools[2], yy, "Q4_K", b, i and PG.small_ns())
+
+                return (lambda: (gate_up(), down())), gate_up, down
+
+            for split in (True, False):
+                gemms, gate_up, down = gemm_fns(split)
+                tag = (f" small tiles {moe.prefill_split(bm)}/{moe.prefill_split(bmd)}" if split and moe.prefill_split(bm)
+                       else " no small tiles" if split is False else "")
+                ms = ctx.time(gemms, graph=True)
+                ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only (pre-sorted){tag}", ms, flop=flop,
+                        base="bf16 cuBLAS per expert", base_ms=base_ms,
+                        note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+                if T >= 2048:  # each half alone
+                    ms = ctx.time(gate_up, graph=True)
+                    ctx.row("moe_prefill", f"T={T} Q4_K Gluon gate/up alone BM={bm}{tag}", ms, flop=flop * 2 / 3)
+                    ms = ctx.time(down, graph=True)
+                    ctx.row("moe_prefill", f"T={T} Q4_K Gluon down alone BM={bmd}{tag}", ms, flop=flop / 3)
+                if T >= 2048 and split:  # the ring depth / MMA overlap knobs (A/B)
+                    for ns, wait in ((3, 1), (4, 1), (5, 0)):
+                        os.environ.update(KIMI_LOCAL_MOE_PREFILL_NS=str(ns), KIMI_LOCAL_MOE_PREFILL_WAIT=str(wait))
+                        try:
+                            ms = ctx.time(gemms, graph=True)
+                        except Exception as e:  # e.g. a ring that does not fit the shared memory
+                            print(f"NS={ns} WAIT={wait}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                            continue
+                        ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only NS={ns} WAIT={wait}", ms, flop=flop,
+                                note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
+                    for var in ("KIMI_LOCAL_MOE_PREFILL_NS", "KIMI_LOCAL_MOE_PREFILL_WAIT"):
+                        os.environ.pop(var)
+                    for sns in (4, 6, 8):  # the small-tile launch's ring depth alone
+                        os.environ["KIMI_LOCAL_MOE_PREFILL_SMALL_NS"] = str(sns)
+                        for fn, what in ((gate_up, "gate/up"), (down, "down")):
+                            try:
+                                ms = ctx.time(fn, graph=True)
+                            except Exception as e:
+                                print(f"SMALL_NS={sns}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                                continue
+                            ctx.row("moe_prefill", f"T={T} Q4_K Gluon {what} alone, small tiles' NS={sns}", ms,
+                                    flop=flop * (2 if what == "gate/up" else 1) / 3)
+                    os.environ.pop("KIMI_LOCAL_MOE_PREFILL_SMALL_NS")
         for gluon in ("1", "0"):  # the Gluon kernels (moe_prefill_gluon), then the Triton grouped kernels
             os.environ["KIMI_LOCAL_MOE_PREFILL_GLUON"] = gluon
-            for bm in [None] + ([128] if T >= 8192 and gluon == "0" else []):
-                ms = ctx.time(lambda: moe.moe_prefill(x, ids, w, *pools, qtypes, out, BM=bm))
+            for bm, small in [(None, None), (None, 0)] + ([(128, None)] if T >= 8192 and gluon == "0" else []):
+                ms = ctx.time(lambda: moe.moe_prefill(x, ids, w, *pools, qtypes, out, BM=bm, small=small))
                 ctx.row("moe_prefill", f"T={T} Q4_K {'Gluon' if gluon == '1' else 'Triton'} grouped (sort+gemms+sum)"
-                        + (f" BM={bm}" if bm else ""), ms, flop=flop, base="bf16 cuBLAS per expert", base_ms=base_ms,
+                        + (f" BM={bm}" if bm else "") + (" no small tiles" if small == 0 else ""), ms, flop=flop,
+                        base="bf16 cuBLAS per expert", base_ms=base_ms,
                         note="" if gm_ms is None else f"grouped_mm x{ms / gm_ms:.2f}")
         os.environ.pop("KIMI_LOCAL_MOE_PREFILL_GLUON")
 

@@ -237,6 +237,10 @@ def test_moe_prefill(qtypes, shared_qtypes):
                     shared_qtypes=shared_qtypes, BM=8)
     ref = moe_ref(x, ids, w, gd, ud, dd, shared=None if shared is None else shared[1])
     check(out, ref, 1e-2)  # H is stored in bf16
+    out2 = torch.full((T, D), float("nan"))  # the split launch: slot 1's last 3 rows (11 = 8 + 3) in a 4-row tile
+    moe.moe_prefill(x, ids, w, gp, up, dp, qtypes, out2, shared=None if shared is None else shared[0],
+                    shared_qtypes=shared_qtypes, BM=8, small=4)
+    check(out2, ref, 1e-2)
 
 
 def test_route_tiles():
@@ -249,6 +253,33 @@ def test_route_tiles():
     assert int(real.sum()) == 1 + 2 + 1 + 1  # slot 1 has 5 rows -> 2 tiles
     covered = torch.cat([torch.arange(int(a), min(int(a) + BM, int(b))) for a, b in zip(r0[real], r1[real])])
     assert torch.equal(covered, torch.arange(flat.numel()))
+
+
+@pytest.mark.parametrize("BM,small", [(4, 1), (4, 2), (4, 4), (8, 2)])
+def test_route_tiles_split(BM, small):
+    """With small tiles: the BM tiles and the small ones (one per slot at most) cover every sorted row exactly once,
+    within their slot; a slot's last partial tile goes to the small ones iff it has at most `small` rows."""
+    S = 6
+    g = torch.Generator().manual_seed(BM * 10 + small)
+    ids = torch.stack([torch.randperm(S, generator=g)[:2] for _ in range(23)])  # top-2 of 6 slots
+    ids[:9, 0] = 1  # slot 1: 9+ rows
+    flat = ids.reshape(-1)
+    asg, big, sm = moe.moe_route_tiles(ids, S, BM, small)
+    asg0, *plain = moe.moe_route_tiles(ids, S, BM)
+    assert torch.equal(asg, asg0)
+    srt = flat[asg.long()]
+    counts = torch.bincount(flat, minlength=S)
+    rows = []
+    for (ts, r0, r1), bm in ((big, BM), (sm, small)):
+        for s, a, b in zip(ts.tolist(), r0.tolist(), r1.tolist()):
+            if s < S:
+                r = torch.arange(a, min(a + bm, b))
+                assert len(r) > 0 and bool((srt[r] == s).all())
+                rows.append(r)
+    assert torch.equal(torch.cat(rows).sort().values, torch.arange(flat.numel()))
+    rem = counts % BM
+    assert torch.equal(sm[0] < S, (rem > 0) & (rem <= small))
+    assert int((big[0] < S).sum()) == int(((counts - torch.where(sm[0] < S, rem, 0) + BM - 1) // BM).sum())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,8 +578,9 @@ def test_cuda_moe_prefill_gluon(T, skew, qtypes, monkeypatch):
     """The Gluon Q4_K / Q5_K grouped GEMMs (kernels/moe_prefill_gluon.py): against the dequantized bf16 reference and
     the Triton grouped kernels (KIMI_LOCAL_MOE_PREFILL_GLUON=0). Tiles of 16 (T=1, 37: mostly one row; 3 ring stages),
     64 (T=2048; 3 stages) and, at T=8192, 256 rows for gate/up (one tile an expert) and 128 for down (two; 5 stages);
-    skew: 300 tokens over 10 experts (240 rows each: 16-row tiles, 15 of them an expert). Q6_K down: the Gluon gate/up
-    beside the Triton down kernel."""
+    skew: 300 tokens over 10 experts (240 rows each: 16-row tiles, 15 of them an expert). From T=2048 an expert's last
+    partial tile of at most a quarter of BM rows goes to a second launch of small tiles (moe.prefill_split: 16 rows at
+    T=2048, 64 / 32 at 8192), in both paths. Q6_K down: the Gluon gate/up beside the Triton down kernel."""
     from kimi_local.kernels import moe_prefill_gluon
     S, D, F, k = 256, 2304, 1024, 8
     if not moe_prefill_gluon.supported("cuda", "Q4_K", F, D):
@@ -583,7 +615,7 @@ def test_moe_prefill_gluon_dispatch(monkeypatch):
     (gp, up, dp), (gd, ud, dd), _ = make_moe(qtypes, S, D, F, None, seed=4)
     calls = []
 
-    def gate_up(x, tok, ts, r0, r1, gpool, upool, h, qt, BM):
+    def gate_up(x, tok, ts, r0, r1, gpool, upool, h, qt, BM, NS=0):
         calls.append(("gate_up", qt, BM, ts.numel()))
         for t in range(ts.numel()):
             s = int(ts[t])
@@ -592,7 +624,7 @@ def test_moe_prefill_gluon_dispatch(monkeypatch):
                 xs = x[tok[rows].long()].float()
                 h[rows] = (torch.nn.functional.silu(xs @ gd[s].t()) * (xs @ ud[s].t())).to(h.dtype)
 
-    def down(h, asg, wf, ts, r0, r1, dpool, y, qt, BM):
+    def down(h, asg, wf, ts, r0, r1, dpool, y, qt, BM, NS=0):
         calls.append(("down", qt, BM, ts.numel()))
         for t in range(ts.numel()):
             s = int(ts[t])
@@ -610,8 +642,11 @@ def test_moe_prefill_gluon_dispatch(monkeypatch):
                                                                                                generator=g)]], 1)
     w = torch.rand(T, k, generator=g)
     ref = moe_ref(x.float(), ids, w, gd, ud, dd)
+    # BM=256: every slot's rows (13-40) are a partial tile of at most 256 / 4 rows: each half's BM launch (all tiles
+    # empty) is followed by one of small tiles (moe.prefill_split)
     for BM, want in ((8, [("gate_up", "Q4_K", 16), ("down", "Q5_K", 16)]),
-                     (256, [("gate_up", "Q4_K", 256), ("down", "Q5_K", PG.DOWN_MAX_BM)])):
+                     (256, [("gate_up", "Q4_K", 256), ("gate_up", "Q4_K", 64), ("down", "Q5_K", PG.DOWN_MAX_BM),
+                            ("down", "Q5_K", PG.DOWN_MAX_BM // 4)])):
         calls.clear()
         out = torch.full((T, D), float("nan")).bfloat16()
         moe.moe_prefill(x, ids, w, gp, up, dp, qtypes, out, BM=BM)
