@@ -284,7 +284,7 @@ def bench_moe_prefill(ctx):
     qtypes = ("Q4_K", "Q4_K", "Q4_K")
     pools = _moe_pools(qtypes, S, D, Fe)
     wbf = [torch.randn(S, r, c, device="cuda", dtype=torch.bfloat16) * 0.01 for r, c in ((Fe, D), (Fe, D), (D, Fe))]
-    Ts = [512, 2048, 8192]
+    Ts = [int(t) for t in os.environ.get("BENCH_MOE_PREFILL_T", "512,2048,8192").split(",")]  # (a subset: A/B runs)
     for T in Ts:
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(T, S, device="cuda").topk(k, dim=1).indices
@@ -391,6 +391,32 @@ def bench_moe_prefill(ctx):
                             ctx.row("moe_prefill", f"T={T} Q4_K Gluon {what} alone, small tiles' NS={sns}", ms,
                                     flop=flop * (2 if what == "gate/up" else 1) / 3)
                     os.environ.pop("KIMI_LOCAL_MOE_PREFILL_SMALL_NS")
+                if T >= 8192 and split:  # tile shape / residency sweep: 128-row tiles, registers capped or not
+                    for which, b, ns, mr in (("gate/up", 256, 5, 0), ("gate/up", 128, 5, 0), ("gate/up", 128, 3, 128),
+                                             ("gate/up", 128, 4, 128), ("gate/up", 128, 5, 128),
+                                             ("down", 128, 5, 0), ("down", 128, 3, 128), ("down", 128, 4, 128),
+                                             ("down", 128, 5, 128)):
+                        small = moe.prefill_split(b)
+                        asg_b, tb = plan(b, small)
+                        tok_b = asg_b // k
+
+                        def run_sweep():
+                            for i, (bb, (ts, r0, r1)) in enumerate(tb):  # i = 1: the small tiles (defaults)
+                                os.environ["KIMI_LOCAL_MOE_PREFILL_MAXNREG"] = str(0 if i else mr)
+                                if which == "gate/up":
+                                    PG.gate_up(x, tok_b, ts, r0, r1, pools[0], pools[1], hh, "Q4_K", bb, 0 if i else ns)
+                                else:
+                                    PG.down(hh, asg_b, wf, ts, r0, r1, pools[2], yy, "Q4_K", bb, 0 if i else ns)
+
+                        try:
+                            ms = ctx.time(run_sweep, graph=True)
+                        except Exception as e:
+                            print(f"sweep {which} {b} {ns} {mr}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                            continue
+                        finally:
+                            os.environ.pop("KIMI_LOCAL_MOE_PREFILL_MAXNREG", None)
+                        ctx.row("moe_prefill", f"T={T} Q4_K Gluon {which} alone BM={b} NS={ns} maxnreg={mr}",
+                                ms, flop=flop * (2 if which == "gate/up" else 1) / 3)
         for gluon in ("1", "0"):  # the Gluon kernels (moe_prefill_gluon), then the Triton grouped kernels
             os.environ["KIMI_LOCAL_MOE_PREFILL_GLUON"] = gluon
             for bm, small in [(None, None), (None, 0)] + ([(128, None)] if T >= 8192 and gluon == "0" else []):
@@ -496,7 +522,7 @@ def bench_kda_decode(ctx):
     t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
-    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (128, False)):  # None: kda.DEFAULTS
+    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (32, True), (128, False), (128, True)):  # None: kda.DEFAULTS
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                    states[i], out, 1e-5, BV=BV, pdl=pdl) for i in range(L)],
                       graph=True, calls=L)

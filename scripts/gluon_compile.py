@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def cases(only: set):
-    """(name, kernel, argument types, constexprs, num_warps) of every configuration the engine launches by default,
+    """(name, kernel, argument types, constexprs, num_warps[, maxnreg]) of every configuration the engine launches by default,
     plus the A/B variants that a device run may switch on."""
     from kernels import mla_gluon, moe_gluon as M, moe_prefill_gluon as P
     out = []
@@ -56,7 +56,8 @@ def cases(only: set):
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),
                               ("down", 128, "Q4_K"), ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
             lp, lqc, lvc, lxc, le = P.layouts(bm)
-            ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm), Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
+            ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm) if which == "gate_up" else P._down_ns(0, bm),
+                      Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
                       WAIT=1)
             if which == "gate_up":
                 types = {"x": "*bf16", "stride_xt": "i32", "tok": "*i32", "tile_slot": "*i32", "tile_row0": "*i32",
@@ -67,7 +68,8 @@ def cases(only: set):
                 types = {"hin": "*bf16", "asg": "*i32", "topk_w": "*fp32", "tile_slot": "*i32", "tile_row0": "*i32",
                          "tile_row1": "*i32", "down": "*u8", "y": "*fp32", "mat_d": "i64", "S": "i32"}
                 fn = P.moe_down_prefill_kernel
-            out.append((f"moe_prefill_{which} {qt} BM={bm}", fn, types, ce, 8))
+            out.append((f"moe_prefill_{which} {qt} BM={bm}", fn, types, ce, 8,
+                        P.down_maxnreg(bm) if which == "down" else 0))
     if "mla" in only:
         gl = mla_gluon.gl
         for fp8 in (False, True):
@@ -81,7 +83,7 @@ def cases(only: set):
     return out
 
 
-def compile_one(fn, types: dict, constexprs: dict, num_warps: int) -> dict:
+def compile_one(fn, types: dict, constexprs: dict, num_warps: int, maxnreg: int = 0) -> dict:
     """triton.compile for sm_90 (pointer and integer arguments marked 16-divisible, as Triton's launcher specialises
     them for these sizes), then cuobjdump -res-usage on the cubin: {shared, regs, local_bytes}."""
     import triton
@@ -91,7 +93,8 @@ def compile_one(fn, types: dict, constexprs: dict, num_warps: int) -> dict:
     sig.update({k: "constexpr" for k in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.values()) if t[0] in "*i"}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    opts = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}  # maxnreg: the launch's register cap
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     res = {"shared": int(c.metadata.shared), "regs": None, "local_bytes": None}
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if cuobjdump.exists() and c.asm.get("cubin"):
@@ -118,9 +121,9 @@ def main() -> int:
         print("this Triton has no Gluon", file=sys.stderr)
         return 2
     results, failed = {}, 0
-    for name, fn, types, ce, warps in cases(set(args.only.split(","))):
+    for name, fn, types, ce, warps, *cap in cases(set(args.only.split(","))):
         try:
-            results[name] = compile_one(fn, types, ce, warps)
+            results[name] = compile_one(fn, types, ce, warps, *cap)
         except Exception as e:  # keep going: report every configuration
             results[name] = {"error": f"{type(e).__name__}: {str(e)[-600:]}"}
             failed += 1
