@@ -21,7 +21,8 @@ arrival counters) was tried and measured 1.6-2.7x slower than these kernels (H10
 Q4_K/Q4_K/Q6_K, 85-130 vs 47.4 us Q3_K/Q3_K/Q4_K), so it was removed.
 
 Prefill (T tokens): assignments (token, j) are sorted by slot on the device (torch.sort + scatter_add
-counts + searchsorted tile table: no host sync); grouped GEMMs over BM-row tiles (16-256) of one expert each,
+counts + searchsorted tile table: no host sync); grouped GEMMs over BM-row tiles (16-256) of one expert each, an
+expert's last tile of at most BM / 4 rows in a second launch of BM / 4-row tiles (moe_route_tiles' small, from BM = 64),
 in-kernel dequant + tl.dot with the weight tile as the first (register) operand, as in quant_matmul._qgemm_kernel:
 gate/up fused with SiLU*up -> H [T*k, F] bf16 (sorted order), then down
 with the routing weight in the epilogue -> Y [T*k, D] in (token, j) order, summed over j in fp32.

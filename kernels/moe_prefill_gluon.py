@@ -9,10 +9,11 @@ torch._grouped_mm on the dequantized bf16 weights. Here a thread unpacks the nib
 layout with packed bf16x2 arithmetic: per 16-bit word (4 weights) one PRMT, two LOP3 and one shift make the bf16x2
 pairs (0x4300 | n is the bf16 of 128 + n; Q5_K ORs the 5th bits of qh in at bit 4), then per pair one HSUB2 (- 128,
 exact) and one HFMA2 (n * s - m, one rounding; s and m are rounded to bf16 first): ~2.3 instructions per weight, plus
-the per-sub-block scale pairs. Measured (session 16, docs/perf-notes.md), the two GEMMs alone against
-torch._grouped_mm on bf16 weights (tokens pre-sorted for both): 0.61-0.69x the time at T = 512, 0.95-1.23x at 2048,
-1.48-1.53x at 8192 (H100 / H200); the error against the bf16 reference is the Triton kernels' for Q4_K (1.7e-3
-relative RMSE) and 1.7x theirs for Q5_K (4e-3: the extra roundings of s and of n * s - m matter more at 5 bits).
+the per-sub-block scale pairs. Measured (docs/perf-notes.md), the two GEMMs alone against torch._grouped_mm on bf16
+weights (tokens pre-sorted for both): 0.61-0.69x the time at T = 512 (session 16), 0.91-1.07x at 2048, 1.15-1.28x at
+8192 (session 17, H100 / H200, with moe_prefill's small tiles and the down kernel's register cap); the error against
+the bf16 reference is the Triton kernels' for Q4_K (1.7e-3 relative RMSE) and 1.7x theirs for Q5_K (4e-3: the extra
+roundings of s and of n * s - m matter more at 5 bits).
 
 Register layout of the A operand (wgmma m64nNk16, bf16): thread (g = lane // 4, t = lane % 4) of warp w holds rows
 16 w + g and 16 w + g + 8, columns 2t, 2t + 1, 2t + 8, 2t + 9 of every 16-column step. A Q4_K 64-weight chunk is 32
@@ -29,11 +30,15 @@ MMA in flight while the next chunk is dequantized (WAIT = 1; 0 retires each MMA 
 The loop body holds two chunks, so that the operand registers of the MMA in flight are never the next chunk's
 (one chunk per body: NaN from 64-row tiles up, H100 run 1). The chunk loop has a static trip count (K constexpr):
 with a possible zero-trip path ptxas serialized every MMA ("non wgmma instructions defining accumulator registers").
-gate/up: rows 0..63 of the A tile are gate rows f0 .. f0 + 63, rows 64..127 the same rows of up (one warpgroup
-each); the epilogue meets them in shared memory and stores h = silu(gate) * up (bf16); tiles of up to 256 rows.
-down: 128 rows of down; the epilogue stores y[assignment] = acc * topk weight (fp32), as the Triton kernel; tiles of
-up to 128 rows (DOWN_MAX_BM). The column tiles of one expert tile are neighbours in the grid (program_id(0)), so
-its activation rows are read from L2 by all of them.
+gate/up: rows 0..63 of the A tile are gate rows f0 .. f0 + 63, rows 64..127 the same rows of up (one warpgroup each);
+the epilogue meets them in shared memory and stores h = silu(gate) * up (bf16); tiles of up to 256 rows. down: 128
+rows of down; the epilogue stores y[assignment] = acc * topk weight (fp32), as the Triton kernel; tiles of up to 128
+rows (DOWN_MAX_BM), those of 128 rows capped at 128 registers with 4 stages so that two CTAs share an SM
+(down_maxnreg). moe.moe_prefill launches each kernel twice when an expert's last tile is short (moe_route_tiles'
+small tiles): a tile's cost hardly depends on its real rows, since every tile dequantizes its weights again and its
+MMA is BM wide (ncu, T = 8192, H200: one CTA an SM, tensor pipe 40 % busy, issue slots 21 %, L2 24 %: not L2 bound).
+The column tiles of one expert tile are neighbours in the grid (program_id(0)), so its activation rows are read from
+L2 by all of them.
 """
 from __future__ import annotations
 
@@ -349,8 +354,9 @@ def _ns(NS: int, BM: int) -> int:
 def down_maxnreg(BM: int) -> int:
     """The down kernel's ptxas register cap for BM-row tiles, 0 for none: 128 for 128-row tiles (192 registers
     uncapped: one CTA an SM; at 128, no spills (offline sm_90 compile) and two CTAs an SM with _down_ns' 4 stages;
-    H100, session 17, Q4_K, T=8192 down alone 0.96-0.99 ms (4 or 5 stages) vs 1.09-1.11 uncapped). The gate/up kernel stays uncapped: its 128-row tiles with two CTAs an SM
-    were slower than one 256-row tile (2.17-2.29 vs 1.97-1.98 ms)."""
+    H100, session 17, Q4_K, T=8192 down alone 0.96-0.99 ms (4 or 5 stages) vs 1.09-1.11 uncapped). The gate/up
+    kernel stays uncapped: its 128-row tiles with two CTAs an SM were slower than one 256-row tile (2.17-2.29 vs
+    1.97-1.98 ms)."""
     return 128 if BM == 128 else 0
 
 
