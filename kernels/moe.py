@@ -614,7 +614,17 @@ def _cut_tiles(counts, row_end, rows, BM: int, max_tiles: int):
     return tile_slot, tile_row0.to(torch.int32), (start + rows[e]).to(torch.int32)
 
 
-def moe_route_tiles(topk_ids, S, BM, small: int = 0):
+def moe_route_sort(topk_ids, S):
+    """Sort assignments by slot on the device: (asg [A] int32 sorted assignment indices, counts [S] int32 rows a
+    slot, row_end [S] int32 their cumulative sum)."""
+    flat = topk_ids.reshape(-1)
+    srt, asg = torch.sort(flat.to(torch.int32), stable=True)
+    counts = torch.zeros(S, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, srt.long(), torch.ones_like(srt))
+    return asg.to(torch.int32), counts, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def moe_route_tiles(topk_ids, S, BM, small: int = 0, sort=None):
     """Sort assignments by slot and cut them into BM-row tiles of one slot each, on the device.
     Returns (asg [A] sorted assignment indices, tile_slot, tile_row0, tile_row1 [max_tiles] int32);
     tiles past the real count carry slot = S (programs exit).
@@ -622,22 +632,18 @@ def moe_route_tiles(topk_ids, S, BM, small: int = 0):
     apart, as one tile per slot for a second launch with small-row tiles: (asg, big (tile_slot, row0, row1),
     small (tile_slot [S] = s or S when slot s has none, row0, row1)). Why: every tile dequantizes its expert's
     weights again and its MMA is BM rows wide however few are real, so at T = 8192 (~256 +- 16 rows per expert)
-    half the experts paid a second 256-row tile for ~13 rows."""
-    flat = topk_ids.reshape(-1)
-    A = flat.numel()
-    srt, asg = torch.sort(flat.to(torch.int32), stable=True)
-    counts = torch.zeros(S, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, srt.long(), torch.ones_like(srt))
-    row_end = torch.cumsum(counts, 0, dtype=torch.int32)  # [S]
+    half the experts paid a second 256-row tile for ~13 rows.
+    sort: moe_route_sort(topk_ids, S) if already made (one sort for several tile sizes)."""
+    A = topk_ids.numel()
+    asg, counts, row_end = sort if sort is not None else moe_route_sort(topk_ids, S)
     max_tiles = triton.cdiv(A, BM) + min(S, A)
-    asg = asg.to(torch.int32)
     if not small:
         return (asg, *_cut_tiles(counts, row_end, counts, BM, max_tiles))
     assert 0 < small <= BM
     rem = counts % BM
     cut = (rem > 0) & (rem <= small)  # [S] slots whose last tile goes to the small launch
     rows = counts - torch.where(cut, rem, 0)
-    s = torch.arange(S, dtype=torch.int32, device=flat.device)
+    s = torch.arange(S, dtype=torch.int32, device=counts.device)
     small_tiles = (torch.where(cut, s, S).to(torch.int32), (row_end - rem).to(torch.int32), row_end)
     return asg, _cut_tiles(counts, row_end, rows, BM, max_tiles), small_tiles
 
@@ -676,8 +682,9 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     bm_gu = max(16, BM) if g_gu else BM
     bm_dn = max(16, min(moe_prefill_gluon.DOWN_MAX_BM, BM)) if g_dn else BM
     cuts = {bm: prefill_split(bm) if small is None else min(small, bm) for bm in {bm_gu, bm_dn}}
-    tiles = {bm: moe_route_tiles(topk_ids, S, bm, cuts[bm]) for bm in {bm_gu, bm_dn}}
-    asg = tiles[bm_gu][0]  # the same sort whatever the tile size
+    srt = moe_route_sort(topk_ids, S)  # one sort, cut into each half's tiles
+    tiles = {bm: moe_route_tiles(topk_ids, S, bm, cuts[bm], srt) for bm in {bm_gu, bm_dn}}
+    asg = srt[0]
 
     def launches(bm):  # [(BM, (tile_slot, row0, row1), ring stages)]: the BM tiles, then the small ones (if split)
         t = tiles[bm]

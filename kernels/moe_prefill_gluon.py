@@ -10,7 +10,7 @@ layout with packed bf16x2 arithmetic: per 16-bit word (4 weights) one PRMT, two 
 pairs (0x4300 | n is the bf16 of 128 + n; Q5_K ORs the 5th bits of qh in at bit 4), then per pair one HSUB2 (- 128,
 exact) and one HFMA2 (n * s - m, one rounding; s and m are rounded to bf16 first): ~2.3 instructions per weight, plus
 the per-sub-block scale pairs. Measured (docs/perf-notes.md), the two GEMMs alone against torch._grouped_mm on bf16
-weights (tokens pre-sorted for both): 0.61-0.69x the time at T = 512 (session 16), 0.91-1.07x at 2048, 1.15-1.28x at
+weights (tokens pre-sorted for both): 0.61-0.69x the time at T = 512 (session 16), 0.91-1.07x at 2048, 1.15-1.21x at
 8192 (session 17, H100 / H200, with moe_prefill's small tiles and the down kernel's register cap); the error against
 the bf16 reference is the Triton kernels' for Q4_K (1.7e-3 relative RMSE) and 1.7x theirs for Q5_K (4e-3: the extra
 roundings of s and of n * s - m matter more at 5 bits).

@@ -368,7 +368,8 @@ def bench_moe_prefill(ctx):
                     ctx.row("moe_prefill", f"T={T} Q4_K Gluon gate/up alone BM={bm}{tag}", ms, flop=flop * 2 / 3)
                     ms = ctx.time(down, graph=True)
                     ctx.row("moe_prefill", f"T={T} Q4_K Gluon down alone BM={bmd}{tag}", ms, flop=flop / 3)
-                if T >= 2048 and split:  # the ring depth / MMA overlap knobs (A/B)
+                sweep = os.environ.get("BENCH_MOE_PREFILL_SWEEP", "1") != "0"  # 0: no knob sweeps (short runs)
+                if T >= 2048 and split and sweep:  # the ring depth / MMA overlap knobs (A/B)
                     for ns, wait in ((3, 1), (4, 1), (5, 0)):
                         os.environ.update(KIMI_LOCAL_MOE_PREFILL_NS=str(ns), KIMI_LOCAL_MOE_PREFILL_WAIT=str(wait))
                         try:
@@ -391,7 +392,7 @@ def bench_moe_prefill(ctx):
                             ctx.row("moe_prefill", f"T={T} Q4_K Gluon {what} alone, small tiles' NS={sns}", ms,
                                     flop=flop * (2 if what == "gate/up" else 1) / 3)
                     os.environ.pop("KIMI_LOCAL_MOE_PREFILL_SMALL_NS")
-                if T >= 8192 and split:  # tile shape / residency sweep: 128-row tiles, registers capped or not
+                if T >= 8192 and split and sweep:  # tile shape / residency sweep: 128-row tiles, registers capped or not
                     for which, b, ns, mr in (("gate/up", 256, 5, 0), ("gate/up", 128, 5, 0), ("gate/up", 128, 3, 128),
                                              ("gate/up", 128, 4, 128), ("gate/up", 128, 5, 128),
                                              ("down", 128, 5, 0), ("down", 128, 3, 128), ("down", 128, 4, 128),
