@@ -648,6 +648,13 @@ def moe_route_tiles(topk_ids, S, BM, small: int = 0, sort=None):
     return asg, _cut_tiles(counts, row_end, rows, BM, max_tiles), small_tiles
 
 
+def prefill_tiles(topk_ids, S, BM: int, small: int = 0, sort=None):
+    """The tile tables of one half's prefill launches: [(rows per tile, (tile_slot, row0, row1))], the BM tiles, then
+    (small > 0) the small ones (moe_route_tiles)."""
+    t = moe_route_tiles(topk_ids, S, BM, small, sort)
+    return [(BM, t[1:])] if not small else [(BM, t[1]), (small, t[2])]
+
+
 def prefill_split(BM: int) -> int:
     """Rows of the small tiles that take a slot's last partial tile of at most that many rows (moe_route_tiles'
     small), 0 for none: BM / KIMI_LOCAL_MOE_PREFILL_SPLIT (default 4; 0 = off), if at least 16 (the MMA's N)."""
@@ -683,12 +690,11 @@ def moe_prefill(x, topk_ids, topk_w, gate_pool, up_pool, down_pool, qtypes, out,
     bm_dn = max(16, min(moe_prefill_gluon.DOWN_MAX_BM, BM)) if g_dn else BM
     cuts = {bm: prefill_split(bm) if small is None else min(small, bm) for bm in {bm_gu, bm_dn}}
     srt = moe_route_sort(topk_ids, S)  # one sort, cut into each half's tiles
-    tiles = {bm: moe_route_tiles(topk_ids, S, bm, cuts[bm], srt) for bm in {bm_gu, bm_dn}}
+    tiles = {bm: prefill_tiles(topk_ids, S, bm, cuts[bm], srt) for bm in {bm_gu, bm_dn}}
     asg = srt[0]
 
-    def launches(bm):  # [(BM, (tile_slot, row0, row1), ring stages)]: the BM tiles, then the small ones (if split)
-        t = tiles[bm]
-        return [(bm, t[1:], 0)] if not cuts[bm] else [(bm, t[1], 0), (cuts[bm], t[2], moe_prefill_gluon.small_ns())]
+    def launches(bm):  # (BM, (tile_slot, row0, row1), ring stages): the small tiles' launch second
+        return [(b, t, moe_prefill_gluon.small_ns() if i else 0) for i, (b, t) in enumerate(tiles[bm])]
 
     tok = asg // k
     h = torch.empty(A, F, dtype=torch.bfloat16, device=x.device)

@@ -337,8 +337,7 @@ def bench_moe_prefill(ctx):
             wf = w.reshape(-1).contiguous()
 
             def plan(b, small):  # [(BM, tile table)] as moe_prefill launches them
-                asg, *t = moe.moe_route_tiles(ids, S, b, small)
-                return asg, ([(b, t)] if not small else [(b, t[0]), (small, t[1])])
+                return moe.moe_route_sort(ids, S)[0], moe.prefill_tiles(ids, S, b, small)
 
             def gemm_fns(split):  # (both halves, gate/up alone, down alone); split: the small tiles as moe_prefill
                 asg, gu = plan(bm, moe.prefill_split(bm) if split else 0)

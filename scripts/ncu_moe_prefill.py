@@ -36,13 +36,8 @@ def main():
     h = torch.empty(T * k, Fe, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(T * k, D, device="cuda", dtype=torch.float32)
 
-    def plan(b):
-        small = moe.prefill_split(b) if a.split else 0
-        asg, *t = moe.moe_route_tiles(ids, S, b, small)
-        return asg, ([(b, t)] if not small else [(b, t[0]), (small, t[1])])
-
-    asg, gu = plan(bm)
-    _, dn = plan(bmd)
+    asg = moe.moe_route_sort(ids, S)[0]
+    gu, dn = (moe.prefill_tiles(ids, S, b, moe.prefill_split(b) if a.split else 0) for b in (bm, bmd))
     tok = asg // k
     print(f"T={T} gate/up tiles {[(b, int((t[0] < S).sum())) for b, t in gu]}, "
           f"down {[(b, int((t[0] < S).sum())) for b, t in dn]}")
