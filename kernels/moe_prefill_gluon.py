@@ -338,38 +338,34 @@ def layouts(BM: int):
     return lp, lqc, lvc, lxc, le
 
 
-def _down_ns(NS: int, BM: int) -> int:
-    """The down kernel's ring stages: as _ns, but 4 for 128-row tiles, so that two CTAs fit an SM beside the register
-    cap (down_maxnreg; Q5_K: 102 KB of shared memory a CTA with 4 stages, 128 KB with 5)."""
-    return NS or int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_NS", 0)) or (4 if BM == 128 else _ns(0, BM))
-
-
-def _ns(NS: int, BM: int) -> int:
+def _ns(NS: int, BM: int, down: bool = False) -> int:
     """Ring stages: NS if given, else KIMI_LOCAL_MOE_PREFILL_NS, else 3 for tiles of up to 64 rows (the copies one
-    chunk ahead) and DEFAULT_NS above. H100, session 16 (GEMMs alone, ms): T=2048 (64-row tiles) 1.44 / 1.50 / 1.54
-    with 3 / 4 / 5 stages; T=8192 (256 / 128) 5.02 / 3.95 / 3.76; T=512 (16) 0.85 / 0.86 with 3 / 5."""
-    return NS or int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_NS", 0)) or (3 if BM <= 64 else DEFAULT_NS)
+    chunk ahead), 4 for the down kernel's 128-row tiles (two CTAs an SM beside down_maxnreg's cap; Q5_K: 102 KB of
+    shared memory a CTA with 4 stages, 128 KB with 5) and DEFAULT_NS otherwise. H100, session 16 (GEMMs alone, ms):
+    T=2048 (64-row tiles) 1.44 / 1.50 / 1.54 with 3 / 4 / 5 stages; T=8192 (256 / 128) 5.02 / 3.95 / 3.76; T=512
+    (16) 0.85 / 0.86 with 3 / 5."""
+    return NS or int(os.environ.get("KIMI_LOCAL_MOE_PREFILL_NS", 0)) or (
+        3 if BM <= 64 else 4 if down and BM == 128 else DEFAULT_NS)
 
 
 def down_maxnreg(BM: int) -> int:
     """The down kernel's ptxas register cap for BM-row tiles, 0 for none: 128 for 128-row tiles (192 registers
-    uncapped: one CTA an SM; at 128, no spills (offline sm_90 compile) and two CTAs an SM with _down_ns' 4 stages;
+    uncapped: one CTA an SM; at 128, no spills (offline sm_90 compile) and two CTAs an SM with _ns' 4 stages;
     H100, session 17, Q4_K, T=8192 down alone 0.96-0.99 ms (4 or 5 stages) vs 1.09-1.11 uncapped). The gate/up
     kernel stays uncapped: its 128-row tiles with two CTAs an SM were slower than one 256-row tile (2.17-2.29 vs
     1.97-1.98 ms)."""
     return 128 if BM == 128 else 0
 
 
-def _maxnreg(maxnreg: int, default: int = 0) -> dict:
-    """ptxas register cap (launch option): maxnreg if given, else KIMI_LOCAL_MOE_PREFILL_MAXNREG if set (A/B; 0: no
-    cap), else default (0: no cap)."""
+def _maxnreg(default: int = 0) -> dict:
+    """ptxas register cap (launch option): KIMI_LOCAL_MOE_PREFILL_MAXNREG if set (A/B; 0: no cap), else default (0:
+    no cap)."""
     env = os.environ.get("KIMI_LOCAL_MOE_PREFILL_MAXNREG")
-    r = maxnreg or (int(env) if env is not None else default)
+    r = int(env) if env is not None else default
     return {"maxnreg": r} if r else {}
 
 
-def gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qtype: str, BM: int, NS: int = 0,
-            maxnreg: int = 0):
+def gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qtype: str, BM: int, NS: int = 0):
     """h [A, F] bf16 = silu(x[tok] gate^T) * (x[tok] up^T) per expert tile (moe.moe_route_tiles with this BM);
     gate and up of one type (QTYPES)."""
     S, F = gate_pool.shape[0], gate_pool.shape[1]
@@ -380,11 +376,11 @@ def gate_up(x, tok, tile_slot, row0, row1, gate_pool, up_pool, h, qtype: str, BM
     moe_gate_up_prefill_kernel[(F // 64, tile_slot.numel())](
         x, x.stride(0), tok, tile_slot, row0, row1, gate_pool, up_pool, h, gate_pool[0].numel(), S, F=F, D=D,
         BM=BM, NS=_ns(NS, BM), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, LE=le, WAIT=_wait(), num_warps=8,
-        **_maxnreg(maxnreg))
+        **_maxnreg())
     return h
 
 
-def down(h, asg, topk_w, tile_slot, row0, row1, down_pool, y, qtype: str, BM: int, NS: int = 0, maxnreg: int = 0):
+def down(h, asg, topk_w, tile_slot, row0, row1, down_pool, y, qtype: str, BM: int, NS: int = 0):
     """y [A, D] fp32: y[asg[r]] = topk_w[asg[r]] * (h[r] down^T) per expert tile."""
     S, D = down_pool.shape[0], down_pool.shape[1]
     F = h.shape[1]
@@ -392,6 +388,6 @@ def down(h, asg, topk_w, tile_slot, row0, row1, down_pool, y, qtype: str, BM: in
     lp, lqc, lvc, lxc, _ = layouts(BM)
     moe_down_prefill_kernel[(D // 128, tile_slot.numel())](
         h, asg, topk_w, tile_slot, row0, row1, down_pool, y, down_pool[0].numel(), S, F=F, D=D,
-        BM=BM, NS=_down_ns(NS, BM), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, WAIT=_wait(), num_warps=8,
-        **_maxnreg(maxnreg, down_maxnreg(BM)))
+        BM=BM, NS=_ns(NS, BM, down=True), Q5=qtype == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc, WAIT=_wait(),
+        num_warps=8, **_maxnreg(down_maxnreg(BM)))
     return y

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def cases(only: set):
-    """(name, kernel, argument types, constexprs, num_warps[, maxnreg]) of every configuration the engine launches by default,
-    plus the A/B variants that a device run may switch on."""
+    """(name, kernel, argument types, constexprs, num_warps[, maxnreg]) of every configuration the engine launches by
+    default, plus the A/B variants that a device run may switch on."""
     from kernels import mla_gluon, moe_gluon as M, moe_prefill_gluon as P
     out = []
     if "moe" in only:
@@ -56,9 +56,8 @@ def cases(only: set):
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),
                               ("down", 128, "Q4_K"), ("down", 16, "Q5_K"), ("down", 128, "Q5_K")):
             lp, lqc, lvc, lxc, le = P.layouts(bm)
-            ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm) if which == "gate_up" else P._down_ns(0, bm),
-                      Q5=qt == "Q5_K", LP=lp, LQC=lqc, LVC=lvc, LXC=lxc,
-                      WAIT=1)
+            ce = dict(F=1024, D=2304, BM=bm, NS=P._ns(0, bm, down=which == "down"), Q5=qt == "Q5_K", LP=lp, LQC=lqc,
+                      LVC=lvc, LXC=lxc, WAIT=1)
             if which == "gate_up":
                 types = {"x": "*bf16", "stride_xt": "i32", "tok": "*i32", "tile_slot": "*i32", "tile_row0": "*i32",
                          "tile_row1": "*i32", "gate": "*u8", "up": "*u8", "h": "*bf16", "mat_g": "i64", "S": "i32"}
