@@ -356,8 +356,9 @@ def bench_moe_prefill(ctx):
 
             for split in (True, False):
                 gemms, gate_up, down = gemm_fns(split)
-                tag = (f" small tiles {moe.prefill_split(bm)}/{moe.prefill_split(bmd)}" if split and moe.prefill_split(bm)
-                       else " no small tiles" if split is False else "")
+                cut = moe.prefill_split(bm)
+                tag = (f" small tiles {cut}/{moe.prefill_split(bmd)}" if split and cut
+                       else " no small tiles" if not split else "")
                 ms = ctx.time(gemms, graph=True)
                 ctx.row("moe_prefill", f"T={T} Q4_K Gluon GEMMs only (pre-sorted){tag}", ms, flop=flop,
                         base="bf16 cuBLAS per expert", base_ms=base_ms,
@@ -391,7 +392,7 @@ def bench_moe_prefill(ctx):
                             ctx.row("moe_prefill", f"T={T} Q4_K Gluon {what} alone, small tiles' NS={sns}", ms,
                                     flop=flop * (2 if what == "gate/up" else 1) / 3)
                     os.environ.pop("KIMI_LOCAL_MOE_PREFILL_SMALL_NS")
-                if T >= 8192 and split and sweep:  # tile shape / residency sweep: 128-row tiles, registers capped or not
+                if T >= 8192 and split and sweep:  # tile shape / residency: 128-row tiles, registers capped or not
                     for which, b, ns, mr in (("gate/up", 256, 5, 0), ("gate/up", 128, 5, 0), ("gate/up", 128, 3, 128),
                                              ("gate/up", 128, 4, 128), ("gate/up", 128, 5, 128),
                                              ("down", 128, 5, 0), ("down", 128, 3, 128), ("down", 128, 4, 128),
@@ -522,7 +523,8 @@ def bench_kda_decode(ctx):
     t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
-    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (32, True), (128, False), (128, True)):  # None: kda.DEFAULTS
+    # BV None: kda.DEFAULTS
+    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (32, True), (128, False), (128, True)):
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                    states[i], out, 1e-5, BV=BV, pdl=pdl) for i in range(L)],
                       graph=True, calls=L)
