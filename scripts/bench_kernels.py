@@ -336,13 +336,13 @@ def bench_moe_prefill(ctx):
             yy = torch.empty(A, D, device="cuda", dtype=torch.float32)
             wf = w.reshape(-1).contiguous()
 
-            def plan(b, small):  # [(BM, tile table)] as moe_prefill launches them
-                return moe.moe_route_sort(ids, S)[0], moe.prefill_tiles(ids, S, b, small)
+            srt = moe.moe_route_sort(ids, S)  # one sort, cut into tiles as moe_prefill cuts them
+            asg = srt[0]
+            tok = asg // k
 
             def gemm_fns(split):  # (both halves, gate/up alone, down alone); split: the small tiles as moe_prefill
-                asg, gu = plan(bm, moe.prefill_split(bm) if split else 0)
-                _, dn = plan(bmd, moe.prefill_split(bmd) if split else 0)
-                tok = asg // k
+                gu = moe.prefill_tiles(ids, S, bm, moe.prefill_split(bm) if split else 0, srt)
+                dn = moe.prefill_tiles(ids, S, bmd, moe.prefill_split(bmd) if split else 0, srt)
 
                 def gate_up():
                     for i, (b, (ts, r0, r1)) in enumerate(gu):  # i = 1: the small tiles
@@ -397,17 +397,15 @@ def bench_moe_prefill(ctx):
                                              ("gate/up", 128, 4, 128), ("gate/up", 128, 5, 128),
                                              ("down", 128, 5, 0), ("down", 128, 3, 128), ("down", 128, 4, 128),
                                              ("down", 128, 5, 128)):
-                        small = moe.prefill_split(b)
-                        asg_b, tb = plan(b, small)
-                        tok_b = asg_b // k
+                        tb = moe.prefill_tiles(ids, S, b, moe.prefill_split(b), srt)
 
                         def run_sweep():
                             for i, (bb, (ts, r0, r1)) in enumerate(tb):  # i = 1: the small tiles (defaults)
                                 os.environ["KIMI_LOCAL_MOE_PREFILL_MAXNREG"] = str(0 if i else mr)
                                 if which == "gate/up":
-                                    PG.gate_up(x, tok_b, ts, r0, r1, pools[0], pools[1], hh, "Q4_K", bb, 0 if i else ns)
+                                    PG.gate_up(x, tok, ts, r0, r1, pools[0], pools[1], hh, "Q4_K", bb, 0 if i else ns)
                                 else:
-                                    PG.down(hh, asg_b, wf, ts, r0, r1, pools[2], yy, "Q4_K", bb, 0 if i else ns)
+                                    PG.down(hh, asg, wf, ts, r0, r1, pools[2], yy, "Q4_K", bb, 0 if i else ns)
 
                         try:
                             ms = ctx.time(run_sweep, graph=True)

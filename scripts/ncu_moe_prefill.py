@@ -36,8 +36,9 @@ def main():
     h = torch.empty(T * k, Fe, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(T * k, D, device="cuda", dtype=torch.float32)
 
-    asg = moe.moe_route_sort(ids, S)[0]
-    gu, dn = (moe.prefill_tiles(ids, S, b, moe.prefill_split(b) if a.split else 0) for b in (bm, bmd))
+    srt = moe.moe_route_sort(ids, S)
+    asg = srt[0]
+    gu, dn = (moe.prefill_tiles(ids, S, b, moe.prefill_split(b) if a.split else 0, srt) for b in (bm, bmd))
     tok = asg // k
     print(f"T={T} gate/up tiles {[(b, int((t[0] < S).sum())) for b, t in gu]}, "
           f"down {[(b, int((t[0] < S).sum())) for b, t in dn]}")
