@@ -34,7 +34,7 @@ _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), 
 
 from . import pdl as _pdl
 from .pdl import gdc_launch_dependents, gdc_wait
-from .quant_matmul import X8_GROUP, _x8_put, _x8n_put, env_config, x8_words, x8n_words
+from .quant_matmul import X8_GROUP, _x8_put, env_config, x8_words
 
 
 @triton.jit
@@ -139,7 +139,6 @@ def kda_decode_step_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, X8: tl.constexpr,
     FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
-    HN: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
     last V block of a head to arrive (arrival counter) applies the gated RMSNorm over the whole head.
@@ -181,13 +180,6 @@ def kda_decode_step_kernel(
        to fg_a's dtype, as the GEMV's output would be. Bytes: + f_b and g_b once from DRAM (1 MiB each per
        layer at H=32, K=V=128, rank 128, bf16) and NV x 32 KiB of f_b rows per head from L2.
 
-    5. HN (head_norm): no arrival before the output. The gated norm is y = r_h * (o * w * sigmoid(z)) with one
-       scalar r_h = rsqrt(mean(o^2) + eps) per head, and the o-projection is a GEMV over x8 groups of 16: each
-       block writes the x8 groups of its o * w * sigmoid(z) and their sums of o^2 (a normed x8 buffer), and the
-       GEMV scales every group by its head's 1 / rms (quant_matmul.NormedX8(head=V/16)). The arrival stays only
-       for the q / k conv tails (every block reads them; the last to arrive stores them), relaxed, after the
-       output: no fence, no reload of the other blocks' o, no last-block norm on the path to the output.
-
     Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
     projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
     two products into the reductions, the rank-1 update). The cross-block norm still costs the arrival
@@ -220,10 +212,7 @@ def kda_decode_step_kernel(
     tv0, tv1, tv2, wv0, wv1, wv2, wvx = _load_taps(tv, wv, ch_v, m_v, W)  # [BV] each
     b_dtb = tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
     b_a = tl.load(a + i_h).to(tl.float32)
-    if HN:  # this block's columns of the norm weight only (HN: no program normalises the whole head)
-        b_wf = tl.load(norm_w + o_v, mask=m_v, other=0).to(tl.float32)  # [BV]
-    else:
-        b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+    b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     if FUSED:  # chunk 0 of the head's f_b rows and of this block's g_b rows (weights: no kernel writes them)
         b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
         b_gw0 = _lr_chunk(g_b, ch_v, m_v, 0, RG, RCG)  # [BV, RCG]
@@ -239,10 +228,6 @@ def kda_decode_step_kernel(
         b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
         b_z = _lr_rows(g_b, ch_v, m_v, fg_a + RF, b_gw0, RG, RCG)  # [BV]
         b_zf = b_z  # NV == 1: the whole head (BV == BVF); NV > 1: the last block reads ws_z instead
-    elif HN:
-        b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
-        b_z = tl.load(z + ch_v, mask=m_v, other=0).to(tl.float32)  # [BV]: this block's only
-        b_zf = b_z
     else:
         b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
         b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
@@ -263,26 +248,7 @@ def kda_decode_step_kernel(
     b_o = b_rq * (b_sq + (b_rk * b_qk) * b_u)  # [BV] S_new^T q^ (scale included)
     b_s += (b_rk * b_k)[:, None] * b_u[None, :]  # S_new = S_d + k^ u^T
 
-    if HN:
-        # the o-projection applies the head's 1 / rms (quant_matmul.NormedX8(head=V/16)): this block writes the x8
-        # groups of o * w * sigmoid(z) and the groups' sums of o^2, with no arrival before them (BV % 16 == 0)
-        _x8n_put(out8, H * V, (i_h * V + i_v * BV) // 16, BV // 16, b_o, b_wf * tl.sigmoid(b_z), BV // 16)
-        tl.debug_barrier()  # every thread has read the old tails (replicated channels included)
-        if NV == 1:
-            n_arrived = 0
-        else:  # relaxed: the arrival only orders this program's tail reads (done) before the last one's tail stores
-            n_arrived = tl.atomic_add(ws_cnt + i_h, 1, sem="relaxed")
-        if EVEN:
-            tl.store(p_s, b_s)
-        else:
-            tl.store(p_s, b_s, mask=m_s)
-        _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)  # this block's channels: read only here
-        if n_arrived == NV - 1:  # the q / k tails, read by every block of the head
-            _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
-            _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
-            if NV > 1:
-                tl.store(ws_cnt + i_h, 0)  # the next launch sees it after this kernel's end
-    elif NV == 1:
+    if NV == 1:
         # whole head here (BV == BVF, so o_v == o_f): gated RMSNorm inline, no workspace
         b_y = b_o * tl.rsqrt(tl.sum(b_o * b_o, 0) / V + eps) * b_wf * tl.sigmoid(b_zf)  # masked columns are 0
         tl.store(out + ch_v, b_y.to(out.dtype.element_ty), mask=m_v)
@@ -342,18 +308,11 @@ DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.
 FUSED_DEFAULTS = dict(BV=32, num_warps=4)
 
 
-def head_norm_fits(V: int) -> bool:
-    """head_norm applies at the fused step's default block width: blocks of whole 16-groups tiling V, and heads of a
-    power-of-two number of groups (quant_matmul.NormedX8(head=V/16))."""
-    BV, g = min(triton.next_power_of_2(V), FUSED_DEFAULTS["BV"]), V // X8_GROUP
-    return V % X8_GROUP == 0 and V % BV == 0 and BV % X8_GROUP == 0 and g & (g - 1) == 0
-
-
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
                     workspace=None, pdl: bool | None = None, out8: torch.Tensor | None = None,
                     fg_a: torch.Tensor | None = None, f_b: torch.Tensor | None = None, g_b: torch.Tensor | None = None,
-                    rank_chunk: int | None = None, head_norm: bool = False):
+                    rank_chunk: int | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -374,11 +333,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     read after the PDL wait), f_b [H*K, RF] and g_b [H*V, RG] (weights, bf16 in the engine; read before the
     wait): the kernel computes f = f_b f_a and z = g_b g_a itself, each rounded to fg_a's dtype (as a GEMV
     writing that dtype would), instead of taking them from a GEMV launched before it. rank_chunk: columns of
-    f_b / g_b per step of those products (a power of 2); None: [rows, chunk] tiles of 32 weights per thread.
-    head_norm: the consumer applies the gated norm's 1 / rms (no arrival before the output: the kernel's item 5): out8
-    is then a normed x8 buffer int32 [x8n_words(H*V)] for quant_matmul.NormedX8(out8, eps, head=V/16), holding the
-    x8 groups of o * norm_w * sigmoid(z) and the groups' sums of o^2; `out` is not written. Needs V % BV == 0 and
-    BV % 16 == 0."""
+    f_b / g_b per step of those products (a power of 2); None: [rows, chunk] tiles of 32 weights per thread."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -416,11 +371,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     NV = triton.cdiv(V, BV)
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
     assert ws_o.numel() >= (2 if fused else 1) * H * V
-    if head_norm:
-        if out8 is None or V % BV or BV % X8_GROUP:
-            raise ValueError(f"head_norm needs out8 and V % BV == BV % {X8_GROUP} == 0 (V={V}, BV={BV})")
-        assert out8.dtype == torch.int32 and out8.numel() == x8n_words(H * V)
-    elif out8 is not None:
+    if out8 is not None:
         assert V % X8_GROUP == 0 and out8.dtype == torch.int32 and out8.numel() == x8_words(H * V)
 
     def chunk(R: int, rows: int) -> int:  # columns per [rows, chunk] weight tile of the fused products
@@ -433,7 +384,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
         H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
         EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None,
-        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), HN=head_norm, num_warps=num_warps,
+        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
 

@@ -131,7 +131,7 @@ def _wdot_e(x, w, n, N, K, e0, e1, QT: tl.constexpr, BN: tl.constexpr, C: tl.con
     """_wdot (X8: _i8dot, x an x8 buffer) over elements [e0, e1) of K (multiples of the type's block)."""
     b0, b1 = _eblocks(e0, e1, K, QT)
     if X8:
-        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN, 0, 0.0)
+        return _i8dot(x, w, n, N, K, b0, b1, QT, BN, C, EVEN)
     return _wdot(x, 1, w, n, N, K, b0, b1, QT, BN, C, EVEN)
 
 

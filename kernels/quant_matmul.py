@@ -789,13 +789,9 @@ def x8n_words(K):
 
 
 class NormedX8(NamedTuple):
-    """A normed x8 buffer int32 [x8n_words(K)] and the norm's eps: qgemv1's x8 for h = rms_norm(x) * w.
-    head = 0: one norm over the whole row (the RMSNorm before a projection). head = G > 0: a norm per head of G
-    consecutive 16-groups (KDA's gated per-head RMSNorm before the o-projection, h = r_head * (o * w * sigmoid(z)):
-    the buffer holds the x8 groups of o * w * sigmoid(z) and the groups' sums of o^2); G a power of two."""
+    """A normed x8 buffer int32 [x8n_words(K)] and the norm's eps: qgemv1's x8 for h = rms_norm(x) * w."""
     buf: torch.Tensor
     eps: float
-    head: int = 0
 
 
 @triton.jit
@@ -910,19 +906,6 @@ def _x8_ptrs(x8, K):
 
 
 @triton.jit
-def _xsc(dxp, grp, PLANE: tl.constexpr, K, HG: tl.constexpr, eps):
-    """Scale words of the 16-groups grp [C] of an x8 buffer whose dx plane starts at dxp: dx (PLANE 0) or sq (PLANE
-    1). HG > 0 (a head-normed buffer, NormedX8(head=HG)): times the 1 / rms of each group's head of HG consecutive
-    groups, from that head's group sums of x^2 (the plane after sq; L1 hits after the first row of a program)."""
-    v = tl.load(dxp + PLANE * (K // 16) + grp)
-    if HG > 0:
-        j = tl.arange(0, HG)
-        s = tl.sum(tl.load(dxp + 2 * (K // 16) + ((grp // HG) * HG)[:, None] + j[None, :]), axis=1)
-        v = v * tl.rsqrt(s / (16 * HG) + eps)
-    return v
-
-
-@triton.jit
 def _isum(v, xw, grp, ii):
     """[BN, C] int32: dp4a of weight words v [BN, C, 4] with the x8 words of 16-groups grp [C]."""
     xv = tl.load(xw + (grp * 4)[:, None] + ii[None, :])  # [C, 4]
@@ -930,8 +913,7 @@ def _isum(v, xw, grp, ii):
 
 
 @triton.jit
-def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr,
-                 HG: tl.constexpr, eps):
+def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q5: tl.constexpr):
     # Q4_K (Q5: Q5_K). Chunk cg of a row: 4 words = 16 low nibbles (16-group gl of x) + 16 high nibbles
     # (group gl + 2); Q5_K adds the 5th bits of qh (see _wdot_q5k) at bit 4 of every byte. Planes (bytes
     # per block): qs 128, [qh 32,] sc 8, m 8, dd 4.
@@ -963,17 +945,17 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
         scp = tl.load(sc16 + rb * 4 + j[None, :]).to(tl.int32)
         mp = tl.load(m16 + rb * 4 + j[None, :]).to(tl.int32)
         dd = tl.load(dd32 + rb)
-        s_lo = _i2f(scp & 0xFF, 0.0) * _xsc(dxp, gl, 0, K, HG, eps)[None, :] * i_lo
-        s_hi = _i2f(scp >> 8, 0.0) * _xsc(dxp, gl + 2, 0, K, HG, eps)[None, :] * i_hi
-        m_lo = _i2f(mp & 0xFF, 0.0) * _xsc(dxp, gl, 1, K, HG, eps)[None, :]
-        m_hi = _i2f(mp >> 8, 0.0) * _xsc(dxp, gl + 2, 1, K, HG, eps)[None, :]
+        s_lo = _i2f(scp & 0xFF, 0.0) * tl.load(dxp + gl)[None, :] * i_lo
+        s_hi = _i2f(scp >> 8, 0.0) * tl.load(dxp + gl + 2)[None, :] * i_hi
+        m_lo = _i2f(mp & 0xFF, 0.0) * tl.load(sqp + gl)[None, :]
+        m_hi = _i2f(mp >> 8, 0.0) * tl.load(sqp + gl + 2)[None, :]
         part = _h16(dd & 0xFFFF) * (s_lo + s_hi) - _h16(dd >> 16) * (m_lo + m_hi)
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, HG: tl.constexpr, eps):
+def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
     NB = K // 32
     RW4 = K // 16
@@ -985,15 +967,14 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     for cb in range(c0, c1, C):
         cg = _chunks(cb, c1, C, EVEN)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
-        s = _isum(q, xw, cg, ii).to(tl.float32) * _xsc(dxp, cg, 0, K, HG, eps)[None, :]
+        s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
         part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr,
-                 HG: tl.constexpr, eps):
+def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
     # Q6_K (Q6; element layout as _wdot_q6k: 4 groups of 16, k = 0..3 at elements base + 32 k, 6-bit q - 32) or
     # Q3_K (as _wdot_q3k: 4 groups of 16, k = 0..3, 3-bit q, high bit set = +4, - 4). Planes (bytes per block):
     # low bits PL, high bits PH, int8 scales 16, fp16 d.
@@ -1029,15 +1010,15 @@ def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
             else:
                 v = _q3_group(qs, hm, k)
             gk = g0 + 2 * k
-            sk = _isum(v, xw, gk, ii).to(tl.float32) * _xsc(dxp, gk, 0, K, HG, eps)[None, :]
-            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - OFF * _xsc(dxp, gk, 1, K, HG, eps)[None, :])
+            sk = _isum(v, xw, gk, ii).to(tl.float32) * tl.load(dxp + gk)[None, :]
+            part += tl.load(scp + so + 2 * k).to(tl.float32) * (sk - OFF * tl.load(sqp + gk)[None, :])
         part = tl.load(dp + rb).to(tl.float32) * part
         acc = _add_part(acc, part, cb, c1, C, EVEN)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, HG: tl.constexpr, eps):
+def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     # element layout as _wdot_q2k: 4 groups of 16 (jj = 0..3, bits 2 jj of every byte); scale | min << 4
     NB = K // 256
     NBT = N * NB
@@ -1056,10 +1037,10 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
         pm = tl.zeros([BN, C], tl.float32)
         for jj in tl.static_range(4):
             gj = g0 + 2 * jj
-            sj = _isum((qs >> (2 * jj)) & 0x03030303, xw, gj, ii).to(tl.float32) * _xsc(dxp, gj, 0, K, HG, eps)[None, :]
+            sj = _isum((qs >> (2 * jj)) & 0x03030303, xw, gj, ii).to(tl.float32) * tl.load(dxp + gj)[None, :]
             sc = tl.load(scp + so + 2 * jj).to(tl.int32)
             pd += _i2f(sc & 15, 0.0) * sj
-            pm += _i2f(sc >> 4, 0.0) * _xsc(dxp, gj, 1, K, HG, eps)[None, :]
+            pm += _i2f(sc >> 4, 0.0) * tl.load(sqp + gj)[None, :]
         dd = tl.load(dd32 + rb)
         part = _h16(dd & 0xFFFF) * pd - _h16(dd >> 16) * pm
         acc = _add_part(acc, part, cb, c1, C, EVEN)
@@ -1067,20 +1048,18 @@ def _i8dot_q2k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: 
 
 
 @triton.jit
-def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr,
-           HG: tl.constexpr, eps):
-    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1). HG > 0: a
-    head-normed buffer (NormedX8(head=HG)), each group's scales times its head's 1 / rms (_xsc)."""
+def _i8dot(x8, w, n, N, K, b0, b1, QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """_wdot with an x8 buffer for x (word-path types only): [BN] fp32 over ggml blocks [b0, b1)."""
     if QT == 3 or QT == 2:
-        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2, HG, eps)
+        return _i8dot_q45k(x8, w, n, N, K, b0 * 8, b1 * 8, BN, C, EVEN, QT == 2)
     elif QT == 5:
-        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, HG, eps)
+        return _i8dot_q2k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN)
     elif QT == 0:
-        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN, HG, eps)
+        return _i8dot_q8_0(x8, w, n, N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     elif QT == 1:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True, HG, eps)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, True)
     else:
-        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False, HG, eps)
+        return _i8dot_q36k(x8, w, n, N, K, b0 * 4, b1 * 4, BN, C, EVEN, False)
 
 
 @triton.jit
@@ -1136,10 +1115,9 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                    EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NORM: tl.constexpr, BG: tl.constexpr, HG: tl.constexpr):
+                   NORM: tl.constexpr, BG: tl.constexpr):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
-    # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps). HG > 0 (with X8,
-    # not NORM): a head-normed buffer, every group scaled by its head's 1 / rms inside the dot products
+    # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps)
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1153,7 +1131,7 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
         o_g = tl.arange(0, BG)
         b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
     if X8:
-        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN, HG, eps)
+        y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
         y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     if NORM:
@@ -1274,7 +1252,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     x8: an int32 tensor = x's x8 buffer, already made (x then only gives K, dtype and shape): dp4a; True =
     quantize x here (quantize_x8, one more launch); False / None = fp x (KIMI_LOCAL_X8=0 makes the engine
     pass no buffer); a NormedX8 = the normed x8 buffer of an RMSNorm's input (see x8n_words): the result is
-    scaled by that norm's 1 / rms here (head > 0: each head's groups by that head's 1 / rms). A GEMV alone gains too little from dp4a to pay for its own quantize launch (H200,
+    scaled by that norm's 1 / rms here. A GEMV alone gains too little from dp4a to pay for its own quantize launch (H200,
     session 4: 11.4 vs 12.2 us for [2304, 4096] Q8_0): the engine's norms write the buffer as they normalize."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
@@ -1285,12 +1263,9 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
         return qgemv(x, data, qtype, N, out=out, method="fma")
     assert data.numel() < 2 ** 31
     normed = isinstance(x8, NormedX8)
-    head = 0
     if normed:
-        x8, eps, head = x8
+        x8, eps = x8
         assert x8.dtype == torch.int32 and x8.numel() == x8n_words(K) and x8.is_contiguous()
-        assert head >= 0 and head & (head - 1) == 0 and (K // X8_GROUP) % max(head, 1) == 0, \
-            f"head={head}: a power of two of 16-groups that divides K / 16 = {K // X8_GROUP}"
     use_x8 = isinstance(x8, torch.Tensor) or (x8 is True and K % X8_GROUP == 0)
     dBN, dC, dS, dW, dST = gemv1_config(qtype, N, K, x8=use_x8)
     BN, SPLIT = BN or dBN, SPLIT or dS
@@ -1312,8 +1287,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
                                    float(eps) if normed else 0.0, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
-                                   NORM=normed and not head, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)),
-                                   HG=head,
+                                   NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)),
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

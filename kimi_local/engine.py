@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kimi_local.cache import KimiCache
 from kimi_local.generate import eager_steps, lookahead_steps
 from kimi_local.kernels import naive, pdl
-from kimi_local.kernels.kda import causal_conv_prefill, head_norm_fits, kda_decode_step, kda_prefill
+from kimi_local.kernels.kda import causal_conv_prefill, kda_decode_step, kda_prefill
 from kimi_local.kernels.mla import mla_absorb_write, mla_cache_write, mla_decode
 from kimi_local.kernels.moe import moe_decode, moe_prefill
 from kimi_local.kernels.norm import add_norm_x8n, rms_norm as fused_rms_norm
@@ -444,19 +444,11 @@ class GpuKimi(KimiLinear):
             o8 = None
             if h8 is not None and K % X8_GROUP == 0 and os.environ.get("KIMI_LOCAL_KDA_X8", "1") != "0":
                 o8 = torch.empty(x8_words(P), dtype=torch.int32, device=h.device)
-            # head-normed output (KIMI_LOCAL_KDA_HNORM=0: off, A/B runs): the o-projection's GEMV applies the gated
-            # norm's per-head 1 / rms, so the step has no cross-block arrival before its output (kda.py, item 5)
-            wo = w[b + "attn_output.weight"]
-            hn = (o8 is not None and head_norm_fits(K) and os.environ.get("KIMI_LOCAL_KDA_HNORM", "1") != "0"
-                  and isinstance(wo, GpuWeight) and wo.dense is None and wo.qtype in WORD_QTYPES)
-            if hn:
-                o8 = torch.empty(x8n_words(P), dtype=torch.int32, device=h.device)
             # f and z are computed inside the step from fg_a = [f_a(h) | g_a(h)] (no GEMV launch for f_b / g_b)
             kda_decode_step(qkv[0, :P], qkv[0, P : 2 * P], qkv[0, 2 * P :], None, beta_logit[0].contiguous(),
                             None, conv_w, tail, w[b + "ssm_a"], w[b + "ssm_dt.bias"], w[b + "ssm_norm.weight"],
-                            state, o, eps=cfg.rms_norm_eps, out8=o8, fg_a=fgb[0, : 2 * K], f_b=f_b, g_b=g_b,
-                            head_norm=hn)
-            return wo.matmul(o[None], x8=NormedX8(o8, cfg.rms_norm_eps, head=K // X8_GROUP) if hn else o8)
+                            state, o, eps=cfg.rms_norm_eps, out8=o8, fg_a=fgb[0, : 2 * K], f_b=f_b, g_b=g_b)
+            return w[b + "attn_output.weight"].matmul(o[None], x8=o8)
         f = fgb[:, :K] @ f_b.to(fgb.dtype).t()  # [T, P] in the model dtype, as the decode step rounds them
         z = fgb[:, K : 2 * K] @ g_b.to(fgb.dtype).t()
         q, k, v = (causal_conv_prefill(qkv[:, j * P : (j + 1) * P], conv_w[j], tail[j]) for j in range(3))

@@ -532,10 +532,9 @@ def bench_kda_decode(ctx):
 
 
 def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, base_ms):
-    """The engine's KDA decode chain per layer, graph-replayed with PDL over the layers' states: the step with the
-    low-rank gates fused (fg_a, bf16 f_b / g_b) writing x8 for the o-projection, alone and followed by that
-    GEMV ([2304, 4096] Q8_0, x8), with the gated norm in the step (the last block of a head to arrive) or applied
-    by the GEMV (head_norm: no arrival before the output)."""
+    """The engine's KDA decode chain per layer, graph-replayed with PDL over the layers' states: the step as the
+    engine calls it (low-rank gates fused: fg_a with bf16 f_b / g_b; the output also as x8), alone and followed by
+    the o-projection's GEMV ([2304, 4096] Q8_0 on that x8 buffer), and that GEMV alone."""
     H, K, V = states[0].shape
     P, bf, L, D = H * K, torch.bfloat16, len(states), 2304
     q, k, v = (torch.randn(P, device="cuda").to(bf) for _ in range(3))
@@ -544,28 +543,24 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
     g_b = [(torch.randn(P, K, device="cuda") * K**-0.5).to(bf) for _ in range(L)]
     wo = [rand_packed("Q8_0", (), D, P) for _ in range(L)]
     out, y = torch.empty(P, device="cuda", dtype=bf), torch.empty(1, D, device="cuda", dtype=bf)
-    o8 = {False: torch.empty(qm.x8_words(P), dtype=torch.int32, device="cuda"),
-          True: torch.empty(qm.x8n_words(P), dtype=torch.int32, device="cuda")}
+    o8 = torch.empty(qm.x8_words(P), dtype=torch.int32, device="cuda")
     step_bytes = 2 * H * K * V * 4 + 2 * P * K * 2 + 3 * P * 4 * 4 + 2 * 3 * P * 3 * 2
     gemv_bytes = wo[0].numel()
 
-    def step(i, hn):
+    def step(i):
         kda.kda_decode_step(q, k, v, None, beta, None, conv_w[i], tails[i], a, dt_bias, norm_w, states[i], out, 1e-5,
-                            out8=o8[hn], fg_a=fg, f_b=f_b[i], g_b=g_b[i], head_norm=hn)
+                            out8=o8, fg_a=fg, f_b=f_b[i], g_b=g_b[i])
 
-    def gemv(i, hn):
-        qm.qgemv(out[None], wo[i], "Q8_0", D, out=y, x8=qm.NormedX8(o8[True], 1e-5, head=V // 16) if hn else o8[False])
+    def gemv(i):
+        qm.qgemv(out[None], wo[i], "Q8_0", D, out=y, x8=o8)
 
     with pdl.active(True):
-        for hn in (False, True):
-            tag = "head-normed (GEMV applies 1/rms)" if hn else "norm in the step (arrival)"
-            ms = ctx.time(lambda: [step(i, hn) for i in range(L)], graph=True, calls=L)
-            ctx.row("kda", f"engine step, fused gates, x8 out, pdl: {tag}", ms, nbytes=step_bytes, base=base,
-                    base_ms=base_ms)
-            ms = ctx.time(lambda: [gemv(i, hn) for i in range(L)], graph=True, calls=L)
-            ctx.row("kda", f"o-proj GEMV Q8_0 [2304, 4096] x8, pdl: {tag}", ms, nbytes=gemv_bytes)
-            ms = ctx.time(lambda: [(step(i, hn), gemv(i, hn)) for i in range(L)], graph=True, calls=L)
-            ctx.row("kda", f"engine step + o-proj GEMV, pdl: {tag}", ms, nbytes=step_bytes + gemv_bytes)
+        ms = ctx.time(lambda: [step(i) for i in range(L)], graph=True, calls=L)
+        ctx.row("kda", "engine step (fused gates, x8 out), pdl", ms, nbytes=step_bytes, base=base, base_ms=base_ms)
+        ms = ctx.time(lambda: [gemv(i) for i in range(L)], graph=True, calls=L)
+        ctx.row("kda", "o-proj GEMV Q8_0 [2304, 4096] x8, pdl", ms, nbytes=gemv_bytes)
+        ms = ctx.time(lambda: [(step(i), gemv(i)) for i in range(L)], graph=True, calls=L)
+        ctx.row("kda", "engine step + o-proj GEMV, pdl", ms, nbytes=step_bytes + gemv_bytes)
 
 
 @section("kda_prefill")

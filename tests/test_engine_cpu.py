@@ -242,39 +242,3 @@ def test_dense_ffn_through_the_moe_kernels(tiny_dir, monkeypatch):
            * (h.float() @ w["blk.0.ffn_up.weight"].dequantize().t())) @ w["blk.0.ffn_down.weight"].dequantize().t()
     assert _rel(plain, ref) < 2e-2 and _rel(fused, ref) < 2e-2, (_rel(plain, ref), _rel(fused, ref))
     assert _rel(fused, plain) < 2e-2
-
-
-def test_engine_kda_head_norm(tiny_dir, monkeypatch):
-    """One token: the KDA step's head-normed output (the o-projection applies the gated norm's per-head 1 / rms,
-    the default on the word path) against the step's own norm (KIMI_LOCAL_KDA_HNORM=0): the step is called with
-    head_norm only when on, and both engines stay within the bf16 band of the reference (they differ by x8
-    roundings: o * w * sigmoid(z) is quantized before the 1 / rms, not after, and not rounded to bf16 first)."""
-    import kimi_local.engine as E
-    from kimi_local.bench import synthetic_weights
-
-    cfg = HFCheckpoint(tiny_dir).cfg
-    w = synthetic_weights(cfg, lambda name, shape: "Q8_0" if shape[-1] % 32 == 0 else "BF16", "cpu", seed=7)
-    g = torch.Generator().manual_seed(7)
-    for name in [n for n in w if n.endswith("norm.weight")]:  # (synthetic norms are ones: a weak test of them)
-        w[name] = 1 + 0.2 * torch.randn(w[name].shape, generator=g)
-    ref = KimiLinear(cfg, dict(w), "cpu", torch.float32)
-    band = KimiLinear(cfg, dict(w), "cpu", torch.bfloat16)
-    eng = E.GpuKimi(cfg, dict(w), "cpu", torch.bfloat16, use_graph=False)
-    flags = []
-    real = E.kda_decode_step
-    monkeypatch.setattr(E, "kda_decode_step", lambda *a, **k: flags.append(k["head_norm"]) or real(*a, **k))
-    caches = [ref.new_cache(), band.new_cache(), eng.new_cache(max_ctx=32), eng.new_cache(max_ctx=32)]
-    for t in [7, 300, 41]:
-        ids = torch.tensor([t])
-        r, b = ref.forward(ids, caches[0]), band.forward(ids, caches[1])
-        outs = []
-        for env, cache in zip(("1", "0"), caches[2:]):
-            monkeypatch.setenv("KIMI_LOCAL_KDA_HNORM", env)
-            flags.clear()
-            outs.append(eng.forward(ids, cache))
-            assert flags == [env == "1"] * len(cfg.kda_layer_ids)
-        assert torch.isfinite(outs[0]).all() and not torch.equal(outs[0], outs[1])
-        # x8 roundings on every projection put both ~2-4 % from the reference at these tiny shapes (the bf16 band:
-        # 1.2-2 %): the head-normed engine must be as close as the default one, give or take its own roundings
-        e_hn, e_old = _rel(outs[0], r), _rel(outs[1], r)
-        assert e_hn < max(3 * _rel(b, r), 1.5 * e_old), (e_hn, e_old, _rel(b, r))

@@ -12,11 +12,11 @@ import torch
 
 try:
     from kimi_local.kernels import kda, naive, norm
-    from kimi_local.kernels.quant_matmul import dequantize_x8, quantize_x8, x8_words, x8n_words
+    from kimi_local.kernels.quant_matmul import quantize_x8, x8_words
 except ImportError:  # not pip-installed (device machine): import the source dirs
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import kda, naive, norm
-    from kernels.quant_matmul import dequantize_x8, quantize_x8, x8_words, x8n_words
+    from kernels.quant_matmul import quantize_x8, x8_words
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,14 +24,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def head_normed_values(buf, H, V, eps=1e-5):
-    """fp32 [H*V]: what a head-normed x8 buffer (head_norm=True) stands for, each head's x8 values times its
-    1 / rms from the group sums of o^2, as the o-projection's GEMV applies it (quant_matmul.NormedX8(head=V/16))."""
-    n = H * V
-    ss = buf[x8_words(n):].view(torch.float32).view(H, V // 16).sum(1)
-    return (dequantize_x8(buf[:x8_words(n)], n).view(H, V) * torch.rsqrt(ss / V + eps)[:, None]).reshape(n)
 
 
 def _layer(H, K, V, W, gen, dev=DEV, tail_dtype=torch.float32):
@@ -67,10 +59,9 @@ def _graph_of(step, first, S, tails):
 
 
 def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False,
-               num_warps=None, pdl=False, x8=False, head_norm=False):
+               num_warps=None, pdl=False, x8=False):
     """Max relative error of the outputs and of the final state vs the reference over n_steps tokens.
-    x8: the kernel also writes the output's x8 buffer, which must equal quantize_x8 of the stored output.
-    head_norm: the kernel writes only a head-normed x8 buffer; the output compared is what it stands for."""
+    x8: the kernel also writes the output's x8 buffer, which must equal quantize_x8 of the stored output."""
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, tail_dtype)
     S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(dev)
@@ -78,28 +69,23 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     t_ref, t_k = [t.clone() for t in tails], [t.clone() for t in tails]
     toks = [_token(H, K, V, gen, dev, in_dtype) for _ in range(n_steps)]
     out = torch.empty(H * V, dtype=out_dtype, device=dev)
-    out8 = torch.empty((x8n_words if head_norm else x8_words)(H * V), dtype=torch.int32, device=dev) \
-        if x8 or head_norm else None
-    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl, out8=out8, head_norm=head_norm)
+    out8 = torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None
     if graph:
-        g, bufs = _graph_of(lambda *b: kda.kda_decode_step(*b, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, **kw),
-                            toks[0], S, t_k)
+        g, bufs = _graph_of(lambda *b: kda.kda_decode_step(*b, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,
+                                                           num_warps=num_warps, pdl=pdl, out8=out8), toks[0], S, t_k)
     errs = []
     for tok in toks:
         ref = naive.kda_decode_ref(*tok, conv_w, t_ref, a, dt_bias, norm_w, S_ref, 1e-5)
         out.fill_(float("nan"))
-        if out8 is not None:
+        if x8:
             out8.fill_(-1)
         if graph:
             for b, x in zip(bufs, tok):
                 b.copy_(x)
             g.replay()
         else:
-            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, **kw)
-        if head_norm:
-            assert out.isnan().all()  # not written
-            errs.append(rel(head_normed_values(out8, H, V), ref))
-            continue
+            kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, num_warps=num_warps,
+                                pdl=pdl, out8=out8)
         assert not out.isnan().any()
         if x8:
             assert torch.equal(out8, quantize_x8(out))
@@ -143,29 +129,6 @@ def test_decode_step_x8_output(BV):
     assert e_out < 1e-2 and e_state < 1e-5
 
 
-@pytest.mark.parametrize("H,K,V,W,BV", [(3, 8, 32, 4, 16), (2, 5, 48, 3, 16), (2, 16, 32, 4, 32), (1, 8, 64, 2, 32)])
-def test_decode_step_head_norm(H, K, V, W, BV):
-    # no arrival before the output: x8 groups of o * w * sigmoid(z) and sums of o^2, normed by the consumer; NV > 1
-    # (the last arrival stores the q / k tails: exact) and NV = 1; K not a power of two (masked state rows)
-    e_out, e_state = _run_steps(H, K, V, W, 4, BV, torch.float32, torch.float32, torch.bfloat16, seed=H + V,
-                                head_norm=True)
-    assert e_out < 1e-2 and e_state < 1e-5
-    ws_o, ws_cnt = kda._workspace(torch.empty(0, device=DEV).device, H, V)
-    assert int(ws_cnt.abs().sum()) == 0  # counters re-armed
-
-
-def test_decode_step_head_norm_checks():
-    H, K, V, W = 2, 8, 32, 4
-    gen = torch.Generator().manual_seed(1)
-    conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen)
-    tok = _token(H, K, V, gen)
-    S, out = torch.zeros(H, K, V, device=DEV), torch.empty(H * V, device=DEV)
-    buf = torch.empty(x8n_words(H * V), dtype=torch.int32, device=DEV)
-    for bv, o8 in ((8, buf), (16, None)):  # BV not whole 16-groups; no buffer
-        with pytest.raises(ValueError, match="head_norm"):
-            kda.kda_decode_step(*tok, conv_w, tails, a, dt_bias, norm_w, S, out, BV=bv, out8=o8, head_norm=True)
-
-
 def test_decode_step_rejects_wide_conv():
     with pytest.raises(ValueError, match="conv widths"):
         _run_steps(2, 8, 8, 5, 1, 4, torch.float32, torch.float32, torch.float32, seed=0)
@@ -201,13 +164,12 @@ def _as_stored(x, dtype):
 
 
 def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed, dev=DEV, graph=False,
-                     num_warps=None, pdl=False, x8=False, rank_chunk=None, head_norm=False):
+                     num_warps=None, pdl=False, x8=False, rank_chunk=None):
     """The fused step (fg_a, f_b, g_b) vs the unfused one fed with f = f_b f_a and z = g_b g_a computed in torch
     (rounded to in_dtype as the kernel rounds them), from the same state and tails, over n_steps tokens: max
     relative error of the outputs and relative error of the final state (tails: equal). x8: both write the
     output's x8 buffer; the fused one must equal quantize_x8 of its stored output. graph: the fused step is
-    replayed from a CUDA graph. head_norm: both write head-normed x8 buffers (only); what they stand for is
-    compared."""
+    replayed from a CUDA graph."""
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, W, gen, dev, in_dtype)
     # bf16 weights as the engine holds them; f ~ 2 N(0, 1) (as _token's), z ~ N(0, 1)
@@ -219,10 +181,8 @@ def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed,
     r = lambda n: torch.randn(n, generator=gen).to(dev).to(in_dtype)  # noqa: E731
     toks = [(r(H * K), r(H * K), r(H * V), r(H), r(RF + RG)) for _ in range(n_steps)]  # q k v beta fg_a
     out_u, out_f = (torch.empty(H * V, dtype=out_dtype, device=dev) for _ in range(2))
-    words = x8n_words if head_norm else x8_words
-    o8_u, o8_f = (torch.empty(words(H * V), dtype=torch.int32, device=dev) if x8 or head_norm else None
-                  for _ in range(2))
-    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl, head_norm=head_norm)
+    o8_u, o8_f = (torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None for _ in range(2))
+    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl)
 
     def fused(q, k, v, beta, fg):
         kda.kda_decode_step(q, k, v, None, beta, None, conv_w, t_f, a, dt_bias, norm_w, S_f, out_f, 1e-5, out8=o8_f,
@@ -236,7 +196,7 @@ def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed,
         z = _as_stored(g_b.float() @ fg[RF:].float(), in_dtype)
         for o, o8 in ((out_u, o8_u), (out_f, o8_f)):
             o.fill_(float("nan"))
-            if o8 is not None:
+            if x8:
                 o8.fill_(-1)
         kda.kda_decode_step(q, k, v, f, beta, z, conv_w, t_u, a, dt_bias, norm_w, S_u, out_u, 1e-5, out8=o8_u, **kw)
         if graph:
@@ -245,9 +205,6 @@ def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed,
             g.replay()
         else:
             fused(q, k, v, beta, fg)
-        if head_norm:
-            errs.append(rel(head_normed_values(o8_f, H, V), head_normed_values(o8_u, H, V)))
-            continue
         assert not out_f.isnan().any() and not out_u.isnan().any()
         if x8:
             assert torch.equal(o8_f, quantize_x8(out_f))
@@ -282,13 +239,6 @@ def test_fused_gates_bf16_io(H, K, V, W, RF, RG, BV):
 def test_fused_gates_x8_output(BV):
     e_out, e_state = _run_fused_steps(3, 8, 16, 4, 12, 8, 3, BV, torch.bfloat16, torch.bfloat16, seed=41, x8=True)
     assert e_out < 1e-3 and e_state < 1e-4
-
-
-@pytest.mark.parametrize("BV", [16, 32])  # NV = 2 (z by block, the last arrival stores the q / k tails); NV = 1
-def test_fused_gates_head_norm(BV):
-    e_out, e_state = _run_fused_steps(3, 8, 32, 4, 12, 8, 3, BV, torch.float32, torch.float32, seed=43 + BV,
-                                      head_norm=True)
-    assert e_out < 1e-5 and e_state < 1e-5
 
 
 def test_fused_gates_argument_checks():
@@ -502,29 +452,6 @@ def test_decode_step_cuda_graph(BV, pdl, x8):
     e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16 if x8 else torch.float32,
                                 seed=9, graph=True, pdl=pdl, x8=x8)
     assert e_out < (1e-2 if x8 else 1e-4) and e_state < 1e-4  # x8: a bf16 output
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("BV,pdl,graph", [(16, False, False), (32, True, False), (32, True, True), (64, True, True),
-                                         (128, True, True)])
-def test_decode_step_head_norm_real_shapes(BV, pdl, graph):
-    # the head-normed output (o-projection applies 1 / rms) at real shapes; K != V (96) in a long run for races of
-    # the tail hand-over (the last arrival stores the q / k tails)
-    e_out, e_state = _run_steps(32, 128, 128, 4, 20, BV, torch.bfloat16, torch.bfloat16, torch.bfloat16, seed=BV + 3,
-                                pdl=pdl, graph=graph, head_norm=True)
-    assert e_out < 1e-2 and e_state < 1e-4
-    e_out, e_state = _run_steps(32, 128, 96, 4, 300, BV if 96 % BV == 0 else 32, torch.float32, torch.float32,
-                                torch.float32, seed=BV + 4, pdl=pdl, head_norm=True)
-    assert e_out < 1e-2 and e_state < 1e-4
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("BV,pdl,graph", [(None, True, True), (None, False, False), (16, True, False)])
-def test_fused_gates_head_norm_real_shapes(BV, pdl, graph):
-    # the engine's configuration (fused gates, head-normed x8, PDL, graph) against the unfused head-normed step
-    e_out, e_state = _run_fused_steps(32, 128, 128, 4, 128, 128, 20, BV, torch.bfloat16, torch.bfloat16, seed=23,
-                                      pdl=pdl, graph=graph, head_norm=True)
-    assert e_out < 1e-2 and e_state < 1e-3
 
 
 @pytest.mark.cuda

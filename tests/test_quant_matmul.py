@@ -452,48 +452,6 @@ def test_qgemv_normed_x8(qtype, N, K, kw):
         qm.qgemv(r[None].repeat(2, 1), p, qtype, N, x8=qm.NormedX8(x8n, eps))
 
 
-def head_normed_x8(o, zw, HG):
-    """A head-normed x8 buffer (NormedX8(head=HG)) made in torch: the x8 groups of o * zw (quantize_x8) and the
-    groups' sums of o^2; the values it stands for, each head of 16 HG values over its rms, are returned too."""
-    K = o.numel()
-    buf = torch.full((qm.x8n_words(K),), -1, dtype=torch.int32, device=o.device)
-    qm.quantize_x8(o * zw, out=buf[:qm.x8_words(K)])
-    buf[qm.x8_words(K):] = (o * o).view(-1, 16).sum(1).view(torch.int32)
-    return buf
-
-
-@pytest.mark.parametrize("qtype,N,K,HG,kw", [
-    ("Q8_0", 17, 256, 4, dict(BN=8, C=4, SPLIT=2)),  # split K, a step spanning two heads
-    ("Q8_0", 9, 512, 8, dict(BN=4, C=16, SPLIT=2)),  # the o-projection's word config, K slices of two heads
-    ("Q4_K", 37, 768, 2, dict(BN=16, C=8, SPLIT=1)),
-    ("Q5_K", 11, 512, 8, dict(BN=8, C=4, SPLIT=1)),
-    ("Q6_K", 19, 768, 16, dict(BN=8, C=4, SPLIT=3)),
-    ("Q3_K", 7, 512, 4, dict(BN=4, C=4, SPLIT=1)),
-    ("Q2_K", 13, 256, 1, dict(BN=8, C=4, SPLIT=1)),  # a norm per 16-group
-])
-def test_qgemv_head_normed_x8(qtype, N, K, HG, kw):
-    """A head-normed x8 buffer (the KDA step's with head_norm): every 16-group's scales times its head's 1 / rms,
-    so the GEMV equals the dequantized weights times the buffer's values over each head's rms exactly, and the
-    GEMV of the gated per-head RMSNorm within the x8 rounding."""
-    naive = __import__(qm.__package__ + ".naive", fromlist=["gated_rms_norm"])
-    g = torch.Generator().manual_seed(80 + N)
-    p, wd = make_weight(qtype, N, K, gen=g)
-    o = torch.randn(K, generator=g) * torch.rand(K // (16 * HG), generator=g).repeat_interleave(16 * HG) * 3
-    z, nw = torch.randn(K, generator=g), 1 + 0.3 * torch.randn(16 * HG, generator=g)
-    zw = nw.repeat(K // (16 * HG)) * torch.sigmoid(z)
-    buf = head_normed_x8(o, zw, HG)
-    eps = 1e-5
-    out = torch.full((N,), float("nan"))
-    x = torch.empty(K)  # only its shape and dtype are read
-    qm.qgemv(x[None], p, qtype, N, out=out[None], method="word", x8=qm.NormedX8(buf, eps, head=HG), **kw)
-    r = torch.rsqrt((o * o).view(-1, 16 * HG).mean(1) + eps).repeat_interleave(16 * HG)
-    check(out, qlinear_ref(qm.dequantize_x8(buf[:qm.x8_words(K)], K) * r, wd), TOL_F32)
-    y = naive.gated_rms_norm(o.view(-1, 16 * HG), z.view(-1, 16 * HG), nw, eps).reshape(K)
-    check(out, qlinear_ref(y, wd), 2e-2)
-    with pytest.raises(AssertionError, match="power of two"):
-        qm.qgemv(x[None], p, qtype, N, out=out[None], method="word", x8=qm.NormedX8(buf, eps, head=3))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype,N,K", [("Q8_0", 12576, 2304), ("Q6_K", 12576, 2304), ("Q8_0", 5184, 2304),
                                        ("Q4_K", 6144, 2304)])
@@ -517,23 +475,3 @@ def test_cuda_qgemv_normed_x8(qtype, N, K):
     r = torch.rsqrt((xs * xs).mean() + 1e-5)
     check(out, qlinear_ref(qm.dequantize_x8(x8n[:qm.x8_words(K)], K)[None] * r, wd), 1e-5)
     check(out, qlinear_ref(rms_norm(res, nw, 1e-5).float(), wd), 2e-2)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q4_K"])
-def test_cuda_qgemv_head_normed_x8(qtype):
-    """The o-projection of a KDA layer ([2304, 4096], 32 heads of 128) from a head-normed buffer, with the
-    engine's default config for that shape: each head's groups scaled by its 1 / rms."""
-    N, K, HG = 2304, 4096, 8
-    p, raw = _gpu_weight(qtype, N, K, 19)
-    wd = _gpu_dense(raw, qtype)
-    o = torch.randn(K, device="cuda") * torch.rand(32, device="cuda").repeat_interleave(128) * 3
-    zw = torch.rand(K, device="cuda") + 0.2
-    buf = head_normed_x8(o, zw, HG)
-    out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float32)
-    qm.qgemv(torch.empty(1, K, device="cuda", dtype=torch.bfloat16), p, qtype, N, out=out,
-             x8=qm.NormedX8(buf, 1e-5, head=HG))
-    torch.cuda.synchronize()
-    r = torch.rsqrt((o * o).view(32, 128).mean(1) + 1e-5).repeat_interleave(128)
-    check(out, qlinear_ref(qm.dequantize_x8(buf[:qm.x8_words(K)], K)[None] * r, wd), 1e-5)
-    check(out, qlinear_ref((o * zw * r)[None], wd), 2e-2)
