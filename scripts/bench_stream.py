@@ -18,7 +18,10 @@ kernel's sum against torch's. Known (H200, session 11, runs 3 and 9): "ring rows
 CH=32 NS=4 fail that check, with or without a barrier before a ring slot is reused; the cause is not found, so those
 rows' times are not to be trusted. The MoE kernel itself passes its GPU tests with 3, 4, 6 and 8 stages.
 
-    python3 scripts/bench_stream.py
+    python3 scripts/bench_stream.py [--only direct,flat,ring,rows,sizes]
+
+`--only sizes` times the best ring over 5, 9 and 14 experts' matrix pairs and the 9 + 5 as two launches: what a
+kernel boundary costs (H200, session 18: 14 experts in one launch 13.86 us, as two launches 16.01 us).
 """
 import argparse
 import json
@@ -91,13 +94,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue(ring, pool, slots, j, TPC, p, SR: gl.constexpr, RW: gl.constexpr, F: gl.constexpr,
-               TILE: gl.constexpr, NS: gl.constexpr, L: gl.constexpr):
+               TILE: gl.constexpr, NS: gl.constexpr, L: gl.constexpr, NE: gl.constexpr):
         NT: gl.constexpr = F // TILE
         SPT: gl.constexpr = TILE * RW // (SR * 128)
         jj = p * TPC * SPT + j
         t = jj // SPT
-        m = t // (9 * NT)
-        e = (t // NT) % 9
+        m = t // (NE * NT)
+        e = (t // NT) % NE
         slot = gl.load(slots + e).to(gl.int64)
         base = pool + ((m * 64 + slot) * F + (t % NT) * TILE) * RW + (jj % SPT) * SR * 128
         r = gl.arange(0, SR, layout=gl.SliceLayout(1, L))
@@ -106,7 +109,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def ring_kernel(pool, slots, out, TPC, SR: gl.constexpr, RW: gl.constexpr, F: gl.constexpr,
-                    TILE: gl.constexpr, NS: gl.constexpr, W: gl.constexpr):
+                    TILE: gl.constexpr, NS: gl.constexpr, W: gl.constexpr, NE: gl.constexpr):
         L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [W, 1], [1, 0])
         SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         p = gl.program_id(0)
@@ -115,13 +118,13 @@ if HAVE_GLUON:
         ring = gl.allocate_shared_memory(gl.int32, [NS, SR, 128], SL)
         for j in gl.static_range(NS - 1):
             if j < n:
-                _issue(ring, pool, slots, j, TPC, p, SR, RW, F, TILE, NS, L)
+                _issue(ring, pool, slots, j, TPC, p, SR, RW, F, TILE, NS, L, NE)
             cp.commit_group()
         acc = gl.zeros([SR, 128], gl.int32, layout=L)
         for j in range(n):
             _barrier()  # every warp has read the slot the next copies overwrite
             if j + NS - 1 < n:
-                _issue(ring, pool, slots, j + NS - 1, TPC, p, SR, RW, F, TILE, NS, L)
+                _issue(ring, pool, slots, j + NS - 1, TPC, p, SR, RW, F, TILE, NS, L, NE)
             cp.commit_group()
             cp.wait_group(NS - 1)
             acc += ring.index(j % NS).load(L)
@@ -170,13 +173,47 @@ if HAVE_GLUON:
         gl.store(out + pid, gl.sum(gl.sum(gl.sum(acc, 2), 1), 0))
 
 
+def size_rows(pools, out, bw):
+    """The ring kernel at the gate/up half's best configuration (64 CTAs x 4 warps per expert, 4 KB stages x 4)
+    over 5, 9 and 14 experts' matrix pairs (15.7, 28.3 and 44.0 MB: about the down half, the gate/up half and both),
+    and the 9- and 5-expert launches back to back in one call: what one kernel boundary costs a stream of these
+    bytes (the question behind fusing the MoE decode's two halves into one launch)."""
+    NT, gen, rows = F // TILE, torch.Generator().manual_seed(1), []
+
+    def ring(pool, sl, ne, o):
+        ring_kernel[(64 * ne,)](pool, sl, o, 2 * NT // 64, SR=8, RW=RW, F=F, TILE=TILE, NS=4, W=4, NE=ne, num_warps=4)
+
+    sls = {ne: [torch.randperm(64, generator=gen)[:ne].to(torch.int32).cuda() for _ in range(8)] for ne in (5, 9, 14)}
+    cases = [(f"ring {ne} experts", ne, [lambda i=i, ne=ne: ring(pools[i % 4], sls[ne][i % 8], ne, out)
+                                         for i in range(8)]) for ne in (5, 9, 14)]
+    cases.append(("ring 9 experts, then ring 5 experts (two launches)", 14,
+                  [lambda i=i: (ring(pools[i % 4], sls[9][i % 8], 9, out), ring(pools[(i + 1) % 4], sls[5][i % 8], 5,
+                                                                                 out[4096:])) for i in range(8)]))
+    for name, ne, calls in cases:
+        nbytes = 2 * ne * F * RW * 4
+        ok = None
+        if "then" not in name:  # the int32 sum of what it read, as main's rows check it
+            ring(pools[0], sls[ne][0], ne, out)
+            got = int(out[:64 * ne].to(torch.int64).sum().item())
+            v = int(pools[0][:, sls[ne][0].long()].reshape(-1).to(torch.int64).sum())
+            ok = ((got + 2**31) % 2**32) == ((v + 2**31) % 2**32)
+        ms = graph_ms(calls)
+        r = dict(case=name, us=ms * 1e3, GBs=nbytes / ms / 1e6, pct=100 * nbytes / ms / 1e6 / bw, ok=ok)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def graph_ms(calls):
     """Median ms per call of the calls replayed as one CUDA graph (sweep_gemv.graph_time)."""
     return graph_time(calls, quick=False)
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="direct,flat,ring,rows", help="comma list of: direct, flat, ring, rows, sizes")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
     dev = "cuda"
     nbytes = 2 * E * F * RW * 4
     pools = [torch.randint(-2**31, 2**31 - 1, (2, 64, F, RW), dtype=torch.int32, device=dev) for _ in range(4)]
@@ -210,25 +247,28 @@ def main():
         print(json.dumps(r), flush=True)
 
     NT = F // TILE
-    for S1, C, w in ((3, 8, 1), (3, 32, 1), (1, 16, 1), (3, 8, 2), (6, 16, 1)):
+    if "sizes" in only and HAVE_GLUON:
+        rows += size_rows(pools, out, bw)
+    for S1, C, w in ((3, 8, 1), (3, 32, 1), (1, 16, 1), (3, 8, 2), (6, 16, 1)) if "direct" in only else ():
         run(f"direct S1={S1} C={C} warps={w} ({NT * E * S1} programs)",
             lambda p, s, S1=S1, C=C, w=w: direct_kernel[(NT, E, S1)](p, s, out, S1=S1, C=C, RW=RW, F=F, TILE=TILE,
                                                                    num_warps=w), NT * E * S1)
     ntiles = 2 * E * NT
-    for P, w, SR in ((144, 4, 8), (288, 4, 8), (576, 4, 4), (1152, 4, 4), (288, 8, 16), (144, 8, 16)):
+    for P, w, SR in ((144, 4, 8), (288, 4, 8), (576, 4, 4), (1152, 4, 4), (288, 8, 16), (144, 8, 16)) \
+            if "flat" in only else ():
         tpc = ntiles // P
         run(f"flat P={P} warps={w} SR={SR}",
             lambda p, s, P=P, w=w, SR=SR, tpc=tpc: flat_kernel[(P,)](p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE,
                                                                    num_warps=w), P)
-    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8:
+    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8 and "ring" in only:
         for P, w, SR, NS in ((144, 4, 8, 4), (144, 4, 8, 8), (144, 4, 16, 6), (288, 4, 8, 4), (288, 4, 8, 6),
                              (576, 4, 4, 4), (576, 4, 8, 4), (1152, 4, 4, 4), (144, 8, 16, 4), (288, 8, 8, 6),
                              (144, 4, 4, 12), (72, 8, 16, 8)):
             tpc = ntiles // P
             run(f"ring P={P} warps={w} SR={SR} NS={NS} ({NS * SR * 512 // 1024} KB ring)",
                 lambda p, s, P=P, w=w, SR=SR, NS=NS, tpc=tpc: ring_kernel[(P,)](
-                    p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE, NS=NS, W=w, num_warps=w), P)
-    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8:
+                    p, s, out, tpc, SR=SR, RW=RW, F=F, TILE=TILE, NS=NS, W=w, NE=E, num_warps=w), P)
+    if HAVE_GLUON and torch.cuda.get_device_capability()[0] >= 8 and "rows" in only:
         for CH, NS in ((8, 4), (8, 8), (16, 4), (16, 6), (32, 3), (32, 4)):
             run(f"ring rows CH={CH} NS={NS} (576 CTAs x 16 rows, {16 * CH * 16 * NS // 1024} KB ring)",
                 lambda p, s, CH=CH, NS=NS: ring_rows_kernel[(E * NT,)](p, s, out, CH=CH, RW=RW, F=F, NS=NS,
