@@ -22,10 +22,10 @@ from kimi_local.config import KimiConfig
 # ---- measurement helpers -----------------------------------------------------------------------
 def hbm_bandwidth(device, nbytes: int = 2 << 30, warm_s: float = 0.3) -> float:
     """Device-to-device copy, bytes read + written per second: the median of 5 timings of 4 back-to-back copies,
-    after warm_s seconds of copies. The warm-up matters: the SM clock idles low (345 MHz on an H200) and ramps up
-    only under sustained load, so copies timed right after a quiet phase (the synthetic model's build) read 3.72
-    TB/s on an H200 where the same copies read 4.14-4.24 TB/s once the GPU is busy (session 18; ~4.3 TB/s is the
-    machine's documented copy rate): the roofline percentages before session 18 are ~12 % too high."""
+    after warm_s seconds of copies. The warm-up matters: timed right after the synthetic model's build, copies read
+    3.72 TB/s on an H200 where the same copies read 4.14-4.24 TB/s after ~0.35 s of copies (session 18; ~4.3 TB/s
+    is the machine's documented copy rate; the clocks' ramp-up is the likely cause, not measured): the roofline
+    percentages printed before session 18 are ~12 % too high."""
     a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     t0 = time.perf_counter()
