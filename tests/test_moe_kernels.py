@@ -736,3 +736,72 @@ def test_moe_gluon_gate_up_launch_prefetch(monkeypatch):
     monkeypatch.delenv("KIMI_LOCAL_MOE_GLUON_SPF")
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_SS", "1")
     assert launch()[:2] == (0, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qtypes,shq,route", [
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (False, True)),  # the Q4_K_M recipe, as the engine calls it
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), None),
+    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (True, False)),
+    (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), (False, True)),
+    (("Q8_0", "Q8_0", "Q8_0"), None, None)])
+@pytest.mark.parametrize("rings", [None, "3,5", "4,4,0"])
+def test_cuda_moe_gluon_fused(qtypes, shq, route, rings, monkeypatch):
+    """moe_gluon's fused kernel (both halves in one launch, tickets and per-expert counters) against the two Gluon
+    kernels, bit for bit (same arithmetic, same reduction order), eager and under PDL; then 3 different calls x 4 in
+    one graph (they share the counters, which each launch re-arms) replayed 3 times, each output equal to its eager
+    value. rings: KIMI_LOCAL_MOE_FUSED_NS,NSD[,MODE] (None: the defaults)."""
+    from kimi_local.kernels import moe_gluon, pdl as P
+    S, D, F, k = REAL
+    if not (moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F)
+            and moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k)):
+        pytest.skip("the fused MoE kernel needs Gluon and a Hopper GPU")
+    if rings:
+        for name, v in zip(("NS", "NSD", "MODE"), rings.split(",")):
+            monkeypatch.setenv(f"KIMI_LOCAL_MOE_FUSED_{name}", v)
+    pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 29)
+    biased, renorm = route or (False, True)
+    ids, wts = route_fn(logits[None], bias, k, 2.446, biased, renorm)
+    kw = dict(shared=shared, shared_qtypes=shq, x8=True)
+    if route:
+        kw["route"] = (bias, k, 2.446, biased, renorm)
+    args = (logits, None) if route else (ids[0], wts[0])
+    outs = []
+    for fused in (False, True):
+        out = torch.full((D,), float("nan"), device="cuda", dtype=torch.bfloat16)
+        moe.moe_decode(x, *args, *pools, qtypes, out, fused=fused, **kw)
+        torch.cuda.synchronize()
+        outs.append(out)
+    assert torch.equal(outs[1], outs[0])
+    check(outs[1].float(), _real_ref8(pools, qtypes, ids[0], wts[0], x, shared_d), 1e-2)
+    xs = [x, torch.randn(D, device="cuda", dtype=torch.bfloat16), torch.randn(D, device="cuda", dtype=torch.bfloat16)]
+    with P.active(P.supported("cuda")):
+        wants = []
+        for xi in xs:
+            o = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+            moe.moe_decode(xi, *args, *pools, qtypes, o, fused=False, **kw)
+            wants.append(o)
+        torch.cuda.synchronize()
+        gots = [torch.empty(D, device="cuda", dtype=torch.bfloat16) for _ in range(12)]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i, g in enumerate(gots):
+                moe.moe_decode(xs[i % 3], *args, *pools, qtypes, g, fused=True, **kw)
+        for _ in range(3):
+            for g in gots:
+                g.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            for i, g in enumerate(gots):
+                assert torch.equal(g, wants[i % 3]), i
+        # res_norm: the residual and the normed x8 buffer as the two kernels write them, bit for bit
+        res0 = torch.randn(1, D, device="cuda").bfloat16()
+        nw = 1 + 0.3 * torch.randn(D, device="cuda")
+        got_rn = []
+        for fused in (False, True):
+            res, x8n = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
+            moe.moe_decode(x, *args, *pools, qtypes, torch.empty(D, device="cuda", dtype=torch.bfloat16),
+                           res_norm=(res, nw, x8n), fused=fused, **kw)
+            torch.cuda.synchronize()
+            got_rn.append((res, x8n))
+        assert torch.equal(got_rn[1][0], got_rn[0][0]) and torch.equal(got_rn[1][1], got_rn[0][1])
