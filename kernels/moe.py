@@ -345,7 +345,7 @@ def moe_prefetch() -> set:
 def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out, shared=None,
                shared_qtypes=None, workspace=None, impl="word", BF=None, S1=None, BD=None, S2=None,
                num_warps=None, num_stages=1, C=None, x8=None, route=None, gluon=None, gluon_down=None,
-               res_norm=None, fused=None):
+               res_norm=None):
     """One token. x [D] (any float dtype); slot_ids [k] int32 and weights [k] fp32 on the device;
     pools uint8 [S, rows, packed_row_bytes] (packed layout); qtypes (gate, up, down);
     shared: (gate [F, ...], up, down [D, ...]) packed, unweighted, with shared_qtypes.
@@ -363,7 +363,6 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
     None = unless KIMI_LOCAL_MOE_GLUON=0 or a gate/up knob (BF, S1, C, KIMI_LOCAL_MOE_CFG) is given.
     gluon_down: the down half as moe_gluon's down kernel (x8; Q4_K / Q5_K / Q8_0 down, Hopper) where it applies:
     None = with the Gluon gate/up, unless KIMI_LOCAL_MOE_GLUON_DOWN=0 or a down knob (BD, S2) is given.
-    fused: both Gluon halves in one launch (moe_gluon.fused) where both apply: None = KIMI_LOCAL_MOE_FUSED=1.
     res_norm = (residual [D], norm weight [D], x8n int32 [x8n_words(D)]): the layer's output goes into the residual
     stream (residual += out) and x8n receives the normed x8 buffer of the next RMSNorm (quant_matmul.NormedX8), from
     the down kernel's last arrival per d-tile (word path with x8; elsewhere a norm.add_norm_x8n launch after it);
@@ -454,19 +453,7 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         rscale = float(rscale)
     if gluon is None:
         gluon = moe_gluon.enabled() and not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
-    gu_gluon = gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F)
-    if gluon_down is None:
-        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
-    dn_gluon = gluon_down and use_x8 and not INTERPRET \
-        and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K)
-    if fused is None:
-        fused = moe_gluon.fused_enabled()
-    if fused and gu_gluon and dn_gluon:  # both halves in one launch
-        part2, cnt2 = split_workspace(x.device, E * D, D // 16 + 17)
-        moe_gluon.fused(xin, act, slot_ids, weights, gate_pool, up_pool, down_pool, shared, out, part2, cnt2, D,
-                        qtypes, shared_qtypes, K, route, pdl.enabled(), res_norm=res_norm)
-        return out
-    if gu_gluon:
+    if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
         moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
                           qsg if has_shared else None, K, route is not None, pdl.enabled())
     else:
@@ -476,7 +463,10 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
             CU=CU, EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
             PDL=pdl.enabled(), X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps,
             num_stages=num_stages, **pdl.launch_kw())
-    if dn_gluon:
+    if gluon_down is None:
+        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
+    if gluon_down and use_x8 and not INTERPRET \
+            and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
         part2, cnt2 = split_workspace(x.device, E * D, D // 16)
         moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
                        D, F, qd, qsd if has_shared else None, K, route, pdl.enabled(), res_norm=res_norm)

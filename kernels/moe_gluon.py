@@ -300,11 +300,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, XSTEP: gl.constexpr):
+                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages
-        (146 registers offline). XSTEP: wb's x is XSTEP words after wa's (x8 buffers: xw, dxp and sqp all move)."""
+        (146 registers offline)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -325,11 +325,7 @@ if HAVE_GLUON:
                 _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
                 n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
                 cp.wait_group(NS - 1)
-                if XSTEP != 0:
-                    xo = gl.where(t >= SPM, XSTEP, 0)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw + xo, dxp + xo, sqp + xo, s0, s1, s2, h, QT, L3)
-                else:
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+                part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
                 acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
                 s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
@@ -371,33 +367,21 @@ if HAVE_GLUON:
                 RENORM: gl.constexpr, W: gl.constexpr):
         """(expert id, routing weight) of pick j of the top-KTOP (router._topk: the weight is sigmoid(logit), or the
         selection score if BIASED, renormalised over the KTOP picks if RENORM, times rscale)."""
-        i, w, _, _ = _pick_w2(logits, rbias, j, j, rscale, NR, KTOP, BIASED, RENORM, W)
-        return i, w
-
-    @gluon.jit
-    def _pick_w2(logits, rbias, j, j2, rscale, NR: gl.constexpr, KTOP: gl.constexpr, BIASED: gl.constexpr,
-                 RENORM: gl.constexpr, W: gl.constexpr):
-        """_pick_w of picks j and j2 from one set of arg-max passes: (id j, weight j, id j2, weight j2)."""
         o, s, sel = _scores(logits, rbias, NR, W)
         wv = sel if BIASED else s
         L1: gl.constexpr = gl.SliceLayout(1, gl.BlockedLayout([1, NR // 32], [1, 32], [W, 1], [1, 0]))
         idx_j = gl.zeros([1], gl.int32, layout=L1)
         w_j = gl.zeros([1], gl.float32, layout=L1)
-        idx_k = gl.zeros([1], gl.int32, layout=L1)
-        w_k = gl.zeros([1], gl.float32, layout=L1)
         tot = gl.zeros([1], gl.float32, layout=L1)
         for p in gl.static_range(KTOP):
             _, idx, wp = gl.reduce((sel, o, wv), 1, _max_carry)
             idx_j = gl.where(j == p, idx, idx_j)
             w_j = gl.where(j == p, wp, w_j)
-            idx_k = gl.where(j2 == p, idx, idx_k)
-            w_k = gl.where(j2 == p, wp, w_k)
             tot += wp
             sel = gl.where(o == gl.expand_dims(idx, 1), float("-inf"), sel)
         if RENORM:
             w_j = w_j / (tot + 1e-20)
-            w_k = w_k / (tot + 1e-20)
-        return gl.max(idx_j, 0), gl.max(w_j * rscale, 0), gl.max(idx_k, 0), gl.max(w_k * rscale, 0)
+        return gl.max(idx_j, 0), gl.max(w_j * rscale, 0)
 
     @gluon.jit
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
@@ -417,40 +401,8 @@ if HAVE_GLUON:
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
-        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, 0)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
         return yg, yu, e, f0
-
-    @gluon.jit
-    def _gate_up_cta(qr, sr0, sr1, sr2, pid, x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
-                     F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr, QTS: gl.constexpr,
-                     HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
-                     PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, SPF: gl.constexpr, L3: gl.constexpr,
-                     W: gl.constexpr):
-        """Gate/up tile pid (the shared expert's f-tiles first, then pick j's): writes act row e's x8 group of the
-        tile's 16 rows, returns e."""
-        NT: gl.constexpr = F // 16
-        xw = x8
-        dxp = (x8 + D // 4).to(gl.pointer_type(gl.float32))
-        sqp = dxp + D // 16
-        if HAS_SHARED:
-            if pid < NT:  # the shared expert: only weights are read before the wait
-                e = pid * 0 + KTOP
-                f0 = pid * 16
-                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, SPF, L3, W)
-                if PDL:
-                    _gdc_wait()
-                    _gdc_launch_dependents()
-                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, 0)
-            else:
-                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
-        else:
-            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
-        # act = silu(gate) * up of the 16 rows, as one x8 group
-        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-        _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
-        return e
 
     @gluon.jit
     def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
@@ -464,6 +416,8 @@ if HAVE_GLUON:
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
+        NT: gl.constexpr = F // 16
+        pid = gl.program_id(0)
         qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
         if SS:  # the side words' rings (Q4_K: sub-scale, min, d / dmin words; Q8_0: d words in sr0)
             SL2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -474,8 +428,27 @@ if HAVE_GLUON:
             sr0 = qr
             sr1 = qr
             sr2 = qr
-        _gate_up_cta(qr, sr0, sr1, sr2, gl.program_id(0), x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
-                     F, D, KTOP, QT, QTS, HAS_SHARED, ROUTE, NR, NS, PDL, SS, PF, SPF, L3, W)
+        xw = x8
+        dxp = (x8 + D // 4).to(gl.pointer_type(gl.float32))
+        sqp = dxp + D // 16
+        if HAS_SHARED:
+            if pid < NT:  # the shared expert: only weights are read before the wait
+                e = pid * 0 + KTOP
+                f0 = pid * 16
+                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, SPF, L3, W)
+                if PDL:
+                    _gdc_wait()
+                    _gdc_launch_dependents()
+                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
+            else:
+                yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+        else:
+            yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+        # act = silu(gate) * up of the 16 rows, as one x8 group
+        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
 
     @gluon.jit
     def _q8(h, amax):
@@ -497,46 +470,52 @@ if HAVE_GLUON:
         gl.store(fa + K // 16 + g, sq)
 
     @gluon.jit
-    def _nanosleep():
-        gl.inline_asm_elementwise("nanosleep.u32 100; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _spin(ecnt, e, n):
-        """The fused kernel's wait for act row e: polls ecnt[e] (volatile loads, a short sleep between) until the
-        gate/up tiles' count reaches n, then counts this CTA as a reader with an acquiring increment (which orders
-        the act loads after it). Returns the count before that increment."""
-        c = gl.load(ecnt + e, volatile=True)
-        while c < n:
-            _nanosleep()
-            c = gl.load(ecnt + e, volatile=True)
-        return gl.atomic_add(ecnt + e, 1, sem="acquire", scope="gpu")
-
-    @gluon.jit
-    def _down_tile(qr, w, e, d0, act, ecnt, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr, PF: gl.constexpr, FUSED: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
-        """(y [16] fp32, r): rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from
-        gate/up). FUSED: act row e is complete once ecnt[e] reaches F / 16 (_spin; r: its count before this CTA's
-        increment); else it is the previous launch's output (r = 0)."""
+    def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
         _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
-        if FUSED:
-            r = _spin(ecnt, e, F // 16)
-        else:
-            r = e * 0
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, 0)
-        return y, r
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
+        return y
 
     @gluon.jit
-    def _down_arrive(part, cnt, tile, d0, out, res, nw, x8n, INC: gl.constexpr, D: gl.constexpr, E: gl.constexpr,
-                     NORM: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
-        """After a CTA stored INC of d-tile `tile`'s E partials (part [E, D] fp32): count them (counter cnt[tile]); the
-        last arrival sums the E partials in expert order (deterministic) and stores out [D], or with NORM adds them
-        to the residual res and writes the tile's group of the normed x8 buffer x8n; it re-arms the counter."""
-        o = d0 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale, res, nw, x8n,
+                              D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
+                              QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
+                              BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr):
+        """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
+        writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
+        re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
+        them to the residual res [D] instead and writes the tile's group of the next RMSNorm's normed x8 buffer x8n
+        (weight nw; quant_matmul._res_norm_x8n's roundings)."""
+        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
+        SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
+        NT: gl.constexpr = D // 16
+        E: gl.constexpr = KTOP + HAS_SHARED
+        pid = gl.program_id(0)
+        qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
+        tile = pid % NT
+        d0 = tile * 16
+        if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
+            e = pid * 0 + KTOP
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W)
+        else:
+            e = pid // NT - HAS_SHARED
+            # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
+            # its own wait (router complete) and called launch_dependents, so it is read before our wait
+            if ROUTE:
+                slot, wt = _pick_w(slot_ids, rbias, e, rscale, NR, KTOP, BIASED, RENORM, W)
+            else:
+                slot = gl.load(slot_ids + e)
+                wt = gl.load(weights + e)
+            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
+        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+        gl.store(part + e * D + d0 + o, y)
         if NORM:
             # the last arrival works on the tile's 16 rows as [4 words, 4 bytes] in one warp's lanes (the warps
             # replicate it), so the int8 words are packed in registers and the group's reductions are lane shuffles
@@ -549,8 +528,8 @@ if HAVE_GLUON:
                 b_res = gl.load(res + o2)
                 b_nw = gl.load(nw + o2).to(xdt).to(gl.float32)
         _barrier()  # every thread's partial stored before the (releasing) arrival
-        c = gl.atomic_add(cnt + tile, INC, sem="acq_rel", scope="gpu")
-        if c == E - INC:
+        c = gl.atomic_add(cnt + tile, 1, sem="acq_rel", scope="gpu")
+        if c == E - 1:
             if NORM:  # quant_matmul._res_norm_x8n for one group
                 tot = gl.zeros([4, 4], gl.float32, layout=LW)
                 for p in gl.static_range(E):
@@ -571,167 +550,10 @@ if HAVE_GLUON:
             else:
                 tot = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
                 for p in gl.static_range(E):
-                    tot += gl.load(part + p * D + o, cache_modifier=".cg")
-                gl.store(out + o, tot.to(out.dtype.element_ty))
+                    tot += gl.load(part + p * D + d0 + o, cache_modifier=".cg")
+                gl.store(out + d0 + o, tot.to(out.dtype.element_ty))
             gl.atomic_xchg(cnt + tile, 0, sem="relaxed", scope="gpu")
 
-    @gluon.jit
-    def _down_cta(qr, pid, act, slot_ids, weights, rbias, down, sdown, out, part, cnt, ecnt, mat_d, rscale, res, nw,
-                  x8n, D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr, QTS: gl.constexpr,
-                  HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, BIASED: gl.constexpr,
-                  RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr, W: gl.constexpr,
-                  NORM: gl.constexpr, FUSED: gl.constexpr, L3: gl.constexpr):
-        """Down tile pid (moe_down_gluon_kernel's CTA; FUSED: the fused kernel's, see _down_tile)."""
-        NT: gl.constexpr = D // 16
-        E: gl.constexpr = KTOP + HAS_SHARED
-        tile = pid % NT
-        d0 = tile * 16
-        if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
-            e = pid * 0 + KTOP
-            y, r = _down_tile(qr, sdown, e, d0, act, ecnt, D, F, QTS, NS, PDL, PF, FUSED, L3, W)
-        else:
-            e = pid // NT - HAS_SHARED
-            # the routing: in the down kernel it was written two launches back (the grid starts only once every
-            # gate/up CTA has passed its own wait, router complete, and called launch_dependents), so it is read
-            # before our wait; in the fused kernel it is the previous launch's output
-            if FUSED and PDL:
-                _gdc_wait()
-            if ROUTE:
-                slot, wt = _pick_w(slot_ids, rbias, e, rscale, NR, KTOP, BIASED, RENORM, W)
-            else:
-                slot = gl.load(slot_ids + e)
-                wt = gl.load(weights + e)
-            y, r = _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, ecnt, D, F, QT, NS, PDL, PF, FUSED,
-                              L3, W)
-            y = wt * y
-        o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-        gl.store(part + e * D + d0 + o, y)
-        _down_arrive(part, cnt, tile, d0, out, res, nw, x8n, 1, D, E, NORM, L3, W)
-        if FUSED:  # the last of expert e's NT readers re-arms its counter (every gate/up tile and reader has counted)
-            if r == F // 16 + NT - 1:
-                gl.atomic_xchg(ecnt + e, 0, sem="relaxed", scope="gpu")
-
-    @gluon.jit
-    def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale, res, nw, x8n,
-                              D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
-                              QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
-                              BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr):
-        """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
-        writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
-        re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
-        them to the residual res [D] instead and writes the tile's group of the next RMSNorm's normed x8 buffer x8n
-        (weight nw; quant_matmul._res_norm_x8n's roundings)."""
-        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
-        SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
-        qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
-        _down_cta(qr, gl.program_id(0), act, slot_ids, weights, rbias, down, sdown, out, part, cnt, cnt, mat_d,
-                  rscale, res, nw, x8n, D, F, KTOP, QT, QTS, HAS_SHARED, ROUTE, NR, BIASED, RENORM, NS, PDL, PF, W,
-                  NORM, False, L3)
-
-    @gluon.jit
-    def _down_item(qr, it, act, slot_ids, weights, rbias, down, sdown, out, part, cnt, ecnt, mat_d, rscale, res, nw,
-                   x8n, D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr, QTS: gl.constexpr,
-                   HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, BIASED: gl.constexpr,
-                   RENORM: gl.constexpr, NS: gl.constexpr, PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr,
-                   L3: gl.constexpr):
-        """Down work item `it` of the fused kernel's MODE 1: items below KTOP / 2 * NT are (pick pair j, j + KTOP / 2,
-        d-tile): one ring stream over both picks' rows of the tile (their act rows are KTOP / 2 rows apart), two
-        weighted partials; the next NT items are the shared expert's d-tiles. The weight copies are issued before
-        the wait for the act rows (_spin); each reader counts itself, and the last of an act row's re-arms it."""
-        NT: gl.constexpr = D // 16
-        NF: gl.constexpr = F // 16
-        E: gl.constexpr = KTOP + HAS_SHARED
-        H: gl.constexpr = KTOP // 2
-        RW: gl.constexpr = F // 4 + F // 8  # int32 words per act row
-        tile = it % NT
-        d0 = tile * 16
-        o = d0 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-        if it < H * NT:
-            j = it // NT
-            if ROUTE:
-                sa, wa, sb, wb = _pick_w2(slot_ids, rbias, j, j + H, rscale, NR, KTOP, BIASED, RENORM, W)
-            else:
-                sa = gl.load(slot_ids + j)
-                wa = gl.load(weights + j)
-                sb = gl.load(slot_ids + j + H)
-                wb = gl.load(weights + j + H)
-            ma = down + sa.to(gl.int64) * mat_d
-            mb = down + sb.to(gl.int64) * mat_d
-            _prologue(qr, qr, qr, qr, ma, mb, 2, d0, D, F, QT, NS, False, PF, L3, W)
-            ra = _spin(ecnt, j, NF)
-            rb = _spin(ecnt, j + H, NF)
-            xw = act + j * RW
-            dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-            ya, yb = _stream(qr, qr, qr, qr, ma, mb, 2, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, H * RW)
-            gl.store(part + j * D + o, wa * ya)
-            gl.store(part + (j + H) * D + o, wb * yb)
-            _down_arrive(part, cnt, tile, d0, out, res, nw, x8n, 2, D, E, NORM, L3, W)
-            if ra == NF + NT - 1:
-                gl.atomic_xchg(ecnt + j, 0, sem="relaxed", scope="gpu")
-            if rb == NF + NT - 1:
-                gl.atomic_xchg(ecnt + j + H, 0, sem="relaxed", scope="gpu")
-        else:  # the shared expert (act row KTOP), unweighted
-            y, r = _down_tile(qr, sdown, KTOP, d0, act, ecnt, D, F, QTS, NS, False, PF, True, L3, W)
-            gl.store(part + KTOP * D + o, y)
-            _down_arrive(part, cnt, tile, d0, out, res, nw, x8n, 1, D, E, NORM, L3, W)
-            if r == NF + NT - 1:
-                gl.atomic_xchg(ecnt + KTOP, 0, sem="relaxed", scope="gpu")
-
-    @gluon.jit
-    def moe_fused_gluon_kernel(x8, slot_ids, weights, rbias, gate, up, down, sgate, sup, sdown, act, out, part, cnt,
-                               mat_g, mat_u, mat_d, rscale, res, nw, x8n, F: gl.constexpr, D: gl.constexpr,
-                               KTOP: gl.constexpr, QT: gl.constexpr, QTS: gl.constexpr, QTD: gl.constexpr,
-                               QTSD: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
-                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, NSD: gl.constexpr,
-                               NSA: gl.constexpr, PDL: gl.constexpr, PF: gl.constexpr, SPF: gl.constexpr,
-                               PFD: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, MODE: gl.constexpr):
-        """Both halves in one launch. A gate/up tile counts itself in ecnt[e] after its act group (releasing); a down
-        tile issues its weight copies first and then waits for its act row's F / 16 counts (_spin).
-        MODE 0, grid (E * (F + D) / 16,): a CTA takes a ticket (an atomic counter, so tickets go in the order CTAs
-        start) and runs gate/up tile `ticket` (_gate_up_cta) or down tile `ticket - E * F / 16` (_down_cta). No
-        deadlock whatever the residency: every gate/up ticket comes before every down ticket, so a waiting down
-        tile only waits for running CTAs, and those never wait on a down tile.
-        MODE 1, grid (E * F / 16,), every CTA resident at once (the launcher checks): CTA pid runs gate/up tile pid,
-        then takes down work items (_down_item: two picks' d-tile in one stream, or a shared d-tile) from a ticket
-        counter until none is left.
-        cnt: [D / 16] d-tile counters (as the down kernel's), then ecnt [E], then the ticket counter at D / 16 + 16;
-        all re-armed in the launch (the last ticket, the last d-tile arrival, the last reader of each act row).
-        NSA = max(NS, NSD): the ring's slots (gate/up use NS, down NSD)."""
-        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
-        SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        E: gl.constexpr = KTOP + HAS_SHARED
-        NT: gl.constexpr = D // 16
-        NGU: gl.constexpr = F // 16 * E
-        NDT: gl.constexpr = NT * E
-        qr = gl.allocate_shared_memory(gl.int32, [NSA, 16, 8, 4], SL3)
-        ecnt = cnt + NT
-        tk = cnt + NT + 16
-        if MODE == 0:
-            t = gl.atomic_add(tk, 1, sem="relaxed", scope="gpu")
-            if t == NGU + NDT - 1:  # every ticket is taken: re-arm for the next launch
-                gl.atomic_xchg(tk, 0, sem="relaxed", scope="gpu")
-        else:
-            t = gl.program_id(0)
-        if t < NGU:
-            e = _gate_up_cta(qr, qr, qr, qr, t, x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u, F, D,
-                             KTOP, QT, QTS, HAS_SHARED, ROUTE, NR, NS, PDL, False, PF, SPF, L3, W)
-            _barrier()  # every thread's act stores before the releasing count
-            gl.atomic_add(ecnt + e, 1, sem="release", scope="gpu")
-        if MODE == 0:
-            if t >= NGU:
-                _down_cta(qr, t - NGU, act, slot_ids, weights, rbias, down, sdown, out, part, cnt, ecnt, mat_d,
-                          rscale, res, nw, x8n, D, F, KTOP, QTD, QTSD, HAS_SHARED, ROUTE, NR, BIASED, RENORM, NSD, PDL,
-                          PFD, W, NORM, True, L3)
-        else:
-            NITEM: gl.constexpr = KTOP // 2 * NT + NT * HAS_SHARED
-            d = gl.atomic_add(tk, 1, sem="relaxed", scope="gpu")
-            while d < NITEM:
-                _down_item(qr, d, act, slot_ids, weights, rbias, down, sdown, out, part, cnt, ecnt, mat_d, rscale, res,
-                           nw, x8n, D, F, KTOP, QTD, QTSD, HAS_SHARED, ROUTE, NR, BIASED, RENORM, NSD, PFD, W, NORM, L3)
-                d = gl.atomic_add(tk, 1, sem="relaxed", scope="gpu")
-            if d == NITEM + NGU - 1:  # the last of the grid's final (empty) takes: re-arm
-                gl.atomic_xchg(tk, 0, sem="relaxed", scope="gpu")
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
@@ -808,59 +630,6 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
-        **({"launch_pdl": True} if pdl_on else {}))
-    _pin_carveout(k)
-    return out
-
-
-def fused_enabled() -> bool:
-    """KIMI_LOCAL_MOE_FUSED (default off until measured): both halves in one launch (moe_fused_gluon_kernel) where
-    the Gluon gate/up and down kernels both apply. Knobs: KIMI_LOCAL_MOE_FUSED_NS / _NSD (the gate/up and down
-    tiles' ring stages), _PFD (the down tiles' L2 prefetch, as _DOWN_PF)."""
-    return down_enabled() and os.environ.get("KIMI_LOCAL_MOE_FUSED", "0") == "1"
-
-
-def _resident_ctas(device, smem: int, warps: int, regs: int = 128) -> int:
-    """A lower bound on the CTAs of a kernel resident at once on the GPU in the 64 KB carveout: smem bytes of shared
-    memory (plus the 1 KB the driver reserves per CTA) and at most `regs` registers per thread."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * min(64 * 1024 // (smem + 1024), 65536 // (regs * 32 * warps), 32)
-
-
-def fused(x8, act, slot_ids, weights, gate_pool, up_pool, down_pool, shared, out, part, cnt, D: int, qtypes,
-          shared_qtypes, ktop: int, route, pdl_on: bool, res_norm=None):
-    """Launch moe_fused_gluon_kernel (gate_up's and down's arguments in one call): x8 [x8_words(D)] int32; act int32
-    [ktop + 1, x8_words(F)] (scratch); slot_ids [ktop] int32 and weights [ktop] fp32, or with route = (rbias, k,
-    scale, biased, renorm) the router's logits [NR] fp32; pools uint8 [S, rows, row bytes]; shared (gate, up, down)
-    packed or None; out [D] (written unless res_norm); part fp32 >= (ktop + 1) * D; cnt int32 >= D / 16 + 17,
-    zeroed (split_workspace). Graph-capturable."""
-    F = gate_pool.shape[1]
-    qg, _, qd = qtypes
-    has_shared = shared is not None
-    sg, su, sd = shared if has_shared else (gate_pool[0], up_pool[0], down_pool[0])
-    qsg, _, qsd = shared_qtypes if has_shared else qtypes
-    nr, rscale, biased, renorm, rbias = 32, 1.0, False, False, slot_ids
-    if route is not None:
-        rbias, _, rscale, biased, renorm = route
-        nr = slot_ids.numel()
-        assert nr >= 32 and (nr & (nr - 1)) == 0, "the fused MoE kernel routes over a power of 2 (>= 32) experts"
-    E = ktop + int(has_shared)
-    assert E <= 16 and part.numel() >= E * D and cnt.numel() >= D // 16 + 17
-    w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)
-    ns = _env_int("KIMI_LOCAL_MOE_FUSED_NS", DEFAULT_NS)
-    nsd = _env_int("KIMI_LOCAL_MOE_FUSED_NSD", DEFAULT_NS)
-    pf = min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", DEFAULT_PF))
-    mode = _env_int("KIMI_LOCAL_MOE_FUSED_MODE", 1)
-    if mode == 1 and (ktop % 2 or E * F // BF > _resident_ctas(out.device, max(ns, nsd) * 2048 + 8, w)):
-        mode = 0  # MODE 1 pairs the picks and needs every CTA resident at once
-    k = moe_fused_gluon_kernel[(E * (F + D) // BF if mode == 0 else E * F // BF,)](
-        x8, slot_ids, weights if route is None else slot_ids, rbias, gate_pool, up_pool, down_pool, sg, su, sd, act,
-        out, part, cnt, gate_pool[0].numel(), up_pool[0].numel(), down_pool[0].numel(), float(rscale),
-        *(res_norm if res_norm is not None else (out, out, out)), F=F, D=D, KTOP=ktop, QT=QT_ID[qg], QTS=QT_ID[qsg],
-        QTD=QT_ID[qd], QTSD=QT_ID[qsd], HAS_SHARED=has_shared, ROUTE=route is not None, NR=nr, BIASED=bool(biased),
-        RENORM=bool(renorm), NS=ns, NSD=nsd, NSA=max(ns, nsd), PDL=bool(pdl_on), PF=pf,
-        SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", DEFAULT_SPF)), PFD=_env_int("KIMI_LOCAL_MOE_FUSED_PFD", 1),
-        W=w, NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1), MODE=mode, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

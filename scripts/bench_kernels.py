@@ -265,9 +265,9 @@ def bench_moe_decode(ctx):
         name = "/".join(qtypes)
         ctx.row("moe", f"decode {name} dequant+torch per expert", base_ms, nbytes=nbytes)
         x8 = qm.quantize_x8(x)
-        for tag in ["word", "word+pdl-nopf", "x8", "x8+pdl-nopf", "x8+fused", "x8+pdl-nopf+fused", "tile"]:
+        for tag in ["word", "word+pdl-nopf", "x8", "x8+pdl-nopf", "tile"]:
             impl = tag.split("+")[0]
-            kw = {"x8": x8 if impl == "x8" else False, "fused": tag.endswith("+fused")}  # fused: one launch
+            kw = {"x8": x8 if impl == "x8" else False}
             impl = "word" if impl == "x8" else impl
             with pdl_mode(tag):
                 ms = ctx.time(lambda: [moe.moe_decode(x, s, w, *pools, qtypes, out, shared=shared, shared_qtypes=shq,

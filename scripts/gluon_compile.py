@@ -51,21 +51,6 @@ def cases(only: set):
                       W=M.DEFAULT_W, NORM=norm)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
                         types, ce, M.DEFAULT_W))
-        for qt, qts, qd, qsd, route, norm in (("Q4_K", "Q8_0", "Q5_K", "Q8_0", True, False),
-                                              ("Q4_K", "Q8_0", "Q5_K", "Q8_0", True, True),
-                                              ("Q4_K", "Q8_0", "Q5_K", "Q8_0", False, False),
-                                              ("Q8_0", None, "Q8_0", None, False, False)):
-            types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "weights": "*fp32",
-                     "rbias": "*fp32" if route else "*i32", "gate": "*u8", "up": "*u8", "down": "*u8", "sgate": "*u8",
-                     "sup": "*u8", "sdown": "*u8", "act": "*i32", "out": "*bf16", "part": "*fp32", "cnt": "*i32",
-                     "mat_g": "i64", "mat_u": "i64", "mat_d": "i64", "rscale": "fp32", "res": "*bf16", "nw": "*fp32",
-                     "x8n": "*i32"}
-            ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts or qt], QTD=M.QT_ID[qd],
-                      QTSD=M.QT_ID[qsd or qd], HAS_SHARED=qts is not None, ROUTE=route, NR=256 if route else 32,
-                      BIASED=False, RENORM=True, NS=M.DEFAULT_NS, NSD=M.DEFAULT_NS, NSA=M.DEFAULT_NS, PDL=True,
-                      PF=M.DEFAULT_PF, SPF=M.DEFAULT_SPF, PFD=1, W=M.DEFAULT_W, NORM=norm, MODE=1)
-            out.append((f"moe_fused {qt}+{qts}/{qd}+{qsd} route={int(route)} norm={int(norm)}",
-                        M.moe_fused_gluon_kernel, types, ce, M.DEFAULT_W))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),

@@ -34,7 +34,7 @@ def built():
 
 
 def test_every_gluon_kernel_builds_without_spills(built):
-    assert len(built) == 25
+    assert len(built) == 21
     for name, r in built.items():
         assert "error" not in r, (name, r.get("error"))
         assert r["local_bytes"] in (0, None), (name, r)  # None: no cuobjdump in this Triton build
@@ -49,8 +49,6 @@ def test_moe_gluon_shared_memory_fits_the_carveout(built):
         elif name.startswith("moe_down"):
             ns = int(name.rsplit("ns=", 1)[1].split()[0])
             assert r["shared"] <= ns * 2048 + 256, (name, r)  # the ring and little else
-        elif name.startswith("moe_fused"):  # the gate/up ring (and 8 bytes for the broadcast of its atomics)
-            assert r["shared"] <= moe_gluon.DEFAULT_NS * 2048 + 256, (name, r)
     assert moe_gluon.DOWN_NS == 1
     for norm in (0, 1):  # the default down, and with the residual add + next norm's x8 (engine.body) fused in
         assert f"moe_down Q5_K+Q8_0 route=1 ns={moe_gluon.DOWN_NS} norm={norm}" in built
