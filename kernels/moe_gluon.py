@@ -84,7 +84,6 @@ DEFAULT_PF = 1  # gate/up routed CTAs: L2 prefetch of the side planes of the CTA
 DEFAULT_SPF = 2  # gate/up shared-expert CTAs: side and main planes, before the wait (module doc, session 13)
 DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
-SPLIT_NS = 2  # gate/up with KIMI_LOCAL_MOE_GLUON_SPLIT=1: stages of 4 KB (both matrices' block column)
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
@@ -133,41 +132,25 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _idx(L3: gl.constexpr):
-        """Index tensors r [RB, 1, 1], c [1, 8, 1], ii [1, 1, 4] of the stage tile's layout, and r2 [RB, 1], c2 [1, 8]
-        of its [RB, 8] slice (RB = _rb(L3))."""
+        """Index tensors r [16, 1, 1], c [1, 8, 1], ii [1, 1, 4] of the stage tile's layout, and r2 [16, 1], c2 [1, 8]
+        of its [16, 8] slice."""
         L2: gl.constexpr = gl.SliceLayout(2, L3)
-        r = gl.arange(0, _rb(L3), layout=gl.SliceLayout(1, L2))
+        r = gl.arange(0, 16, layout=gl.SliceLayout(1, L2))
         c = gl.arange(0, 8, layout=gl.SliceLayout(0, L2))
         ii = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
         return (gl.expand_dims(gl.expand_dims(r, 1), 2), gl.expand_dims(gl.expand_dims(c, 0), 2),
                 gl.expand_dims(gl.expand_dims(ii, 0), 1), gl.expand_dims(r, 1), gl.expand_dims(c, 0))
 
-    @gluon.constexpr_function
-    def _rb(L3):
-        """Rows of the stage tile: 16 (rows f0 .. f0 + 15 of one matrix), or 32 in the split gate/up (rows 0-15 of
-        gate, then 16-31 of up, both at f0 .. f0 + 15)."""
-        return L3.size_per_thread[0] * L3.threads_per_warp[0] * L3.warps_per_cta[0]
-
     @gluon.jit
-    def _rowptr(w, wb, f0, r, L3: gl.constexpr):
-        """(int32 pointer, row) of the tile's rows r: w and f0 + r, or with 32 rows w / wb by r < 16 and f0 + r % 16."""
-        if _rb(L3) == 32:
-            p, row = gl.where(r < 16, w.to(gl.pointer_type(gl.int32)), wb.to(gl.pointer_type(gl.int32))), f0 + r % 16
-        else:
-            p, row = w.to(gl.pointer_type(gl.int32)), f0 + r
-        return p, row
-
-    @gluon.jit
-    def _issue(qr, sr0, sr1, sr2, i, w, wb, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
+    def _issue(qr, sr0, sr1, sr2, i, w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
                SS: gl.constexpr, L3: gl.constexpr):
         """cp.async of block column blk of the main plane (Q4_K / Q5_K qs: 8 chunks = one block; Q8_0: 128 weights)
-        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values; with 32 rows, _rowptr: also wb's) into
-        ring slot i [RB, 8, 4] int32; SS (Q4_K / Q8_0, 16 rows): also each thread's side words (_side's s0 .. s2,
-        4-byte copies) into slot i of sr0 .. sr2."""
+        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values) into ring slot i [16, 8, 4] int32; SS
+        (Q4_K / Q8_0): also each thread's side words (_side's s0 .. s2, 4-byte copies) into slot i of sr0 .. sr2."""
         r3, c3, i3, r2, c2 = _idx(L3)
         CPR: gl.constexpr = K // 16 if QT == 0 else K // 32  # 16-byte chunks per row of the main plane
-        w32, row3 = _rowptr(w, wb, f0, r3, L3)
-        _async_load(qr.index(i), w32 + (row3 * CPR + blk * 8 + c3) * 4 + i3)
+        w32 = w.to(gl.pointer_type(gl.int32))
+        _async_load(qr.index(i), w32 + ((f0 + r3) * CPR + blk * 8 + c3) * 4 + i3)
         if SS:
             if QT == 0:
                 _async_load(sr0.index(i), w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
@@ -180,30 +163,30 @@ if HAVE_GLUON:
                 _async_load(sr2.index(i), w32 + NBT * 36 + rb + c2 * 0)
 
     @gluon.jit
-    def _side(w, wb, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+    def _side(w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
         """The side words of block column blk, plain loads into registers (issued a stage before their use):
         (s0, s1, s2) [16, 8] and h [16, 8, 4] int32. Q4_K / Q5_K (quant_matmul.repack planes: qs 128, [qh 32,] sc 8,
         m 8, dd 4 bytes per block): the sub-scale word, the min word and the d / dmin word of each thread's chunk,
         and Q5_K's qh words (half c % 2 of the block's 32 qh bytes); Q8_0 (qs [N, K] int8, then d [N, K / 32] fp16):
-        the d word (s1, s2, h unused). With 32 rows (_rowptr) rows 16-31 are wb's."""
+        the d word (s1, s2, h unused)."""
         r3, c3, i3, r2, c2 = _idx(L3)
-        w32, row2 = _rowptr(w, wb, f0, r2, L3)
+        w32 = w.to(gl.pointer_type(gl.int32))
         if QT == 0:
-            s0 = gl.load(w32 + (N * K) // 4 + (row2 * (K // 32) + blk * 4 + c2 // 2) // 2)
-            return s0, s0, s0, gl.zeros([_rb(L3), 8, 4], gl.int32, layout=L3)
+            s0 = gl.load(w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
+            return s0, s0, s0, gl.zeros([16, 8, 4], gl.int32, layout=L3)
         else:
             NB: gl.constexpr = K // 256
             NBT: gl.constexpr = N * NB
             P: gl.constexpr = 40 if QT == 2 else 32  # words per block before the scale planes
-            rb = row2 * NB + blk
+            rb = (f0 + r2) * NB + blk
             jw = (c2 // 2) // 2  # the word of sub-scale pair c // 2
             s0 = gl.load(w32 + NBT * P + rb * 2 + jw)
             s1 = gl.load(w32 + NBT * (P + 2) + rb * 2 + jw)
             s2 = gl.load(w32 + NBT * (P + 4) + rb + c2 * 0)
-            if QT == 2:  # (16 rows only: the split gate/up reads Q4_K / Q8_0)
+            if QT == 2:
                 h = gl.load(w32 + NBT * 32 + ((f0 + r3) * NB + blk) * 8 + 4 * (c3 % 2) + i3)
             else:
-                h = gl.zeros([_rb(L3), 8, 4], gl.int32, layout=L3)
+                h = gl.zeros([16, 8, 4], gl.int32, layout=L3)
             return s0, s1, s2, h
 
     @gluon.jit
@@ -281,16 +264,12 @@ if HAVE_GLUON:
     def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
                      QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """Stage t of the CTA (wa's block columns, then wb's if NM == 2; none past the last) into slot t % NS, as
-        one commit group (empty past the last stage, so that wait_group counts stay the same). With 32 rows (the
-        split gate/up) stage t is block column t of both."""
+        one commit group (empty past the last stage, so that wait_group counts stay the same)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
-        if _rb(L3) == 32:
-            if t < SPM:
-                _issue(qr, sr0, sr1, sr2, t % NS, wa, wb, t, f0, N, K, QT, SS, L3)
-        elif t < SPM:
-            _issue(qr, sr0, sr1, sr2, t % NS, wa, wa, t, f0, N, K, QT, SS, L3)
+        if t < SPM:
+            _issue(qr, sr0, sr1, sr2, t % NS, wa, t, f0, N, K, QT, SS, L3)
         elif t < NM * SPM:
-            _issue(qr, sr0, sr1, sr2, t % NS, wb, wb, t - SPM, f0, N, K, QT, SS, L3)
+            _issue(qr, sr0, sr1, sr2, t % NS, wb, t - SPM, f0, N, K, QT, SS, L3)
         cp.commit_group()
 
     @gluon.jit
@@ -298,13 +277,8 @@ if HAVE_GLUON:
         """_side of stage t (wa's block columns, then wb's): the matrix is selected, not branched on, so the loads stay
         outside any branch (their latency is waited for at the use, a stage later)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
-        if _rb(L3) == 32:
-            s0, s1, s2, h = _side(wa, wb, t, f0, N, K, QT, L3)
-        else:
-            second = t >= SPM
-            w = gl.where(second, wb, wa)
-            s0, s1, s2, h = _side(w, w, t - second.to(gl.int32) * SPM, f0, N, K, QT, L3)
-        return s0, s1, s2, h
+        second = t >= SPM
+        return _side(gl.where(second, wb, wa), t - second.to(gl.int32) * SPM, f0, N, K, QT, L3)
 
     @gluon.jit
     def _prologue(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
@@ -327,16 +301,6 @@ if HAVE_GLUON:
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
                 QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
-        """_stream16, or _stream_split for the split gate/up's 32-row tiles."""
-        if _rb(L3) == 32:
-            ya, yb = _stream_split(qr, wa, wb, f0, xw, dxp, sqp, N, K, QT, NS, L3)
-        else:
-            ya, yb = _stream16(qr, sr0, sr1, sr2, wa, wb, NM, f0, xw, dxp, sqp, N, K, QT, NS, SS, L3)
-        return ya, yb
-
-    @gluon.jit
-    def _stream16(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                  QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages
@@ -366,28 +330,6 @@ if HAVE_GLUON:
                 s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
         return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)
-
-    @gluon.jit
-    def _stream_split(qr, wa, wb, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-                      NS: gl.constexpr, L3: gl.constexpr):
-        """_stream of the split gate/up (32-row tiles: warps 0 .. W/2 - 1 hold gate's rows, the others up's, each
-        stage block column t of both): twice the warps on the same bytes, each with half the stages. (ya, yb) [16]
-        go through shared memory to the 16-row layout."""
-        SPM: gl.constexpr = K // 128 if QT == 0 else K // 256
-        acc = gl.zeros([32, 8], gl.float32, layout=gl.SliceLayout(2, L3))
-        s0, s1, s2, h = _side(wa, wb, 0, f0, N, K, QT, L3)
-        for t in range(SPM):
-            _issue_stage(qr, qr, qr, qr, t + NS - 1, wa, wb, 2, f0, N, K, QT, NS, False, L3)
-            n0, n1, n2, nh = _side(wa, wb, gl.minimum(t + 1, SPM - 1), f0, N, K, QT, L3)
-            cp.wait_group(NS - 1)
-            acc += _stage_dot(qr, t % NS, t, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-            s0, s1, s2, h = n0, n1, n2, nh
-        cp.wait_group(0)
-        sy = gl.allocate_shared_memory(gl.float32, [32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        sy.store(gl.sum(acc, axis=1))
-        _barrier()
-        LY: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        return sy.slice(0, 16).load(LY), sy.slice(16, 16).load(LY)
 
     @gluon.jit
     def _max_idx(v1, i1, v2, i2):
@@ -467,18 +409,16 @@ if HAVE_GLUON:
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, SPLIT: gl.constexpr):
+                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
-        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. SPLIT: 32-row stage tiles, gate's 16
-        rows on the first W / 2 warps and up's on the others (_stream_split; not with SS)."""
+        prefetch (_prefetch_side) of the routed / the shared expert's CTAs."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
-        RB: gl.constexpr = 32 if SPLIT else 16
-        L3: gl.constexpr = gl.BlockedLayout([RB // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
+        L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
         NT: gl.constexpr = F // 16
         pid = gl.program_id(0)
-        qr = gl.allocate_shared_memory(gl.int32, [NS, RB, 8, 4], SL3)
+        qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
         if SS:  # the side words' rings (Q4_K: sub-scale, min, d / dmin words; Q8_0: d words in sr0)
             SL2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
             sr0 = gl.allocate_shared_memory(gl.int32, [NS, 16, 8], SL2)
@@ -639,19 +579,15 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     grid = (F // BF * (ktop + int(has_shared)),)
     w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
     ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 0) != 0  # side words through the ring (session 11), else registers
-    split = not ss and _env_int("KIMI_LOCAL_MOE_GLUON_SPLIT", 0) != 0  # 32-row tiles over 2 W warps (module doc)
-    if split:
-        w = 2 * w
     if NS is None:
-        NS = _env_int("KIMI_LOCAL_MOE_GLUON_SPLIT_NS" if split else "KIMI_LOCAL_MOE_GLUON_NS",
-                      SPLIT_NS if split else (SS_NS if ss else DEFAULT_NS))
+        NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", SS_NS if ss else DEFAULT_NS)
     pf = min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF))
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, SPLIT=split, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
+        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 

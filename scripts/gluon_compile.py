@@ -28,19 +28,17 @@ def cases(only: set):
     from kernels import mla_gluon, moe_gluon as M, moe_prefill_gluon as P
     out = []
     if "moe" in only:
-        for qt, qts, route, ss, split in (("Q4_K", "Q8_0", True, False, False), ("Q4_K", "Q8_0", False, False, False),
-                                          ("Q4_K", "Q8_0", True, True, False), ("Q4_K", "Q4_K", True, False, False),
-                                          ("Q8_0", "Q8_0", False, False, False), ("Q4_K", "Q8_0", True, False, True),
-                                          ("Q8_0", "Q8_0", False, False, True)):
+        for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
+                                   ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
+                                   ("Q8_0", "Q8_0", False, False)):
             types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                      "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
                      "mat_u": "i64"}
             ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
-                      NR=256 if route else 32, NS=M.SS_NS if ss else (M.SPLIT_NS if split else M.DEFAULT_NS),
-                      PDL=True, SS=ss, PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF,
-                      W=M.DEFAULT_W * (1 + split), SPLIT=split)
-            out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}" + (" split" if split else ""),
-                        M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W * (1 + split)))
+                      NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
+                      PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W)
+            out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
+                        ce, M.DEFAULT_W))
         for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
                                          ("Q5_K", "Q8_0", True, M.DOWN_NS, False), ("Q5_K", "Q8_0", False, 3, False),
                                          ("Q4_K", "Q4_K", True, M.DOWN_NS, True), ("Q8_0", None, False, M.DOWN_NS, False)):

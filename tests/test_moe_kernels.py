@@ -421,16 +421,14 @@ def _real_ref8(pools, qtypes, ids, wts, x, shared_d):
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, False)])
-@pytest.mark.parametrize("split", [False, True])
-def test_cuda_moe_gluon_gate_up(qtypes, shq, route, split, monkeypatch):
+def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
     """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
-    PDL a graph replay equal to the eager call, bit for bit. split: KIMI_LOCAL_MOE_GLUON_SPLIT=1 (32-row tiles)."""
+    PDL a graph replay equal to the eager call, bit for bit."""
     from kimi_local.kernels import moe_gluon, pdl as P
     S, D, F, k = REAL
     if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F):
         pytest.skip("the Gluon gate/up needs Gluon and a Hopper GPU")
-    monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_SPLIT", str(int(split)))
     pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 21)
     ids, wts = route_fn(logits[None], bias, k, 2.446, False, True)
     kw = dict(shared=shared, shared_qtypes=shq, x8=True)
