@@ -20,18 +20,9 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
-    # Gluon is experimental and renames things between Triton releases (3.6: thread_barrier,
-    # async_copy_global_to_shared; 3.9: barrier, async_load): the names this Triton has
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover (no Gluon, or one without these names)
-    HAVE_GLUON = False
+from .gluon_compat import HAVE_WGMMA as HAVE_GLUON  # noqa: F401
+from .gluon_compat import (_async_load, _barrier, cp, fence_async_shared, gl, gluon, warpgroup_mma,  # noqa: F401
+                           warpgroup_mma_wait)
 
 
 def supported(latent: torch.Tensor, H: int, R: int, DR: int) -> bool:

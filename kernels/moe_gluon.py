@@ -64,17 +64,8 @@ import os
 import torch
 
 from . import carveout
+from .gluon_compat import HAVE_GLUON, _async_load, _barrier, cp, gl, gluon  # noqa: F401
 from .quant_matmul import QT_ID
-
-try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # 3.9 / 3.6 names
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover
-    HAVE_GLUON = False
 
 GLUON_QTYPES = ("Q4_K", "Q8_0")
 DOWN_QTYPES = ("Q4_K", "Q5_K", "Q8_0")

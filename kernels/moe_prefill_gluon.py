@@ -46,16 +46,9 @@ import os
 
 import torch
 
-try:  # Gluon ships with Triton >= 3.5; the CPU interpreter cannot run it
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
-    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # 3.9 / 3.6 names
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    HAVE_GLUON = True
-except (ImportError, AttributeError):  # pragma: no cover
-    HAVE_GLUON = False
+from .gluon_compat import HAVE_WGMMA as HAVE_GLUON  # noqa: F401
+from .gluon_compat import (_async_load, _barrier, cp, fence_async_shared, gl, gluon, warpgroup_mma,  # noqa: F401
+                           warpgroup_mma_wait)
 
 BMS = (16, 32, 64, 128, 256)  # rows per expert tile (the wgmma N); gate/up up to 256, down up to DOWN_MAX_BM
 DOWN_MAX_BM = 128  # (256-row down tiles spill: the epilogue's store addresses beside 128 accumulator registers)

@@ -33,14 +33,10 @@ import triton
 import triton.language as tl
 
 try:
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6 / 3.9 names
-    HAVE_GLUON = True
-except (ImportError, AttributeError):
-    HAVE_GLUON = False
+    from kimi_local.kernels.gluon_compat import HAVE_GLUON, _async_load, _barrier, cp, gl, gluon
+except ImportError:  # not pip-installed: the source dir
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels.gluon_compat import HAVE_GLUON, _async_load, _barrier, cp, gl, gluon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_gemv import graph_time  # noqa: E402
