@@ -6,11 +6,16 @@ configuration fails to compile. Run it without TRITON_INTERPRET (the interpreter
 Gluon's reductions call). Use it before sending Gluon changes to a GPU: it catches compile errors and shows the
 resource use that decides residency (moe_gluon's module doc).
 
-    python scripts/gluon_compile.py [--json] [--only moe,prefill,mla]
+    python scripts/gluon_compile.py [--json] [--only moe,prefill,mla] [--sass]
+
+--sass adds, per configuration, the number of SASS instructions and a hash of them (addresses and line info left
+out): a refactor that leaves every hash unchanged leaves the GPU code unchanged, which needs no device run to verify
+(session 19: kernels/gluon_compat.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -82,9 +87,18 @@ def cases(only: set):
     return out
 
 
-def compile_one(fn, types: dict, constexprs: dict, num_warps: int, maxnreg: int = 0) -> dict:
+def _sass_digest(cuobjdump: Path, cubin: Path) -> tuple[str, int]:
+    """(sha256 prefix, count) of the cubin's SASS instructions, without their addresses and line info."""
+    sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    ins = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", ln).strip() for ln in sass.splitlines()
+           if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+    return hashlib.sha256("\n".join(ins).encode()).hexdigest()[:16], len(ins)
+
+
+def compile_one(fn, types: dict, constexprs: dict, num_warps: int, maxnreg: int = 0, sass: bool = False) -> dict:
     """triton.compile for sm_90 (pointer and integer arguments marked 16-divisible, as Triton's launcher specialises
-    them for these sizes), then cuobjdump -res-usage on the cubin: {shared, regs, local_bytes}."""
+    them for these sizes), then cuobjdump -res-usage on the cubin: {shared, regs, local_bytes}; sass: also
+    {sass_hash, sass_instructions} (_sass_digest)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -101,6 +115,8 @@ def compile_one(fn, types: dict, constexprs: dict, num_warps: int, maxnreg: int 
             p = Path(d) / "k.cubin"
             p.write_bytes(c.asm["cubin"])
             usage = subprocess.run([str(cuobjdump), "-res-usage", str(p)], capture_output=True, text=True).stdout
+            if sass:
+                res["sass_hash"], res["sass_instructions"] = _sass_digest(cuobjdump, p)
         m = re.search(r"REG:(\d+) .*LOCAL:(\d+)", usage)
         if m:  # LOCAL > 0: register spills (or a local array)
             res["regs"], res["local_bytes"] = int(m.group(1)), int(m.group(2))
@@ -111,6 +127,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--only", default="moe,prefill,mla", help="comma list of: moe, prefill, mla")
+    ap.add_argument("--sass", action="store_true", help="also a hash and count of each kernel's SASS instructions")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter's jit functions cannot be compiled", file=sys.stderr)
@@ -122,7 +139,7 @@ def main() -> int:
     results, failed = {}, 0
     for name, fn, types, ce, warps, *cap in cases(set(args.only.split(","))):
         try:
-            results[name] = compile_one(fn, types, ce, warps, *cap)
+            results[name] = compile_one(fn, types, ce, warps, *(cap or [0]), sass=args.sass)
         except Exception as e:  # keep going: report every configuration
             results[name] = {"error": f"{type(e).__name__}: {str(e)[-600:]}"}
             failed += 1
@@ -131,7 +148,9 @@ def main() -> int:
     else:
         for name, r in results.items():
             print(f"{name:40s} " + (r["error"] if "error" in r else
-                                    f"shared {r['shared']:6d} B  regs {r['regs']}  local {r['local_bytes']} B"))
+                                    f"shared {r['shared']:6d} B  regs {r['regs']}  local {r['local_bytes']} B"
+                                    + (f"  sass {r['sass_instructions']} {r['sass_hash']}" if "sass_hash" in r
+                                       else "")))
     return 1 if failed else 0
 
 
