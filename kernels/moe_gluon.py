@@ -291,11 +291,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr):
+                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
-        registers a stage ahead (not SS). UNROLL (not SS): the stage loop unrolled (ptxas then hoists the x loads of
-        later stages: more registers; scripts/bench_moe_probe.py)."""
+        registers a stage ahead (not SS). A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages
+        (146 registers offline)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -312,22 +312,13 @@ if HAVE_GLUON:
                 acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
         else:
             s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
-            if UNROLL:
-                for t in gl.static_range(T):
-                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
-                    n0, n1, n2, nh = _side_stage(min(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
-                    cp.wait_group(NS - 1)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
-                    s0, s1, s2, h = n0, n1, n2, nh
-            else:
-                for t in range(T):
-                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
-                    n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
-                    cp.wait_group(NS - 1)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
-                    s0, s1, s2, h = n0, n1, n2, nh
+            for t in range(T):
+                _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
+                cp.wait_group(NS - 1)
+                part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+                acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
+                s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
         return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)
 
@@ -386,8 +377,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
-                PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr,
-                UNROLL: gl.constexpr):
+                PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -402,7 +392,7 @@ if HAVE_GLUON:
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
-        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
         return yg, yu, e, f0
 
     @gluon.jit
@@ -410,7 +400,7 @@ if HAVE_GLUON:
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
+                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
         prefetch (_prefetch_side) of the routed / the shared expert's CTAs."""
@@ -440,13 +430,13 @@ if HAVE_GLUON:
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
-                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, UNROLL)
+                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
@@ -480,7 +470,7 @@ if HAVE_GLUON:
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, False)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
         return y
 
     @gluon.jit
@@ -588,8 +578,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=not ss and _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", 0) != 0, num_warps=w,
-        **({"launch_pdl": True} if pdl_on else {}))
+        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 

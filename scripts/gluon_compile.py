@@ -41,7 +41,7 @@ def cases(only: set):
                      "mat_u": "i64"}
             ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
                       NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
-                      PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W, UNROLL=False)
+                      PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W)
             out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
                         ce, M.DEFAULT_W))
         for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
