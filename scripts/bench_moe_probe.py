@@ -63,26 +63,21 @@ if HAVE_GLUON:
                 cp.wait_group(NS - 1)
                 acc += M._stage_dot(qr, t % NS, t % SPM, x8, dxp, dxp + D // 16, s0, s1, s2, h, QT, L3)
                 s0, s1, s2, h = n0, n1, n2, nh
-        elif MODE == 0:
-            s0, s1, s2, h = M._side_stage(0, wa, wb, f0, F, D, QT, L3)
-            for t in range(T):
-                M._issue_stage(qr, qr, qr, qr, t + NS - 1, wa, wb, 2, f0, F, D, QT, NS, False, L3)
-                n0, n1, n2, nh = M._side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, F, D, QT, L3)
-                cp.wait_group(NS - 1)
-                acc += M._stage_dot(qr, t % NS, t % SPM, x8, dxp, dxp + D // 16, s0, s1, s2, h, QT, L3)
-                s0, s1, s2, h = n0, n1, n2, nh
         elif MODE == 1:
             for t in range(T):
                 M._issue_stage(qr, qr, qr, qr, t + NS - 1, wa, wb, 2, f0, F, D, QT, NS, False, L3)
                 cp.wait_group(NS - 1)
                 acc += gl.sum(qr.index(t % NS).load(L3), axis=2).to(gl.float32)
-        elif MODE == 2:
+        elif MODE == 0 or MODE == 2:  # the side words a stage ahead; 0: the dot, 2: only add up what was read
             s0, s1, s2, h = M._side_stage(0, wa, wb, f0, F, D, QT, L3)
             for t in range(T):
                 M._issue_stage(qr, qr, qr, qr, t + NS - 1, wa, wb, 2, f0, F, D, QT, NS, False, L3)
                 n0, n1, n2, nh = M._side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, F, D, QT, L3)
                 cp.wait_group(NS - 1)
-                acc += (gl.sum(qr.index(t % NS).load(L3), axis=2) + s0 + s1 + s2).to(gl.float32)
+                if MODE == 0:
+                    acc += M._stage_dot(qr, t % NS, t % SPM, x8, dxp, dxp + D // 16, s0, s1, s2, h, QT, L3)
+                else:
+                    acc += (gl.sum(qr.index(t % NS).load(L3), axis=2) + s0 + s1 + s2).to(gl.float32)
                 s0, s1, s2, h = n0, n1, n2, nh
         else:
             one = gl.full([16, 8], 0x3C003C00, gl.int32, layout=L2)  # fp16 1.0 in both halves
