@@ -39,7 +39,7 @@ def main():
     logits = [(torch.randn(S, generator=gen) * 2).cuda() for _ in range(R)]
     bias = (torch.randn(S, generator=gen) * 0.1).cuda()
     x8 = qm.quantize_x8(torch.randn(D, device="cuda", dtype=torch.bfloat16))
-    x = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    x = torch.empty(D, device="cuda", dtype=torch.bfloat16)  # only its shape is read: x8 is given
     out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
     route = (bias, K, 2.446, False, True)
 
