@@ -23,3 +23,15 @@ try:
 except (ImportError, AttributeError):  # pragma: no cover
     fence_async_shared = warpgroup_mma = warpgroup_mma_wait = None
     HAVE_WGMMA = False
+
+if HAVE_GLUON:  # PDL (kernels/pdl.py's rule): wait for the previous kernel / let the next one launch
+
+    @gluon.jit
+    def _gdc_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _gdc_launch_dependents():
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)

@@ -318,7 +318,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "g" ("t" in Gluon with
     the next tile's copies issued before this tile's products, kernels/mla_gluon.py: bf16 or fp8 cache on sm_90
-    with seq_len a device tensor and the MLA launches without PDL, else "t" with DEFAULTS' t_warps; a Gluon
+    with seq_len a device tensor, else "t" with DEFAULTS' t_warps; a Gluon
     build failure warns once and uses "t" from then on) or "hm" (heads as M, the first kernel); None/other
     knobs: DEFAULTS for the cache dtype (KIMI_LOCAL_MLA_CFG="variant,BS,warps,stages" replaces them). fp8_compute
     ("t" / "hm"): dtype the fp8 rows are widened to for the products ("bf16" or "fp16"; q and p are cast to it
@@ -370,14 +370,13 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant == "g" and (kind in _GLUON_FAILED or not (in_ptr and BS == 64 and not kw["PDL"]
-                                                        and mla_gluon.supported(latent, H, R, DR))):
-        variant = "t"  # the Gluon kernels: bf16 / fp8 cache on sm_90, length on the device, no PDL wait (else "t")
+    if variant == "g" and (kind in _GLUON_FAILED or not (in_ptr and BS == 64 and mla_gluon.supported(latent, H, R, DR))):
+        variant = "t"  # the Gluon kernels: bf16 / fp8 cache on sm_90, length on the device (else "t")
         num_warps = d.get("t_warps", num_warps)
     if variant == "g":
         try:
             mla_gluon.mla_split_gluon(q_abs, q_pe, latent, seq_ptr, (ws_m, ws_l, ws_acc), scale * _LOG2E, NS, BS,
-                                      min_chunk, latent_scale=latent_scale if fp8 else None)
+                                      min_chunk, latent_scale=latent_scale if fp8 else None, pdl_kw=_pdl_kw())
         except Exception as e:  # Gluon is experimental: a Triton whose Gluon this kernel does not compile with
             _GLUON_FAILED[kind] = f"{type(e).__name__}: {e}"
             warnings.warn(f"MLA decode: the Gluon kernel failed to build ({_GLUON_FAILED[kind][:200]}); "

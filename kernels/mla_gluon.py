@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from .gluon_compat import HAVE_WGMMA as HAVE_GLUON  # noqa: F401
-from .gluon_compat import (_async_load, _barrier, cp, fence_async_shared, gl, gluon, warpgroup_mma,  # noqa: F401
-                           warpgroup_mma_wait)
+from .gluon_compat import (_async_load, _barrier, _gdc_launch_dependents, _gdc_wait, cp,  # noqa: F401
+                           fence_async_shared, gl, gluon, warpgroup_mma, warpgroup_mma_wait)
 
 
 def supported(latent: torch.Tensor, H: int, R: int, DR: int) -> bool:
@@ -51,11 +51,15 @@ if HAVE_GLUON:
     def mla_split_gluon_kernel(q_abs, q_pe, lat, lat_scale, seq_ptr, ws_m, ws_l, ws_acc, qk_scale, stride_lat,
                                stride_qp, H: gl.constexpr, R: gl.constexpr, DR: gl.constexpr, BH: gl.constexpr,
                                BS: gl.constexpr, NS: gl.constexpr, MIN_CHUNK: gl.constexpr, FP8: gl.constexpr,
-                               RING_DT: gl.constexpr, LC: gl.constexpr, LK: gl.constexpr, RING_L: gl.constexpr):
+                               RING_DT: gl.constexpr, LC: gl.constexpr, LK: gl.constexpr, RING_L: gl.constexpr,
+                               PDL: gl.constexpr):
         """bf16 cache: the MMAs read the ring's tiles. FP8 (e4m3, row = stored * lat_scale[row]): the ring holds the
         fp8 rows; each tile is widened to fp16 (exact for e4m3) into one fp16 tile that the MMAs read (fp16 q and p;
         the row scales multiply the scores and p, as in the "t" kernel). LC / LK: the copies' register layouts
-        (16-byte vectors along a row) for the [BS, R] and [BS, DR] parts; RING_L: the ring's shared layout."""
+        (16-byte vectors along a row) for the [BS, R] and [BS, DR] parts; RING_L: the ring's shared layout.
+        PDL (kernels/pdl.py): the length (set before the step) and the first tile's rows, if the newest row (n - 1,
+        written by the previous launch, mla_absorb_write) is not among them, are read before the wait; q and
+        every later tile after it."""
         CDT: gl.constexpr = gl.float16 if FP8 else gl.bfloat16  # the MMAs' operand type
         LQ: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])  # q [BH, R]
         LQP: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # q_pe [BH, DR]
@@ -71,7 +75,16 @@ if HAVE_GLUON:
         if s0 < n:
             c_ring = gl.allocate_shared_memory(RING_DT, [2, BS, R], RING_L)
             k_ring = gl.allocate_shared_memory(RING_DT, [2, BS, DR], RING_L)
-            _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
+            if PDL:
+                early = s0 + BS < n  # tile 0 ends before row n - 1
+                if early:
+                    _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
+                _gdc_wait()
+                _gdc_launch_dependents()
+                if not early:
+                    _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
+            else:
+                _issue_tile(c_ring.index(0), k_ring.index(0), lat, s0, s1, stride_lat, R, DR, BS, LC, LK)
             cp.commit_group()
             # q_abs [BH, R] and q_pe [BH, DR] (heads past H = 0) into shared memory, read as q^T by the MMAs
             oh = gl.arange(0, BH, layout=gl.SliceLayout(1, LQ))
@@ -157,10 +170,10 @@ def split_layouts(fp8: bool, DR: int):
 
 
 def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, BS: int, min_chunk: int,
-                    latent_scale=None):
+                    latent_scale=None, pdl_kw=None):
     """Launch the split kernel: q_abs [H, R], q_pe [H, DR] (row stride free), latent [S_cap, R + DR] bf16, or fp8
     e4m3 with latent_scale [S_cap] fp32; seq_ptr an int32 device tensor [1]; ws = (m, l, acc) workspaces of
-    mla._workspace(NS, H, R)."""
+    mla._workspace(NS, H, R); pdl_kw: mla._pdl_kw() (PDL and the launch option), default without PDL."""
     H, R = q_abs.shape
     DR = q_pe.shape[1]
     assert BS == 64 and latent.stride(1) == 1 and q_pe.stride(1) == 1 and q_abs.is_contiguous()
@@ -170,4 +183,4 @@ def mla_split_gluon(q_abs, q_pe, latent, seq_ptr, ws, qk_scale: float, NS: int, 
     mla_split_gluon_kernel[(NS,)](q_abs, q_pe, latent, latent_scale if fp8 else ws[0], seq_ptr, *ws, qk_scale,
                                   latent.stride(0), q_pe.stride(0), H=H, R=R, DR=DR, BH=32, BS=BS, NS=NS,
                                   MIN_CHUNK=min_chunk, FP8=fp8, RING_DT=gl.float8e4nv if fp8 else gl.bfloat16,
-                                  LC=lc, LK=lk, RING_L=ring, num_warps=4)
+                                  LC=lc, LK=lk, RING_L=ring, num_warps=4, **(pdl_kw or dict(PDL=False)))

@@ -65,6 +65,7 @@ import torch
 
 from . import carveout
 from .gluon_compat import HAVE_GLUON, _async_load, _barrier, cp, gl, gluon  # noqa: F401
+from .gluon_compat import _gdc_launch_dependents, _gdc_wait  # noqa: F401
 from .quant_matmul import QT_ID
 
 GLUON_QTYPES = ("Q4_K", "Q8_0")
@@ -100,16 +101,6 @@ def supported(device, qg, qu, qsg, qsu, D: int, F: int) -> bool:
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _gdc_wait():
-        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-
-    @gluon.jit
-    def _gdc_launch_dependents():
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _dp4a(a, b):
@@ -291,11 +282,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
+                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
-        registers a stage ahead (not SS). A loop, not unrolled: unrolled, ptxas hoists the x loads of many stages
-        (146 registers offline)."""
+        registers a stage ahead (not SS). UNROLL > 0 (not SS): the stage loop unrolled, the side words UNROLL stages
+        ahead (unrolled, ptxas hoists the x loads of later stages: more registers; scripts/bench_moe_probe.py)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -311,14 +302,28 @@ if HAVE_GLUON:
                                   sr2.index(i).load(L2), hz, QT, L3)
                 acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
         else:
-            s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
-            for t in range(T):
-                _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
-                n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
-                cp.wait_group(NS - 1)
-                part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
-                acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
-                s0, s1, s2, h = n0, n1, n2, nh
+            if UNROLL:  # side words UNROLL stages ahead, held as a flat tuple (4 per stage)
+                sides = ()
+                for u in gl.static_range(UNROLL):
+                    if u < T:
+                        sides = sides + _side_stage(u, wa, wb, f0, N, K, QT, L3)
+                for t in gl.static_range(T):
+                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                    if t + UNROLL < T:
+                        sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3)
+                    cp.wait_group(NS - 1)
+                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
+                                      sides[4 * t + 2], sides[4 * t + 3], QT, L3)
+                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
+            else:
+                s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
+                for t in range(T):
+                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                    n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
+                    cp.wait_group(NS - 1)
+                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
+                    s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
         return gl.sum(acc_a, axis=1), gl.sum(acc_b, axis=1)
 
@@ -377,7 +382,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
-                PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+                PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr,
+                UNROLL: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -392,7 +398,7 @@ if HAVE_GLUON:
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
-        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL)
         return yg, yu, e, f0
 
     @gluon.jit
@@ -400,7 +406,7 @@ if HAVE_GLUON:
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr):
+                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
         prefetch (_prefetch_side) of the routed / the shared expert's CTAs."""
@@ -430,13 +436,13 @@ if HAVE_GLUON:
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
-                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3)
+                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, UNROLL)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W)
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
@@ -470,7 +476,7 @@ if HAVE_GLUON:
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, 0)
         return y
 
     @gluon.jit
@@ -578,7 +584,8 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
+        W=w, UNROLL=0 if ss else _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", 0), num_warps=w,
+        **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 

@@ -36,14 +36,15 @@ def cases(only: set):
         for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
                                    ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
                                    ("Q8_0", "Q8_0", False, False)):
-            types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
-                     "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
-                     "mat_u": "i64"}
-            ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
-                      NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
-                      PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W)
-            out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}", M.moe_gate_up_gluon_kernel, types,
-                        ce, M.DEFAULT_W))
+            for unroll in ((0, 1) if (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False) else (0,)):
+                types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
+                         "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
+                         "mat_u": "i64"}
+                ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
+                          NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
+                          PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W, UNROLL=unroll)
+                out.append((f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}" + (f" unroll={unroll}" if unroll else ""), M.moe_gate_up_gluon_kernel, types,
+                            ce, M.DEFAULT_W))
         for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
                                          ("Q5_K", "Q8_0", True, M.DOWN_NS, False), ("Q5_K", "Q8_0", False, 3, False),
                                          ("Q4_K", "Q4_K", True, M.DOWN_NS, True), ("Q8_0", None, False, M.DOWN_NS, False)):
@@ -76,14 +77,15 @@ def cases(only: set):
                         P.down_maxnreg(bm) if which == "down" else 0))
     if "mla" in only:
         gl = mla_gluon.gl
-        for fp8 in (False, True):
+        for fp8, pdl in ((False, False), (True, False), (False, True)):
             types = {"q_abs": "*bf16", "q_pe": "*bf16", "lat": "*fp8e4nv" if fp8 else "*bf16", "lat_scale": "*fp32",
                      "seq_ptr": "*i32", "ws_m": "*fp32", "ws_l": "*fp32", "ws_acc": "*fp32", "qk_scale": "fp32",
                      "stride_lat": "i32", "stride_qp": "i32"}
             lc, lk, ring = mla_gluon.split_layouts(fp8, 64)
             ce = dict(H=32, R=512, DR=64, BH=32, BS=64, NS=128, MIN_CHUNK=256, FP8=fp8,
-                      RING_DT=gl.float8e4nv if fp8 else gl.bfloat16, LC=lc, LK=lk, RING_L=ring)
-            out.append((f"mla_split {'fp8' if fp8 else 'bf16'}", mla_gluon.mla_split_gluon_kernel, types, ce, 4))
+                      RING_DT=gl.float8e4nv if fp8 else gl.bfloat16, LC=lc, LK=lk, RING_L=ring, PDL=pdl)
+            out.append((f"mla_split {'fp8' if fp8 else 'bf16'}" + (" pdl" if pdl else ""),
+                        mla_gluon.mla_split_gluon_kernel, types, ce, 4))
     return out
 
 

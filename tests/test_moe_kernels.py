@@ -421,11 +421,15 @@ def _real_ref8(pools, qtypes, ids, wts, x, shared_d):
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, False)])
-def test_cuda_moe_gluon_gate_up(qtypes, shq, route):
+@pytest.mark.parametrize("unroll", [None, 3])
+def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
     """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
-    PDL a graph replay equal to the eager call, bit for bit."""
+    PDL a graph replay equal to the eager call, bit for bit. unroll: KIMI_LOCAL_MOE_GLUON_UNROLL (the stage loop
+    unrolled, the side words that many stages ahead)."""
     from kimi_local.kernels import moe_gluon, pdl as P
+    if unroll is not None:
+        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_UNROLL", str(unroll))
     S, D, F, k = REAL
     if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F):
         pytest.skip("the Gluon gate/up needs Gluon and a Hopper GPU")
