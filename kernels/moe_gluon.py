@@ -21,6 +21,9 @@ prefetch their main plane too, before their wait (SPF, see the end). KIMI_LOCAL_
 words into rings of their own instead (session 11's kernel: 3.5 KB stages).
 The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): dp4a of the weight nibbles / bytes
 with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end.
+Both kernels' stage loops are unrolled (DEFAULT_UNROLL, DOWN_UNROLL; session 20): the rolled loop's index and select
+arithmetic goes (gate/up: 204 -> 134 instructions a stage, scripts/bench_moe_probe.py) and ptxas schedules the x and
+side-word loads across stages (gate/up 152 registers, 6 CTAs an SM; down 80): 24.3 against 25.8 us a MoE call.
 gate/up: act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does;
 the shared expert's CTAs come first and, with PDL, issue their first copies before the grid-dependency wait;
 routed CTAs pick their expert from the router's logits (ROUTE) as moe._route_id does, or read slot_ids.
@@ -77,6 +80,11 @@ DEFAULT_SPF = 2  # gate/up shared-expert CTAs: side and main planes, before the 
 DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
 DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
+# Stage loops unrolled, the side words this many stages ahead (0: a rolled loop, the side words a stage ahead). H200,
+# session 20, bench_moe_decode (us a call) / engine (tok/s at 4K, 128K), all rolled: 25.76 / 624.0, 539.6; gate/up
+# only: 25.27; down only: 25.71 / 625.1, 540.8; both: 24.28 / 631.7, 544.7. Gate/up 2-9 stages ahead: slower.
+DEFAULT_UNROLL = 1
+DOWN_UNROLL = 1
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
@@ -85,8 +93,8 @@ def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
     11's kernel), _PF / _SPF: the L2 prefetch of the routed / the shared expert's CTAs (0: none, 1: the side planes,
-    2: also the main plane); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as
-    _PF); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the driver's
+    2: also the main plane), _UNROLL (DEFAULT_UNROLL); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS /
+    _DOWN_W, _DOWN_PF (as _PF), _DOWN_UNROLL (DOWN_UNROLL); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the driver's
     choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
@@ -468,7 +476,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr):
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
         """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
         _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
@@ -476,7 +484,7 @@ if HAVE_GLUON:
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, 0)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL)
         return y
 
     @gluon.jit
@@ -484,7 +492,7 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr):
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr = 0):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
@@ -500,7 +508,7 @@ if HAVE_GLUON:
         d0 = tile * 16
         if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
-            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W)
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL)
         else:
             e = pid // NT - HAS_SHARED
             # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
@@ -510,7 +518,8 @@ if HAVE_GLUON:
             else:
                 slot = gl.load(slot_ids + e)
                 wt = gl.load(weights + e)
-            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W)
+            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W,
+                                UNROLL)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
         if NORM:
@@ -584,7 +593,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=0 if ss else _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", 0), num_warps=w,
+        W=w, UNROLL=0 if ss else _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", DEFAULT_UNROLL), num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -627,7 +636,8 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
-        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w, num_warps=w,
+        PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w,
+        UNROLL=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL", DOWN_UNROLL), num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

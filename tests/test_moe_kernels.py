@@ -421,12 +421,12 @@ def _real_ref8(pools, qtypes, ids, wts, x, shared_d):
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, False)])
-@pytest.mark.parametrize("unroll", [None, 3])
+@pytest.mark.parametrize("unroll", [None, 0])
 def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
     """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
-    PDL a graph replay equal to the eager call, bit for bit. unroll: KIMI_LOCAL_MOE_GLUON_UNROLL (the stage loop
-    unrolled, the side words that many stages ahead)."""
+    PDL a graph replay equal to the eager call, bit for bit. unroll: KIMI_LOCAL_MOE_GLUON_UNROLL (None: the default,
+    the stage loop unrolled; 0: rolled)."""
     from kimi_local.kernels import moe_gluon, pdl as P
     if unroll is not None:
         monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_UNROLL", str(unroll))
@@ -473,16 +473,19 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (True, False)),  # biased weights, no renormalisation
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), (False, True)),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, None)])
-@pytest.mark.parametrize("ns", [None, 3])
+@pytest.mark.parametrize("ns", [None, 3, "rolled"])
 def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
     """kernels/moe_gluon.py's down kernel after the Triton gate/up (same act) against the Triton down kernel at real
     shapes (both reduce in fp32, in other orders: within 1e-4), against the x8 reference, and under PDL a graph
-    replay equal to the eager call, bit for bit. ns: the ring stages (3: the Q5_K rows take a second pass)."""
+    replay equal to the eager call, bit for bit. ns: the ring stages (3: the Q5_K rows take a second pass), or
+    "rolled": the default ring with KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL=0 (the stage loop not unrolled)."""
     from kimi_local.kernels import moe_gluon, pdl as P
     S, D, F, k = REAL
     if not moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k):
         pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
-    if ns:
+    if ns == "rolled":
+        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL", "0")
+    elif ns:
         monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN_NS", str(ns))
     pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 23)
     biased, renorm = route or (False, True)
