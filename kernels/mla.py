@@ -278,7 +278,9 @@ def _pdl_kw() -> dict:
     KIMI_LOCAL_MLA_PDL=1 while the rest of the step uses PDL (kernels/pdl.py). Measured on an H200 (session 8,
     run 1, interleaved graphs, tok/s): 4K 492.1 without vs 492.5 with, 128K 407.4 without vs 382.3 with
     (+6.6 %; PDL everywhere off: 484.9 / 402.9). Likely why: the dependents' programs, launched early, hold
-    SM slots while they wait, and at long context the split kernel is the one that needs them."""
+    SM slots while they wait, and at long context the split kernel is the one that needs them. Session 20 (H200,
+    the Gluon split kernel now under PDL too): 622.7 vs 621.9 at 4K, 534.6 vs 537.3 at 128K; with the unrolled MoE
+    kernels 633.8 vs 632.9, 545.7 vs 545.7: no gain, still off."""
     on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "0") == "1"
     return dict(PDL=on, **(pdl.launch_kw() if on else {}))
 
@@ -370,7 +372,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     kw = dict(H=H, R=R, DR=DR, BH=max(16, triton.next_power_of_2(H)), BDR=max(16, triton.next_power_of_2(DR)),
               FP8=fp8, UPCAST=_INTERP, PREC="ieee" if latent.dtype == torch.float32 else "tf32",  # fp32 cache: exact
               num_warps=num_warps, num_stages=num_stages, **_pdl_kw(), **common)
-    if variant == "g" and (kind in _GLUON_FAILED or not (in_ptr and BS == 64 and mla_gluon.supported(latent, H, R, DR))):
+    gluon_ok = in_ptr and BS == 64 and mla_gluon.supported(latent, H, R, DR)
+    if variant == "g" and (kind in _GLUON_FAILED or not gluon_ok):
         variant = "t"  # the Gluon kernels: bf16 / fp8 cache on sm_90, length on the device (else "t")
         num_warps = d.get("t_warps", num_warps)
     if variant == "g":

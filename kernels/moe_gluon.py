@@ -45,12 +45,14 @@ fast (no PDL: 530 vs 532). Both kernels pin their carveout to 64 KB (DEFAULT_CAR
 resident in it: gate/up 5 CTAs per SM (>= 576 / 132). Session 12 (kernels/carveout.py) tried the other way, every
 kernel pinned to 228 KB so that the rings could be deeper: -9 % end to end with the same rings (525 vs 580), 567
 with 8 stages: the Triton kernels lose more than the rings gain.
-Ring depths (H200, session 12, interleaved engine A/B, tok/s at 4K): the down kernel is best with ONE stage per CTA
-(589.4, against 555.3 with 2 stages, 561.0 with 3, 531.2 with 5, and 577.5 for the Triton down kernel), although
-alone 2 stages are faster (9.86 vs 10.09 us; 3 stages 10.13, 5 stages 12.2, Triton 11.4): under PDL what counts is
-how many down CTAs are resident (2 KB + 1 KB each) while gate/up's last CTAs and the next kernel's first run. Without
-the L2 prefetch of the side planes 565.7. gate/up: side words in registers with 4 stages of 2 KB 597.8 against 590.7
-for session 11's 3.5 KB stages x 3 (alone 16.3 vs 17.0 us; Triton 17.4); 5 stages 17.9 us alone.
+Ring depths, rolled stage loops (H200, session 12, interleaved engine A/B, tok/s at 4K; session 20 unrolled the
+loops, whose kernels are best with 5 gate/up and 2 down stages: DEFAULT_NS, DOWN_NS): the down kernel was best with
+ONE stage per CTA (589.4, against 555.3 with 2 stages, 561.0 with 3, 531.2 with 5, and 577.5 for the Triton down
+kernel), although alone 2 stages are faster (9.86 vs 10.09 us; 3 stages 10.13, 5 stages 12.2, Triton 11.4): under
+PDL what counts is how many down CTAs are resident (2 KB + 1 KB each) while gate/up's last CTAs and the next
+kernel's first run. Without the L2 prefetch of the side planes 565.7. gate/up: side words in registers with 4 stages
+of 2 KB 597.8 against 590.7 for session 11's 3.5 KB stages x 3 (alone 16.3 vs 17.0 us; Triton 17.4); 5 stages
+17.9 us alone.
 L2 prefetch of the main plane (session 13, H200, interleaved, tok/s at 4K): the gate/up shared expert's CTAs
 bulk-prefetch their rows' main plane too (SPF = 2) before the wait, i.e. while the router runs: 616.8 against 598.2
 with the side planes only. The same prefetch by the routed CTAs (PF = 2, after their routing) is slower alone (18.1
@@ -77,12 +79,14 @@ DOWN_MAX_F = 2048
 BF = 16  # rows per CTA: one x8 group of act
 DEFAULT_PF = 1  # gate/up routed CTAs: L2 prefetch of the side planes of the CTA's rows (2: also the main plane)
 DEFAULT_SPF = 2  # gate/up shared-expert CTAs: side and main planes, before the wait (module doc, session 13)
-DEFAULT_NS = 4  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (8 + 1) KB per SM, see the module doc
+DEFAULT_NS = 5  # gate/up ring stages of 2 KB (side words in registers): 5 CTAs x (10 + 1) KB per SM, see the module doc
 SS_NS = 3  # with KIMI_LOCAL_MOE_GLUON_SS=1 (side words through the ring, session 11): stages of 3.5 KB
-DOWN_NS = 1  # down: one 2 KB stage in flight per CTA, many CTAs resident (see the module doc)
+DOWN_NS = 2  # down: 2 KB stages in flight per CTA, many CTAs resident (see the module doc)
 # Stage loops unrolled, the side words this many stages ahead (0: a rolled loop, the side words a stage ahead). H200,
 # session 20, bench_moe_decode (us a call) / engine (tok/s at 4K, 128K), all rolled: 25.76 / 624.0, 539.6; gate/up
-# only: 25.27; down only: 25.71 / 625.1, 540.8; both: 24.28 / 631.7, 544.7. Gate/up 2-9 stages ahead: slower.
+# only: 25.27; down only: 25.71 / 625.1, 540.8; both: 24.28 / 631.7, 544.7. Gate/up 2-9 stages ahead: slower; down 2
+# stages ahead: 26.84 / 595.2, 517.0. Unrolled, deeper rings pay (run 6: 4 / 1 stages 24.30 / 631.2, 544.6; down 2
+# stages 23.82 / 632.9, 545.7; and gate/up 5 stages 23.64 / 634.4, 547.3), where rolled they had lost (module doc).
 DEFAULT_UNROLL = 1
 DOWN_UNROLL = 1
 DEFAULT_W = 2
@@ -93,9 +97,9 @@ def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
     11's kernel), _PF / _SPF: the L2 prefetch of the routed / the shared expert's CTAs (0: none, 1: the side planes,
-    2: also the main plane), _UNROLL (DEFAULT_UNROLL); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel), _DOWN_NS /
-    _DOWN_W, _DOWN_PF (as _PF), _DOWN_UNROLL (DOWN_UNROLL); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels' preferred shared-memory carveout in percent (0: the driver's
-    choice)."""
+    2: also the main plane), _UNROLL (DEFAULT_UNROLL); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel),
+    _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF), _DOWN_UNROLL (DOWN_UNROLL); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels'
+    preferred shared-memory carveout in percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
