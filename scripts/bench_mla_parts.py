@@ -5,7 +5,8 @@ head shapes (32 heads, R = 512, Dr = 64, Dv = 128, bf16 cache), beside the split
     python3 scripts/bench_mla_parts.py [--ctx 4096,131072,1048576]
 
 Each row is a CUDA graph over several cache copies (more than the 50 MB L2 in all), median us per call; "% of copy"
-is the latent bytes (S x 1,152 B) over the call's time against the copy bandwidth measured in the same run.
+is the latent bytes (S x 1,152 B) over the call's time against the copy bandwidth measured in the same run ("-" for
+the combine launches, which do not read the latent).
 """
 import argparse
 import math
@@ -47,9 +48,10 @@ def main():
         ns0 = mla.default_splits(q_abs.device)
         ref = mla.mla_decode(q_abs, q_pe, lats[0], seq, scale, v_b=v_b, o=o.clone())
 
-        def row(name, fn):
+        def row(name, fn, reads_latent=True):
             us = graph_time([lambda lat=lat: fn(lat) for lat in lats], False) * 1e3
-            print(f"| {S} | {name} | {us:.2f} | {100 * nbytes / us * 1e-3 / bw:.1f} |", flush=True)
+            share = f"{100 * nbytes / us * 1e-3 / bw:.1f}" if reads_latent else "-"
+            print(f"| {S} | {name} | {us:.2f} | {share} |", flush=True)
 
         def engine(lat, ns=None, br=None):
             mla.mla_decode(q_abs, q_pe, lat, seq, scale, v_b=v_b, o=o, o8=o8, num_splits=ns, combine_BR=br)
@@ -65,11 +67,11 @@ def main():
         row("split kernel alone", lambda lat: mla_gluon.mla_split_gluon(q_abs, q_pe, lat, seq, ws, scale * mla._LOG2E,
                                                                         ns0, 64, 128))
         common = dict(BS=64, NS=ns0, MIN_CHUNK=128, LEN_IN_PTR=True)
-        row("combine_vo alone", lambda lat: mla._combine_vo(*ws, seq, 0, None, v_b, o, o8, None, ns0, common))
+        row("combine_vo alone", lambda lat: mla._combine_vo(*ws, seq, 0, None, v_b, o, o8, None, ns0, common), False)
         ctx = torch.empty(H, R, device="cuda")
         row("combine alone (no v_b)", lambda lat: mla.mla_decode_combine_kernel[(H, R // 128)](
             *ws, seq, 0, ctx, H=H, R=R, BR=128, BN=mla._combine_bn(ns0), BNS=triton.next_power_of_2(ns0),
-            num_warps=4, PDL=False, **common))
+            num_warps=4, PDL=False, **common), False)
         lats = None  # free the copies before the next size
         torch.cuda.empty_cache()
 
