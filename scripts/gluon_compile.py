@@ -37,17 +37,14 @@ def cases(only: set):
                                    ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
                                    ("Q8_0", "Q8_0", False, False)):
             rolled = (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False)  # A/B: KIMI_LOCAL_MOE_GLUON_UNROLL=0
-            for unroll in (M.DEFAULT_UNROLL, 0, "pair", "reg", "pair+reg") if rolled else (M.DEFAULT_UNROLL,):
+            for unroll in (M.DEFAULT_UNROLL, 0) if rolled else (M.DEFAULT_UNROLL,):
                 types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                          "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
                          "mat_u": "i64"}
                 ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
                           NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
                           PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W,
-                          UNROLL=0 if ss else M.DEFAULT_UNROLL if isinstance(unroll, str) else unroll,
-                          PAIR="pair" in str(unroll), REG="reg" in str(unroll), RNS=M.DEFAULT_NS)
-                if "reg" in str(unroll):
-                    ce["NS"] = 1
+                          UNROLL=0 if ss else unroll)
                 name = f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}"
                 out.append((name + ("" if unroll == M.DEFAULT_UNROLL else f" unroll={unroll}"),
                             M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W))
@@ -60,13 +57,11 @@ def cases(only: set):
                      "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DEFAULT_W, NORM=norm, UNROLL=M.DOWN_UNROLL, REG=False)
+                      W=M.DEFAULT_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
                         types, ce, M.DEFAULT_W))
             if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL=0
                 out.append((out[-1][0] + " unroll=0", M.moe_down_gluon_kernel, types, dict(ce, UNROLL=0),
-                            M.DEFAULT_W))
-                out.append((out[-2][0] + " reg ns=4", M.moe_down_gluon_kernel, types, dict(ce, REG=True, NS=4),
                             M.DEFAULT_W))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
