@@ -2,7 +2,7 @@
 parts of their work removed, timed side by side with the real kernel.
 
 Q4_K experts [1024, 2304] (gate and up), 8 picks of 64 experts given as slot ids (no routing, no shared expert,
-no PDL): 512 CTAs of 2 warps, a 4-stage ring of 2 KB, as the engine's gate/up runs its routed CTAs. Modes:
+no PDL): 512 CTAs of 2 warps, a 4-stage ring of 2 KB, as session 19's gate/up ran its routed CTAs. Modes:
 
   0  full   the ring, the side words a stage ahead, the x words and the dp4a dot (moe_gluon._stage_dot)
   1  ring   the ring alone: each thread adds up the words it copied
