@@ -320,8 +320,8 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
 
     variant: "t" (cache rows as the MMA's M axis: warpgroup MMA on Hopper at BS >= 64), "g" ("t" in Gluon with
     the next tile's copies issued before this tile's products, kernels/mla_gluon.py: bf16 or fp8 cache on sm_90
-    with seq_len a device tensor, else "t" with DEFAULTS' t_warps; a Gluon
-    build failure warns once and uses "t" from then on) or "hm" (heads as M, the first kernel); None/other
+    with seq_len a device tensor, else "t" with DEFAULTS' t_warps; a Gluon build failure warns once and uses "t"
+    from then on) or "hm" (heads as M, the first kernel); None/other
     knobs: DEFAULTS for the cache dtype (KIMI_LOCAL_MLA_CFG="variant,BS,warps,stages" replaces them). fp8_compute
     ("t" / "hm"): dtype the fp8 rows are widened to for the products ("bf16" or "fp16"; q and p are cast to it
     too); "g" widens to fp16.

@@ -23,7 +23,7 @@ The arithmetic is the x8 word path's (quant_matmul._i8dot_q45k / _i8dot_q8_0): d
 with the x8 words, the group scales dx, the mins through sq. The 8 threads of a row sum their partials at the end.
 Both kernels' stage loops are unrolled (DEFAULT_UNROLL, DOWN_UNROLL; session 20): the rolled loop's index and select
 arithmetic goes (gate/up: 204 -> 134 instructions a stage, scripts/bench_moe_probe.py) and ptxas schedules the x and
-side-word loads across stages (gate/up 152 registers, 6 CTAs an SM; down 80): 24.3 against 25.8 us a MoE call.
+side-word loads across stages (gate/up ~150 registers, 6 CTAs an SM; down ~96): 24.3 against 26.0 us a MoE call.
 gate/up: act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does;
 the shared expert's CTAs come first and, with PDL, issue their first copies before the grid-dependency wait;
 routed CTAs pick their expert from the router's logits (ROUTE) as moe._route_id does, or read slot_ids.
@@ -496,7 +496,7 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr = 0):
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
