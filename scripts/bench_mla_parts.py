@@ -71,7 +71,7 @@ def main():
         ctx = torch.empty(H, R, device="cuda")
         row("combine alone (no v_b)", lambda lat: mla.mla_decode_combine_kernel[(H, R // 128)](
             *ws, seq, 0, ctx, H=H, R=R, BR=128, BN=mla._combine_bn(ns0), BNS=triton.next_power_of_2(ns0),
-            num_warps=4, PDL=False, ONEPASS=mla._onepass(), **common), False)
+            num_warps=4, PDL=False, **common), False)
         lats = None  # free the copies before the next size
         torch.cuda.empty_cache()
 
