@@ -98,8 +98,8 @@ def cases(only: set):
 def _sass_digest(cuobjdump: Path, cubin: Path) -> tuple[str, int]:
     """(sha256 prefix, count) of the cubin's SASS instructions, without their addresses and line info."""
     sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    ins = [re.sub(r"/\*[0-9a-f]{4,}\*/", "", ln).strip() for ln in sass.splitlines()
-           if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]  # addresses past 0xffff have 5+ digits
+    addr = re.compile(r"/\*[0-9a-f]{4,}\*/")  # an instruction's address (past 0xffff: 5+ hex digits)
+    ins = [addr.sub("", ln).strip() for ln in sass.splitlines() if addr.search(ln)]
     return hashlib.sha256("\n".join(ins).encode()).hexdigest()[:16], len(ins)
 
 

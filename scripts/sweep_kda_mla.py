@@ -13,7 +13,8 @@ KDA: one decode token per layer for 32 heads, K = V = 128, graph-replayed over 6
 >> L2), vs fla's fused_recurrent_kda with gate / L2 norm / beta in its kernel (no conv, no output norm;
 skipped when fla is not importable). MLA: 32 heads, latent 512 + 64, one query token, bf16 and fp8 caches
 at each size (caches rotated so one pass reads >= 150 MB), split kernel + combine per call, seq_len from a
-device tensor as in the engine's captured graph; the combine kernel alone is timed too. The table is
+device tensor as in the engine's captured graph; the combine kernel alone, the combine + W_UV launch alone, the
+Gluon split kernel alone and the engine's whole call (split + combine + W_UV + x8) are timed too. The table is
 printed last; all rows go to $OUT/sweep_kda_mla.json when $OUT is set.
 """
 import argparse
@@ -205,7 +206,9 @@ def mla_variants(dtype, S, n_sm):
               ("t BS=64 w4 s2 min_chunk=512", dict(t, num_warps=4, min_chunk=512)),
               ("hm BS=32 w8 s2 2xSM splits", dict(hm, num_splits=2 * n_sm)),
               ("g BS=64 w4 min_chunk=64", dict(variant="g", BS=64, num_warps=4, min_chunk=64)),
-              ("g BS=64 w4 min_chunk=256", dict(variant="g", BS=64, num_warps=4, min_chunk=256))]
+              ("g BS=64 w4 min_chunk=256", dict(variant="g", BS=64, num_warps=4, min_chunk=256)),
+              ("g 0.5xSM splits", dict(variant="g", num_splits=max(1, n_sm // 2))),
+              ("g 2xSM splits", dict(variant="g", num_splits=2 * n_sm))]
         if S <= 8192:
             v += [("t BS=64 w8 s2 min_chunk=64", dict(t, min_chunk=64))]
     else:
@@ -290,6 +293,16 @@ def sweep_mla(sizes):
                 ms = bench(comb_vo, graph=True)
                 row("mla", f"S={S} {tag} combine + W_UV + x8 alone ({used} splits)", ms,
                     used * H * (R + 2) * 4 + v_b.numel() * 2 + H * 128 * 2 + o8.numel() * 4)
+                # the engine's call whole (split + combine + W_UV + x8), and the Gluon split kernel alone
+                ms = bench(lambda: [mla.mla_decode(q_abs, q_pe, lat, seq, scale, latent_scale=sc, v_b=v_b, o=o_vo,
+                                                   o8=o8) for lat, sc in zip(lats, scs)], graph=True, calls=n)
+                row("mla", f"S={S} {tag} engine call: split + combine + W_UV + x8", ms, nbytes)
+                if not SMOKE and mla.mla_gluon.supported(lats[0], H, R, DR):
+                    split = lambda: [mla.mla_gluon.mla_split_gluon(  # noqa: E731
+                        q_abs, q_pe, lat, seq, ws, scale * mla._LOG2E, NS, bs, mc,
+                        latent_scale=sc if dt == fp8 else None)
+                        for lat, sc in zip(lats, scs)]
+                    row("mla", f"S={S} {tag} Gluon split kernel alone", bench(split, graph=True, calls=n), nbytes)
             except Exception as e:
                 fail_row("mla", f"S={S} {tag} combine alone", e)
             del lats, scs
