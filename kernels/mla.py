@@ -183,6 +183,7 @@ def mla_decode_combine_kernel(
     ws_m, ws_l, ws_acc, seq_ptr, seq_int, out,  # out [H, R]
     H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, BNS: tl.constexpr,
     BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr, PDL: tl.constexpr,
+    ONEPASS: tl.constexpr,
 ):
     i_h, i_r = tl.program_id(0), tl.program_id(1)
     if PDL:
@@ -190,14 +191,43 @@ def mla_decode_combine_kernel(
         gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
     o_r = i_r * BR + tl.arange(0, BR)
-    b_ctx = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS)
+    b_ctx = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS, ONEPASS)
     tl.store(out + i_h * R + o_r, b_ctx.to(out.dtype.element_ty))
 
 
 @triton.jit
 def _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr,
-                  BN: tl.constexpr, BNS: tl.constexpr):
-    """ctx[i_h, o_r] fp32 [BR]: the n_used splits' partial softmax sums merged (log-sum-exp weights)."""
+                  BN: tl.constexpr, BNS: tl.constexpr, ONEPASS: tl.constexpr):
+    """ctx[i_h, o_r] fp32 [BR]: the n_used splits' partial softmax sums merged (log-sum-exp weights), BN splits a
+    step with a running maximum, so a step's loads (m, l and the partials) are issued together: one round trip when
+    n_used <= BN (the same sums, in the same order, as a first pass for the maximum would give). Not ONEPASS: that
+    first pass (A/B: KIMI_LOCAL_MLA_COMBINE_ONEPASS=0)."""
+    if ONEPASS:
+        b_o = tl.zeros([BR], dtype=tl.float32)
+        b_l = tl.full([], 0.0, tl.float32)
+        b_mx = tl.full([], float("-inf"), tl.float32)
+        for n0 in range(0, n_used, BN):
+            o_b = n0 + tl.arange(0, BN)
+            m_b = o_b < n_used
+            b_m = tl.load(ws_m + o_b * H + i_h, mask=m_b, other=float("-inf"))
+            b_lp = tl.load(ws_l + o_b * H + i_h, mask=m_b, other=0)
+            b_acc = tl.load(ws_acc + (o_b * H + i_h)[:, None] * R + o_r[None, :], mask=m_b[:, None], other=0)
+            b_new = tl.maximum(b_mx, tl.max(b_m, 0))
+            b_alpha = tl.exp2(b_mx - b_new)  # 0 at the first step
+            b_w = tl.where(m_b, tl.exp2(b_m - b_new), 0.0)
+            b_o = b_o * b_alpha + tl.sum(b_acc * b_w[:, None], 0)
+            b_l = b_l * b_alpha + tl.sum(b_lp * b_w, 0)
+            b_mx = b_new
+        out = b_o / b_l
+    else:
+        out = _combine_tile_2pass(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS)
+    return out
+
+
+@triton.jit
+def _combine_tile_2pass(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H: tl.constexpr, R: tl.constexpr, BR: tl.constexpr,
+                        BN: tl.constexpr, BNS: tl.constexpr):
+    """_combine_tile with a first pass for the maximum (the session-10 code)."""
     o_n = tl.arange(0, BNS)
     b_mx = tl.max(tl.load(ws_m + o_n * H + i_h, mask=o_n < n_used, other=float("-inf")), 0)
     b_o = tl.zeros([BR], dtype=tl.float32)
@@ -230,7 +260,7 @@ def mla_decode_combine_vo_kernel(
     # ws_o [H, R // BR, DV] fp32 partials, ws_cnt [H] int32 arrival counters (zero between launches)
     H: tl.constexpr, R: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr,
     BNS: tl.constexpr, BS: tl.constexpr, NS: tl.constexpr, MIN_CHUNK: tl.constexpr, LEN_IN_PTR: tl.constexpr,
-    CDT: tl.constexpr, STORE_CTX: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr,
+    CDT: tl.constexpr, STORE_CTX: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr, ONEPASS: tl.constexpr,
 ):
     """The combine kernel (program (head, R tile)) followed by o[h] = v_b[h] ctx[h]: the ctx tile, rounded to
     CDT (what the combine kernel stores into a CDT out), times v_b[h][:, tile] gives a partial o_h (fp32);
@@ -246,7 +276,7 @@ def mla_decode_combine_vo_kernel(
         gdc_wait()
         gdc_launch_dependents()
     n, chunk, s0, s1, n_used = _split_range(seq_ptr, seq_int, 0, LEN_IN_PTR, NS, BS, MIN_CHUNK)
-    b_c = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS).to(CDT)
+    b_c = _combine_tile(ws_m, ws_l, ws_acc, n_used, i_h, o_r, H, R, BR, BN, BNS, ONEPASS).to(CDT)
     if STORE_CTX:
         tl.store(ctx + i_h * R + o_r, b_c)
     b_p = tl.sum(b_v.to(tl.float32) * b_c.to(tl.float32)[None, :], 1)  # [BDV] fp32, zero past DV
@@ -405,7 +435,7 @@ def mla_decode(q_abs, q_pe, latent, seq_len, scale: float, out=None, latent_scal
     BR = min(R, combine_BR or 128)
     mla_decode_combine_kernel[(H, R // BR)](
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, out, H=H, R=R, BR=BR, BN=_combine_bn(NS), BNS=triton.next_power_of_2(NS),
-        num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
+        num_warps=1 if _INTERP else 4, ONEPASS=_onepass(), **_pdl_kw(), **common,
     )
     return out
 
@@ -418,6 +448,13 @@ def _vo_workspace(device, H: int, NR: int, DV: int):
         _WS_VO[key] = (torch.empty(H * NR * DV, dtype=torch.float32, device=device),
                        torch.zeros(H, dtype=torch.int32, device=device))
     return _WS_VO[key]
+
+
+def _onepass() -> bool:
+    """KIMI_LOCAL_MLA_COMBINE_ONEPASS (default 1): the combine's running-maximum merge (_combine_tile); 0: a first
+    pass for the maximum. H200, session 21 (sweep_kda_mla, bf16 cache): the combine alone 7.78 -> 7.68 us at 4K (32
+    splits), 9.86 -> 9.38 us at 128K (128 splits); engine 631.3 -> 632.3 tok/s at 4K, 544.6 -> 545.2 at 128K."""
+    return os.environ.get("KIMI_LOCAL_MLA_COMBINE_ONEPASS", "1") != "0"
 
 
 def _combine_bn(NS: int) -> int:
@@ -447,7 +484,7 @@ def _combine_vo(ws_m, ws_l, ws_acc, seq_ptr, seq_int, ctx, v_b, o, o8, BR, NS, c
         ws_m, ws_l, ws_acc, seq_ptr, seq_int, ws_m if ctx is None else ctx, v_b, o, ws_cnt if o8 is None else o8,
         ws_o, ws_cnt, H=H, R=R, DV=DV, BDV=max(16, triton.next_power_of_2(DV)), BR=BR, BN=_combine_bn(NS),
         BNS=triton.next_power_of_2(NS), CDT=cdt, STORE_CTX=ctx is not None, X8=o8 is not None,
-        num_warps=1 if _INTERP else 4, **_pdl_kw(), **common,
+        num_warps=1 if _INTERP else 4, ONEPASS=_onepass(), **_pdl_kw(), **common,
     )
     return o
 

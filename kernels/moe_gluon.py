@@ -89,6 +89,12 @@ DOWN_NS = 2  # down: 2 KB stages in flight per CTA, many CTAs resident (see the 
 # stages 23.82 / 632.9, 545.7; and gate/up 5 stages 23.64 / 634.4, 547.3), where rolled they had lost (module doc).
 DEFAULT_UNROLL = 1
 DOWN_UNROLL = 1
+# Gate/up (unrolled): its stages alternate between gate and up per block column, so each block's x words are loaded
+# once for both (364 -> 274 LDG offline). H200, session 21: 23.82 -> 21.66 us a MoE call (bench_moe_decode), engine
+# 632.3 -> 645.7 tok/s at 4K, 545.2 -> 555.2 at 128K. KIMI_LOCAL_MOE_GLUON_PAIR=0: gate's block columns, then up's.
+# (A register ring without shared memory or barriers lost: 25.52 us, with PAIR 27.75; the down kernel's: 23.85 us,
+# neutral; experiment d6b86fd.)
+DEFAULT_PAIR = 1
 DEFAULT_W = 2
 DEFAULT_CARVEOUT = 28  # percent of 228 KB: the 64 KB configuration the Triton decode kernels run with
 
@@ -97,9 +103,9 @@ def enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON (default on): "0" keeps the Triton kernels of both halves (A/B runs). Knobs for A/B runs:
     gate/up KIMI_LOCAL_MOE_GLUON_NS / _W (ring stages / warps per CTA), _SS=1 (side words through the ring, session
     11's kernel), _PF / _SPF: the L2 prefetch of the routed / the shared expert's CTAs (0: none, 1: the side planes,
-    2: also the main plane), _UNROLL (DEFAULT_UNROLL); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton down kernel),
-    _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF), _DOWN_UNROLL (DOWN_UNROLL); KIMI_LOCAL_MOE_GLUON_CARVEOUT: both kernels'
-    preferred shared-memory carveout in percent (0: the driver's choice)."""
+    2: also the main plane), _UNROLL (DEFAULT_UNROLL), _PAIR (DEFAULT_PAIR); down KIMI_LOCAL_MOE_GLUON_DOWN=0 (Triton
+    down kernel), _DOWN_NS / _DOWN_W, _DOWN_PF (as _PF), _DOWN_UNROLL (DOWN_UNROLL); KIMI_LOCAL_MOE_GLUON_CARVEOUT:
+    both kernels' preferred shared-memory carveout in percent (0: the driver's choice)."""
     return HAVE_GLUON and os.environ.get("KIMI_LOCAL_MOE_GLUON", "1") != "0"
 
 
@@ -218,75 +224,107 @@ if HAVE_GLUON:
         _bulk_prefetch(base + off, size, on.to(gl.int32))
 
     @gluon.jit
-    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
-        """[16, 8] fp32: each thread's chunk of block column blk (ring slot i; side words s0 .. h from _side) times x,
-        as the x8 word path computes it (quant_matmul._i8dot_q45k / _i8dot_q8_0)."""
+    def _x_words(blk, xw, dxp, sqp, QT: gl.constexpr, L3: gl.constexpr):
+        """The x8 words and group scales that each thread's chunk of block column blk multiplies (any matrix of the
+        same K): Q8_0 (xg [1, 8, 4], dx [1, 8]); Q4_K / Q5_K (x_lo, x_hi [1, 8, 4], dx_lo, dx_hi, sq_lo, sq_hi [1, 8]:
+        chunk c's 16 low nibbles take x group g, its 16 high nibbles group g + 2, quant_matmul._i8dot_q45k)."""
         r3, c3, i3, r2, c2 = _idx(L3)
-        q = qr.index(i).load(L3)  # [16, 8, 4] int32
         if QT == 0:
             g3 = blk * 8 + c3
             g2 = blk * 8 + c2
-            xg = gl.load(xw + g3 * 4 + i3)
-            isum = gl.sum(_dp4a(q, xg), axis=2).to(gl.float32)
-            dw = s0 >> (16 * ((g2 // 2) % 2))
-            part = _h16(dw) * gl.load(dxp + g2) * isum
+            return gl.load(xw + g3 * 4 + i3), gl.load(dxp + g2), c2, c2, c2, c2
         else:
-            # chunk c of block blk: 16 low nibbles = x group gl, 16 high nibbles = group gl + 2 (_i8dot_q45k)
             g3 = 2 * (blk * 8 + c3) - c3 % 2
             g2 = 2 * (blk * 8 + c2) - c2 % 2
+            return (gl.load(xw + g3 * 4 + i3), gl.load(xw + (g3 + 2) * 4 + i3), gl.load(dxp + g2),
+                    gl.load(dxp + g2 + 2), gl.load(sqp + g2), gl.load(sqp + g2 + 2))
+
+    @gluon.jit
+    def _dot_x(q, xs, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
+        """[16, 8] fp32: each thread's chunk q [16, 8, 4] int32 (a ring slot's) times the x words xs
+        (_x_words of its block column), with the side words s0 .. h (_side), as the x8 word path computes it
+        (quant_matmul._i8dot_q45k / _i8dot_q8_0)."""
+        r3, c3, i3, r2, c2 = _idx(L3)
+        if QT == 0:
+            xg, dx = xs[0], xs[1]
+            isum = gl.sum(_dp4a(q, xg), axis=2).to(gl.float32)
+            dw = s0 >> (16 * ((c2 // 2) % 2))  # group blk * 8 + c: its d is half (c // 2) % 2 of the word
+            part = _h16(dw) * dx * isum
+        else:
+            x_lo, x_hi, dx_lo, dx_hi, sq_lo, sq_hi = xs[0], xs[1], xs[2], xs[3], xs[4], xs[5]
             v_lo = q & 0x0F0F0F0F
             v_hi = (q >> 4) & 0x0F0F0F0F
             if QT == 2:  # Q5_K: the 5th bits of sub-blocks 2j, 2j + 1 (j = c // 2) at bit 4 of every byte
                 hs = h >> (2 * (c3 // 2))
                 v_lo = v_lo | ((hs << 4) & 0x10101010)
                 v_hi = v_hi | ((hs << 3) & 0x10101010)
-            x_lo = gl.load(xw + g3 * 4 + i3)  # [1, 8, 4]: once per thread, whatever its rows
-            x_hi = gl.load(xw + (g3 + 2) * 4 + i3)
             i_lo = gl.sum(_dp4a(v_lo, x_lo), axis=2).to(gl.float32)
             i_hi = gl.sum(_dp4a(v_hi, x_hi), axis=2).to(gl.float32)
             sh = 16 * ((c2 // 2) % 2)
             scp = (s0 >> sh) & 0xFFFF
             mp = (s1 >> sh) & 0xFFFF
-            s_lo = (scp & 0xFF).to(gl.float32) * gl.load(dxp + g2) * i_lo
-            s_hi = (scp >> 8).to(gl.float32) * gl.load(dxp + g2 + 2) * i_hi
-            m_lo = (mp & 0xFF).to(gl.float32) * gl.load(sqp + g2)
-            m_hi = (mp >> 8).to(gl.float32) * gl.load(sqp + g2 + 2)
+            s_lo = (scp & 0xFF).to(gl.float32) * dx_lo * i_lo
+            s_hi = (scp >> 8).to(gl.float32) * dx_hi * i_hi
+            m_lo = (mp & 0xFF).to(gl.float32) * sq_lo
+            m_hi = (mp >> 8).to(gl.float32) * sq_hi
             part = _h16(s2) * (s_lo + s_hi) - _h16(s2 >> 16) * (m_lo + m_hi)
         return part
 
     @gluon.jit
+    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
+        """[16, 8] fp32: each thread's chunk of block column blk (ring slot i; side words s0 .. h from _side) times
+        x."""
+        q = qr.index(i).load(L3)  # [16, 8, 4] int32
+        return _dot_x(q, _x_words(blk, xw, dxp, sqp, QT, L3), s0, s1, s2, h, QT, L3)
+
+    @gluon.jit
     def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
-                     QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr):
+                     QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr,
+                     PAIR: gl.constexpr = False):
         """Stage t of the CTA (wa's block columns, then wb's if NM == 2; none past the last) into slot t % NS, as
-        one commit group (empty past the last stage, so that wait_group counts stay the same)."""
+        one commit group (empty past the last stage, so that wait_group counts stay the same). PAIR (t a constant,
+        NM == 2): block column t // 2 of wa (t even) or wb (t odd) instead."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
-        if t < SPM:
+        if PAIR:
+            if t < NM * SPM:
+                if t % 2 == 0:
+                    _issue(qr, sr0, sr1, sr2, t % NS, wa, t // 2, f0, N, K, QT, SS, L3)
+                else:
+                    _issue(qr, sr0, sr1, sr2, t % NS, wb, t // 2, f0, N, K, QT, SS, L3)
+        elif t < SPM:
             _issue(qr, sr0, sr1, sr2, t % NS, wa, t, f0, N, K, QT, SS, L3)
         elif t < NM * SPM:
             _issue(qr, sr0, sr1, sr2, t % NS, wb, t - SPM, f0, N, K, QT, SS, L3)
         cp.commit_group()
 
     @gluon.jit
-    def _side_stage(t, wa, wb, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
-        """_side of stage t (wa's block columns, then wb's): the matrix is selected, not branched on, so the loads stay
-        outside any branch (their latency is waited for at the use, a stage later)."""
+    def _side_stage(t, wa, wb, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr,
+                    PAIR: gl.constexpr = False):
+        """_side of stage t (wa's block columns, then wb's; PAIR: as _issue_stage): the matrix is selected, not branched
+        on, so the loads stay outside any branch (their latency is waited for at the use, a stage later)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
+        if PAIR:
+            return _side(wa if t % 2 == 0 else wb, t // 2, f0, N, K, QT, L3)
         second = t >= SPM
         return _side(gl.where(second, wb, wa), t - second.to(gl.int32) * SPM, f0, N, K, QT, L3)
 
     @gluon.jit
     def _prologue(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
                   QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr,
-                  W: gl.constexpr):
+                  W: gl.constexpr, PAIR: gl.constexpr = False):
         """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages."""
         if PF:
             _prefetch_side(wa, wb, NM, f0, N, K, QT, PF, W)
         for t in gl.static_range(NS - 1):
-            _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+            _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR)
 
     @gluon.jit
-    def _accumulate(acc_a, acc_b, part, t, SPM: gl.constexpr, NM: gl.constexpr):
-        """Stage t's products into matrix a's accumulator (t < SPM, or NM == 1) or matrix b's."""
+    def _accumulate(acc_a, acc_b, part, t, SPM: gl.constexpr, NM: gl.constexpr, PAIR: gl.constexpr = False):
+        """Stage t's products into matrix a's accumulator (t < SPM, or NM == 1; PAIR: t even) or matrix b's."""
+        if PAIR:
+            if t % 2 == 0:
+                return acc_a + part, acc_b
+            return acc_a, acc_b + part
         if NM == 2:
             first = t < SPM
             return acc_a + gl.where(first, part, 0.0), acc_b + gl.where(first, 0.0, part)
@@ -294,11 +332,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
-                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr):
+                QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr,
+                PAIR: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). UNROLL > 0 (not SS): the stage loop unrolled, the side words UNROLL stages
-        ahead (unrolled, ptxas hoists the x loads of later stages: more registers; scripts/bench_moe_probe.py)."""
+        ahead (unrolled, ptxas hoists the x loads of later stages: more registers; scripts/bench_moe_probe.py).
+        PAIR (UNROLL, NM == 2; after _prologue with PAIR): the stages alternate between wa and wb per block column,
+        and the block's x words are loaded once for both matrices."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -318,15 +359,22 @@ if HAVE_GLUON:
                 sides = ()
                 for u in gl.static_range(UNROLL):
                     if u < T:
-                        sides = sides + _side_stage(u, wa, wb, f0, N, K, QT, L3)
+                        sides = sides + _side_stage(u, wa, wb, f0, N, K, QT, L3, PAIR)
                 for t in gl.static_range(T):
-                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
+                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR)
                     if t + UNROLL < T:
-                        sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3)
-                    cp.wait_group(NS - 1)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
-                                      sides[4 * t + 2], sides[4 * t + 3], QT, L3)
-                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
+                        sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3, PAIR)
+                    if PAIR:
+                        if t % 2 == 0:  # block column t // 2 of both matrices: one load of its x words
+                            xs = _x_words(t // 2, xw, dxp, sqp, QT, L3)
+                        cp.wait_group(NS - 1)
+                        part = _dot_x(qr.index(t % NS).load(L3), xs, sides[4 * t], sides[4 * t + 1], sides[4 * t + 2],
+                                      sides[4 * t + 3], QT, L3)
+                    else:
+                        cp.wait_group(NS - 1)
+                        part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
+                                          sides[4 * t + 2], sides[4 * t + 3], QT, L3)
+                    acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM, PAIR)
             else:
                 s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
                 for t in range(T):
@@ -395,7 +443,7 @@ if HAVE_GLUON:
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
                 PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr,
-                UNROLL: gl.constexpr):
+                UNROLL: gl.constexpr, PAIR: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -409,8 +457,8 @@ if HAVE_GLUON:
             slot = gl.load(slot_ids + e).to(gl.int64)
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
-        _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W)
-        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL)
+        _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W, PAIR)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL, PAIR)
         return yg, yu, e, f0
 
     @gluon.jit
@@ -418,10 +466,11 @@ if HAVE_GLUON:
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
-                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
+                                 PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
+                                 PAIR: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
-        prefetch (_prefetch_side) of the routed / the shared expert's CTAs."""
+        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR: see _stream."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
@@ -444,17 +493,18 @@ if HAVE_GLUON:
             if pid < NT:  # the shared expert: only weights are read before the wait
                 e = pid * 0 + KTOP
                 f0 = pid * 16
-                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, SPF, L3, W)
+                _prologue(qr, sr0, sr1, sr2, sgate, sup, 2, f0, F, D, QTS, NS, SS, SPF, L3, W, PAIR)
                 if PDL:
                     _gdc_wait()
                     _gdc_launch_dependents()
-                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, UNROLL)
+                yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, UNROLL,
+                                 PAIR)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL)
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
@@ -488,7 +538,7 @@ if HAVE_GLUON:
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False)
         return y
 
     @gluon.jit
@@ -589,6 +639,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     grid = (F // BF * (ktop + int(has_shared)),)
     w = _env_int("KIMI_LOCAL_MOE_GLUON_W", DEFAULT_W)  # warps per CTA: 4, 2 or 1 (1, 2 or 4 rows per thread)
     ss = _env_int("KIMI_LOCAL_MOE_GLUON_SS", 0) != 0  # side words through the ring (session 11), else registers
+    unroll = 0 if ss else _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", DEFAULT_UNROLL)
     if NS is None:
         NS = _env_int("KIMI_LOCAL_MOE_GLUON_NS", SS_NS if ss else DEFAULT_NS)
     pf = min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF))
@@ -597,7 +648,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=0 if ss else _env_int("KIMI_LOCAL_MOE_GLUON_UNROLL", DEFAULT_UNROLL), num_warps=w,
+        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -633,15 +684,17 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
     E = ktop + int(has_shared)
     assert part.numel() >= E * D and cnt.numel() >= D // 16
     w = _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_W", DEFAULT_W)
+    unroll = _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL", DOWN_UNROLL)
     k = moe_down_gluon_kernel[(D // 16 * E,)](
         act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         *(res_norm if res_norm is not None else (out, out, out)),
         NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
-        NR=nr, BIASED=bool(biased), RENORM=bool(renorm), NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
+        NR=nr, BIASED=bool(biased), RENORM=bool(renorm),
+        NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w,
-        UNROLL=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL", DOWN_UNROLL), num_warps=w,
+        UNROLL=unroll, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

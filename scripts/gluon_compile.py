@@ -36,17 +36,19 @@ def cases(only: set):
         for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
                                    ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
                                    ("Q8_0", "Q8_0", False, False)):
-            rolled = (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False)  # A/B: KIMI_LOCAL_MOE_GLUON_UNROLL=0
-            for unroll in (M.DEFAULT_UNROLL, 0) if rolled else (M.DEFAULT_UNROLL,):
+            rolled = (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False)
+            # A/B: KIMI_LOCAL_MOE_GLUON_UNROLL=0 (rolled), KIMI_LOCAL_MOE_GLUON_PAIR=0 (unrolled, unpaired)
+            for unroll in (M.DEFAULT_UNROLL, 0, "unpaired") if rolled else (M.DEFAULT_UNROLL,):
                 types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                          "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
                          "mat_u": "i64"}
                 ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
                           NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
                           PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W,
-                          UNROLL=0 if ss else unroll)
+                          UNROLL=0 if ss else M.DEFAULT_UNROLL if unroll == "unpaired" else unroll,
+                          PAIR=bool(M.DEFAULT_PAIR) and not ss and unroll == M.DEFAULT_UNROLL)
                 name = f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}"
-                out.append((name + ("" if unroll == M.DEFAULT_UNROLL else f" unroll={unroll}"),
+                out.append((name + {M.DEFAULT_UNROLL: "", 0: " unroll=0", "unpaired": " pair=0"}[unroll],
                             M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W))
         for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
                                          ("Q5_K", "Q8_0", True, M.DOWN_NS, False), ("Q5_K", "Q8_0", False, 3, False),

@@ -282,7 +282,8 @@ def sweep_mla(sizes):
                 BR = min(R, 128)
                 comb = lambda: mla.mla_decode_combine_kernel[(H, R // BR)](  # noqa: E731
                     ws[0], ws[1], ws[2], seq, 0, out, H=H, R=R, BR=BR, BN=mla._combine_bn(NS), BNS=triton.next_power_of_2(NS),
-                    BS=bs, NS=NS, MIN_CHUNK=mc, LEN_IN_PTR=True, PDL=False, num_warps=1 if SMOKE else 4)
+                    BS=bs, NS=NS, MIN_CHUNK=mc, LEN_IN_PTR=True, PDL=False, ONEPASS=mla._onepass(),
+                    num_warps=1 if SMOKE else 4)
                 used = min(NS, triton.cdiv(S, max(triton.cdiv(triton.cdiv(S, NS), bs) * bs, mc)))
                 ms = bench(comb, graph=True)
                 row("mla", f"S={S} {tag} combine kernel alone ({used} splits)", ms, used * H * (R + 2) * 4 + H * R * 4)

@@ -63,9 +63,12 @@ def test_mla_decode_matches_reference(n, dtype, len_tensor):
 
 @pytest.mark.parametrize("min_chunk,splits,bn", [(16, 3, None), (64, 8, None), (16, 16, None), (16, 9, "2"),
                                                   (16, 9, "4")])
-def test_mla_decode_split_shapes(min_chunk, splits, bn, monkeypatch):
+@pytest.mark.parametrize("onepass", ["1", "0"])
+def test_mla_decode_split_shapes(min_chunk, splits, bn, onepass, monkeypatch):
     """bn: KIMI_LOCAL_MLA_COMBINE_BN, splits merged per combine step (9 splits in steps of 2 or 4: a partial last
-    step; the default merges all of them in one)."""
+    step; the default merges all of them in one); onepass: KIMI_LOCAL_MLA_COMBINE_ONEPASS (the running maximum, or
+    a first pass for it)."""
+    monkeypatch.setenv("KIMI_LOCAL_MLA_COMBINE_ONEPASS", onepass)
     if bn:
         monkeypatch.setenv("KIMI_LOCAL_MLA_COMBINE_BN", bn)
     gen = torch.Generator().manual_seed(splits)

@@ -421,14 +421,16 @@ def _real_ref8(pools, qtypes, ids, wts, x, shared_d):
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
     (("Q4_K", "Q4_K", "Q4_K"), ("Q4_K", "Q4_K", "Q4_K"), True),  # uniform Q4_K
     (("Q8_0", "Q8_0", "Q8_0"), None, False)])
-@pytest.mark.parametrize("unroll", [None, 0])
+@pytest.mark.parametrize("unroll", [None, 0, "unpaired"])
 def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
     """kernels/moe_gluon.py's gate/up (the default on Hopper for these types) against the Triton word path at real
     shapes: the act rows (x8, dequantized) within the x8 rounding, the output against the x8 reference, and under
     PDL a graph replay equal to the eager call, bit for bit. unroll: KIMI_LOCAL_MOE_GLUON_UNROLL (None: the default,
-    the stage loop unrolled; 0: rolled)."""
+    the stage loop unrolled, gate and up stages paired; 0: rolled; "unpaired": KIMI_LOCAL_MOE_GLUON_PAIR=0)."""
     from kimi_local.kernels import moe_gluon, pdl as P
-    if unroll is not None:
+    if unroll == "unpaired":
+        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_PAIR", "0")
+    elif unroll is not None:
         monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_UNROLL", str(unroll))
     S, D, F, k = REAL
     if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F):
