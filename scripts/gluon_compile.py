@@ -59,12 +59,13 @@ def cases(only: set):
                      "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DEFAULT_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
+                      W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
-                        types, ce, M.DEFAULT_W))
-            if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL=0
+                        types, ce, M.DOWN_W))
+            if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: _DOWN_UNROLL=0, _DOWN_W=2
                 out.append((out[-1][0] + " unroll=0", M.moe_down_gluon_kernel, types, dict(ce, UNROLL=0),
-                            M.DEFAULT_W))
+                            M.DOWN_W))
+                out.append((out[-2][0] + " w=2", M.moe_down_gluon_kernel, types, dict(ce, W=2), 2))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),
