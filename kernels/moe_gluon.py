@@ -95,9 +95,6 @@ DOWN_UNROLL = 1
 # (A register ring without shared memory or barriers lost: 25.52 us, with PAIR 27.75; the down kernel's: 23.85 us,
 # neutral; experiment d6b86fd.)
 DEFAULT_PAIR = 1
-# Both kernels (unrolled): each thread's 4 dp4a of a chunk chained through their accumulator (_dp4a_sum), not summed
-# after (experiment, session 21: KIMI_LOCAL_MOE_GLUON_CHAIN=1)
-DEFAULT_CHAIN = 0
 DEFAULT_W = 2
 # Down CTAs of 1 warp (4 rows a thread; KIMI_LOCAL_MOE_GLUON_DOWN_W): H200, session 21: 21.67 -> 20.62 us a MoE call,
 # engine 645.8 -> 666.1 tok/s at 4K, 556.0 -> 570.7 at 128K (4 warps: 28.55 us)
@@ -130,22 +127,6 @@ if HAVE_GLUON:
     def _dp4a(a, b):
         return gl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, gl.zeros_like(a)],
                                          dtype=gl.int32, is_pure=True, pack=1)
-
-    @gluon.jit
-    def _dp4a_sum(a, b, CH: gl.constexpr):
-        """[16, 8] int32: the sum over axis 2 (each thread's 4 words) of dp4a(a, b), a and b [16, 8, 4] int32 (b may
-        broadcast). CH: one chain of 4 dp4a per 4 words, their accumulator carried (no adds: the other 3 outputs are
-        0, which ptxas folds away); else 4 dp4a and their sum."""
-        if CH:
-            d = gl.inline_asm_elementwise(
-                "{\n .reg .s32 t;\n dp4a.s32.s32 t, $4, $8, 0;\n dp4a.s32.s32 t, $5, $9, t;\n"
-                " dp4a.s32.s32 t, $6, $10, t;\n dp4a.s32.s32 $0, $7, $11, t;\n"
-                " mov.u32 $1, 0;\n mov.u32 $2, 0;\n mov.u32 $3, 0;\n}",
-                "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [a, b], dtype=gl.int32, is_pure=True, pack=4)
-            out = gl.sum(d, axis=2)
-        else:
-            out = gl.sum(_dp4a(a, b), axis=2)
-        return out
 
     @gluon.jit
     def _h16(v):
@@ -262,14 +243,14 @@ if HAVE_GLUON:
                     gl.load(dxp + g2 + 2), gl.load(sqp + g2), gl.load(sqp + g2 + 2))
 
     @gluon.jit
-    def _dot_x(q, xs, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr, CH: gl.constexpr = False):
+    def _dot_x(q, xs, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
         """[16, 8] fp32: each thread's chunk q [16, 8, 4] int32 (a ring slot's) times the x words xs
         (_x_words of its block column), with the side words s0 .. h (_side), as the x8 word path computes it
         (quant_matmul._i8dot_q45k / _i8dot_q8_0)."""
         r3, c3, i3, r2, c2 = _idx(L3)
         if QT == 0:
             xg, dx = xs[0], xs[1]
-            isum = _dp4a_sum(q, xg, CH).to(gl.float32)
+            isum = gl.sum(_dp4a(q, xg), axis=2).to(gl.float32)
             dw = s0 >> (16 * ((c2 // 2) % 2))  # group blk * 8 + c: its d is half (c // 2) % 2 of the word
             part = _h16(dw) * dx * isum
         else:
@@ -280,8 +261,8 @@ if HAVE_GLUON:
                 hs = h >> (2 * (c3 // 2))
                 v_lo = v_lo | ((hs << 4) & 0x10101010)
                 v_hi = v_hi | ((hs << 3) & 0x10101010)
-            i_lo = _dp4a_sum(v_lo, x_lo, CH).to(gl.float32)
-            i_hi = _dp4a_sum(v_hi, x_hi, CH).to(gl.float32)
+            i_lo = gl.sum(_dp4a(v_lo, x_lo), axis=2).to(gl.float32)
+            i_hi = gl.sum(_dp4a(v_hi, x_hi), axis=2).to(gl.float32)
             sh = 16 * ((c2 // 2) % 2)
             scp = (s0 >> sh) & 0xFFFF
             mp = (s1 >> sh) & 0xFFFF
@@ -293,12 +274,11 @@ if HAVE_GLUON:
         return part
 
     @gluon.jit
-    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr,
-                   CH: gl.constexpr = False):
+    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
         """[16, 8] fp32: each thread's chunk of block column blk (ring slot i; side words s0 .. h from _side) times
         x."""
         q = qr.index(i).load(L3)  # [16, 8, 4] int32
-        return _dot_x(q, _x_words(blk, xw, dxp, sqp, QT, L3), s0, s1, s2, h, QT, L3, CH)
+        return _dot_x(q, _x_words(blk, xw, dxp, sqp, QT, L3), s0, s1, s2, h, QT, L3)
 
     @gluon.jit
     def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
@@ -356,13 +336,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
                 QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr,
-                PAIR: gl.constexpr, CH: gl.constexpr = False):
+                PAIR: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). UNROLL > 0 (not SS): the stage loop unrolled, the side words UNROLL stages
         ahead (unrolled, ptxas hoists the x loads of later stages: more registers; scripts/bench_moe_probe.py).
         PAIR (UNROLL, NM == 2; after _prologue with PAIR): the stages alternate between wa and wb per block column,
-        and the block's x words are loaded once for both matrices. CH (UNROLL): _dp4a_sum's chained dp4a."""
+        and the block's x words are loaded once for both matrices."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -392,11 +372,11 @@ if HAVE_GLUON:
                             xs = _x_words(t // 2, xw, dxp, sqp, QT, L3)
                         cp.wait_group(NS - 1)
                         part = _dot_x(qr.index(t % NS).load(L3), xs, sides[4 * t], sides[4 * t + 1], sides[4 * t + 2],
-                                      sides[4 * t + 3], QT, L3, CH)
+                                      sides[4 * t + 3], QT, L3)
                     else:
                         cp.wait_group(NS - 1)
                         part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
-                                          sides[4 * t + 2], sides[4 * t + 3], QT, L3, CH)
+                                          sides[4 * t + 2], sides[4 * t + 3], QT, L3)
                     acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM, PAIR)
             else:
                 s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
@@ -466,7 +446,7 @@ if HAVE_GLUON:
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
                 PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr,
-                UNROLL: gl.constexpr, PAIR: gl.constexpr, CH: gl.constexpr):
+                UNROLL: gl.constexpr, PAIR: gl.constexpr):
         """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
@@ -481,7 +461,7 @@ if HAVE_GLUON:
         wg = gate + slot * mat_g
         wu = up + slot * mat_u
         _prologue(qr, sr0, sr1, sr2, wg, wu, 2, f0, F, D, QT, NS, SS, PF, L3, W, PAIR)
-        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL, PAIR, CH)
+        yg, yu = _stream(qr, sr0, sr1, sr2, wg, wu, 2, f0, xw, dxp, sqp, F, D, QT, NS, SS, L3, UNROLL, PAIR)
         return yg, yu, e, f0
 
     @gluon.jit
@@ -490,10 +470,10 @@ if HAVE_GLUON:
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
                                  PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
-                                 PAIR: gl.constexpr, CHAIN: gl.constexpr):
+                                 PAIR: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
-        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR, CHAIN (CH): see _stream."""
+        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR: see _stream."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
@@ -521,13 +501,13 @@ if HAVE_GLUON:
                     _gdc_wait()
                     _gdc_launch_dependents()
                 yg, yu = _stream(qr, sr0, sr1, sr2, sgate, sup, 2, f0, xw, dxp, sqp, F, D, QTS, NS, SS, L3, UNROLL,
-                                 PAIR, CHAIN)
+                                 PAIR)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR, CHAIN)
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR, CHAIN)
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
@@ -553,8 +533,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
-                   CH: gl.constexpr):
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
         """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
         _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
         if PDL:  # act is the gate/up kernel's output
@@ -562,7 +541,7 @@ if HAVE_GLUON:
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False, CH)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False)
         return y
 
     @gluon.jit
@@ -570,8 +549,7 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr,
-                              CHAIN: gl.constexpr):
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
@@ -587,7 +565,7 @@ if HAVE_GLUON:
         d0 = tile * 16
         if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
-            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL, CHAIN)
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL)
         else:
             e = pid // NT - HAS_SHARED
             # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
@@ -598,7 +576,7 @@ if HAVE_GLUON:
                 slot = gl.load(slot_ids + e)
                 wt = gl.load(weights + e)
             y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W,
-                                UNROLL, CHAIN)
+                                UNROLL)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
         if NORM:
@@ -673,8 +651,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0,
-        CHAIN=_env_int("KIMI_LOCAL_MOE_GLUON_CHAIN", DEFAULT_CHAIN) != 0, num_warps=w,
+        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
@@ -720,7 +697,7 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm),
         NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w,
-        UNROLL=unroll, CHAIN=_env_int("KIMI_LOCAL_MOE_GLUON_CHAIN", DEFAULT_CHAIN) != 0, num_warps=w,
+        UNROLL=unroll, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

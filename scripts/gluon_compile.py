@@ -46,8 +46,7 @@ def cases(only: set):
                           NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
                           PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W,
                           UNROLL=0 if ss else M.DEFAULT_UNROLL if unroll == "unpaired" else unroll,
-                          PAIR=bool(M.DEFAULT_PAIR) and not ss and unroll == M.DEFAULT_UNROLL,
-                          CHAIN=bool(M.DEFAULT_CHAIN))
+                          PAIR=bool(M.DEFAULT_PAIR) and not ss and unroll == M.DEFAULT_UNROLL)
                 name = f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}"
                 out.append((name + {M.DEFAULT_UNROLL: "", 0: " unroll=0", "unpaired": " pair=0"}[unroll],
                             M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W))
@@ -60,8 +59,7 @@ def cases(only: set):
                      "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL,
-                      CHAIN=bool(M.DEFAULT_CHAIN))
+                      W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
                         types, ce, M.DOWN_W))
             if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: _DOWN_UNROLL=0, _DOWN_W=2
