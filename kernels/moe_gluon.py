@@ -24,6 +24,10 @@ with the x8 words, the group scales dx, the mins through sq. The 8 threads of a 
 Both kernels' stage loops are unrolled (DEFAULT_UNROLL, DOWN_UNROLL; session 20): the rolled loop's index and select
 arithmetic goes (gate/up: 204 -> 134 instructions a stage, scripts/bench_moe_probe.py) and ptxas schedules the x and
 side-word loads across stages (gate/up ~150 registers, 6 CTAs an SM; down ~96): 24.3 against 26.0 us a MoE call.
+Session 21: the gate/up's stages alternate gate and up per block column (DEFAULT_PAIR), so a block's x words serve
+both matrices (112 registers), and the down CTAs have one warp (DOWN_W: 4 rows a thread, so a thread's act words
+serve 4 rows; 168 registers, 16 CTAs an SM by shared memory): 20.6 against 23.8 us a MoE call. Both kernels are
+latency-bound, not issue-bound: chaining each thread's dp4a (-6 % instructions in the gate/up) was neutral.
 gate/up: act = silu(gate) * up of the 16 rows is quantized to one x8 group as the Triton kernel's _act_store does;
 the shared expert's CTAs come first and, with PDL, issue their first copies before the grid-dependency wait;
 routed CTAs pick their expert from the router's logits (ROUTE) as moe._route_id does, or read slot_ids.
