@@ -2,12 +2,13 @@
 down, Q8_0 shared expert), real shapes (256 experts of [1024, 2304], top-8), routed inside the kernels from the
 router's logits and with x8 activations, as the engine calls it, under PDL.
 
-    python scripts/bench_moe_decode.py [--variant 'VAR=value[;VAR=value]' ...] [--rounds 7]
+    python scripts/bench_moe_decode.py [--variant 'VAR=value[;VAR=value]' ...] [--rounds 7] [--half gate_up|down]
 
 Each variant (the unchanged environment first) captures one CUDA graph of R = 8 calls, each over other logits (so
 other experts: 8 x ~40 MB, more than the 50 MB L2); the graphs are then replayed in interleaved rounds, so clock drift
 hits every variant alike. Prints per variant the median us per call, GB/s of the bytes the call must read (the 8
-picked experts and the shared expert) and % of the copy bandwidth measured in the same run.
+picked experts and the shared expert) and % of the copy bandwidth measured in the same run. --half: only that
+half's Gluon kernel, R launches a graph (its bytes only; the down half reads an act that one gate/up call filled).
 """
 import argparse
 import statistics
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import rand_packed  # noqa: E402
 from kimi_local.bench import _with_env, hbm_bandwidth, parse_variants  # noqa: E402
-from kimi_local.kernels import moe, pdl, quant_matmul as qm  # noqa: E402
+from kimi_local.kernels import moe, moe_gluon, pdl, quant_matmul as qm  # noqa: E402
 
 S, D, F, K, R = 256, 2304, 1024, 8, 8
 QTYPES, SHQ = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
@@ -30,11 +31,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], help="VAR=value[;VAR=value], repeatable")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--half", choices=("both", "gate_up", "down"), default="both",
+                    help="time one half's Gluon kernel alone (default: the whole MoE call)")
     args = ap.parse_args()
     variants = parse_variants(args.variant)
     pools = [rand_packed(qt, (S,), r, c) for qt, r, c in zip(QTYPES, (F, F, D), (D, D, F))]
     shared = [rand_packed(qt, (), r, c) for qt, r, c in zip(SHQ, (F, F, D), (D, D, F))]
-    nbytes = K * sum(p[0].numel() for p in pools) + sum(s.numel() for s in shared)
+    halves = {"both": (0, 1, 2), "gate_up": (0, 1), "down": (2,)}[args.half]
+    nbytes = sum(K * pools[i][0].numel() + shared[i].numel() for i in halves)
     gen = torch.Generator().manual_seed(0)
     logits = [(torch.randn(S, generator=gen) * 2).cuda() for _ in range(R)]
     bias = (torch.randn(S, generator=gen) * 0.1).cuda()
@@ -43,9 +47,22 @@ def main():
     out = torch.empty(D, device="cuda", dtype=torch.bfloat16)
     route = (bias, K, 2.446, False, True)
 
+    act = torch.zeros(K + 1, qm.x8_words(F), dtype=torch.int32, device="cuda")
+    part, cnt = qm.split_workspace("cuda", (K + 1) * D, D // 16)
+
+    def gate_up(lg):  # the arguments moe.moe_decode passes to the Gluon gate/up
+        moe_gluon.gate_up(x8, lg, bias, pools[0], pools[1], shared[:2], act, D, QTYPES[0], SHQ[0], K, True,
+                          pdl.enabled())
+
     def calls():
         for lg in logits:
-            moe.moe_decode(x, lg, None, *pools, QTYPES, out, shared=shared, shared_qtypes=SHQ, x8=x8, route=route)
+            if args.half == "both":
+                moe.moe_decode(x, lg, None, *pools, QTYPES, out, shared=shared, shared_qtypes=SHQ, x8=x8, route=route)
+            elif args.half == "gate_up":
+                gate_up(lg)
+            else:  # act as one gate/up call left it (filled before the captures)
+                moe_gluon.down(act, lg, None, None, pools[2], shared[2], out, part, cnt, D, F, QTYPES[2], SHQ[2], K,
+                               route, pdl.enabled())
 
     def capture():
         calls()  # compile outside the capture
@@ -56,6 +73,9 @@ def main():
         return g
 
     with pdl.active(pdl.supported("cuda")):
+        if args.half != "both":
+            assert moe_gluon.supported("cuda", QTYPES[0], QTYPES[1], SHQ[0], SHQ[1], D, F), "--half: Gluon kernels"
+            gate_up(logits[0])
         graphs = [_with_env(env, capture) for _, env in variants]
     bw = hbm_bandwidth("cuda")
     times = [[] for _ in variants]
@@ -70,7 +90,8 @@ def main():
             ev1.record()
             torch.cuda.synchronize()
             times[j].append(ev0.elapsed_time(ev1) * 1e3 / (20 * R))
-    print(f"copy {bw / 1e9:.0f} GB/s; bytes per call {nbytes / 1e6:.1f} MB, floor {nbytes / bw * 1e6:.2f} us")
+    print(f"copy {bw / 1e9:.0f} GB/s; {args.half}: bytes per call {nbytes / 1e6:.1f} MB, "
+          f"floor {nbytes / bw * 1e6:.2f} us")
     print("| variant | us per call | GB/s | % of copy |\n|---|---|---|---|")
     for (name, _), t in zip(variants, times):
         us = statistics.median(t)
