@@ -377,7 +377,7 @@ if HAVE_GLUON:
                         cp.wait_group(NS - 1)
                         part = _dot_x(qr.index(t % NS).load(L3), xs, sides[4 * t], sides[4 * t + 1], sides[4 * t + 2],
                                       sides[4 * t + 3], QT, L3)
-                    else:
+                    else:  # x loaded after the wait, as measured (loading it before, as PAIR does, changes the SASS)
                         cp.wait_group(NS - 1)
                         part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
                                           sides[4 * t + 2], sides[4 * t + 3], QT, L3)

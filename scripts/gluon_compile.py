@@ -36,9 +36,9 @@ def cases(only: set):
         for qt, qts, route, ss in (("Q4_K", "Q8_0", True, False), ("Q4_K", "Q8_0", False, False),
                                    ("Q4_K", "Q8_0", True, True), ("Q4_K", "Q4_K", True, False),
                                    ("Q8_0", "Q8_0", False, False)):
-            rolled = (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False)
-            # A/B: KIMI_LOCAL_MOE_GLUON_UNROLL=0 (rolled), KIMI_LOCAL_MOE_GLUON_PAIR=0 (unrolled, unpaired)
-            for unroll in (M.DEFAULT_UNROLL, 0, "unpaired") if rolled else (M.DEFAULT_UNROLL,):
+            ab = (qt, qts, route, ss) == ("Q4_K", "Q8_0", True, False)  # this one also in its A/B variants:
+            # KIMI_LOCAL_MOE_GLUON_UNROLL=0 (rolled), KIMI_LOCAL_MOE_GLUON_PAIR=0 (unrolled, unpaired)
+            for unroll in (M.DEFAULT_UNROLL, 0, "unpaired") if ab else (M.DEFAULT_UNROLL,):
                 types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                          "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
                          "mat_u": "i64"}
