@@ -453,17 +453,9 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         rscale = float(rscale)
     if gluon is None:
         gluon = moe_gluon.enabled() and not gu_knobs and not os.environ.get("KIMI_LOCAL_MOE_CFG")
-    if gluon_down is None:
-        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
-    gluon = gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F)
-    gluon_down = gluon_down and use_x8 and not INTERPRET \
-        and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K)
-    # both halves Gluon and KIMI_LOCAL_MOE_GLUON_READY=1: the down CTAs wait per act row, not for the gate/up grid
-    mode = moe_gluon.ready_enabled() if gluon and gluon_down and E <= 32 else 0
-    ready = (moe_gluon.ready_counters(x.device), mode) if mode else None
-    if gluon:
+    if gluon and use_x8 and not INTERPRET and moe_gluon.supported(x.device, qg, qu, qsg, qsu, D, F):
         moe_gluon.gate_up(xin, slot_ids, rbias, gate_pool, up_pool, (sg, su) if has_shared else None, act, D, qg,
-                          qsg if has_shared else None, K, route is not None, pdl.enabled(), ready=ready)
+                          qsg if has_shared else None, K, route is not None, pdl.enabled())
     else:
         _moe_w_gate_up_kernel[(ntf, E, S1)](
             xin, slot_ids, gate_pool, up_pool, sg, su, act, part1, cnt1, F, D, gate_pool[0].numel(), up_pool[0].numel(),
@@ -471,10 +463,13 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
             CU=CU, EVU=EVU, QTSG=QT_ID[qsg], CSG=CSG, EVSG=EVSG, QTSU=QT_ID[qsu], CSU=CSU, EVSU=EVSU,
             PDL=pdl.enabled(), X8=use_x8, PREFETCH="shared" in pre and has_shared, **rkw, num_warps=num_warps,
             num_stages=num_stages, **pdl.launch_kw())
-    if gluon_down:
+    if gluon_down is None:
+        gluon_down = gluon and moe_gluon.down_enabled() and not down_knobs
+    if gluon_down and use_x8 and not INTERPRET \
+            and moe_gluon.down_supported(x.device, qd, qsd if has_shared else None, D, F, K):
         part2, cnt2 = split_workspace(x.device, E * D, D // 16)
         moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
-                       D, F, qd, qsd if has_shared else None, K, route, pdl.enabled(), res_norm=res_norm, ready=ready)
+                       D, F, qd, qsd if has_shared else None, K, route, pdl.enabled(), res_norm=res_norm)
         return out
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)

@@ -231,28 +231,18 @@ if HAVE_GLUON:
         _bulk_prefetch(base + off, size, on.to(gl.int32))
 
     @gluon.jit
-    def _x_words(blk, xw, dxp, sqp, QT: gl.constexpr, L3: gl.constexpr, CG: gl.constexpr = False):
+    def _x_words(blk, xw, dxp, sqp, QT: gl.constexpr, L3: gl.constexpr):
         """The x8 words and group scales that each thread's chunk of block column blk multiplies (any matrix of the
         same K): Q8_0 (xg [1, 8, 4], dx [1, 8]); Q4_K / Q5_K (x_lo, x_hi [1, 8, 4], dx_lo, dx_hi, sq_lo, sq_hi [1, 8]:
-        chunk c's 16 low nibbles take x group g, its 16 high nibbles group g + 2, quant_matmul._i8dot_q45k). CG: the
-        same loads from L2 (.cg: the down kernel's act under READY=2, which has no acquire, so no L1 line may be
-        stale); a branch of its own, so that the default's code stays as measured."""
+        chunk c's 16 low nibbles take x group g, its 16 high nibbles group g + 2, quant_matmul._i8dot_q45k)."""
         r3, c3, i3, r2, c2 = _idx(L3)
         if QT == 0:
             g3 = blk * 8 + c3
             g2 = blk * 8 + c2
-            if CG:
-                return (gl.load(xw + g3 * 4 + i3, cache_modifier=".cg"), gl.load(dxp + g2, cache_modifier=".cg"),
-                        c2, c2, c2, c2)
             return gl.load(xw + g3 * 4 + i3), gl.load(dxp + g2), c2, c2, c2, c2
         else:
             g3 = 2 * (blk * 8 + c3) - c3 % 2
             g2 = 2 * (blk * 8 + c2) - c2 % 2
-            if CG:
-                return (gl.load(xw + g3 * 4 + i3, cache_modifier=".cg"),
-                        gl.load(xw + (g3 + 2) * 4 + i3, cache_modifier=".cg"), gl.load(dxp + g2, cache_modifier=".cg"),
-                        gl.load(dxp + g2 + 2, cache_modifier=".cg"), gl.load(sqp + g2, cache_modifier=".cg"),
-                        gl.load(sqp + g2 + 2, cache_modifier=".cg"))
             return (gl.load(xw + g3 * 4 + i3), gl.load(xw + (g3 + 2) * 4 + i3), gl.load(dxp + g2),
                     gl.load(dxp + g2 + 2), gl.load(sqp + g2), gl.load(sqp + g2 + 2))
 
@@ -288,12 +278,11 @@ if HAVE_GLUON:
         return part
 
     @gluon.jit
-    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr,
-                   CG: gl.constexpr = False):
+    def _stage_dot(qr, i, blk, xw, dxp, sqp, s0, s1, s2, h, QT: gl.constexpr, L3: gl.constexpr):
         """[16, 8] fp32: each thread's chunk of block column blk (ring slot i; side words s0 .. h from _side) times
         x."""
         q = qr.index(i).load(L3)  # [16, 8, 4] int32
-        return _dot_x(q, _x_words(blk, xw, dxp, sqp, QT, L3, CG), s0, s1, s2, h, QT, L3)
+        return _dot_x(q, _x_words(blk, xw, dxp, sqp, QT, L3), s0, s1, s2, h, QT, L3)
 
     @gluon.jit
     def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
@@ -351,7 +340,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
                 QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr,
-                PAIR: gl.constexpr, CG: gl.constexpr = False):
+                PAIR: gl.constexpr):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). UNROLL > 0 (not SS): the stage loop unrolled, the side words UNROLL stages
@@ -384,14 +373,14 @@ if HAVE_GLUON:
                         sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3, PAIR)
                     if PAIR:
                         if t % 2 == 0:  # block column t // 2 of both matrices: one load of its x words
-                            xs = _x_words(t // 2, xw, dxp, sqp, QT, L3, CG)
+                            xs = _x_words(t // 2, xw, dxp, sqp, QT, L3)
                         cp.wait_group(NS - 1)
                         part = _dot_x(qr.index(t % NS).load(L3), xs, sides[4 * t], sides[4 * t + 1], sides[4 * t + 2],
                                       sides[4 * t + 3], QT, L3)
                     else:  # x loaded after the wait, as measured (loading it before, as PAIR does, changes the SASS)
                         cp.wait_group(NS - 1)
                         part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
-                                          sides[4 * t + 2], sides[4 * t + 3], QT, L3, CG)
+                                          sides[4 * t + 2], sides[4 * t + 3], QT, L3)
                     acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM, PAIR)
             else:
                 s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
@@ -399,7 +388,7 @@ if HAVE_GLUON:
                     _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
                     n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
                     cp.wait_group(NS - 1)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3, CG)
+                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
                     acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
                     s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
@@ -480,16 +469,15 @@ if HAVE_GLUON:
         return yg, yu, e, f0
 
     @gluon.jit
-    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u, rdy,
+    def moe_gate_up_gluon_kernel(x8, slot_ids, rbias, gate, up, sgate, sup, act, mat_g, mat_u,
                                  F: gl.constexpr, D: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
                                  PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
-                                 PAIR: gl.constexpr, READY: gl.constexpr = False):
+                                 PAIR: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
-        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR: see _stream. READY: each CTA
-        counts its act group into rdy[e] (int32 [KTOP + 1], release) for the down kernel's per-row wait (_spin)."""
+        prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR: see _stream."""
         # W warps; thread (lane // 8, lane % 8) of warp w: rows RPT * (4 * w + lane // 8) + 0 .. RPT - 1, chunk lane % 8
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
@@ -527,9 +515,6 @@ if HAVE_GLUON:
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
-        if READY:
-            _barrier()  # every thread's act stores before the releasing count
-            gl.atomic_add(rdy + e * 32, 1, sem="release", scope="gpu")
 
     @gluon.jit
     def _q8(h, amax):
@@ -551,60 +536,29 @@ if HAVE_GLUON:
         gl.store(fa + K // 16 + g, sq)
 
     @gluon.jit
-    def _nanosleep():
-        gl.inline_asm_elementwise("nanosleep.u32 64; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _spin(rdy, e, n, readers, READY: gl.constexpr):
-        """READY: wait for act row e: poll its counter rdy[32 e] (volatile loads, a short sleep between) until its n
-        gate/up CTAs have counted, then count this CTA as a reader, the last of the row's `readers` re-arming the
-        counter for the next launch. READY 1: the reader's increment acquires (orders this CTA's act loads after the
-        producers' stores); 2: it is relaxed, and the act loads go to L2 (.cg: _x_words' CG), after the poll."""
-        c = gl.load(rdy + e * 32, volatile=True)
-        while c < n:
-            _nanosleep()
-            c = gl.load(rdy + e * 32, volatile=True)
-        if READY == 1:
-            r = gl.atomic_add(rdy + e * 32, 1, sem="acquire", scope="gpu")
-        else:
-            r = gl.atomic_add(rdy + e * 32, 1, sem="relaxed", scope="gpu")
-        if r == n + readers - 1:
-            gl.atomic_xchg(rdy + e * 32, 0, sem="relaxed", scope="gpu")
-        _barrier()  # the other threads' act loads after the poll
-
-    @gluon.jit
-    def _down_tile(qr, w, e, d0, act, rdy, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
-                   READY: gl.constexpr):
-        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up).
-        READY: no wait for the whole gate/up grid; the wait for act row e alone (_spin)."""
+    def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
+        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
         _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
-        if READY:
-            _spin(rdy, e, F // 16, D // 16, READY)
-            if PDL:
-                _gdc_launch_dependents()
-        elif PDL:  # act is the gate/up kernel's output
+        if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
         xw = act + e * (F // 4 + F // 8)
         dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False,
-                       READY == 2)
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False)
         return y
 
     @gluon.jit
     def moe_down_gluon_kernel(act, slot_ids, weights, rbias, down, sdown, out, part, cnt, mat_d, rscale, res, nw, x8n,
-                              rdy, D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
+                              D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr,
-                              READY: gl.constexpr = 0):
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr):
         """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
         them to the residual res [D] instead and writes the tile's group of the next RMSNorm's normed x8 buffer x8n
-        (weight nw; quant_matmul._res_norm_x8n's roundings). READY: a CTA waits for its act row's counter rdy[e]
-        (the gate/up kernel's, with READY) instead of the whole gate/up grid (_spin)."""
+        (weight nw; quant_matmul._res_norm_x8n's roundings)."""
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
         NT: gl.constexpr = D // 16
@@ -615,7 +569,7 @@ if HAVE_GLUON:
         d0 = tile * 16
         if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
-            y = _down_tile(qr, sdown, e, d0, act, rdy, D, F, QTS, NS, PDL, PF, L3, W, UNROLL, READY)
+            y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL)
         else:
             e = pid // NT - HAS_SHARED
             # the routing was written two launches back: the grid starts only once every gate/up CTA has passed
@@ -625,8 +579,8 @@ if HAVE_GLUON:
             else:
                 slot = gl.load(slot_ids + e)
                 wt = gl.load(weights + e)
-            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, rdy, D, F, QT, NS, PDL, PF, L3, W,
-                                UNROLL, READY)
+            y = wt * _down_tile(qr, down + slot.to(gl.int64) * mat_d, e, d0, act, D, F, QT, NS, PDL, PF, L3, W,
+                                UNROLL)
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         gl.store(part + e * D + d0 + o, y)
         if NORM:
@@ -679,11 +633,10 @@ def _pin_carveout(k):
 
 
 def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: str, qts: str | None, ktop: int,
-            route: bool, pdl_on: bool, NS: int | None = None, ready=None):
+            route: bool, pdl_on: bool, NS: int | None = None):
     """Launch the Gluon gate/up kernel (see the module doc): x8 [x8_words(D)] int32; slot_ids [ktop] int32, or with
     route the router's logits [NR] fp32 (rbias [NR] the selection bias); pools uint8 [S, F, row bytes]; shared
-    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). ready: (ready_counters(), mode), for a down
-    launch with the same ready right after this one (each CTA counts its act group there). Graph-capturable."""
+    (gate, up) packed or None; act int32 [ktop + 1, x8_words(F)] (written). Graph-capturable."""
     F = gate_pool.shape[1]
     has_shared = shared is not None
     sg, su = shared if has_shared else (gate_pool[0], up_pool[0])
@@ -699,11 +652,11 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
     pf = min(2, _env_int("KIMI_LOCAL_MOE_GLUON_PF", 0 if ss else DEFAULT_PF))
     k = moe_gate_up_gluon_kernel[grid](
         x8, slot_ids, rbias if route else slot_ids, gate_pool, up_pool, sg, su, act,
-        gate_pool[0].numel(), up_pool[0].numel(), act if ready is None else ready[0], F=F, D=D, KTOP=ktop,
-        QT=QT_ID[qt], QTS=QT_ID[qts or qt], HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
+        gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
+        HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0,
-        READY=ready is not None, num_warps=w, **({"launch_pdl": True} if pdl_on else {}))
+        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0, num_warps=w,
+        **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act
 
@@ -723,13 +676,12 @@ def down_enabled() -> bool:
 
 
 def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int, F: int, qd: str, qsd: str | None,
-         ktop: int, route, pdl_on: bool, NS: int | None = None, res_norm=None, ready=None):
+         ktop: int, route, pdl_on: bool, NS: int | None = None, res_norm=None):
     """Launch the Gluon down kernel: act int32 [ktop + 1, x8_words(F)] (gate/up's); slot_ids [ktop] int32 and weights
     [ktop] fp32, or with route = (rbias, k, scale, biased, renorm) the router's logits [NR] fp32; down_pool uint8
     [S, D, row bytes]; sdown the shared expert's packed down or None; out [D] (written); part fp32 >= (ktop + 1) * D
-    and cnt int32 [D / 16] zeroed (split_workspace); res_norm: moe.moe_decode's (out then not written). ready: (the
-    ready_counters() the gate/up launch right before this one counted into, mode 1 or 2: see ready_enabled): each CTA
-    waits for its own act row only. Graph-capturable."""
+    and cnt int32 [D / 16] zeroed (split_workspace); res_norm: moe.moe_decode's (out then not written).
+    Graph-capturable."""
     has_shared = sdown is not None
     nr, rscale, biased, renorm = 32, 1.0, False, False
     if route is not None:
@@ -743,33 +695,13 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
     k = moe_down_gluon_kernel[(D // 16 * E,)](
         act, slot_ids, weights if route is None else slot_ids, rbias if route is not None else slot_ids, down_pool,
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
-        *(res_norm if res_norm is not None else (out, out, out)), act if ready is None else ready[0],
+        *(res_norm if res_norm is not None else (out, out, out)),
         NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1),
         D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm),
         NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w,
-        UNROLL=unroll, READY=0 if ready is None else ready[1], num_warps=w,
+        UNROLL=unroll, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out
-
-
-_READY: dict = {}
-
-
-def ready_counters(device, n: int = 32) -> torch.Tensor:
-    """The per-act-row counters of the READY handshake (int32 [32 n]: row e's at 32 e, one 128-byte line each; zeroed
-    once, each down launch re-arms them), cached per device: the first call must be outside CUDA-graph capture."""
-    key = str(torch.device(device))
-    if key not in _READY:
-        _READY[key] = torch.zeros(32 * n, dtype=torch.int32, device=device)
-    return _READY[key]
-
-
-def ready_enabled() -> int:
-    """KIMI_LOCAL_MOE_GLUON_READY=1: the down kernel's CTAs wait for their own act row (a counter per row, counted by
-    the gate/up CTAs) instead of for the whole gate/up grid (PDL's grid-dependency wait); 2: relaxed counts and the
-    act loads from L2 instead of acquiring counts (_spin). Off by default until measured (docs/perf-notes.md,
-    session 22)."""
-    return _env_int("KIMI_LOCAL_MOE_GLUON_READY", 0)

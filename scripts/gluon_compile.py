@@ -41,7 +41,7 @@ def cases(only: set):
             for unroll in (M.DEFAULT_UNROLL, 0, "unpaired") if ab else (M.DEFAULT_UNROLL,):
                 types = {"x8": "*i32", "slot_ids": "*fp32" if route else "*i32", "rbias": "*fp32" if route else "*i32",
                          "gate": "*u8", "up": "*u8", "sgate": "*u8", "sup": "*u8", "act": "*i32", "mat_g": "i64",
-                         "mat_u": "i64", "rdy": "*i32"}
+                         "mat_u": "i64"}
                 ce = dict(F=1024, D=2304, KTOP=8, QT=M.QT_ID[qt], QTS=M.QT_ID[qts], HAS_SHARED=True, ROUTE=route,
                           NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
                           PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W,
@@ -50,16 +50,13 @@ def cases(only: set):
                 name = f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}"
                 out.append((name + {M.DEFAULT_UNROLL: "", 0: " unroll=0", "unpaired": " pair=0"}[unroll],
                             M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W))
-                if ab and unroll == M.DEFAULT_UNROLL:  # A/B: KIMI_LOCAL_MOE_GLUON_READY=1
-                    out.append((name + " ready", M.moe_gate_up_gluon_kernel, types,
-                                dict(ce, READY=True), M.DEFAULT_W))
         for qd, qsd, route, ns, norm in (("Q5_K", "Q8_0", True, M.DOWN_NS, True),
                                          ("Q5_K", "Q8_0", True, M.DOWN_NS, False), ("Q5_K", "Q8_0", False, 3, False),
                                          ("Q4_K", "Q4_K", True, M.DOWN_NS, True), ("Q8_0", None, False, M.DOWN_NS, False)):
             types = {"act": "*i32", "slot_ids": "*fp32" if route else "*i32", "weights": "*fp32",
                      "rbias": "*fp32" if route else "*i32", "down": "*u8", "sdown": "*u8", "out": "*bf16",
                      "part": "*fp32", "cnt": "*i32", "mat_d": "i64", "rscale": "fp32", "res": "*bf16",
-                     "nw": "*fp32", "x8n": "*i32", "rdy": "*i32"}
+                     "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
                       W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
@@ -69,9 +66,6 @@ def cases(only: set):
                 out.append((out[-1][0] + " unroll=0", M.moe_down_gluon_kernel, types, dict(ce, UNROLL=0),
                             M.DOWN_W))
                 out.append((out[-2][0] + " w=2", M.moe_down_gluon_kernel, types, dict(ce, W=2), 2))
-                for r in (1, 2):
-                    out.append((out[-3 - (r - 1)][0] + f" ready={r}", M.moe_down_gluon_kernel, types, dict(ce, READY=r),
-                                M.DOWN_W))
     if "prefill" in only:
         for which, bm, qt in (("gate_up", 16, "Q4_K"), ("gate_up", 64, "Q4_K"), ("gate_up", 128, "Q4_K"),
                               ("gate_up", 256, "Q4_K"), ("gate_up", 256, "Q5_K"), ("down", 16, "Q4_K"),

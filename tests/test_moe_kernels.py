@@ -541,67 +541,6 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("qtypes,shq,route", [
-    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), True),  # the Q4_K_M recipe, as the engine calls it
-    (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), False),
-    (("Q4_K", "Q4_K", "Q4_K"), None, True)])  # no shared expert
-def test_cuda_moe_gluon_ready(qtypes, shq, route, monkeypatch):
-    """KIMI_LOCAL_MOE_GLUON_READY=1 (the down CTAs wait for their own act row's counter, not for the gate/up grid) gives
-    the bits of the default, eager and under PDL, for a graph of three calls on three inputs replayed three times (the
-    counters re-arm inside each call: they are all 0 after it), and with the residual + norm epilogue (res_norm)."""
-    from kimi_local.kernels import moe_gluon, pdl as P
-    S, D, F, k = REAL
-    if not (moe_gluon.supported("cuda", qtypes[0], qtypes[1], *(shq or qtypes)[:2], D, F)
-            and moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k)):
-        pytest.skip("the Gluon MoE kernels need Gluon and a Hopper GPU")
-    pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 29)
-    kw = dict(shared=shared, shared_qtypes=shq, x8=True)
-    xs = [x, x.flip(0), 0.5 * x]
-    if route:
-        kw["route"] = (bias, k, 2.446, False, True)
-        argss = [(logits, None), (logits.flip(0).contiguous(), None), (logits.roll(7).contiguous(), None)]
-    else:
-        ids, wts = route_fn(logits[None], bias, k, 2.446, False, True)
-        argss = [(ids[0], wts[0]), (ids[0].flip(0).contiguous(), wts[0]), (ids[0], wts[0].flip(0).contiguous())]
-    nw = 1 + 0.3 * torch.randn(D, device="cuda")
-    res0 = torch.randn(1, D, device="cuda").bfloat16()
-
-    def run(ready: str, pdl_on: bool, graph: bool):
-        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_READY", ready)
-        outs = [torch.full((D,), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in xs]
-        res, x8n = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
-
-        def calls():
-            for xi, a, o in zip(xs, argss, outs):
-                moe.moe_decode(xi, *a, *pools, qtypes, o, **kw)
-            moe.moe_decode(xs[0], *argss[0], *pools, qtypes, torch.empty_like(outs[0]), res_norm=(res, nw, x8n), **kw)
-        with P.active(pdl_on):
-            calls()
-            torch.cuda.synchronize()
-            if graph:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    calls()
-                first = [o.clone() for o in outs]
-                for _ in range(3):
-                    for o in outs:
-                        o.fill_(float("nan"))
-                    res.copy_(res0)
-                    g.replay()
-                    torch.cuda.synchronize()
-                    assert all(torch.equal(o, f) for o, f in zip(outs, first))
-        if ready != "0":
-            assert not moe_gluon.ready_counters("cuda").any()  # re-armed by each call's last reader
-        return outs + [res, x8n]
-
-    want = run("0", False, False)
-    for mode in ("1", "2"):
-        for pdl_on, graph in ((False, False), (P.supported("cuda"), False), (P.supported("cuda"), True)):
-            got = run(mode, pdl_on, graph)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), (mode, pdl_on, graph)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 37, 512, 8192])  # 8192: 256-row tiles
 @pytest.mark.parametrize("qtypes", [("Q4_K", "Q4_K", "Q5_K"), ("Q3_K", "Q3_K", "Q6_K")])
 def test_cuda_moe_prefill(T, qtypes):
