@@ -974,6 +974,31 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
+def _q8_0_pre(w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """PRELOAD (one step: c1 - c0 <= C): the weight words q [BN, C, 4] and fp32 scales d [BN, C] of _i8dot_q8_0's
+    single step, loaded on their own (before the grid-dependency wait: no kernel writes weights)."""
+    NB = K // 32
+    RW4 = K // 16
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    ii = tl.arange(0, 4)
+    cg = _chunks(c0, c1, C, EVEN)
+    q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
+    return q, tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _q8_0_post(x8, q, d, K, c0, c1, C: tl.constexpr, EVEN: tl.constexpr):
+    """The rest of _i8dot_q8_0's single step on _q8_0_pre's q and d (the same operations in the same order: equal
+    bits to _i8dot_q8_0 with this C)."""
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    cg = _chunks(c0, c1, C, EVEN)
+    s = _isum(q, xw, cg, tl.arange(0, 4)).to(tl.float32) * tl.load(dxp + cg)[None, :]
+    acc = _add_part(tl.zeros(d.shape, tl.float32), d * s, c0, c1, C, EVEN)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _i8dot_q36k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr, Q6: tl.constexpr):
     # Q6_K (Q6; element layout as _wdot_q6k: 4 groups of 16, k = 0..3 at elements base + 32 k, 6-bit q - 32) or
     # Q3_K (as _wdot_q3k: 4 groups of 16, k = 0..3, 3-bit q, high bit set = +4, - 4). Planes (bytes per block):
@@ -1115,22 +1140,27 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                    EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NORM: tl.constexpr, BG: tl.constexpr):
+                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
-    # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps)
+    # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps). PRELOAD (X8,
+    # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
     b1 = tl.minimum(b0 + BPS, NBLK)
     if PREFETCH:  # weights only: no kernel writes them (kernels/pdl.py)
         _prefetch_rows(w, tl.minimum(n, N - 1), N, K, b0, b1, QT)
+    if PRELOAD:
+        b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
         gdc_wait()
         gdc_launch_dependents()
     if NORM:  # the groups' sums of squares: loads issued before the dot products, summed after them
         o_g = tl.arange(0, BG)
         b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
-    if X8:
+    if PRELOAD:
+        y = _q8_0_post(x, b_q, b_d, K, b0 * 2, b1 * 2, C, EVEN)
+    elif X8:
         y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
         y = _wdot(x, sxk, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
@@ -1197,7 +1227,8 @@ def gemv1_config(qtype, N, K, x8=False):
     x8 Q8_0 (KIMI_LOCAL_ONESTEP=0: off): lm_head 32 rows x 2 warps in 16-chunk steps, and the o-projection
     shape K slices of 16 chunks loaded in one step (session-5 sweep, scripts/sweep_gemv.py --onestep);
     x8 Q8_0 / Q6_K with N >= 2048 (lm_head included) and Q4_K / Q5_K below lm_head size (sessions 6, 7;
-    KIMI_LOCAL_SMALL_BN=0: off): 4- / 2- / 4-row programs over whole rows, or 4 / 2 / 4 K slices past K = 2304."""
+    KIMI_LOCAL_SMALL_BN=0: off): 4- / 2- / 4-row programs over whole rows, or 4 / 2 / 4 K slices past K = 2304
+    (Q8_0 with the weights preloaded, preload_default: PRELOAD_SPLIT slices)."""
     if INTERPRET:
         return 32, None, 1, 4, 1
     nblk = K // QK[qtype]
@@ -1212,6 +1243,9 @@ def gemv1_config(qtype, N, K, x8=False):
     small = (x8 and N >= 2048 and os.environ.get("KIMI_LOCAL_ONESTEP", "1") != "0"
              and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0")
     if small and qtype == "Q8_0":
+        sp = preload_split()
+        if K > 2304 and preload_default(qtype, N, K // sp // 16):  # preloaded: fewer, longer slices (session 22)
+            return 4, 16, sp, 1, 1
         return 4, 16, 1 if K <= 2304 else 4, 1, 1
     # x8 Q6_K (the Q2_K / Q3_K_M recipes' projections and lm_head) likewise, in 2-row programs (4 for lm_head):
     # [12288, 2304] 11.3 vs 17.4 us, [6144, 2304] 7.0 vs 11.2, [2304, 4096] 6.1 vs 9.6, lm_head 106.8 vs 157.5
@@ -1246,14 +1280,42 @@ def x8_default() -> bool:
     return os.environ.get("KIMI_LOCAL_X8", "1") != "0"
 
 
-def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None):
+PRELOAD_MAX_CHUNKS = 128  # [BN, 128, 4] words: 64 registers a thread at BN = 4, 1 warp (the o-projections' slices)
+# K slices of a preloaded x8 Q8_0 GEMV with K > 2304 (the o-projections: 2 of 2,048). H200, session 22, KDA step +
+# o-projection chain (us a layer): 4 slices 12.31, 2 slices 10.44, 8 slices 15.15; 8 rows a program (4 slices) 11.43,
+# 2 rows 14.69. KIMI_LOCAL_GEMV_PRELOAD_SPLIT=N for A/B runs
+PRELOAD_SPLIT = 2
+
+
+def preload_split() -> int:
+    return int(os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_SPLIT", PRELOAD_SPLIT))
+
+
+
+def preload_default(qtype, N, slice_chunks) -> bool:
+    """x8 Q8_0 GEMVs below lm_head size whose K slice is at most PRELOAD_MAX_CHUNKS 16-weight chunks (the [2304, 4096]
+    o-projections' PRELOAD_SPLIT slices) load the slice's weights into registers before the PDL wait, in one step, so
+    only x and the dot products come after it (the same bits with PDL off: one step either way). They follow the
+    latency-bound KDA step / MLA combine, during which their weights now stream. H200, session 22, 4 K slices:
+    o-projection chain 7.0 -> 5.5 us a GEMV (one step without the preload 6.4), KDA step + GEMV 13.7 -> 12.3 us (2
+    slices, PRELOAD_SPLIT: 10.4); engine with 2 slices (run 7) 680.9 / 580.4 / 296.1 tok/s at 4K / 128K / 1M against
+    675.2 / 576.6 / 295.1 with 4 and 662.5 / 569.1 / 292.7 without the preload. KIMI_LOCAL_GEMV_PRELOAD=0: off (the
+    4-step slices of 4 K slices, as before)."""
+    return (os.environ.get("KIMI_LOCAL_GEMV_PRELOAD", "1") != "0" and qtype == "Q8_0" and N < 65536
+            and slice_chunks <= PRELOAD_MAX_CHUNKS)
+
+
+def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
+           preload=None):
     """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
     others go to the tile path. Tuning knobs default to gemv1_config().
     x8: an int32 tensor = x's x8 buffer, already made (x then only gives K, dtype and shape): dp4a; True =
     quantize x here (quantize_x8, one more launch); False / None = fp x (KIMI_LOCAL_X8=0 makes the engine
     pass no buffer); a NormedX8 = the normed x8 buffer of an RMSNorm's input (see x8n_words): the result is
-    scaled by that norm's 1 / rms here. A GEMV alone gains too little from dp4a to pay for its own quantize launch (H200,
-    session 4: 11.4 vs 12.2 us for [2304, 4096] Q8_0): the engine's norms write the buffer as they normalize."""
+    scaled by that norm's 1 / rms here. A GEMV alone gains too little from dp4a to pay for its own quantize launch
+    (H200, session 4: 11.4 vs 12.2 us for [2304, 4096] Q8_0): the engine's norms write the buffer as they normalize.
+    preload: PRELOAD (x8 Q8_0: the K slice's weights in registers before the PDL wait, one step over the slice);
+    None = preload_default(), unless C is given."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
     if out is None:
@@ -1275,6 +1337,12 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     bps = triton.cdiv(nblk, SPLIT)
     SPLIT = triton.cdiv(nblk, bps)
     tiles = triton.cdiv(N, BN)
+    slice_chunks = bps * QK[qtype] // 16  # Q8_0: 16-weight chunks of a K slice
+    if preload is None:
+        preload = preload_default(qtype, N, slice_chunks) and C is None
+    preload = bool(preload) and use_x8 and qtype == "Q8_0"
+    if preload:  # the whole slice in one step, so its weights can be loaded before the wait
+        C = max(C or 0, slice_chunks)
     C, even = word_c(qtype, bps * QK[qtype], C or dC)
     even = even and nblk % bps == 0
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
@@ -1287,7 +1355,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
                                    float(eps) if normed else 0.0, QT=QT_ID[qtype],
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
-                                   NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)),
+                                   NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)), PRELOAD=preload,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

@@ -394,6 +394,76 @@ def test_qgemv_x8(qtype, N, K, kw):
     assert torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("N,K,SPLIT,normed", [(17, 512, 2, False), (33, 1536, 2, False), (9, 1024, 1, True),
+                                              (20, 384, 1, False)])  # 384: 24 chunks, one clamped step of 32
+def test_qgemv_preload(N, K, SPLIT, normed):
+    """PRELOAD (x8 Q8_0: the K slice's weights loaded before the PDL wait, one step) gives the bits of the same one-step
+    GEMV without it, and the x8 reference's values; split K and a normed x8 buffer included."""
+    g = torch.Generator().manual_seed(70 + N)
+    p, wd = make_weight("Q8_0", N, K, gen=g)
+    x = torch.randn(K, generator=g)
+    chunks = K // SPLIT // 16
+    if normed:
+        nw = 1 + 0.2 * torch.randn(K, generator=g)
+        x8 = torch.empty(qm.x8n_words(K), dtype=torch.int32)
+        res = x.clone().to(torch.bfloat16)
+        from kimi_local.kernels.norm import add_norm_x8n
+        add_norm_x8n(torch.zeros(1, K, dtype=torch.bfloat16), res[None], nw, x8)
+        x8 = qm.NormedX8(x8, 1e-5)
+    else:
+        x8 = qm.quantize_x8(x)
+    outs = []
+    for pre in (False, True):
+        out = torch.full((N,), float("nan"))
+        qm.qgemv1(x, p, "Q8_0", N, out=out, BN=4, C=chunks, SPLIT=SPLIT, num_warps=1, x8=x8, preload=pre)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    if not normed:
+        check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl_on", [False, True])
+def test_cuda_qgemv_preload(pdl_on):
+    """PRELOAD at the o-projection's K ([4096, 4096] Q8_0, PRELOAD_SPLIT K slices), as the engine's default config
+    picks it: a chain of 3 GEMVs in a CUDA graph, each reading the previous one's
+    output as x8, equals the same one-step GEMVs without it, bit for bit, and the x8 reference."""
+    from kimi_local.kernels import pdl as P
+    N = K = 4096  # square, so that each output can feed the next GEMV
+    p, raw = _gpu_weight("Q8_0", N, K, 19)
+    wd = _gpu_dense(raw, "Q8_0")
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pre):
+        outs, h = [], x
+        for _ in range(3):
+            x8 = qm.quantize_x8(h)
+            o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            qm.qgemv1(h, p, "Q8_0", N, out=o, BN=4, C=4096 // 16 // qm.PRELOAD_SPLIT, SPLIT=qm.PRELOAD_SPLIT,
+                      num_warps=1, x8=x8, preload=pre)
+            outs.append((x8, o))
+            h = o
+        return outs
+
+    with P.active(pdl_on and P.supported("cuda")):
+        want = chain(False)
+        chain(True)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = chain(True)
+        g.replay()
+        torch.cuda.synchronize()
+    for (w8, wo), (g8, go) in zip(want, got):
+        assert torch.equal(g8, w8) and torch.equal(go, wo)
+    check(want[0][1].float(), qlinear_ref(qm.dequantize_x8(want[0][0], K)[None], wd), 1e-2)
+    # the engine's call (no knobs): the default config with PRELOAD picks the one-step slices above
+    o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+    qm.qgemv(x, p, "Q8_0", N, out=o, x8=want[0][0])
+    torch.cuda.synchronize()
+    assert torch.equal(o, want[0][1])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype,N,K", [("Q6_K", 163840, 2304), ("Q8_0", 163840, 2304), ("Q8_0", 12576, 2304), ("Q8_0", 2304, 4096),
                                        ("Q5_K", 4096, 2304), ("Q4_K", 1024, 2304), ("Q3_K", 2304, 4096),
