@@ -29,6 +29,7 @@ Q4_K 0.578, Q3_K 0.445, Q2_K 0.328, BF16 2):
     Prefill GEMM M=8192, [4096, 2304]: 155 GFLOP -> ~200 us at ~780 TFLOP/s (compute bound);
     dequant-to-scratch costs ~19 MB bf16 written+read -> ~13 us extra (so scratch+cuBLAS wins for big M).
 """
+import functools
 import os
 from typing import NamedTuple
 
@@ -1292,6 +1293,12 @@ def preload_split() -> int:
 
 
 
+@functools.lru_cache(maxsize=None)
+def _sm90() -> bool:
+    """A Hopper-class current GPU (PDL, where the preload was measured), not the interpreter."""
+    return not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
 def preload_default(qtype, N, slice_chunks) -> bool:
     """x8 Q8_0 GEMVs below lm_head size whose K slice is at most PRELOAD_MAX_CHUNKS 16-weight chunks (the [2304, 4096]
     o-projections' PRELOAD_SPLIT slices) load the slice's weights into registers before the PDL wait, in one step, so
@@ -1300,9 +1307,10 @@ def preload_default(qtype, N, slice_chunks) -> bool:
     o-projection chain 7.0 -> 5.5 us a GEMV (one step without the preload 6.4), KDA step + GEMV 13.7 -> 12.3 us (2
     slices, PRELOAD_SPLIT: 10.4); engine with 2 slices (run 7) 680.9 / 580.4 / 296.1 tok/s at 4K / 128K / 1M against
     675.2 / 576.6 / 295.1 with 4 and 662.5 / 569.1 / 292.7 without the preload. KIMI_LOCAL_GEMV_PRELOAD=0: off (the
-    4-step slices of 4 K slices, as before)."""
+    4-step slices of 4 K slices, as before). Only on sm_90+ (_sm90, whether or not PDL is on: the same bits either
+    way): elsewhere there is no PDL to overlap and the older configuration stays, as measured in earlier sessions."""
     return (os.environ.get("KIMI_LOCAL_GEMV_PRELOAD", "1") != "0" and qtype == "Q8_0" and N < 65536
-            and slice_chunks <= PRELOAD_MAX_CHUNKS)
+            and slice_chunks <= PRELOAD_MAX_CHUNKS and _sm90())
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
