@@ -1289,8 +1289,8 @@ PRELOAD_SPLIT = 2
 
 
 def preload_split() -> int:
+    """PRELOAD_SPLIT, or KIMI_LOCAL_GEMV_PRELOAD_SPLIT (read at each call: a graph keeps what was set at capture)."""
     return int(os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_SPLIT", PRELOAD_SPLIT))
-
 
 
 @functools.lru_cache(maxsize=None)

@@ -426,8 +426,8 @@ def test_qgemv_preload(N, K, SPLIT, normed):
 @pytest.mark.parametrize("pdl_on", [False, True])
 def test_cuda_qgemv_preload(pdl_on):
     """PRELOAD at the o-projection's K ([4096, 4096] Q8_0, PRELOAD_SPLIT K slices), as the engine's default config
-    picks it: a chain of 3 GEMVs in a CUDA graph, each reading the previous one's
-    output as x8, equals the same one-step GEMVs without it, bit for bit, and the x8 reference."""
+    picks it: a chain of 3 GEMVs in a CUDA graph, each reading the previous one's output as x8, equals the same
+    one-step GEMVs without it, bit for bit, and the x8 reference."""
     from kimi_local.kernels import pdl as P
     N = K = 4096  # square, so that each output can feed the next GEMV
     p, raw = _gpu_weight("Q8_0", N, K, 19)
