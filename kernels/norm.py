@@ -35,21 +35,17 @@ def rms_norm_kernel(
     x, res, res_out, w, out, x8, eps,  # x [T, D]; res / res_out [T, D] (HAS_RES); w [D]; out [T, D]; x8 (X8)
     stride_x, stride_r, stride_ro, stride_o,
     D: tl.constexpr, BD: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr, X8: tl.constexpr,
-    X8N: tl.constexpr = False, EARLY: tl.constexpr = False,
+    X8N: tl.constexpr = False,
 ):
-    # X8N (one row): no normalisation here; x8 receives the normed x8 buffer of x (quant_matmul.x8n_words).
-    # EARLY (one program): the dependents are launched before the wait (see early_dependents)
+    # X8N (one row): no normalisation here; x8 receives the normed x8 buffer of x (quant_matmul.x8n_words)
     i_t = tl.program_id(0).to(tl.int64)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     xdt = x.dtype.element_ty
     b_w = tl.load(w + o_d, mask=m_d, other=0).to(xdt).to(tl.float32)  # a weight: read before the PDL wait
     if PDL:
-        if EARLY:
-            gdc_launch_dependents()
         gdc_wait()
-        if not EARLY:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
     b_x = tl.load(x + i_t * stride_x + o_d, mask=m_d, other=0)
     if HAS_RES:
         # h = x + residual in the activation dtype (a bf16 add rounds once, like torch)
@@ -85,18 +81,8 @@ def rms_norm(x, w, eps: float, out=None, residual=None, residual_out=None, x8_ou
     rms_norm_kernel[(T,)](x2, r2, ro2, w, o2, x8_out if x8_out is not None else o2, eps, x2.stride(0), r2.stride(0),
                           ro2.stride(0), o2.stride(0),
                           D=D, BD=max(BD, 16), HAS_RES=has_res, PDL=pdl.enabled(), X8=x8_out is not None,
-                          EARLY=T == 1 and early_dependents(),
                           num_warps=1 if _INTERP else min(16, max(1, BD // 256)), **pdl.launch_kw())
     return out
-
-
-def early_dependents() -> bool:
-    """KIMI_LOCAL_NORM_EARLY=1 (A/B runs): a one-row norm launches its dependents before its own PDL wait, so the
-    next kernel's programs (a GEMV that preloads its weights, quant_matmul.preload_default) are resident, and
-    loading, while the kernel before the norm still runs. Safe: the dependents' own wait still waits for this
-    norm's completion, which comes after that of the kernel it waits for; every program of the kernels before
-    has already started (PDL launches a grid only once all programs of the one before have signalled)."""
-    return os.environ.get("KIMI_LOCAL_NORM_EARLY", "0") == "1"
 
 
 def add_norm_x8n(v, residual, w, x8n):

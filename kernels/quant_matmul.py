@@ -1141,11 +1141,10 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                    EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False, C2: tl.constexpr = 0):
+                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
     # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps). PRELOAD (X8,
-    # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait; C2 > 0:
-    # in two pieces, C whole chunks then C2 (EVEN: the second is whole), e.g. 144 = 128 + 16 chunks at K = 2304
+    # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1153,11 +1152,7 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
     if PREFETCH:  # weights only: no kernel writes them (kernels/pdl.py)
         _prefetch_rows(w, tl.minimum(n, N - 1), N, K, b0, b1, QT)
     if PRELOAD:
-        if C2 == 0:
-            b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b1 * 2, BN, C, EVEN)
-        else:
-            b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b0 * 2 + C, BN, C, True)
-            b_q2, b_d2 = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2 + C, b1 * 2, BN, C2, EVEN)
+        b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b1 * 2, BN, C, EVEN)
     if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
         gdc_wait()
         gdc_launch_dependents()
@@ -1165,11 +1160,7 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
         o_g = tl.arange(0, BG)
         b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
     if PRELOAD:
-        if C2 == 0:
-            y = _q8_0_post(x, b_q, b_d, K, b0 * 2, b1 * 2, C, EVEN)
-        else:
-            y = (_q8_0_post(x, b_q, b_d, K, b0 * 2, b0 * 2 + C, C, True)
-                 + _q8_0_post(x, b_q2, b_d2, K, b0 * 2 + C, b1 * 2, C2, EVEN))
+        y = _q8_0_post(x, b_q, b_d, K, b0 * 2, b1 * 2, C, EVEN)
     elif X8:
         y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
@@ -1319,7 +1310,7 @@ def preload_default(qtype, N, slice_chunks) -> bool:
     4-step slices of 4 K slices, as before). Only on sm_90+ (_sm90, whether or not PDL is on: the same bits either
     way): elsewhere there is no PDL to overlap and the older configuration stays, as measured in earlier sessions."""
     return (os.environ.get("KIMI_LOCAL_GEMV_PRELOAD", "1") != "0" and qtype == "Q8_0" and N < 65536
-            and slice_chunks <= int(os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_MAX", PRELOAD_MAX_CHUNKS)) and _sm90())
+            and slice_chunks <= PRELOAD_MAX_CHUNKS and _sm90())
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
@@ -1358,17 +1349,10 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     if preload is None:
         preload = preload_default(qtype, N, slice_chunks) and C is None
     preload = bool(preload) and use_x8 and qtype == "Q8_0"
-    C2 = 0
     if preload:  # the whole slice in one step, so its weights can be loaded before the wait
         C = max(C or 0, slice_chunks)
     C, even = word_c(qtype, bps * QK[qtype], C or dC)
     even = even and nblk % bps == 0
-    if preload and not even and nblk % bps == 0 and C > 1:
-        # slices of a non-power-of-two chunk count (144 at K = 2304): two whole-or-clamped pieces, not one step of
-        # the next power of two (half its registers masked)
-        C //= 2
-        C2 = triton.next_power_of_2(slice_chunks - C)
-        even = C2 == slice_chunks - C
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     if use_x8:
         xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
@@ -1380,7 +1364,6 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
                                    NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)), PRELOAD=preload,
-                                   C2=C2,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

@@ -7,7 +7,6 @@ dequantize when installed (CPU), else the project's pure-torch `quant.formats.de
 import os
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -396,12 +395,10 @@ def test_qgemv_x8(qtype, N, K, kw):
 
 
 @pytest.mark.parametrize("N,K,SPLIT,normed", [(17, 512, 2, False), (33, 1536, 2, False), (9, 1024, 1, True),
-                                              (20, 384, 1, False), (13, 2304, 1, False), (9, 1152, 1, True)])
+                                              (20, 384, 1, False)])  # 384: 24 chunks, one clamped step of 32
 def test_qgemv_preload(N, K, SPLIT, normed):
     """PRELOAD (x8 Q8_0: the K slice's weights loaded before the PDL wait, one step) gives the bits of the same one-step
-    GEMV without it, and the x8 reference's values; split K and a normed x8 buffer included. Slices of a chunk count
-    that is not a power of two load in two pieces (384: 24 chunks = 16 + 8; 2304, the engine's in-projections: 144 =
-    128 + 16; 1152: 72 = 64 + 8): another summation order, so values within the fp32 tolerance there."""
+    GEMV without it, and the x8 reference's values; split K and a normed x8 buffer included."""
     g = torch.Generator().manual_seed(70 + N)
     p, wd = make_weight("Q8_0", N, K, gen=g)
     x = torch.randn(K, generator=g)
@@ -420,10 +417,7 @@ def test_qgemv_preload(N, K, SPLIT, normed):
         out = torch.full((N,), float("nan"))
         qm.qgemv1(x, p, "Q8_0", N, out=out, BN=4, C=chunks, SPLIT=SPLIT, num_warps=1, x8=x8, preload=pre)
         outs.append(out)
-    if chunks & (chunks - 1) == 0:
-        assert torch.equal(outs[0], outs[1])
-    else:
-        check(outs[1], outs[0], TOL_F32)
+    assert torch.equal(outs[0], outs[1])
     if not normed:
         check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
 
@@ -468,52 +462,6 @@ def test_cuda_qgemv_preload(pdl_on):
     qm.qgemv(x, p, "Q8_0", N, out=o, x8=want[0][0])
     torch.cuda.synchronize()
     assert torch.equal(o, want[0][1])
-
-
-@pytest.mark.cuda
-def test_cuda_qgemv_preload_pieces():
-    """PRELOAD over whole rows at the in-projections' K = 2304 (144 chunks: pieces of 128 + 16) in a CUDA graph of 3
-    chained [2304, 2304] GEMVs: the same bits with PDL on and off (and with KIMI_LOCAL_NORM_EARLY's norm before them),
-    the values of the GEMVs without the preload and of the x8 reference."""
-    from kimi_local.kernels import pdl as P
-    from kimi_local.kernels.norm import rms_norm
-    N = K = 2304
-    p, raw = _gpu_weight("Q8_0", N, K, 23)
-    wd = _gpu_dense(raw, "Q8_0")
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    nw = 1 + 0.1 * torch.randn(K, device="cuda")
-
-    def chain(pre):
-        outs, h = [], x
-        for _ in range(3):
-            x8 = torch.empty(qm.x8_words(K), dtype=torch.int32, device="cuda")
-            hn = rms_norm(h, nw, 1e-5, x8_out=x8)
-            o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-            qm.qgemv1(hn, p, "Q8_0", N, out=o, x8=x8, preload=pre)
-            outs.append((x8, o))
-            h = o
-        return outs
-
-    def graphed(pdl_on, early):
-        with P.active(pdl_on and P.supported("cuda")), mock.patch.dict(os.environ, {"KIMI_LOCAL_NORM_EARLY": early}):
-            chain(True)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                got = chain(True)
-            g.replay()
-            torch.cuda.synchronize()
-        return got
-
-    want = chain(False)
-    runs = [graphed(False, "0"), graphed(True, "0"), graphed(True, "1")]
-    for got in runs[1:]:
-        for (w8, wo), (g8, go) in zip(runs[0], got):
-            assert torch.equal(g8, w8) and torch.equal(go, wo)
-    w8, wo = want[0]
-    assert torch.equal(runs[0][0][0], w8)
-    check(runs[0][0][1].float(), wo.float(), 1e-2)
-    check(wo.float(), qlinear_ref(qm.dequantize_x8(w8, K)[None], wd), 1e-2)
 
 
 @pytest.mark.cuda
