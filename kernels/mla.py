@@ -304,14 +304,17 @@ def _workspace(device, NS: int, H: int, R: int):
 
 
 def _pdl_kw() -> dict:
-    """PDL arguments of the MLA decode launches (cache write / absorb, split, combine): off by default, on with
-    KIMI_LOCAL_MLA_PDL=1 while the rest of the step uses PDL (kernels/pdl.py). Measured on an H200 (session 8,
+    """PDL arguments of the MLA decode launches (cache write / absorb, split, combine): on while the rest of the step
+    uses PDL (kernels/pdl.py), unless KIMI_LOCAL_MLA_PDL=0. Since the o-projection after the combine preloads its
+    weights before its PDL wait (quant_matmul.preload_default), which needs the combine under PDL, it pays: H200,
+    session 23, run 4 (interleaved, tok/s at 4K / 128K / 1M): 708.8 / 600.8 / 297.4 with it, 691.1 / 589.0 / 292.4
+    without. Before, it was off by default: H200 (session 8,
     run 1, interleaved graphs, tok/s): 4K 492.1 without vs 492.5 with, 128K 407.4 without vs 382.3 with
     (+6.6 %; PDL everywhere off: 484.9 / 402.9). Likely why: the dependents' programs, launched early, hold
     SM slots while they wait, and at long context the split kernel is the one that needs them. Session 20 (H200,
     the Gluon split kernel now under PDL too): 622.7 vs 621.9 at 4K, 534.6 vs 537.3 at 128K; with the unrolled MoE
-    kernels 633.8 vs 632.9, 545.7 vs 545.7: no gain, still off."""
-    on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "0") == "1"
+    kernels 633.8 vs 632.9, 545.7 vs 545.7: no gain then."""
+    on = pdl.enabled() and os.environ.get("KIMI_LOCAL_MLA_PDL", "1") != "0"
     return dict(PDL=on, **(pdl.launch_kw() if on else {}))
 
 
@@ -326,8 +329,11 @@ DEFAULTS = {  # per cache dtype: variant and launch parameters (scripts/sweep_kd
     # fp8 "t" with fp16 compute 125 us at 128K, 802 us at 1M (hm: 163 / 1120 us)
     # session 10 (H200, split + combine): Gluon "g" 13.0 / 62.9 / 313.5 us at 4K / 128K / 1M against "t" 15.6 /
     # 77.4 / 433.0 (1M: 90.7 % of the copy bandwidth); fp8 "g" 14.7 / 67.4 / 410.5 against "t" 21.8 / 123.8 / 819.2
-    # t_warps: the "t" kernel's warps where "g" does not apply (see mla_decode)
-    "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, t_warps=4),
+    # t_warps: the "t" kernel's warps where "g" does not apply (see mla_decode). bf16 min_chunk 64 (64 splits at 4K,
+    # was 128): H200, session 23, run 4 (engine, interleaved, MLA under PDL): 712.4 / 600.7 / 295.7 tok/s at 4K /
+    # 128K / 1M against 708.8 / 600.8 / 297.4 (run 3: 711.7 / 601.3 against 709.5 / 601.2); with the norm in the down
+    # kernel 717.6 / 606.7 / 294.0 against 713.4 / 605.5 / 292.1. fp8 not measured: 128 kept
+    "bf16": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=64, splits_per_sm=1, t_warps=4),
     "fp8": dict(variant="g", BS=64, num_warps=4, num_stages=2, min_chunk=128, splits_per_sm=1, fp8_compute="fp16",
                 t_warps=8),
     "fp32": dict(variant="hm", BS=32, num_warps=8, num_stages=2, min_chunk=128, splits_per_sm=1),

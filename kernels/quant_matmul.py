@@ -1245,7 +1245,7 @@ def gemv1_config(qtype, N, K, x8=False):
              and os.environ.get("KIMI_LOCAL_SMALL_BN", "1") != "0")
     if small and qtype == "Q8_0":
         sp = preload_split()
-        if K > 2304 and preload_default(qtype, N, K // sp // 16):  # preloaded: fewer, longer slices (session 22)
+        if preload_default(qtype, N, K, K // sp // 16):  # preloaded: fewer, longer slices (session 22)
             return 4, 16, sp, 1, 1
         return 4, 16, 1 if K <= 2304 else 4, 1, 1
     # x8 Q6_K (the Q2_K / Q3_K_M recipes' projections and lm_head) likewise, in 2-row programs (4 for lm_head):
@@ -1281,11 +1281,13 @@ def x8_default() -> bool:
     return os.environ.get("KIMI_LOCAL_X8", "1") != "0"
 
 
-PRELOAD_MAX_CHUNKS = 128  # [BN, 128, 4] words: 64 registers a thread at BN = 4, 1 warp (the o-projections' slices)
-# K slices of a preloaded x8 Q8_0 GEMV with K > 2304 (the o-projections: 2 of 2,048). H200, session 22, KDA step +
-# o-projection chain (us a layer): 4 slices 12.31, 2 slices 10.44, 8 slices 15.15; 8 rows a program (4 slices) 11.43,
-# 2 rows 14.69. KIMI_LOCAL_GEMV_PRELOAD_SPLIT=N for A/B runs
-PRELOAD_SPLIT = 2
+PRELOAD_MAX_CHUNKS = 256  # [BN, 256, 4] words: 128 registers a thread at BN = 4, 1 warp (the o-projections' rows)
+# K slices of a preloaded x8 Q8_0 GEMV with K > 2304 (the o-projections: 1, their whole rows of 4,096). H200, session
+# 22, KDA step + o-projection chain (us a layer): 4 slices 12.31, 2 slices 10.44, 8 slices 15.15; 8 rows a program
+# (4 slices) 11.43, 2 rows 14.69; run 8: 1 slice 10.0 against 2 slices' 10.3. Session 23, run 2 (engine, interleaved):
+# 1 slice 691.4 / 589.1 tok/s at 4K / 128K against 683.9 / 582.9 with 2 (no preload: 665.7 / 570.8).
+# KIMI_LOCAL_GEMV_PRELOAD_SPLIT=N for A/B runs (past 1, slices of at most PRELOAD_MAX_CHUNKS chunks are preloaded)
+PRELOAD_SPLIT = 1
 
 
 def preload_split() -> int:
@@ -1299,7 +1301,7 @@ def _sm90() -> bool:
     return not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def preload_default(qtype, N, slice_chunks) -> bool:
+def preload_default(qtype, N, K, slice_chunks) -> bool:
     """x8 Q8_0 GEMVs below lm_head size whose K slice is at most PRELOAD_MAX_CHUNKS 16-weight chunks (the [2304, 4096]
     o-projections' PRELOAD_SPLIT slices) load the slice's weights into registers before the PDL wait, in one step, so
     only x and the dot products come after it (the same bits with PDL off: one step either way). They follow the
@@ -1308,9 +1310,13 @@ def preload_default(qtype, N, slice_chunks) -> bool:
     slices, PRELOAD_SPLIT: 10.4); engine with 2 slices (run 7) 680.9 / 580.4 / 296.1 tok/s at 4K / 128K / 1M against
     675.2 / 576.6 / 295.1 with 4 and 662.5 / 569.1 / 292.7 without the preload. KIMI_LOCAL_GEMV_PRELOAD=0: off (the
     4-step slices of 4 K slices, as before). Only on sm_90+ (_sm90, whether or not PDL is on: the same bits either
-    way): elsewhere there is no PDL to overlap and the older configuration stays, as measured in earlier sessions."""
+    way): elsewhere there is no PDL to overlap and the older configuration stays, as measured in earlier sessions.
+    Only past K = 2304: the K = 2304 in-projections follow a short norm kernel, and preloading their whole rows (144
+    chunks, in pieces of 128 + 16) made decode 5 % slower (session 23, run 1). KIMI_LOCAL_GEMV_PRELOAD_MAX=N: another
+    PRELOAD_MAX_CHUNKS (A/B runs)."""
     return (os.environ.get("KIMI_LOCAL_GEMV_PRELOAD", "1") != "0" and qtype == "Q8_0" and N < 65536
-            and slice_chunks <= PRELOAD_MAX_CHUNKS and _sm90())
+            and K > 2304 and slice_chunks <= int(os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_MAX", PRELOAD_MAX_CHUNKS))
+            and _sm90())
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
@@ -1347,7 +1353,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     tiles = triton.cdiv(N, BN)
     slice_chunks = bps * QK[qtype] // 16  # Q8_0: 16-weight chunks of a K slice
     if preload is None:
-        preload = preload_default(qtype, N, slice_chunks) and C is None
+        preload = preload_default(qtype, N, K, slice_chunks) and C is None
     preload = bool(preload) and use_x8 and qtype == "Q8_0"
     if preload:  # the whole slice in one step, so its weights can be loaded before the wait
         C = max(C or 0, slice_chunks)

@@ -364,11 +364,13 @@ class GpuKimi(KimiLinear):
                                             topk=not topk_in_moe)
             return h, h8, (("logits", ids) if topk_in_moe else (ids, wts))
 
-        # KIMI_LOCAL_NORM_IN_DOWN=1, one token: the residual add + the next layer's attention RMSNorm run inside the
-        # FFN's down kernel, which writes a normed x8 buffer (quant_matmul.NormedX8: the projection GEMV applies
-        # 1 / rms), where that layer's projections all read x8 on the word path. Off by default: +0.8-0.9 % decode
-        # on an H100, -0.6 to -1.0 % on an H200, neutral with the Triton down kernel (docs/perf-notes.md, session 15)
-        norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "0") == "1"
+        # one token: the residual add + the next layer's attention RMSNorm run inside the FFN's down kernel, which
+        # writes a normed x8 buffer (quant_matmul.NormedX8: the projection GEMV applies 1 / rms), where that layer's
+        # projections all read x8 on the word path (KIMI_LOCAL_NORM_IN_DOWN=0: a norm launch). H200, session 23, run
+        # 4 (interleaved, MLA under PDL): 713.4 / 605.5 tok/s at 4K / 128K against 708.8 / 600.8 (1M: 292.1 against
+        # 297.4); run 3: 697.6 / 594.6 against 691.2 / 589.2. Session 15 measured +0.8-0.9 % on an H100 and -0.6 to
+        # -1.0 % on an H200, with the Triton down kernel and no o-projection preload (docs/perf-notes.md)
+        norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "1") != "0"
 
         h, h8 = norm(x, "blk.0.attn_norm.weight")
         for i in range(cfg.num_hidden_layers):

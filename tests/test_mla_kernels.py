@@ -499,8 +499,8 @@ def test_mla_decode_vo_real_shapes(n, dtype, x8):
 @pytest.mark.parametrize("dtype", [BF, FP8])
 def test_mla_decode_step_graph_growing_length(dtype, monkeypatch):
     """The engine's three MLA decode launches (mla_absorb_write, split, combine + v_b + x8) captured once and
-    replayed at growing lengths through device position / length tensors; the MLA launches without PDL (the
-    default) and, where supported, with it (KIMI_LOCAL_MLA_PDL=1): bitwise the same results. Rows from the new one on
+    replayed at growing lengths through device position / length tensors; the MLA launches without PDL
+    (KIMI_LOCAL_MLA_PDL=0) and, where supported, with it (the default): bitwise the same results. Rows from the new one on
     are NaN before each replay, so a split that read the new row before its PDL wait would fail."""
     gen = torch.Generator().manual_seed(5)
     H, R, DN, DR, DV, cap = 32, 512, 128, 64, 128, 20000

@@ -54,10 +54,12 @@ def test_carveout_knob(monkeypatch):
 
 
 def test_mla_pdl_switch(monkeypatch):
-    """The MLA decode kernels launch without PDL while the rest of the step keeps it, unless KIMI_LOCAL_MLA_PDL=1."""
+    """The MLA decode kernels launch with PDL while the rest of the step does, unless KIMI_LOCAL_MLA_PDL=0."""
     monkeypatch.delenv("KIMI_LOCAL_MLA_PDL", raising=False)
     monkeypatch.setattr(pdl, "_ON", True)
-    assert mla._pdl_kw() == {"PDL": False} and pdl.launch_kw() == {"launch_pdl": True}
+    assert mla._pdl_kw() == {"PDL": True, "launch_pdl": True} and pdl.launch_kw() == {"launch_pdl": True}
+    monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", "0")
+    assert mla._pdl_kw() == {"PDL": False}
     monkeypatch.setenv("KIMI_LOCAL_MLA_PDL", "1")
     assert mla._pdl_kw() == {"PDL": True, "launch_pdl": True}
     monkeypatch.setattr(pdl, "_ON", False)
