@@ -145,6 +145,11 @@ class Sampler:
             self.head.copy_((self.head + 1) % self.ring.numel())
         return tok
 
+    @property
+    def greedy(self) -> bool:
+        """The pick is argmax(logits) alone (no noise, no penalty): kernels.sample.greedy_next can do it."""
+        return self.params.temperature == 0 and self.params.repeat_penalty == 1.0
+
     def state(self) -> tuple:
         return self.rng.step.clone(), self.ring.clone(), self.head.clone()
 

@@ -91,14 +91,17 @@ def test_graph_decode_equals_eager_for_256_tokens():
     assert seqs[0] == seqs[1]
 
 
-@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02,
-                                                            repeat_penalty=1.3, seed=5)])
-def test_device_stream_equals_one_step_at_a_time(params, monkeypatch):
-    """generate through the device stream (step graph + sampler graph, the next step launched before the host
-    reads a token) yields the same tokens and leaves the same cache as one forward() + eager sample per token
-    (KIMI_LOCAL_STREAM=0); closed early, the token fed ahead is in the cache and in stats.unyielded."""
+@pytest.mark.parametrize("params,one_graph", [(dict(temperature=0), "1"), (dict(temperature=0), "0"),
+                                              (dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02,
+                                                    repeat_penalty=1.3, seed=5), "1")])
+def test_device_stream_equals_one_step_at_a_time(params, one_graph, monkeypatch):
+    """generate through the device stream (the step and the sampler's pick in one graph, or with
+    KIMI_LOCAL_ONE_GRAPH=0 a graph each; the next step launched before the host reads a token) yields the same
+    tokens and leaves the same cache as one forward() + eager sample per token (KIMI_LOCAL_STREAM=0); closed early,
+    the token fed ahead is in the cache and in stats.unyielded."""
     from kimi_local.generate import SamplingParams, Stats, generate
 
+    monkeypatch.setenv("KIMI_LOCAL_ONE_GRAPH", one_graph)
     cfg, _, gpu = _models()
     prompt = torch.randint(0, cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(6)).tolist()
     p = SamplingParams(**params)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kimi_local.kernels.naive import gumbel_ref
-from kimi_local.kernels.sample import gumbel_add
+from kimi_local.kernels.sample import greedy_next, gumbel_add
 
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (tests/conftest.py)
@@ -54,3 +54,20 @@ def test_cuda_sampler_uses_the_kernel_and_matches_the_cpu_draws():
         g.replay()
         got.append(int(out))
     assert got == want[150:]
+
+
+@pytest.mark.parametrize("n", [1, 2047, 2048, 5000, 163840])
+def test_greedy_next_equals_argmax(n):
+    """greedy_next: torch.argmax's index (the first of tied maxima, across its programs' blocks too), the positions
+    + 1, and a counter re-armed for the next call (three calls in a row)."""
+    g = torch.Generator().manual_seed(n)
+    logits = torch.randn(n, generator=g).to(DEV)
+    pos = torch.tensor([7], dtype=torch.int32, device=DEV)
+    length = torch.tensor([8], dtype=torch.int32, device=DEV)
+    tok = torch.full((1,), -1, dtype=torch.int64, device=DEV)
+    cases = [logits, logits.clone().fill_(-3.0), logits.clone()]
+    cases[2][n // 3] = cases[2][n - 1] = 99.0  # a tie, possibly in two programs' blocks
+    for i, x in enumerate(cases):
+        greedy_next(x, tok, pos, length)
+        assert int(tok) == int(torch.argmax(x)) and int(pos) == 8 + i and int(length) == 9 + i
+    assert int(tok) == n // 3
