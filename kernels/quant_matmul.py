@@ -957,6 +957,12 @@ def _i8dot_q45k(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 @triton.jit
 def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    return tl.sum(_q8_0_steps(x8, w, n, N, K, c0, c1, tl.zeros([BN, C], tl.float32), BN, C, EVEN), axis=1)
+
+
+@triton.jit
+def _q8_0_steps(x8, w, n, N, K, c0, c1, acc, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
+    """acc [BN, C] plus the x8 Q8_0 dot products' steps over chunks [c0, c1), by column (reduced by the caller)."""
     # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
     NB = K // 32
     RW4 = K // 16
@@ -964,14 +970,13 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
     dp = (w + N * K).to(tl.pointer_type(tl.float16))
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
-    acc = tl.zeros([BN, C], tl.float32)
     for cb in range(c0, c1, C):
         cg = _chunks(cb, c1, C, EVEN)
         q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))
         s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
         part = tl.load(dp + n[:, None] * NB + (cg // 2)[None, :]).to(tl.float32) * s
         acc = _add_part(acc, part, cb, c1, C, EVEN)
-    return tl.sum(acc, axis=1)
+    return acc
 
 
 @triton.jit
@@ -992,11 +997,16 @@ def _q8_0_pre(w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.co
 def _q8_0_post(x8, q, d, K, c0, c1, C: tl.constexpr, EVEN: tl.constexpr):
     """The rest of _i8dot_q8_0's single step on _q8_0_pre's q and d (the same operations in the same order: equal
     bits to _i8dot_q8_0 with this C)."""
+    return tl.sum(_q8_0_post_acc(x8, q, d, K, c0, c1, C, EVEN), axis=1)
+
+
+@triton.jit
+def _q8_0_post_acc(x8, q, d, K, c0, c1, C: tl.constexpr, EVEN: tl.constexpr):
+    """_q8_0_post before its reduction: the step's [BN, C] partial sums by column."""
     xw, dxp, sqp = _x8_ptrs(x8, K)
     cg = _chunks(c0, c1, C, EVEN)
     s = _isum(q, xw, cg, tl.arange(0, 4)).to(tl.float32) * tl.load(dxp + cg)[None, :]
-    acc = _add_part(tl.zeros(d.shape, tl.float32), d * s, c0, c1, C, EVEN)
-    return tl.sum(acc, axis=1)
+    return _add_part(tl.zeros(d.shape, tl.float32), d * s, c0, c1, C, EVEN)
 
 
 @triton.jit
@@ -1141,10 +1151,11 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                    EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False):
+                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False, FIRST: tl.constexpr = False):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
     # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps). PRELOAD (X8,
-    # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait
+    # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait. FIRST (X8,
+    # Q8_0, slices of whole steps, at least one): only the first step's weights before the wait, the rest after it
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1153,6 +1164,8 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
         _prefetch_rows(w, tl.minimum(n, N - 1), N, K, b0, b1, QT)
     if PRELOAD:
         b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b1 * 2, BN, C, EVEN)
+    if FIRST:
+        b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b0 * 2 + C, BN, C, True)
     if PDL:  # x, the partials and the counters belong to earlier kernels until this returns
         gdc_wait()
         gdc_launch_dependents()
@@ -1161,6 +1174,9 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
         b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
     if PRELOAD:
         y = _q8_0_post(x, b_q, b_d, K, b0 * 2, b1 * 2, C, EVEN)
+    elif FIRST:  # _i8dot_q8_0's steps, the first one on the preloaded words: the same operations, the same bits
+        acc = _q8_0_post_acc(x, b_q, b_d, K, b0 * 2, b0 * 2 + C, C, True)
+        y = tl.sum(_q8_0_steps(x, w, tl.minimum(n, N - 1), N, K, b0 * 2 + C, b1 * 2, acc, BN, C, EVEN), axis=1)
     elif X8:
         y = _i8dot(x, w, tl.minimum(n, N - 1), N, K, b0, b1, QT, BN, C, EVEN)
     else:
@@ -1320,7 +1336,7 @@ def preload_default(qtype, N, K, slice_chunks) -> bool:
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
-           preload=None):
+           preload=None, first=None):
     """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
     others go to the tile path. Tuning knobs default to gemv1_config().
     x8: an int32 tensor = x's x8 buffer, already made (x then only gives K, dtype and shape): dp4a; True =
@@ -1329,7 +1345,13 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     scaled by that norm's 1 / rms here. A GEMV alone gains too little from dp4a to pay for its own quantize launch
     (H200, session 4: 11.4 vs 12.2 us for [2304, 4096] Q8_0): the engine's norms write the buffer as they normalize.
     preload: PRELOAD (x8 Q8_0: the K slice's weights in registers before the PDL wait, one step over the slice);
-    None = preload_default(), unless C is given."""
+    None = preload_default(), unless C is given. first: FIRST (x8 Q8_0 without PRELOAD, slices of whole steps: the
+    first step's weights before the PDL wait, the same bits); None = below lm_head size on sm_90+ (_sm90, as the
+    preload), unless KIMI_LOCAL_GEMV_PRELOAD_FIRST=0. It serves the in-projections (K = 2304, 9 steps of 16 chunks), which follow the
+    MoE down kernel: their programs that are resident before its end have their first step in flight at the wait.
+    H200, session 23 (interleaved, tok/s at 4K / 128K / 1M): run 10 733.5 / 614.9 against 723.4 / 608.9; run 11
+    731.1 / 612.5 / 299.4 against 723.7 / 607.1 / 293.6. The whole rows before the wait (144 chunks in registers)
+    were 5 % slower (run 1), 3 or 2 longer steps after it 2.6-5.4 % slower (run 9)."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
     if out is None:
@@ -1359,6 +1381,9 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
         C = max(C or 0, slice_chunks)
     C, even = word_c(qtype, bps * QK[qtype], C or dC)
     even = even and nblk % bps == 0
+    if first is None:
+        first = N < 65536 and _sm90() and os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_FIRST", "1") != "0"
+    first = bool(first) and not preload and use_x8 and qtype == "Q8_0" and even and slice_chunks >= C
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     if use_x8:
         xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
@@ -1370,6 +1395,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
                                    NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)), PRELOAD=preload,
+                                   FIRST=first,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

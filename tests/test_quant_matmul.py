@@ -422,6 +422,64 @@ def test_qgemv_preload(N, K, SPLIT, normed):
         check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
 
 
+@pytest.mark.parametrize("N,K,SPLIT,normed", [(13, 2304, 1, False), (9, 2304, 1, True), (17, 1024, 2, False)])
+def test_qgemv_first_step_preload(N, K, SPLIT, normed):
+    """FIRST (x8 Q8_0: the first step's weights loaded before the PDL wait, the other steps after it) gives the bits
+    of the same GEMV without it: 144 chunks in 9 steps of 16 (the in-projections' K = 2304), split K, a normed x8
+    buffer."""
+    g = torch.Generator().manual_seed(80 + N)
+    p, wd = make_weight("Q8_0", N, K, gen=g)
+    x = torch.randn(K, generator=g)
+    x8 = qm.quantize_x8(x)
+    if normed:
+        nw = 1 + 0.2 * torch.randn(K, generator=g)
+        x8 = torch.empty(qm.x8n_words(K), dtype=torch.int32)
+        from kimi_local.kernels.norm import add_norm_x8n
+        add_norm_x8n(torch.zeros(1, K, dtype=torch.bfloat16), x.clone().to(torch.bfloat16)[None], nw, x8)
+        x8 = qm.NormedX8(x8, 1e-5)
+    outs = []
+    for first in (False, True):
+        out = torch.full((N,), float("nan"))
+        qm.qgemv1(x, p, "Q8_0", N, out=out, BN=4, C=16, SPLIT=SPLIT, num_warps=1, x8=x8, first=first)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and not outs[1].isnan().any()
+    if not normed:
+        check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl_on", [False, True])
+def test_cuda_qgemv_first_step_preload(pdl_on):
+    """FIRST at the in-projections' K = 2304 (9 steps of 16 chunks): a CUDA graph of 3 chained [2304, 2304] GEMVs,
+    each reading the previous one's output as x8, equals the same GEMVs without it, bit for bit."""
+    from kimi_local.kernels import pdl as P
+    N = K = 2304
+    p, raw = _gpu_weight("Q8_0", N, K, 29)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+
+    def chain(first):
+        outs, h = [], x
+        for _ in range(3):
+            x8 = qm.quantize_x8(h)
+            o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
+            qm.qgemv1(h, p, "Q8_0", N, out=o, x8=x8, first=first)
+            outs.append((x8, o))
+            h = o
+        return outs
+
+    with P.active(pdl_on and P.supported("cuda")):
+        want = chain(False)
+        chain(True)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            got = chain(True)
+        g.replay()
+        torch.cuda.synchronize()
+    for (w8, wo), (g8, go) in zip(want, got):
+        assert torch.equal(g8, w8) and torch.equal(go, wo)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("pdl_on", [False, True])
 def test_cuda_qgemv_preload(pdl_on):
