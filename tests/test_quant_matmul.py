@@ -447,22 +447,18 @@ def test_qgemv_first_step_preload(N, K, SPLIT, normed):
         check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("pdl_on", [False, True])
-def test_cuda_qgemv_first_step_preload(pdl_on):
-    """FIRST at the in-projections' K = 2304 (9 steps of 16 chunks): a CUDA graph of 3 chained [2304, 2304] GEMVs,
-    each reading the previous one's output as x8, equals the same GEMVs without it, bit for bit."""
+def _graph_chain_bitwise(x, N, pdl_on, gemv):
+    """3 chained GEMVs, each reading the previous one's output as x8 (gemv(h, x8, out, on)): eager with on=False,
+    then in a CUDA graph with on=True (replayed once), PDL as given; asserts both chains' x8 buffers and outputs equal
+    bit for bit and returns the eager one [(x8, out)]."""
     from kimi_local.kernels import pdl as P
-    N = K = 2304
-    p, raw = _gpu_weight("Q8_0", N, K, 29)
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
 
-    def chain(first):
+    def chain(on):
         outs, h = [], x
         for _ in range(3):
             x8 = qm.quantize_x8(h)
             o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-            qm.qgemv1(h, p, "Q8_0", N, out=o, x8=x8, first=first)
+            gemv(h, x8, o, on)
             outs.append((x8, o))
             h = o
         return outs
@@ -478,6 +474,18 @@ def test_cuda_qgemv_first_step_preload(pdl_on):
         torch.cuda.synchronize()
     for (w8, wo), (g8, go) in zip(want, got):
         assert torch.equal(g8, w8) and torch.equal(go, wo)
+    return want
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl_on", [False, True])
+def test_cuda_qgemv_first_step_preload(pdl_on):
+    """FIRST at the in-projections' K = 2304 (9 steps of 16 chunks): a CUDA graph of 3 chained [2304, 2304] GEMVs,
+    each reading the previous one's output as x8, equals the same GEMVs without it, bit for bit."""
+    N = K = 2304
+    p, raw = _gpu_weight("Q8_0", N, K, 29)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    _graph_chain_bitwise(x, N, pdl_on, lambda h, x8, o, on: qm.qgemv1(h, p, "Q8_0", N, out=o, x8=x8, first=on))
 
 
 @pytest.mark.cuda
@@ -486,34 +494,13 @@ def test_cuda_qgemv_preload(pdl_on):
     """PRELOAD at the o-projection's K ([4096, 4096] Q8_0, PRELOAD_SPLIT K slices), as the engine's default config
     picks it: a chain of 3 GEMVs in a CUDA graph, each reading the previous one's output as x8, equals the same
     one-step GEMVs without it, bit for bit, and the x8 reference."""
-    from kimi_local.kernels import pdl as P
     N = K = 4096  # square, so that each output can feed the next GEMV
     p, raw = _gpu_weight("Q8_0", N, K, 19)
     wd = _gpu_dense(raw, "Q8_0")
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-
-    def chain(pre):
-        outs, h = [], x
-        for _ in range(3):
-            x8 = qm.quantize_x8(h)
-            o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-            qm.qgemv1(h, p, "Q8_0", N, out=o, BN=4, C=4096 // 16 // qm.PRELOAD_SPLIT, SPLIT=qm.PRELOAD_SPLIT,
-                      num_warps=1, x8=x8, preload=pre)
-            outs.append((x8, o))
-            h = o
-        return outs
-
-    with P.active(pdl_on and P.supported("cuda")):
-        want = chain(False)
-        chain(True)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            got = chain(True)
-        g.replay()
-        torch.cuda.synchronize()
-    for (w8, wo), (g8, go) in zip(want, got):
-        assert torch.equal(g8, w8) and torch.equal(go, wo)
+    want = _graph_chain_bitwise(x, N, pdl_on, lambda h, x8, o, on: qm.qgemv1(
+        h, p, "Q8_0", N, out=o, BN=4, C=4096 // 16 // qm.PRELOAD_SPLIT, SPLIT=qm.PRELOAD_SPLIT, num_warps=1, x8=x8,
+        preload=on))
     check(want[0][1].float(), qlinear_ref(qm.dequantize_x8(want[0][0], K)[None], wd), 1e-2)
     # the engine's call (no knobs): the default config with PRELOAD picks the one-step slices above
     o = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
