@@ -725,8 +725,9 @@ class DecodeGraph:
         if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0" or self.inp.is_floating_point():
             return eager_steps(self, self.cache, sampler, tok, max_tokens, stop_ids)
         c = self.cache
-        # the step and the pick in one graph (KIMI_LOCAL_ONE_GRAPH=0: two graphs, the step's and the pick's)
-        whole = os.environ.get("KIMI_LOCAL_ONE_GRAPH", "1") != "0"
+        # the step and the pick in one graph (KIMI_LOCAL_ONE_GRAPH=0: two graphs, the step's and the pick's); with
+        # offloaded experts (their loader's decisions in the step graph) two graphs, as verified on a GPU so far
+        whole = os.environ.get("KIMI_LOCAL_ONE_GRAPH", "1") != "0" and type(self.net.experts) is GpuExperts
         sg = self._sampler_graph(sampler, whole)
         if self._host_tok is None:
             self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=True)
