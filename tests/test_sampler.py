@@ -188,3 +188,13 @@ def test_lookahead_context_overflow():
     with pytest.raises(ContextOverflow):
         next(it)
     assert c.pos == 14 and len(d.sampled) == 4 and c.tokens[10:] == _eager(1, 4)
+
+
+def test_sampler_greedy_means_argmax_alone():
+    """Sampler.greedy (the device stream then picks with kernels.sample.greedy_next, which reads no sampler state):
+    temperature 0 without a repeat penalty only, and such a sampler's pick is torch.argmax's."""
+    logits = torch.tensor([1.0, 7.0, 7.0, -2.0])
+    s = Sampler(SamplingParams(temperature=0), 4, "cpu")
+    assert s.greedy and int(s(logits)) == int(torch.argmax(logits)) == 1
+    assert not Sampler(SamplingParams(temperature=0, repeat_penalty=1.2), 4, "cpu").greedy
+    assert not Sampler(SamplingParams(temperature=0.7, seed=1), 4, "cpu").greedy
