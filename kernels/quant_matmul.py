@@ -1347,8 +1347,9 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     preload: PRELOAD (x8 Q8_0: the K slice's weights in registers before the PDL wait, one step over the slice);
     None = preload_default(), unless C is given. first: FIRST (x8 Q8_0 without PRELOAD, slices of whole steps: the
     first step's weights before the PDL wait, the same bits); None = below lm_head size on sm_90+ (_sm90, as the
-    preload), unless KIMI_LOCAL_GEMV_PRELOAD_FIRST=0. It serves the in-projections (K = 2304, 9 steps of 16 chunks), which follow the
-    MoE down kernel: their programs that are resident before its end have their first step in flight at the wait.
+    preload), unless KIMI_LOCAL_GEMV_PRELOAD_FIRST=0. It serves the in-projections (K = 2304, 9 steps of 16
+    chunks), which follow the MoE down kernel: their programs that are resident before its end have their first
+    step in flight at the wait.
     H200, session 23 (interleaved, tok/s at 4K / 128K / 1M): run 10 733.5 / 614.9 against 723.4 / 608.9; run 11
     731.1 / 612.5 / 299.4 against 723.7 / 607.1 / 293.6. The whole rows before the wait (144 chunks in registers)
     were 5 % slower (run 1), 3 or 2 longer steps after it 2.6-5.4 % slower (run 9)."""

@@ -701,12 +701,13 @@ class DecodeGraph:
             c.pos_dev.add_(1)
             c.len_dev.add_(1)
 
-        saved, saved_s = self._save_state(), sampler.state()
+        saved_s = sampler.state()
         if whole:  # one warm-up: a second would run the step at the position the first one advanced to
+            saved = self._save_state()
             g, _ = _capture(self.net.device, lambda: sample_next(self.net.decode_body(self.inp, c)), 1, self.pdl)
+            self._load_state(saved)
         else:
             g, _ = _capture(self.net.device, lambda: sample_next(self.logits), 1)
-        self._load_state(saved)
         sampler.load_state(saved_s)
         self._sampler = (sampler, whole, g)
         return g
