@@ -561,14 +561,15 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
         ctx.row("kda", "o-proj GEMV Q8_0 [2304, 4096] x8, pdl", ms, nbytes=gemv_bytes)
         ms = ctx.time(lambda: [(step(i), gemv(i)) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "engine step + o-proj GEMV, pdl", ms, nbytes=step_bytes + gemv_bytes)
-        # the default above preloads (quant_matmul.preload_default: the GEMV's weights into registers before its wait,
-        # one step per K slice); against the same one-step slices without it, and preloads of other row / slice counts
-        # (session 22, H200, us a layer of step + GEMV: 4 slices 12.31, 8 slices 15.15, 4 slices of 2 rows 14.69)
+        # the default above preloads (quant_matmul.preload_default: the GEMV's whole rows into registers before its
+        # wait, PRELOAD_SPLIT = 1 slice); against one-step slices without it, and preloads of other row / slice counts
+        # (session 22, H200, us a layer of step + GEMV: 4 slices 12.31, 8 slices 15.15, 4 slices of 2 rows 14.69,
+        # 2 slices 10.3, 1 slice 10.0)
         for name, kw in (("4 one-step slices, no preload", dict(BN=4, SPLIT=4, C=64, preload=False)),
                          ("preload BN=8 SPLIT=4", dict(BN=8, SPLIT=4, preload=True)),
                          ("preload BN=8 SPLIT=2", dict(BN=8, SPLIT=2, preload=True)),
                          ("preload BN=8 SPLIT=2, 2 warps", dict(BN=8, SPLIT=2, preload=True, num_warps=2)),
-                         ("preload BN=4 SPLIT=1", dict(BN=4, SPLIT=1, preload=True)),
+                         ("preload BN=4 SPLIT=2", dict(BN=4, SPLIT=2, preload=True)),
                          ("preload BN=2 SPLIT=1", dict(BN=2, SPLIT=1, preload=True))):
             def gemv_v(i, kw=kw):
                 qm.qgemv1(out, wo[i], "Q8_0", D, out=y[0], x8=o8, **{"num_warps": 1, **kw})
