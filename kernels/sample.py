@@ -55,11 +55,13 @@ def gumbel_add(logits: torch.Tensor, seed: int, step: torch.Tensor, out: torch.T
 
 
 @triton.jit
-def _greedy_next_kernel(logits, n, part_v, part_i, cnt, tok_out, pos, length,
-                        BLOCK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr):
+def _greedy_next_kernel(logits, n, part_v, part_i, cnt, tok_out, pos, length, host,
+                        BLOCK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr,
+                        RING: tl.constexpr):
     """Program p: the maximum of logits[p * BLOCK .. + BLOCK] and its first index, into the partials; the last of
     the G programs to arrive (counter cnt, re-armed by it) picks the first maximum of the partials (torch.argmax's
-    tie rule: blocks are in index order), stores it to tok_out[0] and adds 1 to pos[0] and length[0]."""
+    tie rule: blocks are in index order), stores it to tok_out[0] (and, RING > 0, to host[pos[0] % RING]: pinned
+    host memory) and adds 1 to pos[0] and length[0]."""
     pid = tl.program_id(0)
     o = pid * BLOCK + tl.arange(0, BLOCK)
     if PDL:  # the logits come from the kernel before (lm_head)
@@ -77,7 +79,10 @@ def _greedy_next_kernel(logits, n, part_v, part_i, cnt, tok_out, pos, length,
         pi = tl.load(part_i + og, mask=og < G, other=n, cache_modifier=".cg")
         t = tl.minimum(tl.min(tl.where(pv == tl.max(pv, 0), pi, n), 0), n - 1)  # n - 1: all NaN (no maximum)
         tl.store(tok_out, t.to(tok_out.dtype.element_ty))
-        tl.store(pos, tl.load(pos) + 1)
+        p = tl.load(pos)
+        if RING > 0:
+            tl.store(host + p % RING, t.to(host.dtype.element_ty))
+        tl.store(pos, p + 1)
         tl.store(length, tl.load(length) + 1)
         tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
@@ -86,12 +91,16 @@ _GREEDY_WS: dict = {}
 GREEDY_BLOCK = 2048  # 80 programs for the 163,840 logits: 16 values a thread at 4 warps
 
 
-def greedy_next(logits: torch.Tensor, tok_out: torch.Tensor, pos: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+def greedy_next(logits: torch.Tensor, tok_out: torch.Tensor, pos: torch.Tensor, length: torch.Tensor,
+                host: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy step of a device-side decode loop in one launch: tok_out[0] = argmax(logits) (torch.argmax's
     index: the first maximum), pos[0] += 1, length[0] += 1 (the next step's cache position and length).
-    logits [n] (contiguous), tok_out [1] (any integer dtype), pos / length [1] integer device tensors. No host
-    sync; CUDA-graph capturable after the first call on a device (its workspace); PDL-aware (kernels/pdl.py)."""
+    logits [n] (contiguous), tok_out [1] (any integer dtype), pos / length [1] integer device tensors. host: a
+    ring [R] in pinned host memory (contiguous integers) that also gets the id, in slot pos[0] % R (pos before the
+    + 1): the host reads it after the launch's completion without a device-to-host copy. No host sync;
+    CUDA-graph capturable after the first call on a device (its workspace); PDL-aware (kernels/pdl.py)."""
     assert logits.dim() == 1 and logits.is_contiguous() and tok_out.numel() == pos.numel() == length.numel() == 1
+    assert host is None or (host.dim() == 1 and host.is_contiguous() and (host.is_pinned() or _INTERP))
     n = logits.numel()
     G = triton.cdiv(n, GREEDY_BLOCK)
     key = (str(logits.device), G)
@@ -100,7 +109,8 @@ def greedy_next(logits: torch.Tensor, tok_out: torch.Tensor, pos: torch.Tensor, 
                            torch.empty(G, dtype=torch.int32, device=logits.device),
                            torch.zeros(1, dtype=torch.int32, device=logits.device))
     part_v, part_i, cnt = _GREEDY_WS[key]
-    _greedy_next_kernel[(G,)](logits, n, part_v, part_i, cnt, tok_out, pos, length, BLOCK=GREEDY_BLOCK, G=G,
-                              BG=triton.next_power_of_2(G), PDL=pdl.enabled(), num_warps=1 if _INTERP else 4,
-                              **pdl.launch_kw())
+    ring = tok_out if host is None else host
+    _greedy_next_kernel[(G,)](logits, n, part_v, part_i, cnt, tok_out, pos, length, ring, BLOCK=GREEDY_BLOCK, G=G,
+                              BG=triton.next_power_of_2(G), PDL=pdl.enabled(), RING=0 if host is None else host.numel(),
+                              num_warps=1 if _INTERP else 4, **pdl.launch_kw())
     return tok_out

@@ -658,7 +658,7 @@ class DecodeGraph:
         self.pdl = pdl.supported(net.device)
         self.graph, self.logits = _capture(net.device, lambda: net.decode_body(self.inp, cache), 2, self.pdl)
         self._load_state(saved)
-        self._sampler = None  # (sampler, whole, its graph), see _sampler_graph
+        self._sampler = None  # (sampler or "greedy", whole, its graph, writes host memory), see _sampler_graph
         self._host_tok = self._events = None  # stream(): pinned int64 [2] and two events (double buffered)
 
     def _save_state(self):
@@ -685,17 +685,23 @@ class DecodeGraph:
         """The CUDA graph of the sampler's pick after the step (one per sampler and form, the last one kept): the
         next id from the logits into self.inp, the positions + 1 on the device. whole: the step itself and the
         pick in one graph (no graph boundary between them; a greedy pick is then one kernels.sample.greedy_next
-        launch under PDL), else the pick alone, replayed after self.graph. Captured after an eager warm-up whose
-        effects on the sampler's state, the recurrent state and the conv tails are undone (stream() sets self.inp
-        and the positions before replays; the warm-up's cache row at the position is rewritten by the real step)."""
-        if self._sampler is not None and self._sampler[:2] == (sampler, whole):
+        launch under PDL, which also writes the id into self._host_tok, pinned host memory, slot position % 2: no
+        device-to-host copy after the replay, KIMI_LOCAL_HOST_TOKEN=0 keeps the copy; and one such graph serves
+        every greedy sampler: it reads no sampler state), else the pick alone, replayed after self.graph. Captured
+        after an eager warm-up whose effects on the sampler's state, the recurrent state and the conv tails are
+        undone (stream() sets self.inp and the positions before replays; the warm-up's cache row at the position is
+        rewritten by the real step)."""
+        greedy = whole and sampler.greedy
+        key = ("greedy", whole) if greedy else (sampler, whole)
+        if self._sampler is not None and self._sampler[:2] == key:
             return self._sampler[2]
         self._sampler = None  # the last one's graph (and its memory) goes first
         c = self.cache
+        host = self._host_ring() if greedy and os.environ.get("KIMI_LOCAL_HOST_TOKEN", "1") != "0" else None
 
         def sample_next(logits):
-            if whole and sampler.greedy:
-                greedy_next(logits[-1], self.inp, c.pos_dev, c.len_dev)
+            if greedy:
+                greedy_next(logits[-1], self.inp, c.pos_dev, c.len_dev, host=host)
                 return
             self.inp.copy_(sampler(logits[-1]))
             c.pos_dev.add_(1)
@@ -709,8 +715,15 @@ class DecodeGraph:
         else:
             g, _ = _capture(self.net.device, lambda: sample_next(self.logits), 1)
         sampler.load_state(saved_s)
-        self._sampler = (sampler, whole, g)
+        self._sampler = (*key, g, host is not None)
         return g
+
+    def _host_ring(self) -> torch.Tensor:
+        """The pinned int64 [2] that stream() reads each token from (slot: the position it was sampled at % 2)."""
+        if self._host_tok is None:
+            self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=True)
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        return self._host_tok
 
     def stream(self, sampler, tok: int, max_tokens: int, stop_ids=frozenset()):
         """Yield tok, then tokens sampled on the device, until a stop token (yielded) or max_tokens, each fed
@@ -720,7 +733,8 @@ class DecodeGraph:
         KIMI_LOCAL_ONE_GRAPH=0): nothing passes through the host
         between steps, so replay n + 1 is launched before the host waits for token n + 1 to print token n,
         and the GPU never waits for the host (the token fed ahead is never wasted: a stop token is fed too).
-        One host sync per token: an event after token n + 1's copy into pinned memory.
+        One host sync per token: an event after token n + 1 is in pinned memory (written by the greedy pick
+        itself, else copied there after the replay).
         KIMI_LOCAL_STREAM=0 (A/B runs), or a host embedding table (self.inp is the embedded row: the host gathers
         each token's row, so it must see the token first): one step() and an eager sample per token instead."""
         if os.environ.get("KIMI_LOCAL_STREAM", "1") == "0" or self.inp.is_floating_point():
@@ -730,21 +744,20 @@ class DecodeGraph:
         # offloaded experts (their loader's decisions in the step graph) two graphs, as verified on a GPU so far
         whole = os.environ.get("KIMI_LOCAL_ONE_GRAPH", "1") != "0" and type(self.net.experts) is GpuExperts
         sg = self._sampler_graph(sampler, whole)
-        if self._host_tok is None:
-            self._host_tok = torch.zeros(2, dtype=torch.int64, pin_memory=True)
-            self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        host, events = self._host_tok, self._events
+        direct = self._sampler[3]  # the graph writes the id into host memory itself
+        host, events, p0 = self._host_ring(), self._events, c.pos
 
-        def launch(m: int):  # replay m: feeds the token in self.inp, samples the next into host[m % 2]
+        def launch(m: int):  # replay m: feeds the token in self.inp, samples the next into host[(p0 + m) % 2]
             if not whole:
                 self.graph.replay()
             sg.replay()
-            host[m % 2 : m % 2 + 1].copy_(self.inp, non_blocking=True)
+            if not direct:
+                host[(p0 + m) % 2 :][:1].copy_(self.inp, non_blocking=True)
             events[m % 2].record()
 
         def read(m: int) -> int:  # the token replay m sampled (replay m + 2 reuses its slot: read it before)
             events[m % 2].synchronize()
-            return int(host[m % 2])
+            return int(host[(p0 + m) % 2])
 
         c.check_room(1)
         self.inp.fill_(tok)

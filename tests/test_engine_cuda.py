@@ -131,6 +131,33 @@ def test_device_stream_equals_one_step_at_a_time(params, one_graph, monkeypatch)
     assert torch.equal(logits, ref)
 
 
+@pytest.mark.parametrize("host_token", ["1", "0"])
+def test_greedy_turns_share_one_graph(host_token, monkeypatch):
+    """Chat-like turns (one cache, a new greedy sampler per generate call) replay the one greedy graph captured in
+    the first turn (no recapture), the id written into pinned host memory by the pick itself (or, with
+    KIMI_LOCAL_HOST_TOKEN=0, copied there after each replay); the tokens and the cache equal one forward() + eager
+    argmax per token (KIMI_LOCAL_STREAM=0), over turns that start at odd and even positions."""
+    from kimi_local.generate import SamplingParams, generate
+
+    monkeypatch.setenv("KIMI_LOCAL_HOST_TOKEN", host_token)
+    cfg, _, gpu = _models()
+    gen = torch.Generator().manual_seed(9)
+    turns = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (17, 6, 9)]
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KIMI_LOCAL_STREAM", flag)
+        cache, toks, graphs = gpu.new_cache(max_ctx=512), [], []
+        for t, prompt in enumerate(turns):
+            toks.append(list(generate(gpu, cache, prompt, SamplingParams(temperature=0), 40 + t)))
+            g = gpu._graph(cache)
+            graphs.append(g._sampler[2] if g._sampler else None)
+        runs.append((toks, list(cache.tokens)))
+        if flag == "1":
+            assert graphs[0] is not None and graphs[0] is graphs[1] is graphs[2]
+            assert gpu._graph(cache)._sampler[3] == (host_token == "1")
+    assert runs[0] == runs[1]
+
+
 def test_pdl_graph_equals_plain_graph_bitwise(monkeypatch):
     """Programmatic dependent launch only overlaps launches: the decode graph's logits must be bit-identical
     with it on and off (a missing wait would read stale activations)."""

@@ -67,7 +67,11 @@ def test_greedy_next_equals_argmax(n):
     tok = torch.full((1,), -1, dtype=torch.int64, device=DEV)
     cases = [logits, logits.clone().fill_(-3.0), logits.clone()]
     cases[2][n // 3] = cases[2][n - 1] = 99.0  # a tie, possibly in two programs' blocks
+    host = torch.full((3,), -1, dtype=torch.int64, pin_memory=DEV == "cuda")  # a ring: slot = position % 3
     for i, x in enumerate(cases):
-        greedy_next(x, tok, pos, length)
+        greedy_next(x, tok, pos, length, host=host if i else None)
+        if DEV == "cuda":
+            torch.cuda.synchronize()
         assert int(tok) == int(torch.argmax(x)) and int(pos) == 8 + i and int(length) == 9 + i
-    assert int(tok) == n // 3
+        assert host[(7 + i) % 3] == (int(tok) if i else -1)
+    assert int(tok) == n // 3 and host.tolist() == [n // 3, -1, int(torch.argmax(cases[1]))]
