@@ -471,6 +471,14 @@ def moe_decode(x, slot_ids, weights, gate_pool, up_pool, down_pool, qtypes, out,
         moe_gluon.down(act, slot_ids, weights, None, down_pool, sd if has_shared else None, out, part2, cnt2,
                        D, F, qd, qsd if has_shared else None, K, route, pdl.enabled(), res_norm=res_norm)
         return out
+    # a dense FFN (no routed expert): the Gluon down kernel in column slices of the down matrix
+    fs = moe_gluon.dense_slices(x.device, qsd, D, F) if gluon_down and use_x8 and not INTERPRET and K == 0 \
+        and has_shared else 0
+    if fs:
+        part2, cnt2 = split_workspace(x.device, fs * D, D // 16)
+        moe_gluon.down(act, slot_ids, weights, None, down_pool, sd, out, part2, cnt2, D, F, qsd, qsd, 0, None,
+                       pdl.enabled(), res_norm=res_norm, fs=fs)
+        return out
     NP = E * S2
     part2, cnt2 = split_workspace(x.device, NP * D if NP > 1 else 0, ntd if NP > 1 else 0)
     fuse = res_norm is not None and BD % X8_GROUP == 0

@@ -150,39 +150,42 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _issue(qr, sr0, sr1, sr2, i, w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-               SS: gl.constexpr, L3: gl.constexpr):
+               SS: gl.constexpr, L3: gl.constexpr, KR: gl.constexpr = 0):
         """cp.async of block column blk of the main plane (Q4_K / Q5_K qs: 8 chunks = one block; Q8_0: 128 weights)
-        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values) into ring slot i [16, 8, 4] int32; SS
-        (Q4_K / Q8_0): also each thread's side words (_side's s0 .. s2, 4-byte copies) into slot i of sr0 .. sr2."""
+        of rows f0 .. f0 + 15 of the packed matrix at w (rows of K values; KR > 0: of KR values, a matrix whose
+        columns the caller walks in slices of K) into ring slot i [16, 8, 4] int32; SS (Q4_K / Q8_0): also each
+        thread's side words (_side's s0 .. s2, 4-byte copies) into slot i of sr0 .. sr2."""
         r3, c3, i3, r2, c2 = _idx(L3)
-        CPR: gl.constexpr = K // 16 if QT == 0 else K // 32  # 16-byte chunks per row of the main plane
+        KK: gl.constexpr = K if KR == 0 else KR
+        CPR: gl.constexpr = KK // 16 if QT == 0 else KK // 32  # 16-byte chunks per row of the main plane
         w32 = w.to(gl.pointer_type(gl.int32))
         _async_load(qr.index(i), w32 + ((f0 + r3) * CPR + blk * 8 + c3) * 4 + i3)
         if SS:
             if QT == 0:
-                _async_load(sr0.index(i), w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
+                _async_load(sr0.index(i), w32 + (N * KK) // 4 + ((f0 + r2) * (KK // 32) + blk * 4 + c2 // 2) // 2)
             else:
-                NBT: gl.constexpr = N * (K // 256)
-                rb = (f0 + r2) * (K // 256) + blk
+                NBT: gl.constexpr = N * (KK // 256)
+                rb = (f0 + r2) * (KK // 256) + blk
                 jw = (c2 // 2) // 2
                 _async_load(sr0.index(i), w32 + NBT * 32 + rb * 2 + jw)
                 _async_load(sr1.index(i), w32 + NBT * 34 + rb * 2 + jw)
                 _async_load(sr2.index(i), w32 + NBT * 36 + rb + c2 * 0)
 
     @gluon.jit
-    def _side(w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr):
+    def _side(w, blk, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr, KR: gl.constexpr = 0):
         """The side words of block column blk, plain loads into registers (issued a stage before their use):
         (s0, s1, s2) [16, 8] and h [16, 8, 4] int32. Q4_K / Q5_K (quant_matmul.repack planes: qs 128, [qh 32,] sc 8,
         m 8, dd 4 bytes per block): the sub-scale word, the min word and the d / dmin word of each thread's chunk,
         and Q5_K's qh words (half c % 2 of the block's 32 qh bytes); Q8_0 (qs [N, K] int8, then d [N, K / 32] fp16):
-        the d word (s1, s2, h unused)."""
+        the d word (s1, s2, h unused). KR: as _issue."""
         r3, c3, i3, r2, c2 = _idx(L3)
+        KK: gl.constexpr = K if KR == 0 else KR
         w32 = w.to(gl.pointer_type(gl.int32))
         if QT == 0:
-            s0 = gl.load(w32 + (N * K) // 4 + ((f0 + r2) * (K // 32) + blk * 4 + c2 // 2) // 2)
+            s0 = gl.load(w32 + (N * KK) // 4 + ((f0 + r2) * (KK // 32) + blk * 4 + c2 // 2) // 2)
             return s0, s0, s0, gl.zeros([16, 8, 4], gl.int32, layout=L3)
         else:
-            NB: gl.constexpr = K // 256
+            NB: gl.constexpr = KK // 256
             NBT: gl.constexpr = N * NB
             P: gl.constexpr = 40 if QT == 2 else 32  # words per block before the scale planes
             rb = (f0 + r2) * NB + blk
@@ -205,19 +208,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _prefetch_side(wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr,
-                       PF: gl.constexpr, W: gl.constexpr):
+                       PF: gl.constexpr, W: gl.constexpr, KR: gl.constexpr = 0):
         """L2 prefetch (one bulk request per plane and matrix, from the first threads) of the side planes' bytes of
         rows f0 .. f0 + 15 of wa (and wb if NM == 2): each plane's rows are contiguous, so _side's loads hit L2.
-        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued."""
+        PF == 2: the main plane's rows too (plane 4), for the ring stages not yet issued. KR: as _issue (the whole
+        rows)."""
+        KK: gl.constexpr = K if KR == 0 else KR
         k = gl.arange(0, 32 * W, layout=gl.BlockedLayout([1], [32], [W], [0]))
         plane = k % 8
         mat = k // 8
         if QT == 0:
-            off = gl.where(plane == 4, f0 * K, N * K + f0 * (K // 16))
-            size = gl.where(plane == 4, 16 * K, 16 * (K // 16))
+            off = gl.where(plane == 4, f0 * KK, N * KK + f0 * (KK // 16))
+            size = gl.where(plane == 4, 16 * KK, 16 * (KK // 16))
             on = (mat < NM) & ((plane == 0) | ((plane == 4) & (PF == 2)))
         else:
-            NB: gl.constexpr = K // 256
+            NB: gl.constexpr = KK // 256
             NBT: gl.constexpr = N * NB
             P: gl.constexpr = 160 if QT == 2 else 128
             off = gl.where(plane == 0, NBT * P + f0 * NB * 8,
@@ -287,10 +292,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
                      QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr,
-                     PAIR: gl.constexpr = False):
+                     PAIR: gl.constexpr = False, B0=0, KR: gl.constexpr = 0):
         """Stage t of the CTA (wa's block columns, then wb's if NM == 2; none past the last) into slot t % NS, as
         one commit group (empty past the last stage, so that wait_group counts stay the same). PAIR (t a constant,
-        NM == 2): block column t // 2 of wa (t even) or wb (t odd) instead."""
+        NM == 2): block column t // 2 of wa (t even) or wb (t odd) instead. NM == 1 with KR (a slice of K of rows
+        of KR values): block columns B0 + t."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         if PAIR:
             if t < NM * SPM:
@@ -299,31 +305,33 @@ if HAVE_GLUON:
                 else:
                     _issue(qr, sr0, sr1, sr2, t % NS, wb, t // 2, f0, N, K, QT, SS, L3)
         elif t < SPM:
-            _issue(qr, sr0, sr1, sr2, t % NS, wa, t, f0, N, K, QT, SS, L3)
+            _issue(qr, sr0, sr1, sr2, t % NS, wa, t + B0, f0, N, K, QT, SS, L3, KR)
         elif t < NM * SPM:
             _issue(qr, sr0, sr1, sr2, t % NS, wb, t - SPM, f0, N, K, QT, SS, L3)
         cp.commit_group()
 
     @gluon.jit
     def _side_stage(t, wa, wb, f0, N: gl.constexpr, K: gl.constexpr, QT: gl.constexpr, L3: gl.constexpr,
-                    PAIR: gl.constexpr = False):
-        """_side of stage t (wa's block columns, then wb's; PAIR: as _issue_stage): the matrix is selected, not branched
-        on, so the loads stay outside any branch (their latency is waited for at the use, a stage later)."""
+                    PAIR: gl.constexpr = False, B0=0, KR: gl.constexpr = 0):
+        """_side of stage t (wa's block columns, then wb's; PAIR, B0, KR: as _issue_stage): the matrix is selected,
+        not branched on, so the loads stay outside any branch (their latency is waited for at the use, a stage
+        later)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         if PAIR:
             return _side(wa if t % 2 == 0 else wb, t // 2, f0, N, K, QT, L3)
         second = t >= SPM
-        return _side(gl.where(second, wb, wa), t - second.to(gl.int32) * SPM, f0, N, K, QT, L3)
+        return _side(gl.where(second, wb, wa), t - second.to(gl.int32) * SPM + B0, f0, N, K, QT, L3, KR)
 
     @gluon.jit
     def _prologue(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, N: gl.constexpr, K: gl.constexpr,
                   QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr,
-                  W: gl.constexpr, PAIR: gl.constexpr = False):
-        """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages."""
+                  W: gl.constexpr, PAIR: gl.constexpr = False, B0=0, KR: gl.constexpr = 0):
+        """Weights only (safe before the PDL wait): the side planes into L2 (PF), the first NS - 1 ring stages. B0,
+        KR: as _issue_stage."""
         if PF:
-            _prefetch_side(wa, wb, NM, f0, N, K, QT, PF, W)
+            _prefetch_side(wa, wb, NM, f0, N, K, QT, PF, W, KR)
         for t in gl.static_range(NS - 1):
-            _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR)
+            _issue_stage(qr, sr0, sr1, sr2, t, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR, B0, KR)
 
     @gluon.jit
     def _accumulate(acc_a, acc_b, part, t, SPM: gl.constexpr, NM: gl.constexpr, PAIR: gl.constexpr = False):
@@ -340,13 +348,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _stream(qr, sr0, sr1, sr2, wa, wb, NM: gl.constexpr, f0, xw, dxp, sqp, N: gl.constexpr, K: gl.constexpr,
                 QT: gl.constexpr, NS: gl.constexpr, SS: gl.constexpr, L3: gl.constexpr, UNROLL: gl.constexpr,
-                PAIR: gl.constexpr):
+                PAIR: gl.constexpr, B0=0, KR: gl.constexpr = 0):
         """(ya, yb) [16] fp32: rows f0 .. f0 + 15 of wa (and wb if NM == 2; else yb = 0) times x, after _prologue.
         Each step issues the stage NS - 1 ahead into the ring; the side words come with it (SS) or are loaded into
         registers a stage ahead (not SS). UNROLL > 0 (not SS): the stage loop unrolled, the side words UNROLL stages
         ahead (unrolled, ptxas hoists the x loads of later stages: more registers; scripts/bench_moe_probe.py).
         PAIR (UNROLL, NM == 2; after _prologue with PAIR): the stages alternate between wa and wb per block column,
-        and the block's x words are loaded once for both matrices."""
+        and the block's x words are loaded once for both matrices. B0, KR (NM == 1, not SS; after _prologue with
+        them): block columns B0 .. B0 + K / block - 1 of rows of KR values (x words of those columns: xw, dxp, sqp
+        are the whole row's)."""
         SPM: gl.constexpr = K // 128 if QT == 0 else K // 256  # stages per matrix
         T: gl.constexpr = NM * SPM
         L2: gl.constexpr = gl.SliceLayout(2, L3)
@@ -366,11 +376,11 @@ if HAVE_GLUON:
                 sides = ()
                 for u in gl.static_range(UNROLL):
                     if u < T:
-                        sides = sides + _side_stage(u, wa, wb, f0, N, K, QT, L3, PAIR)
+                        sides = sides + _side_stage(u, wa, wb, f0, N, K, QT, L3, PAIR, B0, KR)
                 for t in gl.static_range(T):
-                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR)
+                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3, PAIR, B0, KR)
                     if t + UNROLL < T:
-                        sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3, PAIR)
+                        sides = sides + _side_stage(t + UNROLL, wa, wb, f0, N, K, QT, L3, PAIR, B0, KR)
                     if PAIR:
                         if t % 2 == 0:  # block column t // 2 of both matrices: one load of its x words
                             xs = _x_words(t // 2, xw, dxp, sqp, QT, L3)
@@ -379,16 +389,16 @@ if HAVE_GLUON:
                                       sides[4 * t + 3], QT, L3)
                     else:  # x loaded after the wait, as measured (loading it before, as PAIR does, changes the SASS)
                         cp.wait_group(NS - 1)
-                        part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
+                        part = _stage_dot(qr, t % NS, t % SPM + B0, xw, dxp, sqp, sides[4 * t], sides[4 * t + 1],
                                           sides[4 * t + 2], sides[4 * t + 3], QT, L3)
                     acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM, PAIR)
             else:
-                s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3)
+                s0, s1, s2, h = _side_stage(0, wa, wb, f0, N, K, QT, L3, False, B0, KR)
                 for t in range(T):
-                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3)
-                    n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3)
+                    _issue_stage(qr, sr0, sr1, sr2, t + NS - 1, wa, wb, NM, f0, N, K, QT, NS, SS, L3, False, B0, KR)
+                    n0, n1, n2, nh = _side_stage(gl.minimum(t + 1, T - 1), wa, wb, f0, N, K, QT, L3, False, B0, KR)
                     cp.wait_group(NS - 1)
-                    part = _stage_dot(qr, t % NS, t % SPM, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
+                    part = _stage_dot(qr, t % NS, t % SPM + B0, xw, dxp, sqp, s0, s1, s2, h, QT, L3)
                     acc_a, acc_b = _accumulate(acc_a, acc_b, part, t, SPM, NM)
                     s0, s1, s2, h = n0, n1, n2, nh
         cp.wait_group(0)
@@ -537,15 +547,22 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _down_tile(qr, w, e, d0, act, D: gl.constexpr, F: gl.constexpr, QT: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr):
-        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up)."""
-        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W)
+                   PDL: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
+                   B0=0, FT: gl.constexpr = 0):
+        """[16] fp32: rows d0 .. d0 + 15 of down matrix w (rows of F values) times act row e (x8, from gate/up).
+        FT > 0: w's rows have FT values, act's row too, and the CTA takes their columns B0 * block .. + F - 1."""
+        _prologue(qr, qr, qr, qr, w, w, 1, d0, D, F, QT, NS, False, PF, L3, W, False, B0, FT)
         if PDL:  # act is the gate/up kernel's output
             _gdc_wait()
             _gdc_launch_dependents()
-        xw = act + e * (F // 4 + F // 8)
-        dxp = (xw + F // 4).to(gl.pointer_type(gl.float32))
-        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F // 16, D, F, QT, NS, False, L3, UNROLL, False)
+        if FT:
+            F2: gl.constexpr = FT
+        else:
+            F2: gl.constexpr = F
+        xw = act + e * (F2 // 4 + F2 // 8)
+        dxp = (xw + F2 // 4).to(gl.pointer_type(gl.float32))
+        y, _ = _stream(qr, qr, qr, qr, w, w, 1, d0, xw, dxp, dxp + F2 // 16, D, F, QT, NS, False, L3, UNROLL, False,
+                       B0, FT)
         return y
 
     @gluon.jit
@@ -553,8 +570,11 @@ if HAVE_GLUON:
                               D: gl.constexpr, F: gl.constexpr, KTOP: gl.constexpr, QT: gl.constexpr,
                               QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr,
                               BIASED: gl.constexpr, RENORM: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr,
-                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr):
-        """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. Each
+                              PF: gl.constexpr, W: gl.constexpr, NORM: gl.constexpr, UNROLL: gl.constexpr,
+                              FS: gl.constexpr):
+        """Grid (D / 16 * E,), E = KTOP + HAS_SHARED: CTA (expert, 16-row d-tile), the shared expert's first. FS > 1
+        (a dense FFN: KTOP = 0, the shared expert's down of FS * F columns): E = FS, CTA (column slice j of F, d-tile),
+        partial j = slice j's products (the act row and the weight rows are the whole FS * F). Each
         writes its weighted rows to part [E, D] fp32; the last of a d-tile's E CTAs to arrive (counter cnt[tile],
         re-armed by it) sums the E partials in expert order (deterministic) and stores out [D]; with NORM it adds
         them to the residual res [D] instead and writes the tile's group of the next RMSNorm's normed x8 buffer x8n
@@ -562,12 +582,16 @@ if HAVE_GLUON:
         L3: gl.constexpr = gl.BlockedLayout([16 // (4 * W), 1, 4], [4, 8, 1], [W, 1, 1], [2, 1, 0])
         SL3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])  # per ring slot (the leading dim)
         NT: gl.constexpr = D // 16
-        E: gl.constexpr = KTOP + HAS_SHARED
+        E: gl.constexpr = KTOP + HAS_SHARED if FS == 1 else FS
         pid = gl.program_id(0)
         qr = gl.allocate_shared_memory(gl.int32, [NS, 16, 8, 4], SL3)
         tile = pid % NT
         d0 = tile * 16
-        if HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
+        if FS > 1:  # slice e of the dense FFN's down (act row 0), unweighted
+            e = pid // NT
+            y = _down_tile(qr, sdown, 0, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL,
+                           e * (F // 128 if QTS == 0 else F // 256), F * FS)
+        elif HAS_SHARED and pid < NT:  # the shared expert (act row KTOP), unweighted
             e = pid * 0 + KTOP
             y = _down_tile(qr, sdown, e, d0, act, D, F, QTS, NS, PDL, PF, L3, W, UNROLL)
         else:
@@ -670,25 +694,45 @@ def down_supported(device, qd: str, qsd: str | None, D: int, F: int, ktop: int) 
             and torch.cuda.get_device_capability(dev)[0] == 9)
 
 
+DENSE_SLICE = 1024  # columns of a dense FFN's down slice: the MoE experts' width, whose down configuration is tuned
+
+
+def dense_slices(device, qsd: str, D: int, F: int) -> int:
+    """Column slices of a dense FFN's down matrix (the FFN run as the only, "shared", expert: moe.moe_decode with no
+    routed expert) for the Gluon down kernel (FS): F in slices of DENSE_SLICE (or the largest multiple of 256 below it
+    that divides F), each a CTA's whole walk; 0 where the kernel does not apply (then the Triton down kernel). Layer
+    0's down (F = 9216, Q8_0 in Q4_K_M: 22.5 MB) took 15 us a token on the Triton kernel (H200, session 23 profile).
+    KIMI_LOCAL_DENSE_GLUON_DOWN=0: the Triton kernel (A/B runs)."""
+    if os.environ.get("KIMI_LOCAL_DENSE_GLUON_DOWN", "1") == "0" or F <= DENSE_SLICE:
+        return 0
+    for fs in range(-(-F // DENSE_SLICE), F // 256 + 1):
+        if F % fs == 0 and (F // fs) % 256 == 0:
+            return fs if down_supported(device, qsd, qsd, D, F // fs, 1) else 0
+    return 0
+
+
 def down_enabled() -> bool:
     """KIMI_LOCAL_MOE_GLUON_DOWN (default on; "0" keeps the Triton down kernel, for A/B runs)."""
     return enabled() and os.environ.get("KIMI_LOCAL_MOE_GLUON_DOWN", "1") != "0"
 
 
 def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int, F: int, qd: str, qsd: str | None,
-         ktop: int, route, pdl_on: bool, NS: int | None = None, res_norm=None):
+         ktop: int, route, pdl_on: bool, NS: int | None = None, res_norm=None, fs: int = 1):
     """Launch the Gluon down kernel: act int32 [ktop + 1, x8_words(F)] (gate/up's); slot_ids [ktop] int32 and weights
     [ktop] fp32, or with route = (rbias, k, scale, biased, renorm) the router's logits [NR] fp32; down_pool uint8
     [S, D, row bytes]; sdown the shared expert's packed down or None; out [D] (written); part fp32 >= (ktop + 1) * D
-    and cnt int32 [D / 16] zeroed (split_workspace); res_norm: moe.moe_decode's (out then not written).
-    Graph-capturable."""
+    and cnt int32 [D / 16] zeroed (split_workspace); res_norm: moe.moe_decode's (out then not written). fs > 1
+    (dense_slices): a dense FFN (ktop = 0, sdown its down of F columns, act [1, x8_words(F)]) in fs column slices,
+    part >= fs * D. Graph-capturable."""
     has_shared = sdown is not None
+    if fs > 1:
+        assert ktop == 0 and has_shared and F % fs == 0
     nr, rscale, biased, renorm = 32, 1.0, False, False
     if route is not None:
         rbias, _, rscale, biased, renorm = route
         nr = slot_ids.numel()
         assert nr >= 32 and (nr & (nr - 1)) == 0, "the Gluon down routes over a power of 2 (>= 32) experts"
-    E = ktop + int(has_shared)
+    E = ktop + int(has_shared) if fs == 1 else fs
     assert part.numel() >= E * D and cnt.numel() >= D // 16
     w = _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_W", DOWN_W)
     unroll = _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL", DOWN_UNROLL)
@@ -697,11 +741,11 @@ def down(act, slot_ids, weights, rbias, down_pool, sdown, out, part, cnt, D: int
         sdown if has_shared else down_pool[0], out, part, cnt, down_pool[0].numel(), float(rscale),
         *(res_norm if res_norm is not None else (out, out, out)),
         NORM=0 if res_norm is None else _env_int("KIMI_LOCAL_NORM_PRE", 1),
-        D=D, F=F, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
+        D=D, F=F // fs, KTOP=ktop, QT=QT_ID[qd], QTS=QT_ID[qsd or qd], HAS_SHARED=has_shared, ROUTE=route is not None,
         NR=nr, BIASED=bool(biased), RENORM=bool(renorm),
         NS=NS or _env_int("KIMI_LOCAL_MOE_GLUON_DOWN_NS", DOWN_NS),
         PDL=bool(pdl_on), PF=_env_int("KIMI_LOCAL_MOE_GLUON_DOWN_PF", 1), W=w,
-        UNROLL=unroll, num_warps=w,
+        UNROLL=unroll, FS=fs, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return out

@@ -59,9 +59,14 @@ def cases(only: set):
                      "nw": "*fp32", "x8n": "*i32"}
             ce = dict(D=2304, F=1024, KTOP=8, QT=M.QT_ID[qd], QTS=M.QT_ID[qsd or qd], HAS_SHARED=qsd is not None,
                       ROUTE=route, NR=256 if route else 32, BIASED=False, RENORM=True, NS=ns, PDL=True, PF=1,
-                      W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL)
+                      W=M.DOWN_W, NORM=norm, UNROLL=M.DOWN_UNROLL, FS=1)
             out.append((f"moe_down {qd}+{qsd} route={int(route)} ns={ns} norm={int(norm)}", M.moe_down_gluon_kernel,
                         types, ce, M.DOWN_W))
+            if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, True):  # the dense layer 0's down (moe.dense_slices)
+                for qs in ("Q8_0", "Q4_K"):
+                    out.append((f"moe_down dense {qs} F=9216 fs=9 norm=1", M.moe_down_gluon_kernel, types,
+                                dict(ce, KTOP=0, QT=M.QT_ID[qs], QTS=M.QT_ID[qs], ROUTE=False, NR=32, FS=9),
+                                M.DOWN_W))
             if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: _DOWN_UNROLL=0, _DOWN_W=2
                 out.append((out[-1][0] + " unroll=0", M.moe_down_gluon_kernel, types, dict(ce, UNROLL=0),
                             M.DOWN_W))

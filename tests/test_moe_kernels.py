@@ -469,6 +469,60 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("qts", [("Q8_0", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q4_K")])  # Q4_K_M's layer 0; uniform
+def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
+    """Layer 0's dense FFN (F = 9216) with its down on the Gluon down kernel in column slices (moe_gluon.dense_slices,
+    the default on Hopper) against the Triton down kernel (KIMI_LOCAL_DENSE_GLUON_DOWN=0; same act, fp32 sums in
+    other orders: within 1e-4) and the x8 reference; under PDL a graph replay equals the eager call bit for bit, and
+    with res_norm the residual equals out + add_norm_x8n's."""
+    from kimi_local.kernels import moe_gluon, pdl as P
+    from kimi_local.kernels.norm import add_norm_x8n
+    D, F = 2304, 9216
+    if not moe_gluon.dense_slices("cuda", qts[2], D, F):
+        pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
+    assert moe_gluon.dense_slices("cuda", qts[2], D, F) == 9
+    g = torch.Generator().manual_seed(12)
+    mats, dense = [], []
+    for qt, r, c in zip(qts, (F, F, D), (D, D, F)):
+        p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
+        mats.append(p[0]), dense.append(dq[0])
+    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
+    none_i = torch.empty(0, dtype=torch.int32, device="cuda")
+    args = (x, none_i, none_i.float(), *(m[None] for m in mats), qts)
+    kw = dict(shared=mats, shared_qtypes=qts, x8=True)
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KIMI_LOCAL_DENSE_GLUON_DOWN", flag)
+        out = torch.full((D,), float("nan"), device="cuda")
+        moe.moe_decode(*args, out, **kw)
+        torch.cuda.synchronize()
+        outs.append(out)
+    check(outs[1], outs[0], 1e-4)
+    check(outs[1], moe_ref_x8(x, none_i, [], None, None, None, shared=dense), 5e-3)
+    got = torch.empty(D, device="cuda", dtype=torch.bfloat16)
+    with P.active(P.supported("cuda")):
+        moe.moe_decode(*args, got, **kw)
+        want = got.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe.moe_decode(*args, got, **kw)
+        for _ in range(3):  # the arrival counters re-arm: replays stay equal
+            got.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want)
+        res0 = torch.randn(1, D, device="cuda").bfloat16()
+        nw = 1 + 0.3 * torch.randn(D, device="cuda")
+        want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
+        add_norm_x8n(want, want_res, nw, want8)
+        res, x8n = res0.clone(), torch.full_like(want8, -1)
+        moe.moe_decode(*args, torch.empty_like(got), res_norm=(res, nw, x8n), **kw)
+        torch.cuda.synchronize()
+        assert torch.equal(res, want_res)
+        assert (x8n[:D // 4].view(torch.int8) != want8[:D // 4].view(torch.int8)).sum().item() <= D // 500
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("qtypes,shq,route", [
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), (False, True)),  # the Q4_K_M recipe, as the engine calls it
     (("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0"), None),
@@ -694,12 +748,16 @@ def test_moe_gluon_dispatch(monkeypatch):
             assert not moe_gluon.supported("cuda", *bad, 2304, 1024)
         assert not moe_gluon.supported("cuda", "Q4_K", "Q4_K", "Q8_0", "Q8_0", 2304 + 128, 1024)
     assert not moe_gluon.down_supported("cpu", "Q5_K", "Q8_0", 2304, 1024, 8)
+    assert moe_gluon.dense_slices("cpu", "Q8_0", 2304, 9216) == 0
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and moe_gluon.HAVE_GLUON:
         assert moe_gluon.down_supported("cuda", "Q5_K", "Q8_0", 2304, 1024, 8)
         assert moe_gluon.down_supported("cuda", "Q8_0", None, 2304, 1024, 8)
         assert not moe_gluon.down_supported("cuda", "Q6_K", "Q8_0", 2304, 1024, 8)
         assert not moe_gluon.down_supported("cuda", "Q5_K", "Q8_0", 2304, 9216, 8)  # F too long for one CTA
         assert not moe_gluon.down_supported("cuda", "Q8_0", "Q8_0", 2304, 1024, 0)  # the dense layer: no routed
+        assert moe_gluon.dense_slices("cuda", "Q8_0", 2304, 9216) == 9  # ... but in column slices
+        assert moe_gluon.dense_slices("cuda", "Q4_K", 2304, 2560) == 5  # slices of 512: 1024 / 768 / 640 do not fit
+        assert moe_gluon.dense_slices("cuda", "Q6_K", 2304, 9216) == 0
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_DOWN", "0")
     assert not moe_gluon.down_enabled()
     monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON", "0")
