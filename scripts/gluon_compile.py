@@ -64,7 +64,7 @@ def cases(only: set):
                         types, ce, M.DOWN_W))
             if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, True):  # the dense layer 0's down (moe.dense_slices)
                 for qs in ("Q8_0", "Q4_K"):
-                    out.append((f"moe_down dense {qs} F=9216 fs=9 norm=1", M.moe_down_gluon_kernel, types,
+                    out.append((f"moe_down dense {qs} F=9216 fs=9 ns={ns} norm=1", M.moe_down_gluon_kernel, types,
                                 dict(ce, KTOP=0, QT=M.QT_ID[qs], QTS=M.QT_ID[qs], ROUTE=False, NR=32, FS=9),
                                 M.DOWN_W))
             if (qd, qsd, route, norm) == ("Q5_K", "Q8_0", True, False):  # A/B: _DOWN_UNROLL=0, _DOWN_W=2
