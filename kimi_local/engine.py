@@ -388,11 +388,9 @@ class GpuKimi(KimiLinear):
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
             res_norm = None
             # the next norm in the down kernel: the next layer's attention norm, or after the last layer the output
-            # norm when lm_head reads x8 on the word path (one launch less; KIMI_LOCAL_OUTPUT_NORM_IN_DOWN=0: a norm
-            # launch)
+            # norm when lm_head reads x8 on the word path (one launch less; a decode token always wants its logits)
             nxt = (f"blk.{i + 1}.attn_norm.weight" if self._reads_normed_x8(i + 1) else None) if i + 1 < L else (
-                "output_norm.weight" if logits != "none" and self._reads_normed_x8(None)
-                and os.environ.get("KIMI_LOCAL_OUTPUT_NORM_IN_DOWN", "1") != "0" else None)
+                "output_norm.weight" if logits != "none" and self._reads_normed_x8(None) else None)
             if norm_in_down and nxt is not None:
                 x8n = torch.empty(x8n_words(cfg.hidden_size), dtype=torch.int32, device=x.device)
                 res_norm = (x, w[nxt], x8n)
