@@ -265,44 +265,31 @@ def dequantize_gpu(data, qtype, shape, out=None):
 
 
 @triton.jit
-def _embed_kernel(ids, w, out, nw, x8n, N, K, stride_on, QT: tl.constexpr, G: tl.constexpr, NORM: tl.constexpr):
-    """Program (t, g): row ids[t] of the packed [N, K] table at the 16-groups g * G .. + G -> out[t]; NORM (one
-    row): also those groups of the normed x8 buffer x8n of the RMSNorm of weight nw (_res_norm_x8n's roundings)."""
+def _embed_kernel(ids, w, out, N, K, stride_on, QT: tl.constexpr, G: tl.constexpr):
+    """Program (t, g): row ids[t] of the packed [N, K] table at the 16-groups g * G .. + G -> out[t]."""
     i_t, i_g = tl.program_id(0), tl.program_id(1)
     n = tl.load(ids + i_t + tl.arange(0, 1)).to(tl.int64)  # [1]
     gg = i_g * G + tl.arange(0, G)
     q, A, B = _dq_tile(w, n, n < N, gg, N, K, QT)
     wv = q * A[:, :, None] - B[:, :, None]  # [1, G, 16]
     off = i_t * stride_on + (gg * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]
-    xdt = out.dtype.element_ty
-    tl.store(out + off, wv.to(xdt), mask=(gg * 16 < K)[None, :, None])
-    if NORM:
-        d = i_g * G * 16 + tl.arange(0, 16 * G)
-        ws = tl.load(nw + d, mask=d < K, other=0).to(xdt).to(tl.float32)
-        xs = tl.where(d < K, tl.reshape(wv, [16 * G]).to(xdt).to(tl.float32), 0.0)
-        _x8n_put(x8n, K, i_g * G, K // 16 - i_g * G, xs, ws, G)
+    tl.store(out + off, wv.to(out.dtype.element_ty), mask=(gg * 16 < K)[None, :, None])
 
 
-def embed_gpu(ids, data, qtype, shape, out=None, dtype=torch.bfloat16, norm=None):
+def embed_gpu(ids, data, qtype, shape, out=None, dtype=torch.bfloat16):
     """Rows ids [T] (int, on data's device; each in [0, N)) of the packed table `data` (see `repack`) of
     logical shape [N, K] -> [T, K] in one launch (graph-capturable with `out`): the decode step's embedding
-    without the gather + torch dequantize chain (7 launches, ~22 us per token on an H200, session 8).
-    norm = (weight [K], x8n int32 [x8n_words(K)]), one row, K % 16 == 0: the same launch also writes the normed x8
-    buffer of the row's RMSNorm (the first layer's attention norm: one launch less a decode token)."""
+    without the gather + torch dequantize chain (7 launches, ~22 us per token on an H200, session 8)."""
     N, K = shape
     T = ids.numel()
     assert data.numel() == N * packed_row_bytes(qtype, K) and ids.is_contiguous()
-    if INTERPRET and out is None and dtype != torch.float32 and norm is None:
-        # the interpreter truncates fp32 -> bf16: round in torch
+    if INTERPRET and out is None and dtype != torch.float32:  # the interpreter truncates fp32 -> bf16: round in torch
         return embed_gpu(ids, data, qtype, shape, dtype=torch.float32).to(dtype)
     out = torch.empty(T, K, dtype=dtype, device=data.device) if out is None else out
     assert out.shape == (T, K) and out.stride(1) == 1
-    if norm is not None:
-        assert T == 1 and K % X8_GROUP == 0 and norm[1].numel() == x8n_words(K) and norm[1].dtype == torch.int32
-    nw, x8n = norm if norm is not None else (out, out)
     G = 16 if INTERPRET else 32
-    _embed_kernel[(T, triton.cdiv(K, 16 * G))](ids, data, out, nw, x8n, N, K, out.stride(0), QT=QT_ID[qtype], G=G,
-                                                NORM=norm is not None, num_warps=1 if INTERPRET else 4)
+    _embed_kernel[(T, triton.cdiv(K, 16 * G))](ids, data, out, N, K, out.stride(0), QT=QT_ID[qtype], G=G,
+                                                num_warps=1 if INTERPRET else 4)
     return out
 
 

@@ -306,7 +306,7 @@ class GpuKimi(KimiLinear):
         cache.reserve(T)
         cache.pos_dev.fill_(cache.pos)
         cache.len_dev.fill_(cache.pos + T)
-        out = self.body(ids, cache, logits)
+        out = self.body(self._embed(ids), cache, logits)
         cache.advance(ids.tolist())
         return out
 
@@ -331,16 +331,17 @@ class GpuKimi(KimiLinear):
         return self.body(inp, cache, "last")
 
     def body(self, inp: torch.Tensor, cache: KimiCache, logits: str) -> torch.Tensor | None:
-        """All layers for inp (ids [T] on any device, or their embedding rows [T, D] on the device) at the cache's
+        """All layers for inp (ids [T], or their embedding rows [T, D] on the device) at the cache's
         device positions; does not advance the cache. The residual stream x is updated in place by
         the fused add + RMSNorm kernel (an embedded input is overwritten)."""
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
+        x = inp if inp.is_floating_point() else self._embed(inp)  # [T, D] residual stream
         # one token: each norm also writes its output as int8 activations (h8) for the GEMVs / MoE that read
         # it (dp4a word path, kernels/quant_matmul.py "x8"); KIMI_LOCAL_X8=0 keeps fp activations
-        use_x8 = inp.shape[0] == 1 and x8_default() and cfg.hidden_size % X8_GROUP == 0
+        use_x8 = x.shape[0] == 1 and x8_default() and cfg.hidden_size % X8_GROUP == 0
 
         def new_h8():  # a norm output's int8-activation buffer, or None
-            return torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=self.device) if use_x8 else None
+            return torch.empty(x8_words(cfg.hidden_size), dtype=torch.int32, device=x.device) if use_x8 else None
 
         def norm(v, name, residual=None):  # -> (h, h8 or None); with residual: x += v, h = norm(x)
             h8 = new_h8()
@@ -348,7 +349,7 @@ class GpuKimi(KimiLinear):
 
         # one token: a MoE layer's add + RMSNorm runs inside its router launch (router.norm_router_route);
         # KIMI_LOCAL_NORM_ROUTE=0 keeps them two launches
-        fuse_route = inp.shape[0] == 1 and os.environ.get("KIMI_LOCAL_NORM_ROUTE", "1") != "0"
+        fuse_route = x.shape[0] == 1 and os.environ.get("KIMI_LOCAL_NORM_ROUTE", "1") != "0"
 
         # resident experts (slot = expert id): the MoE kernels pick the experts from the router's logits
         # themselves, so the router launch has no top-k tail (KIMI_LOCAL_ROUTE_IN_MOE=0: the router does it)
@@ -372,28 +373,14 @@ class GpuKimi(KimiLinear):
         # -1.0 % on an H200, with the Triton down kernel and no o-projection preload (docs/perf-notes.md)
         norm_in_down = use_x8 and os.environ.get("KIMI_LOCAL_NORM_IN_DOWN", "1") != "0"
 
-        # likewise the first attention norm inside the embedding launch (a device table; KIMI_LOCAL_NORM_IN_EMBED=0:
-        # a norm launch)
-        if (norm_in_down and not inp.is_floating_point() and isinstance(w["token_embd.weight"], GpuWeight)
-                and os.environ.get("KIMI_LOCAL_NORM_IN_EMBED", "1") != "0" and self._reads_normed_x8(0)):
-            x8n = torch.empty(x8n_words(cfg.hidden_size), dtype=torch.int32, device=self.device)
-            x = self._embed(inp, norm=(w["blk.0.attn_norm.weight"], x8n))  # [1, D] residual stream
-            h, h8 = x, NormedX8(x8n, eps)
-        else:
-            x = inp if inp.is_floating_point() else self._embed(inp)  # [T, D] residual stream
-            h, h8 = norm(x, "blk.0.attn_norm.weight")
-        L = cfg.num_hidden_layers
-        for i in range(L):
+        h, h8 = norm(x, "blk.0.attn_norm.weight")
+        for i in range(cfg.num_hidden_layers):
             b = f"blk.{i}."
             a = self.kda(i, h, cache, h8) if cfg.is_kda(i) else self.mla(i, h, cache, h8)
             res_norm = None
-            # the next norm in the down kernel: the next layer's attention norm, or after the last layer the output
-            # norm when lm_head reads x8 on the word path (one launch less; a decode token always wants its logits)
-            nxt = (f"blk.{i + 1}.attn_norm.weight" if self._reads_normed_x8(i + 1) else None) if i + 1 < L else (
-                "output_norm.weight" if logits != "none" and self._reads_normed_x8(None) else None)
-            if norm_in_down and nxt is not None:
+            if norm_in_down and i + 1 < cfg.num_hidden_layers and self._reads_normed_x8(i + 1):
                 x8n = torch.empty(x8n_words(cfg.hidden_size), dtype=torch.int32, device=x.device)
-                res_norm = (x, w[nxt], x8n)
+                res_norm = (x, w[f"blk.{i + 1}.attn_norm.weight"], x8n)
             if cfg.is_moe(i) and fuse_route:
                 h, h8, routed = norm_route(a, i)
                 m = self.moe(i, h, h8, routed, res_norm=res_norm)
@@ -403,24 +390,21 @@ class GpuKimi(KimiLinear):
                      else self.dense_mlp(i, h, h8, res_norm=res_norm))
             if res_norm is not None:  # x += m and the norm are done: x stands in for h (shape, dtype, device)
                 h, h8 = x, NormedX8(res_norm[2], eps)
-            elif i + 1 < L:
+            elif i + 1 < cfg.num_hidden_layers:
                 h, h8 = norm(m, f"blk.{i + 1}.attn_norm.weight", residual=x)
         if logits == "none":
             return None
-        if res_norm is None:  # (else h, h8 are the output norm's already: one token)
-            if logits == "last":
-                x, m = x[-1:], m[-1:]
-            h, h8 = norm(m, "output_norm.weight", residual=x)
+        if logits == "last":
+            x, m = x[-1:], m[-1:]
+        h, h8 = norm(m, "output_norm.weight", residual=x)
         logits_out = torch.empty(h.shape[0], w["output.weight"].N, dtype=torch.float32, device=h.device)
         return w["output.weight"].matmul(h, out=logits_out, x8=h8)  # fp32 from the GEMV: no conversion launch
 
-    def _reads_normed_x8(self, i: int | None) -> bool:
-        """Layer i's attention input projections (i None: lm_head) all run on the x8 word path (quantized, a
-        WORD_QTYPES type), the only readers of a normed x8 buffer."""
+    def _reads_normed_x8(self, i: int) -> bool:
+        """Layer i's attention input projections all run on the x8 word path (quantized, a WORD_QTYPES type), the
+        only readers of a normed x8 buffer."""
         w, b = self.w, f"blk.{i}."
-        if i is None:
-            names, b = ["output.weight"], ""
-        elif self.cfg.is_kda(i):
+        if self.cfg.is_kda(i):
             names = ["qkvfgb"] if b + "qkvfgb" in w else ["qkv", "fgb_a"]
         else:
             names = ["attn_q_kv_a"] if b + "attn_q_kv_a" in w else ["attn_q.weight", "attn_kv_a_mqa.weight"]
@@ -432,13 +416,12 @@ class GpuKimi(KimiLinear):
         e = self.w["token_embd.weight"]
         return not isinstance(e, GpuWeight) and e.device.type != self.device.type
 
-    def _embed(self, ids: torch.Tensor, norm=None) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, D] on the device: gathered where the table lives (a host table sends
-        only the T rows), dequantized on the device (a packed device table: one kernel; norm: see embed_gpu)."""
+        only the T rows), dequantized on the device (a packed device table: one kernel)."""
         e = self.w["token_embd.weight"]
         if isinstance(e, GpuWeight):
-            return embed_gpu(ids.to(e.data.device).reshape(-1), e.data, e.qtype, (e.N, e.K), dtype=self.dtype,
-                             norm=norm)
+            return embed_gpu(ids.to(e.data.device).reshape(-1), e.data, e.qtype, (e.N, e.K), dtype=self.dtype)
         rows = e[ids.to(e.device)]
         if isinstance(rows, torch.Tensor):
             return rows.to(self.device, self.dtype)
