@@ -100,7 +100,6 @@ DOWN_UNROLL = 1
 # neutral; experiment d6b86fd.)
 DEFAULT_PAIR = 1
 DEFAULT_W = 2
-DEFAULT_SORT = 1  # routed gate/up CTAs pick their expert by _pick_sorted (256 experts, top-8), not j + 1 passes
 # Down CTAs of 1 warp (4 rows a thread; KIMI_LOCAL_MOE_GLUON_DOWN_W): H200, session 21: 21.67 -> 20.62 us a MoE call,
 # engine 645.8 -> 666.1 tok/s at 4K, 556.0 -> 570.7 at 128K (4 warps: 28.55 us)
 DOWN_W = 1
@@ -437,109 +436,6 @@ if HAVE_GLUON:
         return gl.max(idx, 0)
 
     @gluon.jit
-    def _shfl_bfly(x, off):
-        """x's value in lane (lane ^ off) of the warp (x int32, one element a thread)."""
-        return gl.inline_asm_elementwise("shfl.sync.bfly.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
-                                         [x, gl.full_like(x, off)], dtype=gl.int32, is_pure=True, pack=1)
-
-    @gluon.jit
-    def _cs(va, ia, vb, ib):
-        """Compare-swap of (value, index) pairs: (the first, the second) in _max_idx's order (greater value first,
-        ties to the lower index)."""
-        b_first = (vb > va) | ((vb == va) & (ib < ia))
-        return gl.where(b_first, vb, va), gl.where(b_first, ib, ia), gl.where(b_first, va, vb), gl.where(b_first, ia, ib)
-
-    @gluon.jit
-    def _merge8(v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7):
-        """A bitonic sequence of 8 pairs sorted into _max_idx's order (3 levels of compare-swaps)."""
-        v0, i0, v4, i4 = _cs(v0, i0, v4, i4)
-        v1, i1, v5, i5 = _cs(v1, i1, v5, i5)
-        v2, i2, v6, i6 = _cs(v2, i2, v6, i6)
-        v3, i3, v7, i7 = _cs(v3, i3, v7, i7)
-        v0, i0, v2, i2 = _cs(v0, i0, v2, i2)
-        v1, i1, v3, i3 = _cs(v1, i1, v3, i3)
-        v4, i4, v6, i6 = _cs(v4, i4, v6, i6)
-        v5, i5, v7, i7 = _cs(v5, i5, v7, i7)
-        v0, i0, v1, i1 = _cs(v0, i0, v1, i1)
-        v2, i2, v3, i3 = _cs(v2, i2, v3, i3)
-        v4, i4, v5, i5 = _cs(v4, i4, v5, i5)
-        v6, i6, v7, i7 = _cs(v6, i6, v7, i7)
-        return v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7
-
-    @gluon.jit
-    def _top8_keep(va, ia, vb, ib):
-        """Of pair a (this lane's list, position p) and pair b (the partner's, position 7 - p): the one in the top 8
-        of the two sorted lists (the 8 kept form a bitonic sequence)."""
-        b_first = (vb > va) | ((vb == va) & (ib < ia))
-        return gl.where(b_first, vb, va), gl.where(b_first, ib, ia)
-
-    @gluon.jit
-    def _rbias8(rbias, W: gl.constexpr):
-        """The selection biases of lane l's 8 experts 8 l .. 8 l + 7 (_pick_sorted's layout), 8 tensors [32]."""
-        LL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        o = gl.arange(0, 32, layout=LL) * 8
-        return (gl.load(rbias + o), gl.load(rbias + o + 1), gl.load(rbias + o + 2), gl.load(rbias + o + 3),
-                gl.load(rbias + o + 4), gl.load(rbias + o + 5), gl.load(rbias + o + 6), gl.load(rbias + o + 7))
-
-    @gluon.jit
-    def _pick_sorted(logits, rb, j, W: gl.constexpr):
-        """_pick for 256 experts and a top-k of at most 8 in one pass instead of j + 1: lane l sorts its experts
-        8 l .. 8 l + 7 by selection score (sigmoid(logit) + bias, rb = _rbias8), then 5 butterfly rounds merge the
-        lanes' sorted lists keeping the top 8 (every lane ends with the same list, in _max_idx's order: greater
-        score first, ties to the lower index, as _pick's passes take them); pick j = its entry j."""
-        LL: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-        o = gl.arange(0, 32, layout=LL) * 8
-        v0 = rb[0] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o, cache_modifier=".cg")))
-        v1 = rb[1] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 1, cache_modifier=".cg")))
-        v2 = rb[2] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 2, cache_modifier=".cg")))
-        v3 = rb[3] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 3, cache_modifier=".cg")))
-        v4 = rb[4] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 4, cache_modifier=".cg")))
-        v5 = rb[5] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 5, cache_modifier=".cg")))
-        v6 = rb[6] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 6, cache_modifier=".cg")))
-        v7 = rb[7] + 1.0 / (1.0 + gl.exp(-gl.load(logits + o + 7, cache_modifier=".cg")))
-        i0, i1, i2, i3, i4, i5, i6, i7 = o, o + 1, o + 2, o + 3, o + 4, o + 5, o + 6, o + 7
-        # this lane's 8, sorted: pairs sorted, then bitonic merges of 2 + 2 and of 4 + 4
-        v0, i0, v1, i1 = _cs(v0, i0, v1, i1)
-        v3, i3, v2, i2 = _cs(v2, i2, v3, i3)  # (descending then ascending: a bitonic 4)
-        v4, i4, v5, i5 = _cs(v4, i4, v5, i5)
-        v7, i7, v6, i6 = _cs(v6, i6, v7, i7)
-        v0, i0, v2, i2 = _cs(v0, i0, v2, i2)
-        v1, i1, v3, i3 = _cs(v1, i1, v3, i3)
-        v0, i0, v1, i1 = _cs(v0, i0, v1, i1)
-        v2, i2, v3, i3 = _cs(v2, i2, v3, i3)  # 0..3 sorted
-        v6, i6, v4, i4 = _cs(v4, i4, v6, i6)  # 4..7 sorted ascending: a bitonic 8 with 0..3
-        v7, i7, v5, i5 = _cs(v5, i5, v7, i7)
-        v5, i5, v4, i4 = _cs(v4, i4, v5, i5)
-        v7, i7, v6, i6 = _cs(v6, i6, v7, i7)
-        v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7 = _merge8(
-            v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7)
-        for r in gl.static_range(5):  # merge with the lane 1, 2, 4, 8, 16 apart: keep the top 8 of both lists
-            off = 1 << r
-            p0 = _shfl_bfly(v7.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p1 = _shfl_bfly(v6.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p2 = _shfl_bfly(v5.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p3 = _shfl_bfly(v4.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p4 = _shfl_bfly(v3.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p5 = _shfl_bfly(v2.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p6 = _shfl_bfly(v1.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            p7 = _shfl_bfly(v0.to(gl.int32, bitcast=True), off).to(gl.float32, bitcast=True)
-            q0, q1, q2, q3 = _shfl_bfly(i7, off), _shfl_bfly(i6, off), _shfl_bfly(i5, off), _shfl_bfly(i4, off)
-            q4, q5, q6, q7 = _shfl_bfly(i3, off), _shfl_bfly(i2, off), _shfl_bfly(i1, off), _shfl_bfly(i0, off)
-            v0, i0 = _top8_keep(v0, i0, p0, q0)
-            v1, i1 = _top8_keep(v1, i1, p1, q1)
-            v2, i2 = _top8_keep(v2, i2, p2, q2)
-            v3, i3 = _top8_keep(v3, i3, p3, q3)
-            v4, i4 = _top8_keep(v4, i4, p4, q4)
-            v5, i5 = _top8_keep(v5, i5, p5, q5)
-            v6, i6 = _top8_keep(v6, i6, p6, q6)
-            v7, i7 = _top8_keep(v7, i7, p7, q7)
-            v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7 = _merge8(
-                v0, i0, v1, i1, v2, i2, v3, i3, v4, i4, v5, i5, v6, i6, v7, i7)
-        ij = gl.where(j == 0, i0, gl.where(j == 1, i1, gl.where(j == 2, i2, gl.where(j == 3, i3, gl.where(
-            j == 4, i4, gl.where(j == 5, i5, gl.where(j == 6, i6, i7)))))))
-        return gl.max(ij, 0)  # (every lane holds the same list)
-
-    @gluon.jit
     def _pick_w(logits, rbias, j, rscale, NR: gl.constexpr, KTOP: gl.constexpr, BIASED: gl.constexpr,
                 RENORM: gl.constexpr, W: gl.constexpr):
         """(expert id, routing weight) of pick j of the top-KTOP (router._topk: the weight is sigmoid(logit), or the
@@ -564,20 +460,15 @@ if HAVE_GLUON:
     def _routed(qr, sr0, sr1, sr2, q, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F: gl.constexpr,
                 D: gl.constexpr, QT: gl.constexpr, ROUTE: gl.constexpr, NR: gl.constexpr, NS: gl.constexpr,
                 PDL: gl.constexpr, SS: gl.constexpr, PF: gl.constexpr, L3: gl.constexpr, W: gl.constexpr,
-                UNROLL: gl.constexpr, PAIR: gl.constexpr, SORT: gl.constexpr):
-        """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0). SORT (ROUTE over 256
-        experts, top-k <= 8): the pick is _pick_sorted's (one pass for every pick), else _pick's (j + 1 passes)."""
+                UNROLL: gl.constexpr, PAIR: gl.constexpr):
+        """Routed gate/up CTA q (pick e = q // (F / 16), f-tile q % (F / 16)): (gate, up, e, f0)."""
         NT: gl.constexpr = F // 16
         e = q // NT
         f0 = (q % NT) * 16
-        if SORT:
-            rb = _rbias8(rbias, W)  # a constant: before the wait
         if PDL:
             _gdc_wait()
             _gdc_launch_dependents()
-        if SORT:
-            slot = _pick_sorted(slot_ids, rb, e, W).to(gl.int64)
-        elif ROUTE:
+        if ROUTE:
             slot = _pick(slot_ids, rbias, e, NR, W).to(gl.int64)
         else:
             slot = gl.load(slot_ids + e).to(gl.int64)
@@ -593,7 +484,7 @@ if HAVE_GLUON:
                                  QTS: gl.constexpr, HAS_SHARED: gl.constexpr, ROUTE: gl.constexpr,
                                  NR: gl.constexpr, NS: gl.constexpr, PDL: gl.constexpr, SS: gl.constexpr,
                                  PF: gl.constexpr, SPF: gl.constexpr, W: gl.constexpr, UNROLL: gl.constexpr,
-                                 PAIR: gl.constexpr, SORT: gl.constexpr):
+                                 PAIR: gl.constexpr):
         """Grid (F / 16 * (KTOP + HAS_SHARED),): the shared expert's f-tiles first, then pick j's. x8: the x8 buffer of
         x [D]; act: [KTOP + 1, x8_words(F)] int32 (the shared expert's row is KTOP, as in moe.py). PF / SPF: the L2
         prefetch (_prefetch_side) of the routed / the shared expert's CTAs. UNROLL, PAIR: see _stream."""
@@ -627,10 +518,10 @@ if HAVE_GLUON:
                                  PAIR)
             else:
                 yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid - NT, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp,
-                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR, SORT)
+                                        sqp, F, D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         else:
             yg, yu, e, f0 = _routed(qr, sr0, sr1, sr2, pid, slot_ids, rbias, gate, up, mat_g, mat_u, xw, dxp, sqp, F,
-                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR, SORT)
+                                    D, QT, ROUTE, NR, NS, PDL, SS, PF, L3, W, UNROLL, PAIR)
         # act = silu(gate) * up of the 16 rows, as one x8 group
         o = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         _x8_group(act + e * (F // 4 + F // 8), F, f0 // 16, yg / (1.0 + gl.exp(-yg)) * yu, o)
@@ -788,9 +679,7 @@ def gate_up(x8, slot_ids, rbias, gate_pool, up_pool, shared, act, D: int, qt: st
         gate_pool[0].numel(), up_pool[0].numel(), F=F, D=D, KTOP=ktop, QT=QT_ID[qt], QTS=QT_ID[qts or qt],
         HAS_SHARED=has_shared, ROUTE=bool(route), NR=nr, NS=NS,
         PDL=bool(pdl_on), SS=ss, PF=pf, SPF=min(2, _env_int("KIMI_LOCAL_MOE_GLUON_SPF", pf if ss else DEFAULT_SPF)),
-        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0,
-        SORT=bool(route) and nr == 256 and ktop <= 8 and _env_int("KIMI_LOCAL_MOE_GLUON_SORT", DEFAULT_SORT) != 0,
-        num_warps=w,
+        W=w, UNROLL=unroll, PAIR=unroll > 0 and _env_int("KIMI_LOCAL_MOE_GLUON_PAIR", DEFAULT_PAIR) != 0, num_warps=w,
         **({"launch_pdl": True} if pdl_on else {}))
     _pin_carveout(k)
     return act

@@ -46,8 +46,7 @@ def cases(only: set):
                           NR=256 if route else 32, NS=M.SS_NS if ss else M.DEFAULT_NS, PDL=True, SS=ss,
                           PF=0 if ss else M.DEFAULT_PF, SPF=0 if ss else M.DEFAULT_SPF, W=M.DEFAULT_W,
                           UNROLL=0 if ss else M.DEFAULT_UNROLL if unroll == "unpaired" else unroll,
-                          PAIR=bool(M.DEFAULT_PAIR) and not ss and unroll == M.DEFAULT_UNROLL,
-                          SORT=bool(M.DEFAULT_SORT) and route)
+                          PAIR=bool(M.DEFAULT_PAIR) and not ss and unroll == M.DEFAULT_UNROLL)
                 name = f"moe_gate_up {qt}+{qts} route={int(route)} ss={int(ss)}"
                 out.append((name + {M.DEFAULT_UNROLL: "", 0: " unroll=0", "unpaired": " pair=0"}[unroll],
                             M.moe_gate_up_gluon_kernel, types, ce, M.DEFAULT_W))

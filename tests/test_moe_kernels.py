@@ -469,34 +469,6 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("ties", [False, True])
-def test_cuda_moe_gluon_sorted_pick(ties, monkeypatch):
-    """The Gluon gate/up's one-pass top-8 pick (KIMI_LOCAL_MOE_GLUON_SORT=1, the default for 256 experts) picks the
-    same experts in the same order as its j + 1 argmax passes (=0), ties to the lower index included: act and out
-    bit for bit (ties: logits and biases on a grid of 4 values, so many scores are equal)."""
-    from kimi_local.kernels import moe_gluon
-    S, D, F, k = REAL
-    qtypes, shq = ("Q4_K", "Q4_K", "Q5_K"), ("Q8_0", "Q8_0", "Q8_0")
-    if not moe_gluon.supported("cuda", qtypes[0], qtypes[1], *shq[:2], D, F):
-        pytest.skip("the Gluon gate/up needs Gluon and a Hopper GPU")
-    pools, shared, shared_d, x, logits, bias, route_fn = _real_case(qtypes, shq, 31)
-    if ties:
-        logits, bias = (logits * 2).round().clamp(-1, 2) / 2, (bias * 0).contiguous()
-    kw = dict(shared=shared, shared_qtypes=shq, x8=True, route=(bias, k, 2.446, False, True), gluon=True)
-    runs = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("KIMI_LOCAL_MOE_GLUON_SORT", flag)
-        ws = torch.full(((k + 1) * F,), float("nan"), device="cuda")
-        out = torch.full((D,), float("nan"), device="cuda")
-        moe.moe_decode(x, logits, None, *pools, qtypes, out, workspace=ws, **kw)
-        torch.cuda.synchronize()
-        runs.append((ws.view(torch.int32)[:(k + 1) * qm.x8_words(F)].clone(), out))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    ids, wts = route_fn(logits[None], bias, k, 2.446, False, True)
-    check(runs[0][1], _real_ref8(pools, qtypes, ids[0], wts[0], x, shared_d), 1e-2)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("qts", [("Q8_0", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q4_K")])  # Q4_K_M's layer 0; uniform
 def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
     """Layer 0's dense FFN (F = 9216) with its down on the Gluon down kernel in column slices (moe_gluon.dense_slices,
