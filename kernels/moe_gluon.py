@@ -702,10 +702,11 @@ def dense_slices(device, qsd: str, D: int, F: int) -> int:
     routed expert) for the Gluon down kernel (FS): F in slices of DENSE_SLICE (or the largest multiple of 256 below it
     that divides F), each a CTA's whole walk; 0 where the kernel does not apply (then the Triton down kernel). Layer
     0's down (F = 9216, Q8_0 in Q4_K_M: 22.5 MB) took 15 us a token on the Triton kernel (H200, session 23 profile).
-    KIMI_LOCAL_DENSE_GLUON_DOWN=0: the Triton kernel (A/B runs)."""
-    if os.environ.get("KIMI_LOCAL_DENSE_GLUON_DOWN", "1") == "0" or F <= DENSE_SLICE:
+    KIMI_LOCAL_DENSE_GLUON_DOWN=0: the Triton kernel; KIMI_LOCAL_DENSE_SLICE: another slice width (A/B runs)."""
+    width = _env_int("KIMI_LOCAL_DENSE_SLICE", DENSE_SLICE)  # (A/B runs)
+    if os.environ.get("KIMI_LOCAL_DENSE_GLUON_DOWN", "1") == "0" or F <= width:
         return 0
-    for fs in range(-(-F // DENSE_SLICE), F // 256 + 1):
+    for fs in range(-(-F // width), F // 256 + 1):
         if F % fs == 0 and (F // fs) % 256 == 0:
             return fs if down_supported(device, qsd, qsd, D, F // fs, 1) else 0
     return 0
