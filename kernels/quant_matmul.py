@@ -980,6 +980,31 @@ def _q8_0_steps(x8, w, n, N, K, c0, c1, acc, BN: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
+def _q8_0_steps2(x8, w, n, N, K, c0, c1, q, d, acc, BN: tl.constexpr, C: tl.constexpr):
+    """_q8_0_steps over whole steps [c0, c1) (EVEN), double-buffered in registers: q [BN, C, 4] / d [BN, C] are the
+    step at c0's weight words and fp32 scales (_q8_0_pre, the caller's), and each step first issues the next step's
+    loads, then computes its own products: two steps' weights in flight per program instead of one. The same
+    operations in the same order as _q8_0_steps: the same bits."""
+    NB = K // 32
+    RW4 = K // 16
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    xw, dxp, sqp = _x8_ptrs(x8, K)
+    ii = tl.arange(0, 4)
+    for cb in range(c0, c1, C):
+        cgn = cb + C + tl.arange(0, C)
+        more = cgn < c1  # the last step loads nothing more
+        qn = tl.load(wq + (((n[:, None] * RW4 + cgn[None, :]) * 4)[:, :, None] + ii[None, None, :]),
+                     mask=more[None, :, None], other=0)
+        dn = tl.load(dp + n[:, None] * NB + (cgn // 2)[None, :], mask=more[None, :], other=0).to(tl.float32)
+        cg = cb + tl.arange(0, C)
+        s = _isum(q, xw, cg, ii).to(tl.float32) * tl.load(dxp + cg)[None, :]
+        acc = acc + d * s
+        q, d = qn, dn
+    return acc
+
+
+@triton.jit
 def _q8_0_pre(w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     """PRELOAD (one step: c1 - c0 <= C): the weight words q [BN, C, 4] and fp32 scales d [BN, C] of _i8dot_q8_0's
     single step, loaded on their own (before the grid-dependency wait: no kernel writes weights)."""
@@ -1151,11 +1176,14 @@ def _prefetch_rows(w, n, N, K, b0, b1, QT: tl.constexpr):
 def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
                    QT: tl.constexpr, BN: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexpr,
                    EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, X8: tl.constexpr,
-                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False, FIRST: tl.constexpr = False):
+                   NORM: tl.constexpr, BG: tl.constexpr, PRELOAD: tl.constexpr = False, FIRST: tl.constexpr = False,
+                   PIPE: tl.constexpr = False):
     # X8: x is an x8 buffer (int8 activations, dp4a); else fp values with stride sxk. NORM: x is a normed x8
     # buffer (x8n_words) of K / 16 <= BG groups: the result is scaled by rsqrt(mean(x^2) + eps). PRELOAD (X8,
     # Q8_0, the K slice in one step): the slice's weights are loaded into registers before the PDL wait. FIRST (X8,
-    # Q8_0, slices of whole steps, at least one): only the first step's weights before the wait, the rest after it
+    # Q8_0, slices of whole steps, at least one): only the first step's weights before the wait, the rest after it.
+    # PIPE (as FIRST): the steps double-buffered in registers (_q8_0_steps2), the first one's loads before the wait
+    # if FIRST, else right after it
     i_n, i_s = tl.program_id(0), tl.program_id(1)
     n = i_n * BN + tl.arange(0, BN)
     b0 = i_s * BPS
@@ -1174,6 +1202,11 @@ def _qgemv1_kernel(x, w, out, part, cnt, N, K, sxk, NBLK, BPS, eps,
         b_ss = tl.load((x + K // 4 + K // 8).to(tl.pointer_type(tl.float32)) + o_g, mask=o_g < K // 16, other=0.0)
     if PRELOAD:
         y = _q8_0_post(x, b_q, b_d, K, b0 * 2, b1 * 2, C, EVEN)
+    elif PIPE:
+        if not FIRST:
+            b_q, b_d = _q8_0_pre(w, tl.minimum(n, N - 1), N, K, b0 * 2, b0 * 2 + C, BN, C, True)
+        y = tl.sum(_q8_0_steps2(x, w, tl.minimum(n, N - 1), N, K, b0 * 2, b1 * 2, b_q, b_d,
+                                tl.zeros([BN, C], tl.float32), BN, C), axis=1)
     elif FIRST:  # _i8dot_q8_0's steps, the first one on the preloaded words: the same operations, the same bits
         acc = _q8_0_post_acc(x, b_q, b_d, K, b0 * 2, b0 * 2 + C, C, True)
         y = tl.sum(_q8_0_steps(x, w, tl.minimum(n, N - 1), N, K, b0 * 2 + C, b1 * 2, acc, BN, C, EVEN), axis=1)
@@ -1336,7 +1369,7 @@ def preload_default(qtype, N, K, slice_chunks) -> bool:
 
 
 def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=None, num_stages=None, x8=None,
-           preload=None, first=None):
+           preload=None, first=None, pipe=None):
     """M = 1 word-path GEMV: x [K] or [1, K] -> [N] / [1, N] (x.dtype, or `out`). Types in WORD_QTYPES;
     others go to the tile path. Tuning knobs default to gemv1_config().
     x8: an int32 tensor = x's x8 buffer, already made (x then only gives K, dtype and shape): dp4a; True =
@@ -1352,7 +1385,10 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     step in flight at the wait.
     H200, session 23 (interleaved, tok/s at 4K / 128K / 1M): run 10 733.5 / 614.9 against 723.4 / 608.9; run 11
     731.1 / 612.5 / 299.4 against 723.7 / 607.1 / 293.6. The whole rows before the wait (144 chunks in registers)
-    were 5 % slower (run 1), 3 or 2 longer steps after it 2.6-5.4 % slower (run 9)."""
+    were 5 % slower (run 1), 3 or 2 longer steps after it 2.6-5.4 % slower (run 9).
+    pipe: PIPE (x8 Q8_0 without PRELOAD, slices of at least two whole steps: each step issues the next one's loads
+    before its own products, two steps in flight, the same bits); None = below lm_head size on sm_90+, unless
+    KIMI_LOCAL_GEMV_PIPE=0. The K = 2304 GEMVs walk 9 steps of 16 chunks, each a DRAM round trip."""
     K = x.shape[-1]
     assert x.numel() == K and data.numel() == N * packed_row_bytes(qtype, K)
     if out is None:
@@ -1385,6 +1421,9 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
     if first is None:
         first = N < 65536 and _sm90() and os.environ.get("KIMI_LOCAL_GEMV_PRELOAD_FIRST", "1") != "0"
     first = bool(first) and not preload and use_x8 and qtype == "Q8_0" and even and slice_chunks >= C
+    if pipe is None:
+        pipe = N < 65536 and _sm90() and os.environ.get("KIMI_LOCAL_GEMV_PIPE", "1") != "0"
+    pipe = bool(pipe) and not preload and use_x8 and qtype == "Q8_0" and even and slice_chunks >= 2 * C
     part, cnt = split_workspace(x.device, SPLIT * N if SPLIT > 1 else 0, tiles if SPLIT > 1 else 0)
     if use_x8:
         xs = x8 if isinstance(x8, torch.Tensor) else quantize_x8(x)
@@ -1396,7 +1435,7 @@ def qgemv1(x, data, qtype, N, out=None, BN=None, C=None, SPLIT=None, num_warps=N
                                    BN=BN, C=C, SPLIT=SPLIT, EVEN=even, PDL=pdl.enabled(),
                                    PREFETCH=pdl.prefetch() and data.numel() <= PREFETCH_MAX_BYTES, X8=use_x8,
                                    NORM=normed, BG=triton.next_power_of_2(max(K // X8_GROUP, 1)), PRELOAD=preload,
-                                   FIRST=first,
+                                   FIRST=first, PIPE=pipe,
                                    num_warps=num_warps, num_stages=num_stages, **pdl.launch_kw())
     return out
 

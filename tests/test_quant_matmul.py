@@ -424,9 +424,9 @@ def test_qgemv_preload(N, K, SPLIT, normed):
 
 @pytest.mark.parametrize("N,K,SPLIT,normed", [(13, 2304, 1, False), (9, 2304, 1, True), (17, 1024, 2, False)])
 def test_qgemv_first_step_preload(N, K, SPLIT, normed):
-    """FIRST (x8 Q8_0: the first step's weights loaded before the PDL wait, the other steps after it) gives the bits
-    of the same GEMV without it: 144 chunks in 9 steps of 16 (the in-projections' K = 2304), split K, a normed x8
-    buffer."""
+    """FIRST (x8 Q8_0: the first step's weights loaded before the PDL wait, the other steps after it) and PIPE (the
+    steps double-buffered in registers), alone and together, give the bits of the same GEMV without them: 144 chunks
+    in 9 steps of 16 (the in-projections' K = 2304), split K, a normed x8 buffer."""
     g = torch.Generator().manual_seed(80 + N)
     p, wd = make_weight("Q8_0", N, K, gen=g)
     x = torch.randn(K, generator=g)
@@ -438,11 +438,11 @@ def test_qgemv_first_step_preload(N, K, SPLIT, normed):
         add_norm_x8n(torch.zeros(1, K, dtype=torch.bfloat16), x.clone().to(torch.bfloat16)[None], nw, x8)
         x8 = qm.NormedX8(x8, 1e-5)
     outs = []
-    for first in (False, True):
+    for first, pipe in ((False, False), (True, False), (False, True), (True, True)):
         out = torch.full((N,), float("nan"))
-        qm.qgemv1(x, p, "Q8_0", N, out=out, BN=4, C=16, SPLIT=SPLIT, num_warps=1, x8=x8, first=first)
+        qm.qgemv1(x, p, "Q8_0", N, out=out, BN=4, C=16, SPLIT=SPLIT, num_warps=1, x8=x8, first=first, pipe=pipe)
         outs.append(out)
-    assert torch.equal(outs[0], outs[1]) and not outs[1].isnan().any()
+    assert all(torch.equal(outs[0], o) for o in outs[1:]) and not outs[0].isnan().any()
     if not normed:
         check(outs[1], qlinear_ref(dequantize_x8_ref(x), wd), TOL_F32)
 
@@ -479,13 +479,16 @@ def _graph_chain_bitwise(x, N, pdl_on, gemv):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("pdl_on", [False, True])
-def test_cuda_qgemv_first_step_preload(pdl_on):
-    """FIRST at the in-projections' K = 2304 (9 steps of 16 chunks): a CUDA graph of 3 chained [2304, 2304] GEMVs,
-    each reading the previous one's output as x8, equals the same GEMVs without it, bit for bit."""
+@pytest.mark.parametrize("pipe", [False, True])
+def test_cuda_qgemv_first_step_preload(pdl_on, pipe):
+    """FIRST at the in-projections' K = 2304 (9 steps of 16 chunks), with PIPE or without: a CUDA graph of 3 chained
+    [2304, 2304] GEMVs, each reading the previous one's output as x8, equals the same GEMVs without them, bit for
+    bit."""
     N = K = 2304
     p, raw = _gpu_weight("Q8_0", N, K, 29)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    _graph_chain_bitwise(x, N, pdl_on, lambda h, x8, o, on: qm.qgemv1(h, p, "Q8_0", N, out=o, x8=x8, first=on))
+    _graph_chain_bitwise(x, N, pdl_on, lambda h, x8, o, on: qm.qgemv1(h, p, "Q8_0", N, out=o, x8=x8, first=on,
+                                                                        pipe=on and pipe))
 
 
 @pytest.mark.cuda
