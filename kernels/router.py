@@ -25,7 +25,7 @@ import triton.language as tl
 from . import pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .norm import _rms_scaled, _x8_row
-from .quant_matmul import _x8_put, env_config, x8_words
+from .quant_matmul import env_config, x8_words
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -230,13 +230,10 @@ def route_tokens(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, k: int, s
 def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w_out, eps, scale, stride_w,
                              D: tl.constexpr, BDN: tl.constexpr, E: tl.constexpr, BE: tl.constexpr,
                              BEF: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BIASED: tl.constexpr,
-                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr, TOPK: tl.constexpr,
-                             GP: tl.constexpr = 0):
+                             RENORM: tl.constexpr, X8: tl.constexpr, PDL: tl.constexpr, TOPK: tl.constexpr):
     """One token. Program i_e: x = res + v, h = rms_norm(x) * nw (norm.rms_norm_kernel's roundings), logits of
     experts i_e * BE .. + BE from h; the last program to arrive (counter cnt, re-armed by it) runs the top-k
-    and stores x (to res: every other program has read res before its releasing arrival), h and h's x8.
-    GP > 0 (X8): program i_e stores h and h's x8 for the 16-groups i_e * GP .. + GP - 1 itself, before its arrival
-    (the same values: the row's rms is each program's), so the last one stores only x (and runs the top-k)."""
+    and stores x (to res: every other program has read res before its releasing arrival), h and h's x8."""
     i_e = tl.program_id(0)
     o_e = i_e * BE + tl.arange(0, BE)
     m_e = o_e < E
@@ -255,27 +252,15 @@ def norm_router_route_kernel(v, res, nw, h, h8, w, logits, cnt, bias, ids_out, w
     b_h = _rms_scaled(b_x.to(tl.float32), b_nw, D, eps, xdt).to(h.dtype.element_ty)
     b_l = tl.sum(b_w * b_h.to(tl.float32)[None, :], 1)  # [BE]
     tl.store(logits + o_e, b_l, mask=m_e)
-    if GP:  # this program's groups of h and h8: _rms_scaled's operations on the slice (L1 hits)
-        b_xf = b_x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(b_xf * b_xf, 0) / D + eps)
-        o_s = i_e * (16 * GP) + tl.arange(0, 16 * GP)
-        m_s = o_s < D
-        b_xs = (tl.load(v + o_s, mask=m_s, other=0).to(tl.float32)
-                + tl.load(res + o_s, mask=m_s, other=0).to(tl.float32)).to(xdt)
-        b_ws = tl.load(nw + o_s, mask=m_s, other=0).to(xdt).to(tl.float32)
-        b_hs = ((b_xs.to(tl.float32) * rstd).to(xdt).to(tl.float32) * b_ws).to(h.dtype.element_ty)
-        tl.store(h + o_s, b_hs, mask=m_s)
-        _x8_put(h8, D, i_e * GP, D // 16 - i_e * GP, b_hs.to(tl.float32), GP)
     tl.debug_barrier()  # every thread's logits and reads of res before the (releasing) arrival
     c = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
     if c == tl.num_programs(0) - 1:
         if TOPK:  # else the MoE kernels pick the experts from the logits themselves (moe.moe_decode(route=...))
             _route_row(logits, bias, ids_out, w_out, scale, E, BEF, K, BK, BIASED, RENORM, True)
         tl.store(res + o_d, b_x, mask=m_d)
-        if not GP:
-            tl.store(h + o_d, b_h, mask=m_d)
-            if X8:
-                _x8_row(h8, D, b_h, BDN)
+        tl.store(h + o_d, b_h, mask=m_d)
+        if X8:
+            _x8_row(h8, D, b_h, BDN)
         tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
@@ -306,14 +291,10 @@ def norm_router_route(v, residual, norm_w, eps: float, w, bias, k: int, scale: f
     BE = BE or (over[0] if over else NORM_ROUTE_DEFAULTS["BE"])
     num_warps = num_warps or (over[1] if over else None)
     BDN = max(16, triton.next_power_of_2(D))
-    nprog = triton.cdiv(E, BE)
-    # h and h8 stored by every program's share of the groups (KIMI_LOCAL_ROUTER_X8_SPLIT=0: by the last program)
-    gp = (triton.next_power_of_2(triton.cdiv(D // 16, nprog)) if x8_out is not None and D % 16 == 0
-          and os.environ.get("KIMI_LOCAL_ROUTER_X8_SPLIT", "1") != "0" else 0)
-    norm_router_route_kernel[(nprog,)](
+    norm_router_route_kernel[(triton.cdiv(E, BE),)](
         v, residual, norm_w, h, x8_out if x8_out is not None else h, w, logits, cnt, bias, ids, wts,
         eps, float(scale), w.stride(0), D=D, BDN=BDN, E=E, BE=BE, BEF=triton.next_power_of_2(E), K=k,
         BK=triton.next_power_of_2(k), BIASED=biased_weights, RENORM=renormalize, X8=x8_out is not None,
-        PDL=pdl.enabled(), TOPK=topk, GP=gp, **pdl.launch_kw(),
+        PDL=pdl.enabled(), TOPK=topk, **pdl.launch_kw(),
         num_warps=1 if _INTERP else (num_warps or NORM_ROUTE_DEFAULTS["num_warps"]))
     return (h, ids, wts) if topk else (h, logits, None)

@@ -145,13 +145,8 @@ def _check_norm_route(E, D, k, seed, dev, x8, BE=None, num_warps=None, rounds=2)
         v = v.flip(0)
 
 
-@pytest.mark.parametrize("E,D,k,BE,x8", [(37, 48, 3, 4, True), (16, 100, 4, 2, False), (64, 288, 8, None, True),
-                                         (20, 512, 4, 2, True)])  # 10 programs of 4 groups (h8 stored by each)
-@pytest.mark.parametrize("split", ["1", "0"])
-def test_norm_router_route_matches_two_launches(E, D, k, BE, x8, split, monkeypatch):
-    """split: KIMI_LOCAL_ROUTER_X8_SPLIT (1, the default: every program stores its groups of h and h8; 0: the last
-    program stores them all)."""
-    monkeypatch.setenv("KIMI_LOCAL_ROUTER_X8_SPLIT", split)
+@pytest.mark.parametrize("E,D,k,BE,x8", [(37, 48, 3, 4, True), (16, 100, 4, 2, False), (64, 288, 8, None, True)])
+def test_norm_router_route_matches_two_launches(E, D, k, BE, x8):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     _check_norm_route(E, D, k, E + D, dev, x8, BE=BE)
 
