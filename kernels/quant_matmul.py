@@ -961,13 +961,18 @@ def _i8dot_q8_0(x8, w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN:
 
 
 @triton.jit
+def _q8_0_planes(w, N, K):
+    """(blocks a row NB, 16-byte chunks a row RW4, the weight words as uint32, the fp16 scales) of a packed Q8_0
+    matrix [N, K]: qs [N, K] int8, then d [N, K / 32] fp16."""
+    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
+    return K // 32, K // 16, wq, (w + N * K).to(tl.pointer_type(tl.float16))
+
+
+@triton.jit
 def _q8_0_steps(x8, w, n, N, K, c0, c1, acc, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     """acc [BN, C] plus the x8 Q8_0 dot products' steps over chunks [c0, c1), by column (reduced by the caller)."""
     # chunk cg = 16 int8 weights = x's 16-group cg; block (scale d) cg // 2
-    NB = K // 32
-    RW4 = K // 16
-    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    NB, RW4, wq, dp = _q8_0_planes(w, N, K)
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     for cb in range(c0, c1, C):
@@ -985,10 +990,7 @@ def _q8_0_steps2(x8, w, n, N, K, c0, c1, q, d, acc, BN: tl.constexpr, C: tl.cons
     step at c0's weight words and fp32 scales (_q8_0_pre, the caller's), and each step first issues the next step's
     loads, then computes its own products: two steps' weights in flight per program instead of one. The same
     operations in the same order as _q8_0_steps: the same bits."""
-    NB = K // 32
-    RW4 = K // 16
-    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    NB, RW4, wq, dp = _q8_0_planes(w, N, K)
     xw, dxp, sqp = _x8_ptrs(x8, K)
     ii = tl.arange(0, 4)
     for cb in range(c0, c1, C):
@@ -1008,10 +1010,7 @@ def _q8_0_steps2(x8, w, n, N, K, c0, c1, q, d, acc, BN: tl.constexpr, C: tl.cons
 def _q8_0_pre(w, n, N, K, c0, c1, BN: tl.constexpr, C: tl.constexpr, EVEN: tl.constexpr):
     """PRELOAD (one step: c1 - c0 <= C): the weight words q [BN, C, 4] and fp32 scales d [BN, C] of _i8dot_q8_0's
     single step, loaded on their own (before the grid-dependency wait: no kernel writes weights)."""
-    NB = K // 32
-    RW4 = K // 16
-    wq = tl.multiple_of(w.to(tl.pointer_type(tl.uint32)), 16)
-    dp = (w + N * K).to(tl.pointer_type(tl.float16))
+    NB, RW4, wq, dp = _q8_0_planes(w, N, K)
     ii = tl.arange(0, 4)
     cg = _chunks(c0, c1, C, EVEN)
     q = tl.load(wq + (((n[:, None] * RW4 + cg[None, :]) * 4)[:, :, None] + ii[None, None, :]))

@@ -468,6 +468,44 @@ def test_cuda_moe_gluon_gate_up(qtypes, shq, route, unroll, monkeypatch):
     assert torch.equal(got, want) and torch.equal(got, outs[1])
 
 
+def _graph_and_res_norm(call, D):
+    """Under PDL: call(out) (one MoE decode into out [D] bf16) eagerly, then in a CUDA graph replayed 3 times (the
+    arrival counters re-arm: every replay equals the eager call, bit for bit); then call(out, res_norm=...) (the
+    engine's residual add + next norm in the down kernel's last arrival) against out + norm.add_norm_x8n: the
+    residual bit for bit, the int8 groups and scales but for rare rounding ties (the products and sums are formed
+    in other orders), the groups' sums of squares within fp32 rounding. Returns the eager out."""
+    from kimi_local.kernels import pdl as P
+    from kimi_local.kernels.norm import add_norm_x8n
+    got = torch.empty(D, device="cuda", dtype=torch.bfloat16)  # the engine's out dtype
+    with P.active(P.supported("cuda")):
+        call(got)
+        want = got.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call(got)
+        for _ in range(3):
+            got.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want)
+        res0 = torch.randn(1, D, device="cuda").bfloat16()
+        nw = 1 + 0.3 * torch.randn(D, device="cuda")
+        want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
+        add_norm_x8n(want, want_res, nw, want8)
+        res, x8n = res0.clone(), torch.full_like(want8, -1)
+        call(torch.empty_like(got), res_norm=(res, nw, x8n))
+        torch.cuda.synchronize()
+    assert torch.equal(res, want_res)
+    assert (x8n[:D // 4].view(torch.int8) != want8[:D // 4].view(torch.int8)).sum().item() <= D // 500
+    G = D // 16
+    dx, sq, ss = (x8n[D // 4 + j * G:D // 4 + (j + 1) * G].view(torch.float32) for j in range(3))
+    wdx, wsq, wss = (want8[D // 4 + j * G:D // 4 + (j + 1) * G].view(torch.float32) for j in range(3))
+    torch.testing.assert_close(dx, wdx, rtol=1e-5, atol=0)
+    assert ((sq - wsq).abs() <= 1.01 * dx + 1e-6).all()  # a tie moves a group's int8 sum by one
+    torch.testing.assert_close(ss, wss, rtol=1e-5, atol=0)
+    return want
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("qts", [("Q8_0", "Q8_0", "Q8_0"), ("Q4_K", "Q4_K", "Q4_K")])  # Q4_K_M's layer 0; uniform
 def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
@@ -475,8 +513,7 @@ def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
     the default on Hopper) against the Triton down kernel (KIMI_LOCAL_DENSE_GLUON_DOWN=0; same act, fp32 sums in
     other orders: within 1e-4) and the x8 reference; under PDL a graph replay equals the eager call bit for bit, and
     with res_norm the residual equals out + add_norm_x8n's."""
-    from kimi_local.kernels import moe_gluon, pdl as P
-    from kimi_local.kernels.norm import add_norm_x8n
+    from kimi_local.kernels import moe_gluon
     D, F = 2304, 9216
     if not moe_gluon.dense_slices("cuda", qts[2], D, F):
         pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
@@ -499,27 +536,7 @@ def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
         outs.append(out)
     check(outs[1], outs[0], 1e-4)
     check(outs[1], moe_ref_x8(x, none_i, [], None, None, None, shared=dense), 5e-3)
-    got = torch.empty(D, device="cuda", dtype=torch.bfloat16)
-    with P.active(P.supported("cuda")):
-        moe.moe_decode(*args, got, **kw)
-        want = got.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            moe.moe_decode(*args, got, **kw)
-        for _ in range(3):  # the arrival counters re-arm: replays stay equal
-            got.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(got, want)
-        res0 = torch.randn(1, D, device="cuda").bfloat16()
-        nw = 1 + 0.3 * torch.randn(D, device="cuda")
-        want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
-        add_norm_x8n(want, want_res, nw, want8)
-        res, x8n = res0.clone(), torch.full_like(want8, -1)
-        moe.moe_decode(*args, torch.empty_like(got), res_norm=(res, nw, x8n), **kw)
-        torch.cuda.synchronize()
-        assert torch.equal(res, want_res)
-        assert (x8n[:D // 4].view(torch.int8) != want8[:D // 4].view(torch.int8)).sum().item() <= D // 500
+    _graph_and_res_norm(lambda out, **k: moe.moe_decode(*args, out, **kw, **k), D)
 
 
 @pytest.mark.cuda
@@ -535,7 +552,7 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
     shapes (both reduce in fp32, in other orders: within 1e-4), against the x8 reference, and under PDL a graph
     replay equal to the eager call, bit for bit. ns: the ring stages (3: the Q5_K rows take a second pass), or
     "rolled": the default ring with KIMI_LOCAL_MOE_GLUON_DOWN_UNROLL=0 (the stage loop not unrolled)."""
-    from kimi_local.kernels import moe_gluon, pdl as P
+    from kimi_local.kernels import moe_gluon
     S, D, F, k = REAL
     if not moe_gluon.down_supported("cuda", qtypes[2], shq[2] if shq else None, D, F, k):
         pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
@@ -559,38 +576,8 @@ def test_cuda_moe_gluon_down(qtypes, shq, route, ns, monkeypatch):
     check(outs[1], outs[0], 1e-4)
     ref8 = _real_ref8(pools, qtypes, ids[0], wts[0], x, shared_d)
     check(outs[1], ref8, 1e-2)
-    got = torch.empty(D, device="cuda", dtype=torch.bfloat16)  # the engine's out dtype
     kw["gluon"] = None  # the default pair: Gluon gate/up (where it applies) and Gluon down
-    with P.active(P.supported("cuda")):
-        moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
-        want = got.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            moe.moe_decode(x, *args, *pools, qtypes, got, **kw)
-        for _ in range(3):  # the arrival counters re-arm: replays stay equal
-            got.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(got, want)
-        # res_norm (the engine's residual add + next norm in the last arrival): the bits of out + add_norm_x8n
-        from kimi_local.kernels.norm import add_norm_x8n
-        res0 = torch.randn(1, D, device="cuda").bfloat16()
-        nw = 1 + 0.3 * torch.randn(D, device="cuda")
-        want_res, want8 = res0.clone(), torch.full((qm.x8n_words(D),), -1, dtype=torch.int32, device="cuda")
-        add_norm_x8n(want, want_res, nw, want8)
-        res, x8n = res0.clone(), torch.full_like(want8, -1)
-        moe.moe_decode(x, *args, *pools, qtypes, torch.empty_like(got), res_norm=(res, nw, x8n), **kw)
-        torch.cuda.synchronize()
-        assert torch.equal(res, want_res)
-        # the int8 groups and scales as add_norm_x8n's (but for rare rounding ties: the products and sums are
-        # formed in other orders), the groups' sums of squares within fp32 rounding
-        assert (x8n[:D // 4].view(torch.int8) != want8[:D // 4].view(torch.int8)).sum().item() <= D // 500
-        G = D // 16
-        dx, sq, ss = (x8n[D // 4 + j * G:D // 4 + (j + 1) * G].view(torch.float32) for j in range(3))
-        wdx, wsq, wss = (want8[D // 4 + j * G:D // 4 + (j + 1) * G].view(torch.float32) for j in range(3))
-        torch.testing.assert_close(dx, wdx, rtol=1e-5, atol=0)
-        assert ((sq - wsq).abs() <= 1.01 * dx + 1e-6).all()  # a tie moves a group's int8 sum by one
-        torch.testing.assert_close(ss, wss, rtol=1e-5, atol=0)
+    want = _graph_and_res_norm(lambda out, **k: moe.moe_decode(x, *args, *pools, qtypes, out, **kw, **k), D)
     check(want.float(), ref8, 1e-2)
 
 
