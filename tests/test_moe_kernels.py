@@ -332,19 +332,26 @@ def test_cuda_moe_decode(qtypes):
     check(out, ref, 3e-2)
 
 
-@pytest.mark.cuda
-def test_cuda_dense_ffn_decode():
-    """Layer 0's dense FFN ([9216, 2304] gate/up, [2304, 9216] down) as the only ("shared") expert, x8, the
-    default config for E = 1 (more F-splits of down) and KIMI_LOCAL_DENSE_S2=0's, against the x8 reference."""
+def _dense_case(qts, seed):
+    """Layer 0's dense FFN ([9216, 2304] gate / up, [2304, 9216] down, types qts) packed on the GPU as the only
+    ("shared") expert: (D, packed mats, dequantized, x bf16 [D], an empty routed-id tensor)."""
     D, F = 2304, 9216
-    qts = ("Q4_K", "Q4_K", "Q6_K")
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     mats, dense = [], []
     for qt, r, c in zip(qts, (F, F, D), (D, D, F)):
         p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
         mats.append(p[0]), dense.append(dq[0])
     x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
-    none_i = torch.empty(0, dtype=torch.int32, device="cuda")
+    return D, mats, dense, x, torch.empty(0, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_dense_ffn_decode():
+    """Layer 0's dense FFN ([9216, 2304] gate/up, [2304, 9216] down) as the only ("shared") expert, x8, the
+    default config for E = 1 (more F-splits of down) and KIMI_LOCAL_DENSE_S2=0's, against the x8 reference."""
+    qts = ("Q4_K", "Q4_K", "Q6_K")
+    D, mats, dense, x, none_i = _dense_case(qts, 11)
+    F = 9216
     ref8 = moe_ref_x8(x, none_i, [], None, None, None, shared=dense)
     for s2 in ("1", "0"):
         os.environ["KIMI_LOCAL_DENSE_S2"] = s2
@@ -514,17 +521,10 @@ def test_cuda_dense_ffn_gluon_down(qts, monkeypatch):
     other orders: within 1e-4) and the x8 reference; under PDL a graph replay equals the eager call bit for bit, and
     with res_norm the residual equals out + add_norm_x8n's."""
     from kimi_local.kernels import moe_gluon
-    D, F = 2304, 9216
-    if not moe_gluon.dense_slices("cuda", qts[2], D, F):
+    if not moe_gluon.dense_slices("cuda", qts[2], 2304, 9216):
         pytest.skip("the Gluon down kernel needs Gluon and a Hopper GPU")
-    assert moe_gluon.dense_slices("cuda", qts[2], D, F) == 9
-    g = torch.Generator().manual_seed(12)
-    mats, dense = [], []
-    for qt, r, c in zip(qts, (F, F, D), (D, D, F)):
-        p, dq = make_pool(qt, 1, r, c, "cuda", g, 0.002)
-        mats.append(p[0]), dense.append(dq[0])
-    x = torch.randn(D, generator=g).to("cuda", torch.bfloat16)
-    none_i = torch.empty(0, dtype=torch.int32, device="cuda")
+    assert moe_gluon.dense_slices("cuda", qts[2], 2304, 9216) == 9
+    D, mats, dense, x, none_i = _dense_case(qts, 12)
     args = (x, none_i, none_i.float(), *(m[None] for m in mats), qts)
     kw = dict(shared=mats, shared_qtypes=qts, x8=True)
     outs = []
