@@ -1,4 +1,4 @@
-"""One shared-memory carveout for every kernel of the decode chain (sm_90).
+"""One shared-memory carveout for every kernel of the decode chain (sm_90); also the cluster shape of a kernel.
 
 An SM splits its 256 KB of L1 / shared memory between the two, and changes that split only when it is idle. Left to
 the driver, each kernel gets the split that suits its own occupancy: the Triton decode kernels (little shared memory)
@@ -24,6 +24,7 @@ import ctypes
 import os
 
 _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT = 9  # cuda.h CUfunction_attribute
+_ATTR_REQUIRED_CLUSTER_WIDTH = 11  # then 12, 13: height, depth
 _DONE: set = set()
 _LIB = None
 
@@ -33,18 +34,31 @@ def percent() -> int:
     return int(os.environ.get("KIMI_LOCAL_CARVEOUT", "0") or 0)
 
 
-def set_function(fn, pct: int):
-    """cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, pct) on a loaded CUfunction handle, once per (fn, pct)."""
+def _func_attr(fn, attr: int, value: int, what: str):
+    """cuFuncSetAttribute(attr, value) on a loaded CUfunction handle."""
     global _LIB
-    if not fn or pct <= 0 or (fn, pct) in _DONE:
-        return
     if _LIB is None:
         _LIB = ctypes.CDLL("libcuda.so.1")
-    rc = _LIB.cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT),
-                                 ctypes.c_int(pct))
+    rc = _LIB.cuFuncSetAttribute(ctypes.c_void_p(fn), ctypes.c_int(attr), ctypes.c_int(value))
     if rc != 0:
-        raise RuntimeError(f"cuFuncSetAttribute(carveout {pct} %) failed: CUresult {rc}")
+        raise RuntimeError(f"cuFuncSetAttribute({what}) failed: CUresult {rc}")
+
+
+def set_function(fn, pct: int):
+    """cuFuncSetAttribute(PREFERRED_SHARED_MEMORY_CARVEOUT, pct) on a loaded CUfunction handle, once per (fn, pct)."""
+    if not fn or pct <= 0 or (fn, pct) in _DONE:
+        return
+    _func_attr(fn, _ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, pct, f"carveout {pct} %")
     _DONE.add((fn, pct))
+
+
+def set_cluster_width(fn, n: int):
+    """Make every launch of the loaded CUfunction `fn` a grid of thread-block clusters of n x 1 x 1 CTAs (sm_90+;
+    n <= 8, the portable limit; grid x must be a multiple of n). The kernel's PTX must not declare a cluster shape
+    itself (Triton's does not at num_ctas = 1), else the driver refuses (CUDA_ERROR_NOT_PERMITTED)."""
+    for attr, v in ((_ATTR_REQUIRED_CLUSTER_WIDTH, n), (_ATTR_REQUIRED_CLUSTER_WIDTH + 1, 1),
+                    (_ATTR_REQUIRED_CLUSTER_WIDTH + 2, 1)):  # width, height, depth
+        _func_attr(fn, attr, v, f"cluster {n} x 1 x 1")
 
 
 def set_kernel(kernel, pct: int):

@@ -32,6 +32,7 @@ _INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _WS: dict = {}  # (device, H, V) -> (o [H*V] fp32, arrival counters [H] int32), shared by all layers
 
 
+from . import carveout as _carveout
 from . import pdl as _pdl
 from .pdl import gdc_launch_dependents, gdc_wait
 from .quant_matmul import X8_GROUP, _x8_put, env_config, x8_words
@@ -102,6 +103,57 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
     _x8_put(out8, H * V, i_h * (V // 16), V // 16, y, BVF // 16)
 
 
+def _cluster_sum_asm(most: int = 8) -> str:
+    """PTX: the sum of one fp32 per CTA over this CTA's thread-block cluster (up to `most` CTAs), through
+    distributed shared memory. Thread 0 of every CTA stores its value into slot `rank` of every CTA's array; a
+    cluster barrier (release / acquire) orders those stores before every CTA reads its own slots, summed in rank
+    order (so every CTA of the cluster gets the same bits). The barrier.cluster.wait at the top completes the
+    phase that _cluster_arrive opened at the kernel's start: every CTA of the cluster has started, so its shared
+    memory exists. No remote access follows the second barrier, so a CTA may exit right after it. Predicated,
+    not branched (labels would repeat where the asm is inlined twice)."""
+    st = "\n".join(f"setp.gt.and.u32 q, nr, {j}, p;\n@q mapa.shared::cluster.u32 ra, t, {j};\n"
+                   f"@q st.shared::cluster.f32 [ra], $1;" for j in range(most))
+    ld = "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [xs+{4 * j}];\n@q add.f32 s, s, a;"
+                   for j in range(1, most))
+    return f"""{{
+.reg .b32 rk, nr, base, ra, t, tid;
+.reg .pred p, q;
+.reg .f32 s, a;
+.shared .align 4 .f32 xs[{most}];
+mov.u32 rk, %cluster_ctarank;
+mov.u32 nr, %cluster_nctarank;
+mov.u32 base, xs;
+mov.u32 tid, %tid.x;
+setp.eq.u32 p, tid, 0;
+barrier.cluster.wait.aligned;
+shl.b32 t, rk, 2;
+add.u32 t, base, t;
+{st}
+barrier.cluster.arrive.release.aligned;
+barrier.cluster.wait.acquire.aligned;
+ld.shared.f32 s, [xs];
+{ld}
+mov.f32 $0, s;
+}}"""
+
+
+_CLUSTER_MOST = 8  # the portable cluster size limit
+_CLUSTER_SUM = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST))
+
+
+@triton.jit
+def _cluster_arrive():
+    """Every thread arrives (relaxed) on the cluster barrier; _cluster_sum's first wait completes the phase."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.relaxed.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _cluster_sum(x):
+    """x (an fp32 scalar, the same in every thread of a CTA) summed over the CTAs of this CTA's cluster."""
+    return tl.inline_asm_elementwise(_CLUSTER_SUM, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _lr_chunk(w_ptr, rows, m_rows, c: tl.constexpr, R: tl.constexpr, RC: tl.constexpr):
     """Columns c*RC .. c*RC+RC-1 of the rows `rows` of a row-major [N, R] low-rank up-projection (f_b, g_b):
@@ -137,7 +189,7 @@ def kda_decode_step_kernel(
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, X8: tl.constexpr,
+    PDL: tl.constexpr, X8: tl.constexpr, CLUSTER: tl.constexpr,
     FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
@@ -180,6 +232,14 @@ def kda_decode_step_kernel(
        to fg_a's dtype, as the GEMV's output would be. Bytes: + f_b and g_b once from DRAM (1 MiB each per
        layer at H=32, K=V=128, rank 128, bf16) and NV x 32 KiB of f_b rows per head from L2.
 
+    5. CLUSTER (sm_90, launched by kda_decode_step(cluster=...)): the NV blocks of a head are one thread-block
+       cluster (their CUfunction's required cluster width is set to NV when it loads). The output norm's sum of
+       o^2 goes through distributed shared memory (_cluster_sum: NV remote 4-byte stores, one cluster barrier),
+       and every block normalizes and stores its own BV columns (x8 groups included); block 0 stores the q / k
+       tails after the barrier. That replaces the arrival's path (ws_o stores, release fence, atomic, the last
+       block's L2 read of the head's o, its serial norm) with one barrier whose release waits for no global
+       store: the state, output and tails are all stored after it.
+
     Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
     projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
     two products into the reductions, the rank-1 update). The cross-block norm still costs the arrival
@@ -201,6 +261,8 @@ def kda_decode_step_kernel(
     m_f = o_f < V
 
     # ---- before the grid-dependency wait: data no recent kernel writes ----
+    if CLUSTER:
+        _cluster_arrive()
     p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     if EVEN:
@@ -212,7 +274,10 @@ def kda_decode_step_kernel(
     tv0, tv1, tv2, wv0, wv1, wv2, wvx = _load_taps(tv, wv, ch_v, m_v, W)  # [BV] each
     b_dtb = tl.load(dt_bias + ch_k, mask=m_k, other=0).to(tl.float32)
     b_a = tl.load(a + i_h).to(tl.float32)
-    b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+    if CLUSTER:  # this block's columns of the output norm only
+        b_wf = tl.load(norm_w + o_v).to(tl.float32)  # [BV]
+    else:
+        b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     if FUSED:  # chunk 0 of the head's f_b rows and of this block's g_b rows (weights: no kernel writes them)
         b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
         b_gw0 = _lr_chunk(g_b, ch_v, m_v, 0, RG, RCG)  # [BV, RCG]
@@ -230,7 +295,10 @@ def kda_decode_step_kernel(
         b_zf = b_z  # NV == 1: the whole head (BV == BVF); NV > 1: the last block reads ws_z instead
     else:
         b_f = tl.load(f + ch_k, mask=m_k, other=0).to(tl.float32) + b_dtb
-        b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
+        if CLUSTER:
+            b_zf = tl.load(z + ch_v).to(tl.float32)  # [BV]
+        else:
+            b_zf = tl.load(z + i_h * V + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     b_beta = tl.sigmoid(tl.load(beta_logit + i_h).to(tl.float32))
     b_q = _conv_silu(x_q, tq0, tq1, tq2, wq0, wq1, wq2, wqx, W)
     b_k = _conv_silu(x_k, tk0, tk1, tk2, wk0, wk1, wk2, wkx, W)
@@ -262,6 +330,20 @@ def kda_decode_step_kernel(
         _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
         _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
         _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
+    elif CLUSTER:
+        # the head's NV blocks are one thread-block cluster: the norm's sum of o^2 is summed through distributed
+        # shared memory (one cluster barrier), and every block normalizes its own columns; no workspace, no
+        # arrival. Everything is stored after the exchange, so its release does not wait for any global store.
+        b_y = b_o * tl.rsqrt(_cluster_sum(tl.sum(b_o * b_o, 0)) / V + eps) * b_wf * tl.sigmoid(b_zf)
+        tl.store(out + ch_v, b_y.to(out.dtype.element_ty))
+        if X8:
+            _x8_put(out8, H * V, (i_h * V + i_v * BV) // 16, BV // 16, b_y.to(out.dtype.element_ty).to(tl.float32),
+                    BV // 16)
+        tl.store(p_s, b_s)
+        _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
+        if i_v == 0:  # every block of the head read the old q / k tails before its arrival at the barrier
+            _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
+            _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
     else:
         tl.store(ws_o + ch_v, b_o, mask=m_v)
         if FUSED:
@@ -291,6 +373,32 @@ def kda_decode_step_kernel(
 
 
 
+_CLUSTER_PENDING = [0]  # the cluster width of the kda_decode_step_kernel launch in progress (0: none)
+
+
+def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runtime.kernel_load_end_hook
+    """A CLUSTER variant of the step kernel is only ever compiled and loaded inside a clustered launch (CLUSTER and
+    BV are constexprs), so its cluster width is set once, here, before its first launch."""
+    if _CLUSTER_PENDING[0] and name == "kda_decode_step_kernel":
+        _carveout.set_cluster_width(function, _CLUSTER_PENDING[0])
+
+
+def cluster_enabled(device) -> bool:
+    """The step may run a head's V blocks as one thread-block cluster: sm_90+, not interpreting, Triton's load
+    hook present, and KIMI_LOCAL_KDA_CLUSTER is not "0"."""
+    if _INTERP or os.environ.get("KIMI_LOCAL_KDA_CLUSTER", "1") == "0":
+        return False
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+        return False
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover (Triton < 3.4)
+        return False
+    knobs.runtime.kernel_load_end_hook.add(_on_load)  # idempotent
+    return True
+
+
 def _workspace(device, H: int, V: int):
     """(ws [2 * H*V] fp32: o then z (the fused f / z path) by V block, arrival counters [H] int32)."""
     key = (str(device), H, V)
@@ -312,7 +420,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
                     eps: float = 1e-5, scale: float | None = None, BV: int | None = None, num_warps: int | None = None,
                     workspace=None, pdl: bool | None = None, out8: torch.Tensor | None = None,
                     fg_a: torch.Tensor | None = None, f_b: torch.Tensor | None = None, g_b: torch.Tensor | None = None,
-                    rank_chunk: int | None = None):
+                    rank_chunk: int | None = None, cluster: bool | None = None):
     """One KDA token for one layer, in one launch (graph-capturable: no allocation after the first call
     for a given (device, H, V), no host sync).
 
@@ -333,7 +441,10 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     read after the PDL wait), f_b [H*K, RF] and g_b [H*V, RG] (weights, bf16 in the engine; read before the
     wait): the kernel computes f = f_b f_a and z = g_b g_a itself, each rounded to fg_a's dtype (as a GEMV
     writing that dtype would), instead of taking them from a GEMV launched before it. rank_chunk: columns of
-    f_b / g_b per step of those products (a power of 2); None: [rows, chunk] tiles of 32 weights per thread."""
+    f_b / g_b per step of those products (a power of 2); None: [rows, chunk] tiles of 32 weights per thread.
+    cluster: a head's NV V blocks run as one thread-block cluster and sum the output norm's o^2 through distributed
+    shared memory instead of the arrival counter (kernel docstring, item 5). Only where the blocks tile [K, V]
+    exactly, 2 <= NV <= 8 and (with out8) BV % 16 == 0; None: cluster_enabled(device)."""
     H, K, V = state.shape
     wq, wk, wv = conv_w
     tq, tk, tv = conv_tail
@@ -369,6 +480,9 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     if _INTERP:
         num_warps = 1
     NV = triton.cdiv(V, BV)
+    even = (K == BK) and (V % BV == 0)
+    cl = (cluster_enabled(state.device) if cluster is None else cluster) and even and 2 <= NV <= _CLUSTER_MOST \
+        and (out8 is None or BV % X8_GROUP == 0) and not _INTERP
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
     assert ws_o.numel() >= (2 if fused else 1) * H * V
     if out8 is not None:
@@ -379,13 +493,16 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         assert c & (c - 1) == 0, f"rank_chunk must be a power of 2, not {c}"
         return min(c, triton.next_power_of_2(R))
 
-    kda_decode_step_kernel[(NV, H)](
-        q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state, out,
-        out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
-        H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV,
-        EVEN=(K == BK) and (V % BV == 0), PDL=pdl, X8=out8 is not None,
-        FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}))
+    _CLUSTER_PENDING[0] = NV if cl else 0  # _on_load gives a CLUSTER kernel loaded by this launch its cluster width
+    try:
+        kda_decode_step_kernel[(NV, H)](
+            q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state,
+            out, out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
+            H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=even, PDL=pdl, X8=out8 is not None, CLUSTER=cl,
+            FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
+            **({"launch_pdl": True} if pdl else {}))
+    finally:
+        _CLUSTER_PENDING[0] = 0
     return out
 
 

@@ -521,12 +521,15 @@ def bench_kda_decode(ctx):
     t_ms = ctx.time(lambda: [naive.kda_decode_ref(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
-    # BV None: kda.DEFAULTS
-    for BV, pdl in ((None, False), (None, True), (8, False), (32, False), (32, True), (128, False), (128, True)):
+    # BV None: kda.DEFAULTS; cl: the head's V blocks as one thread-block cluster (False: the arrival counter)
+    for BV, pdl, cl in ((None, False, False), (None, True, False), (None, False, True), (None, True, True),
+                        (8, False, False), (32, False, False), (32, True, False), (32, True, True), (64, True, True),
+                        (128, False, False), (128, True, False)):
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
-                                                   states[i], out, 1e-5, BV=BV, pdl=pdl) for i in range(L)],
+                                                   states[i], out, 1e-5, BV=BV, pdl=pdl, cluster=cl) for i in range(L)],
                       graph=True, calls=L)
-        name = f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV or 'default'}" + (" pdl" if pdl else "")
+        name = (f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV or 'default'}" + (" pdl" if pdl else "")
+                + (" cluster" if cl else ""))
         ctx.row("kda", name, ms, nbytes=nbytes, base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
     bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, base_ms)
 
@@ -547,9 +550,9 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
     step_bytes = 2 * H * K * V * 4 + 2 * P * K * 2 + 3 * P * 4 * 4 + 2 * 3 * P * 3 * 2
     gemv_bytes = wo[0].numel()
 
-    def step(i):
+    def step(i, cluster=None):
         kda.kda_decode_step(q, k, v, None, beta, None, conv_w[i], tails[i], a, dt_bias, norm_w, states[i], out, 1e-5,
-                            out8=o8, fg_a=fg, f_b=f_b[i], g_b=g_b[i])
+                            out8=o8, fg_a=fg, f_b=f_b[i], g_b=g_b[i], cluster=cluster)
 
     def gemv(i):
         qm.qgemv(out[None], wo[i], "Q8_0", D, out=y, x8=o8)
@@ -557,6 +560,9 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
     with pdl.active(True):
         ms = ctx.time(lambda: [step(i) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "engine step (fused gates, x8 out), pdl", ms, nbytes=step_bytes, base=base, base_ms=base_ms)
+        ms = ctx.time(lambda: [step(i, cluster=False) for i in range(L)], graph=True, calls=L)
+        ctx.row("kda", "engine step (fused gates, x8 out), pdl, no cluster", ms, nbytes=step_bytes, base=base,
+                base_ms=base_ms)
         ms = ctx.time(lambda: [gemv(i) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "o-proj GEMV Q8_0 [2304, 4096] x8, pdl", ms, nbytes=gemv_bytes)
         ms = ctx.time(lambda: [(step(i), gemv(i)) for i in range(L)], graph=True, calls=L)

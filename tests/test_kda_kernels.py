@@ -59,7 +59,7 @@ def _graph_of(step, first, S, tails):
 
 
 def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, dev=DEV, graph=False,
-               num_warps=None, pdl=False, x8=False):
+               num_warps=None, pdl=False, x8=False, cluster=None):
     """Max relative error of the outputs and of the final state vs the reference over n_steps tokens.
     x8: the kernel also writes the output's x8 buffer, which must equal quantize_x8 of the stored output."""
     gen = torch.Generator().manual_seed(seed)
@@ -72,7 +72,8 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
     out8 = torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None
     if graph:
         g, bufs = _graph_of(lambda *b: kda.kda_decode_step(*b, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,
-                                                           num_warps=num_warps, pdl=pdl, out8=out8), toks[0], S, t_k)
+                                                           num_warps=num_warps, pdl=pdl, out8=out8, cluster=cluster),
+                            toks[0], S, t_k)
     errs = []
     for tok in toks:
         ref = naive.kda_decode_ref(*tok, conv_w, t_ref, a, dt_bias, norm_w, S_ref, 1e-5)
@@ -85,7 +86,7 @@ def _run_steps(H, K, V, W, n_steps, BV, in_dtype, tail_dtype, out_dtype, seed, d
             g.replay()
         else:
             kda.kda_decode_step(*tok, conv_w, t_k, a, dt_bias, norm_w, S, out, 1e-5, BV=BV, num_warps=num_warps,
-                                pdl=pdl, out8=out8)
+                                pdl=pdl, out8=out8, cluster=cluster)
         assert not out.isnan().any()
         if x8:
             assert torch.equal(out8, quantize_x8(out))
@@ -164,7 +165,7 @@ def _as_stored(x, dtype):
 
 
 def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed, dev=DEV, graph=False,
-                     num_warps=None, pdl=False, x8=False, rank_chunk=None):
+                     num_warps=None, pdl=False, x8=False, rank_chunk=None, cluster=None):
     """The fused step (fg_a, f_b, g_b) vs the unfused one fed with f = f_b f_a and z = g_b g_a computed in torch
     (rounded to in_dtype as the kernel rounds them), from the same state and tails, over n_steps tokens: max
     relative error of the outputs and relative error of the final state (tails: equal). x8: both write the
@@ -182,7 +183,7 @@ def _run_fused_steps(H, K, V, W, RF, RG, n_steps, BV, in_dtype, out_dtype, seed,
     toks = [(r(H * K), r(H * K), r(H * V), r(H), r(RF + RG)) for _ in range(n_steps)]  # q k v beta fg_a
     out_u, out_f = (torch.empty(H * V, dtype=out_dtype, device=dev) for _ in range(2))
     o8_u, o8_f = (torch.empty(x8_words(H * V), dtype=torch.int32, device=dev) if x8 else None for _ in range(2))
-    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl)
+    kw = dict(BV=BV, num_warps=num_warps, pdl=pdl, cluster=cluster)
 
     def fused(q, k, v, beta, fg):
         kda.kda_decode_step(q, k, v, None, beta, None, conv_w, t_f, a, dt_bias, norm_w, S_f, out_f, 1e-5, out8=o8_f,
@@ -494,6 +495,66 @@ def test_fused_gates_long_horizon(BV, num_warps):
     e_out, e_state = _run_fused_steps(32, 128, 96, 4, 128, 128, 300, BV, torch.float32, torch.float32, seed=23,
                                       num_warps=num_warps, pdl=True)
     assert e_out < 1e-4 and e_state < 1e-4
+
+
+def _cluster_pair(H, K, V, n_steps, BV, num_warps, pdl, x8, fused, graph, seed):
+    """The same tokens through two copies of a layer, the step with cluster=True and with cluster=False (the arrival
+    counter): states and conv tails must stay bit-equal (the norm is not on their path), outputs equal up to the
+    order of the norm's sum, and each x8 buffer equal to quantize_x8 of its stored output. Returns the max
+    relative difference of the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, 4, gen, DEV, torch.bfloat16)
+    f_b = (torch.randn(H * K, 128, generator=gen) * 2 / 128**0.5).to(DEV, torch.bfloat16)
+    g_b = (torch.randn(H * V, 128, generator=gen) / 128**0.5).to(DEV, torch.bfloat16)
+    S0 = (torch.randn(H, K, V, generator=gen) * 0.3).to(DEV)
+    r = lambda n: torch.randn(n, generator=gen).to(DEV).to(torch.bfloat16)  # noqa: E731
+    toks = [(r(H * K), r(H * K), r(H * V), r(H * K) * 2, r(H), r(H * V), r(256)) for _ in range(n_steps)]
+    runs = []
+    for cl in (True, False):
+        S, t = S0.clone(), [x.clone() for x in tails]
+        out = torch.empty(H * V, dtype=torch.bfloat16 if x8 else torch.float32, device=DEV)
+        o8 = torch.empty(x8_words(H * V), dtype=torch.int32, device=DEV) if x8 else None
+
+        def step(q, k, v, f, beta, z, fg, S=S, t=t, out=out, o8=o8, cl=cl):
+            if fused:
+                kda.kda_decode_step(q, k, v, None, beta, None, conv_w, t, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,
+                                    num_warps=num_warps, pdl=pdl, out8=o8, fg_a=fg, f_b=f_b, g_b=g_b, cluster=cl)
+            else:
+                kda.kda_decode_step(q, k, v, f, beta, z, conv_w, t, a, dt_bias, norm_w, S, out, 1e-5, BV=BV,
+                                    num_warps=num_warps, pdl=pdl, out8=o8, cluster=cl)
+
+        if graph:
+            g, bufs = _graph_of(step, toks[0], S, t)
+        outs = []
+        for tok in toks:
+            out.fill_(float("nan"))
+            if graph:
+                for b, x in zip(bufs, tok):
+                    b.copy_(x)
+                g.replay()
+            else:
+                step(*tok)
+            assert not out.isnan().any()
+            if x8:
+                assert torch.equal(o8, quantize_x8(out))
+            outs.append(out.clone())
+        runs.append((S, t, outs))
+    (S1, t1, o1), (S2, t2, o2) = runs
+    assert torch.equal(S1, S2)
+    for x, y in zip(t1, t2):
+        assert torch.equal(x, y)
+    return max(rel(x, y) for x, y in zip(o1, o2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V,BV,num_warps", [(128, 16, 1), (128, 32, 4), (128, 64, 4), (96, 32, 4), (96, 16, 2)])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("pdl,x8,graph", [(False, False, False), (True, False, True), (True, True, True)])
+def test_decode_step_cluster_equals_arrival(V, BV, num_warps, fused, pdl, x8, graph):
+    # clusters of 8, 4, 2, 3 and 6 CTAs; 50 steps, so a wrong exchange (a stale or missing partial) shows
+    assert kda.cluster_enabled(DEV)
+    d = _cluster_pair(32, 128, V, 50, BV, num_warps, pdl, x8, fused, graph, seed=V + BV)
+    assert d < (1e-2 if x8 else 1e-5)  # x8: bf16 outputs, a rare 1-ulp flip
 
 
 @pytest.mark.cuda
