@@ -139,6 +139,18 @@ mov.f32 $0, s;
 
 _CLUSTER_MOST = 8  # the portable cluster size limit
 _CLUSTER_SUM = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST))
+# the same after the f exchange, which has completed the start's phase already (no opening wait)
+_CLUSTER_SUM_NOWAIT = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST).replace("barrier.cluster.wait.aligned;\n", "", 1))
+_FX_MOST = 256  # K at most, for the f exchange's shared array
+_FX_PUT = tl.constexpr("""{
+.reg .b32 nr, t, ra;
+.reg .pred q;
+mov.u32 nr, %cluster_nctarank;
+mad.lo.u32 t, $2, 4, $1;
+""" + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q mapa.shared::cluster.u32 ra, t, {j};\n@q st.shared::cluster.f32 [ra], $3;"
+                for j in range(_CLUSTER_MOST)) + """
+mov.u32 $0, 0;
+}""")  # _fx_put's: val ($3) at element idx ($2) of the fx array ($1) of every CTA of the cluster
 
 
 @triton.jit
@@ -149,9 +161,45 @@ def _cluster_arrive():
 
 
 @triton.jit
-def _cluster_sum(x):
-    """x (an fp32 scalar, the same in every thread of a CTA) summed over the CTAs of this CTA's cluster."""
-    return tl.inline_asm_elementwise(_CLUSTER_SUM, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+def _cluster_sum(x, OPEN: tl.constexpr):
+    """x (an fp32 scalar, the same in every thread of a CTA) summed over the CTAs of this CTA's cluster. OPEN: the
+    phase _cluster_arrive opened is still open (no _fx_put / _cluster_sync since)."""
+    if OPEN:
+        return tl.inline_asm_elementwise(_CLUSTER_SUM, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_CLUSTER_SUM_NOWAIT, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fx_alloc():
+    """The shared address (int32) of a per-CTA array of _FX_MOST fp32 (the f exchange's). A .shared variable is
+    static storage whatever block declares it, so later asm statements can use its address."""
+    return tl.inline_asm_elementwise(".shared .align 16 .f32 fx[256];\nmov.u32 $0, fx;", "=r", [], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _fx_put(fx, idx, val):
+    """Completes the phase _cluster_arrive opened (every CTA of the cluster has started), then stores val (fp32) at
+    element idx of every cluster CTA's fx array (replicated elements store the same value twice: harmless). Call
+    _cluster_sync before reading fx."""
+    tl.inline_asm_elementwise("barrier.cluster.wait.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    return tl.inline_asm_elementwise(_FX_PUT, "=r,r,r,f", [fx, idx, val], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _cluster_sync():
+    """A full cluster barrier (release / acquire): every CTA's _fx_put stores are visible after it."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;"
+                              "\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fx_get(fx, idx):
+    """Element idx (int32 tensor) of this CTA's fx array (fp32)."""
+    return tl.inline_asm_elementwise("{\n.reg .b32 t;\nmad.lo.u32 t, $2, 4, $1;\nld.shared.f32 $0, [t];\n}",
+                                     "=f,r,r", [fx, idx], dtype=tl.float32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -189,7 +237,7 @@ def kda_decode_step_kernel(
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, X8: tl.constexpr, CLUSTER: tl.constexpr,
+    PDL: tl.constexpr, X8: tl.constexpr, CLUSTER: tl.constexpr, FSPLIT: tl.constexpr,
     FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
@@ -239,6 +287,10 @@ def kda_decode_step_kernel(
        tails after the barrier. That replaces the arrival's path (ws_o stores, release fence, atomic, the last
        block's L2 read of the head's o, its serial norm) with one barrier whose release waits for no global
        store: the state, output and tails are all stored after it.
+       FSPLIT (FUSED with a cluster, K % NV == 0): each block computes only its K / NV rows of the head's f, whose
+       f_b rows (K / NV x RF) are all loaded before the wait, and puts them into every block's shared array
+       (_fx_put, then _cluster_sync); without it every block computed all K rows, with 3 of 4 f_b chunks loaded
+       from L2 after the wait. KIMI_LOCAL_KDA_FSPLIT=0 turns it off (A/B).
 
     Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
     projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
@@ -263,6 +315,11 @@ def kda_decode_step_kernel(
     # ---- before the grid-dependency wait: data no recent kernel writes ----
     if CLUSTER:
         _cluster_arrive()
+    if FSPLIT:  # this block's K / NV rows of the head's f (KC = K // NV, one chunk of RCF = RF)
+        KC: tl.constexpr = K // NV
+        o_c = i_v * KC + tl.arange(0, KC)
+        ch_c = i_h * K + o_c
+        fx = _fx_alloc()
     p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     if EVEN:
@@ -279,7 +336,10 @@ def kda_decode_step_kernel(
     else:
         b_wf = tl.load(norm_w + o_f, mask=m_f, other=0).to(tl.float32)  # [BVF]
     if FUSED:  # chunk 0 of the head's f_b rows and of this block's g_b rows (weights: no kernel writes them)
-        b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
+        if FSPLIT:
+            b_fw0 = _lr_chunk(f_b, ch_c, o_c < K, 0, RF, RCF)  # [KC, RCF]
+        else:
+            b_fw0 = _lr_chunk(f_b, ch_k, m_k, 0, RF, RCF)  # [BK, RCF]
         b_gw0 = _lr_chunk(g_b, ch_v, m_v, 0, RG, RCG)  # [BV, RCG]
     if PDL:
         gdc_wait()  # the projections below come from the previous kernel; all writes come after this
@@ -290,7 +350,12 @@ def kda_decode_step_kernel(
     x_k = tl.load(k_raw + ch_k, mask=m_k, other=0)
     x_v = tl.load(v_raw + ch_v, mask=m_v, other=0)
     if FUSED:  # f and z from fg_a (the previous GEMV's output): every K value of f, this block's BV of z
-        b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
+        if FSPLIT:  # this block's KC rows of f, shared with the cluster through distributed shared memory
+            _fx_put(fx, o_c, _lr_rows(f_b, ch_c, o_c < K, fg_a, b_fw0, RF, RCF))
+            _cluster_sync()
+            b_f = _fx_get(fx, o_k) + b_dtb  # [BK]
+        else:
+            b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
         b_z = _lr_rows(g_b, ch_v, m_v, fg_a + RF, b_gw0, RG, RCG)  # [BV]
         b_zf = b_z  # NV == 1: the whole head (BV == BVF); NV > 1: the last block reads ws_z instead
     else:
@@ -334,7 +399,7 @@ def kda_decode_step_kernel(
         # the head's NV blocks are one thread-block cluster: the norm's sum of o^2 is summed through distributed
         # shared memory (one cluster barrier), and every block normalizes its own columns; no workspace, no
         # arrival. Everything is stored after the exchange, so its release does not wait for any global store.
-        b_y = b_o * tl.rsqrt(_cluster_sum(tl.sum(b_o * b_o, 0)) / V + eps) * b_wf * tl.sigmoid(b_zf)
+        b_y = b_o * tl.rsqrt(_cluster_sum(tl.sum(b_o * b_o, 0), not FSPLIT) / V + eps) * b_wf * tl.sigmoid(b_zf)
         tl.store(out + ch_v, b_y.to(out.dtype.element_ty))
         if X8:
             _x8_put(out8, H * V, (i_h * V + i_v * BV) // 16, BV // 16, b_y.to(out.dtype.element_ty).to(tl.float32),
@@ -493,13 +558,17 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         assert c & (c - 1) == 0, f"rank_chunk must be a power of 2, not {c}"
         return min(c, triton.next_power_of_2(R))
 
+    # fused with a cluster: each block computes K / NV rows of f (preloaded whole) and the cluster shares them
+    fsplit = cl and fused and K % NV == 0 and (K // NV) & (K // NV - 1) == 0 and K == BK and K <= _FX_MOST \
+        and os.environ.get("KIMI_LOCAL_KDA_FSPLIT", "1") != "0"
     _CLUSTER_PENDING[0] = NV if cl else 0  # _on_load gives a CLUSTER kernel loaded by this launch its cluster width
     try:
         kda_decode_step_kernel[(NV, H)](
             q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state,
             out, out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
             H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=even, PDL=pdl, X8=out8 is not None, CLUSTER=cl,
-            FUSED=fused, RF=RF, RG=RG, RCF=chunk(RF, BK), RCG=chunk(RG, BV), num_warps=num_warps,
+            FSPLIT=fsplit, FUSED=fused, RF=RF, RG=RG, RCF=triton.next_power_of_2(RF) if fsplit else chunk(RF, BK),
+            RCG=chunk(RG, BV), num_warps=num_warps,
             **({"launch_pdl": True} if pdl else {}))
     finally:
         _CLUSTER_PENDING[0] = 0

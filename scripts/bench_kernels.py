@@ -522,14 +522,16 @@ def bench_kda_decode(ctx):
                                                   states[i], 1e-5) for i in range(Lt)], graph=True, calls=Lt)
     ctx.row("kda", "decode step: torch reference (naive.kda_decode_ref), graph", t_ms, nbytes=nbytes)
     # BV None: kda.DEFAULTS; cl: the head's V blocks as one thread-block cluster (False: the arrival counter)
-    for BV, pdl, cl in ((None, False, False), (None, True, False), (None, False, True), (None, True, True),
-                        (8, False, False), (32, False, False), (32, True, False), (32, True, True), (64, True, True),
-                        (128, False, False), (128, True, False)):
+    for BV, nw, pdl, cl in ((None, None, False, False), (None, None, True, False), (None, None, False, True),
+                            (None, None, True, True), (16, 2, True, True), (32, 1, True, True), (32, 2, True, True),
+                            (8, None, False, False), (32, None, False, False), (32, None, True, False),
+                            (32, None, True, True), (64, None, True, True), (64, 2, True, True),
+                            (128, None, False, False), (128, None, True, False)):
         ms = ctx.time(lambda: [kda.kda_decode_step(q, k, v, f, beta, z, conv_w[i], tails[i], a, dt_bias, norm_w,
-                                                   states[i], out, 1e-5, BV=BV, pdl=pdl, cluster=cl) for i in range(L)],
-                      graph=True, calls=L)
-        name = (f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV or 'default'}" + (" pdl" if pdl else "")
-                + (" cluster" if cl else ""))
+                                                   states[i], out, 1e-5, BV=BV, num_warps=nw, pdl=pdl, cluster=cl)
+                               for i in range(L)], graph=True, calls=L)
+        name = (f"decode step fused (conv+l2+gate+delta+gated norm) BV={BV or 'default'}" + (f" w{nw}" if nw else "")
+                + (" pdl" if pdl else "") + (" cluster" if cl else ""))
         ctx.row("kda", name, ms, nbytes=nbytes, base=base, base_ms=base_ms, note=f"torch ref x{ms / t_ms:.3f}")
     bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, base_ms)
 
@@ -550,9 +552,9 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
     step_bytes = 2 * H * K * V * 4 + 2 * P * K * 2 + 3 * P * 4 * 4 + 2 * 3 * P * 3 * 2
     gemv_bytes = wo[0].numel()
 
-    def step(i, cluster=None):
+    def step(i, cluster=None, BV=None, nw=None):
         kda.kda_decode_step(q, k, v, None, beta, None, conv_w[i], tails[i], a, dt_bias, norm_w, states[i], out, 1e-5,
-                            out8=o8, fg_a=fg, f_b=f_b[i], g_b=g_b[i], cluster=cluster)
+                            out8=o8, fg_a=fg, f_b=f_b[i], g_b=g_b[i], cluster=cluster, BV=BV, num_warps=nw)
 
     def gemv(i):
         qm.qgemv(out[None], wo[i], "Q8_0", D, out=y, x8=o8)
@@ -560,13 +562,20 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
     with pdl.active(True):
         ms = ctx.time(lambda: [step(i) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "engine step (fused gates, x8 out), pdl", ms, nbytes=step_bytes, base=base, base_ms=base_ms)
-        ms = ctx.time(lambda: [step(i, cluster=False) for i in range(L)], graph=True, calls=L)
-        ctx.row("kda", "engine step (fused gates, x8 out), pdl, no cluster", ms, nbytes=step_bytes, base=base,
-                base_ms=base_ms)
+        for cl, BV, nw, fsplit in ((False, None, None, "1"), (True, None, None, "0"), (True, 16, 4, "1"),
+                                   (True, 16, 2, "1"), (True, 32, 2, "1"), (True, 64, 4, "1"), (True, 32, 8, "1")):
+            os.environ["KIMI_LOCAL_KDA_FSPLIT"] = fsplit  # read at launch: the graph captures the choice
+            ms = ctx.time(lambda: [step(i, cl, BV, nw) for i in range(L)], graph=True, calls=L)
+            os.environ.pop("KIMI_LOCAL_KDA_FSPLIT")
+            ctx.row("kda", f"engine step (fused gates, x8 out), pdl, {'cluster' if cl else 'no cluster'}"
+                    + (f" BV={BV} w{nw}" if BV else "") + (" no f split" if fsplit == "0" else ""), ms,
+                    nbytes=step_bytes, base=base, base_ms=base_ms)
         ms = ctx.time(lambda: [gemv(i) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "o-proj GEMV Q8_0 [2304, 4096] x8, pdl", ms, nbytes=gemv_bytes)
         ms = ctx.time(lambda: [(step(i), gemv(i)) for i in range(L)], graph=True, calls=L)
         ctx.row("kda", "engine step + o-proj GEMV, pdl", ms, nbytes=step_bytes + gemv_bytes)
+        ms = ctx.time(lambda: [(step(i, False), gemv(i)) for i in range(L)], graph=True, calls=L)
+        ctx.row("kda", "engine step + o-proj GEMV, pdl, no cluster", ms, nbytes=step_bytes + gemv_bytes)
         # the default above preloads (quant_matmul.preload_default: the GEMV's whole rows into registers before its
         # wait, PRELOAD_SPLIT = 1 slice); against one-step slices without it, and preloads of other row / slice counts
         # (session 22, H200, us a layer of step + GEMV: 4 slices 12.31, 8 slices 15.15, 4 slices of 2 rows 14.69,

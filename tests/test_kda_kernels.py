@@ -499,8 +499,8 @@ def test_fused_gates_long_horizon(BV, num_warps):
 
 def _cluster_pair(H, K, V, n_steps, BV, num_warps, pdl, x8, fused, graph, seed):
     """The same tokens through two copies of a layer, the step with cluster=True and with cluster=False (the arrival
-    counter): states and conv tails must stay bit-equal (the norm is not on their path), outputs equal up to the
-    order of the norm's sum, and each x8 buffer equal to quantize_x8 of its stored output. Returns the max
+    counter): conv tails must stay bit-equal, states too unfused (the norm is not on their path), outputs equal up
+    to the order of the norm's sum, and each x8 buffer equal to quantize_x8 of its stored output. Returns the max
     relative difference of the outputs."""
     gen = torch.Generator().manual_seed(seed)
     conv_w, tails, a, dt_bias, norm_w = _layer(H, K, V, 4, gen, DEV, torch.bfloat16)
@@ -540,7 +540,10 @@ def _cluster_pair(H, K, V, n_steps, BV, num_warps, pdl, x8, fused, graph, seed):
             outs.append(out.clone())
         runs.append((S, t, outs))
     (S1, t1, o1), (S2, t2, o2) = runs
-    assert torch.equal(S1, S2)
+    if fused:  # the cluster's f rows are summed in one rank chunk (FSPLIT): a rare 1-ulp flip of f's bf16 rounding
+        assert rel(S1, S2) < 1e-3
+    else:
+        assert torch.equal(S1, S2)
     for x, y in zip(t1, t2):
         assert torch.equal(x, y)
     return max(rel(x, y) for x, y in zip(o1, o2))
@@ -551,10 +554,11 @@ def _cluster_pair(H, K, V, n_steps, BV, num_warps, pdl, x8, fused, graph, seed):
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("pdl,x8,graph", [(False, False, False), (True, False, True), (True, True, True)])
 def test_decode_step_cluster_equals_arrival(V, BV, num_warps, fused, pdl, x8, graph):
-    # clusters of 8, 4, 2, 3 and 6 CTAs; 50 steps, so a wrong exchange (a stale or missing partial) shows
+    # clusters of 8, 4, 2, 3 and 6 CTAs (fused: f split over the cluster at 8, 4, 2; whole in every block at 3, 6);
+    # 50 steps, so a wrong exchange (a stale or missing partial) shows
     assert kda.cluster_enabled(DEV)
     d = _cluster_pair(32, 128, V, 50, BV, num_warps, pdl, x8, fused, graph, seed=V + BV)
-    assert d < (1e-2 if x8 else 1e-5)  # x8: bf16 outputs, a rare 1-ulp flip
+    assert d < (1e-2 if x8 else 1e-3 if fused else 1e-5)  # x8: bf16 outputs, a rare 1-ulp flip
 
 
 @pytest.mark.cuda
