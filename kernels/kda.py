@@ -17,6 +17,9 @@ BV=16 / 1 warp 1440 -> 3880 (255 registers, 3 spilled; the K x 128 MACs of f_h r
 head), BV=16 / 4 warps 712 -> 1736, BV=128 / 8 warps 2776 -> 2520. Timed in the whole decode step (H200,
 session 8): FUSED_DEFAULTS below. The step's critical-path time per layer went 3.95 -> 5.5 us, and the
 removed f / z GEMV had taken 4.45 us.
+On sm_90 a head's V blocks run as one thread-block cluster (kernel item 5, session 25, H200, PDL, graph over 64
+layers): the unfused step 3.02 us against 3.74 with the arrival counter (fla 5.16); the engine's step followed by its
+o-projection 9.84 against 10.08 us; decode +1.0-1.1 % at 4K and 128K.
 """
 from __future__ import annotations
 
@@ -478,7 +481,8 @@ DEFAULTS = dict(BV=16, num_warps=1)  # H100 sweep (scripts/sweep_kda_mla.py): 5.
 # Whole decode step, H200 (session 8, runs 3 and 6, graph-interleaved, tok/s at 4K / 128K): BV=16 4 warps
 # 503.1 / 421.8 and 507.2 / 421.9; BV=32 4 warps 505.4 / 422.6 and 509.7 / 423.8; BV=16 1 warp 458.0 / 390.6;
 # BV=16 2 warps 502.8 / 418.6; BV=128 8 warps 442.6 / 382.5. KIMI_LOCAL_KDA_CFG="BV,warps" overrides (A/B runs)
-FUSED_DEFAULTS = dict(BV=32, num_warps=4)
+FUSED_DEFAULTS = dict(BV=32, num_warps=4)  # with the cluster and f split (H200, session 25, tok/s at 4K): BV=16 4 warps
+# 742.0 vs 753.2, 16 / 2 740.7 and 16 / 1 713.6 vs 753.0
 
 
 def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a, dt_bias, norm_w, state, out,
