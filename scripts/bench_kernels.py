@@ -594,6 +594,36 @@ def bench_kda_engine(ctx, kda, states, conv_w, tails, a, dt_bias, norm_w, base, 
             ctx.row("kda", f"engine step + o-proj GEMV, pdl, {name}", ms, nbytes=step_bytes + gemv_bytes)
 
 
+@section("kda_parts")
+def bench_kda_parts(ctx):
+    """Where the engine's KDA step spends its time over the unfused one: the same cluster step (BV = 32, 4 warps, PDL,
+    graph over 64 layers' states) unfused without / with the x8 output, fused (f / z from fg_a) without / with it."""
+    kda, _, _ = _kda_mla()
+    H, K, V, W, L = 32, 128, 128, 4, 64
+    P, bf = H * K, torch.bfloat16
+    states = [torch.randn(H, K, V, device="cuda") * 0.05 for _ in range(L)]
+    conv_w = [torch.randn(3, P, W, device="cuda") * 0.3 for _ in range(L)]
+    tails = [torch.randn(3, P, W - 1, device="cuda").to(bf) for _ in range(L)]
+    f_b = [(torch.randn(P, K, device="cuda") * K**-0.5).to(bf) for _ in range(L)]
+    g_b = [(torch.randn(P, K, device="cuda") * K**-0.5).to(bf) for _ in range(L)]
+    a, dt_bias, norm_w = -torch.rand(H, device="cuda") - 0.1, torch.randn(P, device="cuda"), torch.rand(V, device="cuda")
+    q, k, v, f, z = (torch.randn(P, device="cuda").to(bf) for _ in range(5))
+    beta, fg = torch.randn(H, device="cuda").to(bf), torch.randn(2 * K, device="cuda").to(bf)
+    out, o8 = torch.empty(P, device="cuda", dtype=bf), torch.empty(qm.x8_words(P), dtype=torch.int32, device="cuda")
+    nbytes = 2 * H * K * V * 4
+
+    def step(i, fused, x8):
+        kw = dict(fg_a=fg, f_b=f_b[i], g_b=g_b[i]) if fused else {}
+        kda.kda_decode_step(q, k, v, None if fused else f, beta, None if fused else z, conv_w[i], tails[i], a, dt_bias,
+                            norm_w, states[i], out, 1e-5, out8=o8 if x8 else None, BV=32, num_warps=4, **kw)
+
+    with pdl.active(True):
+        for fused, x8 in ((False, False), (False, True), (True, False), (True, True)):
+            ms = ctx.time(lambda: [step(i, fused, x8) for i in range(L)], graph=True, calls=L)
+            ctx.row("kda_parts", f"step BV=32 w4 pdl cluster, {'fused gates' if fused else 'unfused'}"
+                    + (", x8 out" if x8 else ""), ms, nbytes=nbytes)
+
+
 @section("kda_prefill")
 def bench_kda_prefill(ctx):
     kda, _, naive = _kda_mla()
