@@ -155,6 +155,52 @@ def test_decode_step_counters_reset():
     assert int(ws_cnt.abs().sum()) == 0
 
 
+def test_cluster_launch_plumbing(monkeypatch):
+    """The cluster path's host side: the load hook gives only a step kernel loaded inside a clustered launch its
+    cluster width (cuFuncSetAttribute 11 / 12 / 13 = width, height, depth), a failing driver call raises, and
+    cluster_enabled honours KIMI_LOCAL_KDA_CLUSTER and the interpreter / CPU."""
+    carveout = kda._carveout
+
+    calls = []
+
+    class FakeLib:
+        rc = 0
+
+        def cuFuncSetAttribute(self, fn, attr, value):
+            calls.append((fn.value, attr.value, value.value))
+            return FakeLib.rc
+
+    monkeypatch.setattr(carveout, "_LIB", FakeLib())
+    kda._on_load(None, 77, "kda_decode_step_kernel", None, None)  # not inside a clustered launch
+    monkeypatch.setattr(kda, "_CLUSTER_PENDING", [4])
+    kda._on_load(None, 77, "other_kernel", None, None)  # another kernel loaded meanwhile
+    assert calls == []
+    kda._on_load(None, 77, "kda_decode_step_kernel", None, None)
+    assert calls == [(77, 11, 4), (77, 12, 1), (77, 13, 1)]
+    FakeLib.rc = 1
+    with pytest.raises(RuntimeError, match="cluster 4 x 1 x 1"):
+        kda._on_load(None, 78, "kda_decode_step_kernel", None, None)
+    monkeypatch.setenv("KIMI_LOCAL_KDA_CLUSTER", "1")
+    assert not kda.cluster_enabled("cpu")
+    monkeypatch.setenv("KIMI_LOCAL_KDA_CLUSTER", "0")
+    assert not kda.cluster_enabled("cuda")
+
+
+def test_decode_step_cluster_request_falls_back():
+    """cluster=True where clusters cannot run (the interpreter, or blocks that do not tile [K, V]) takes the arrival
+    path: the same bits as cluster=False, and the pending width is cleared after the launch."""
+    outs = []
+    for cl in (True, False):
+        gen = torch.Generator().manual_seed(3)
+        conv_w, tails, a, dt_bias, norm_w = _layer(3, 8, 12, 4, gen)
+        S = torch.randn(3, 8, 12, generator=gen).to(DEV)
+        out = torch.empty(3 * 12, device=DEV)
+        kda.kda_decode_step(*_token(3, 8, 12, gen), conv_w, tails, a, dt_bias, norm_w, S, out, 1e-5, BV=4, cluster=cl)
+        outs.append((out, S))
+        assert kda._CLUSTER_PENDING[0] == 0
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 # ---- fused low-rank gates: f = f_b f_a(h), z = g_b g_a(h) inside the step (fg_a, f_b, g_b) -----------------
 def _as_stored(x, dtype):
     """fp32 x rounded to dtype as the kernel's cast does: round to nearest on a GPU, truncation under the
