@@ -452,12 +452,13 @@ def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runt
 
 
 def cluster_enabled(device) -> bool:
-    """The step may run a head's V blocks as one thread-block cluster: sm_90+, not interpreting, Triton's load
-    hook present, and KIMI_LOCAL_KDA_CLUSTER is not "0"."""
+    """The step may run a head's V blocks as one thread-block cluster: sm_90 (Hopper, where it was verified and
+    measured; clusters need sm_90+), not interpreting, Triton's load hook present, and KIMI_LOCAL_KDA_CLUSTER is not
+    "0"."""
     if _INTERP or os.environ.get("KIMI_LOCAL_KDA_CLUSTER", "1") == "0":
         return False
     dev = torch.device(device)
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
         return False
     try:
         from triton import knobs
