@@ -106,14 +106,15 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
     _x8_put(out8, H * V, i_h * (V // 16), V // 16, y, BVF // 16)
 
 
-def _cluster_sum_asm(most: int = 8) -> str:
+def _cluster_sum_asm(most: int, open_wait: bool) -> str:
     """PTX: the sum of one fp32 per CTA over this CTA's thread-block cluster (up to `most` CTAs), through
     distributed shared memory. Thread 0 of every CTA stores its value into slot `rank` of every CTA's array; a
     cluster barrier (release / acquire) orders those stores before every CTA reads its own slots, summed in rank
     order (so every CTA of the cluster gets the same bits). The barrier.cluster.wait at the top completes the
-    phase that _cluster_arrive opened at the kernel's start: every CTA of the cluster has started, so its shared
-    memory exists. No remote access follows the second barrier, so a CTA may exit right after it. Predicated,
-    not branched (labels would repeat where the asm is inlined twice)."""
+    phase that _cluster_arrive opened at the kernel's start (open_wait; without it a caller completed that phase
+    already): every CTA of the cluster has started, so its shared memory exists. No remote access follows the
+    second barrier, so a CTA may exit right after it. Predicated, not branched (labels would repeat where the asm
+    is inlined twice)."""
     st = "\n".join(f"setp.gt.and.u32 q, nr, {j}, p;\n@q mapa.shared::cluster.u32 ra, t, {j};\n"
                    f"@q st.shared::cluster.f32 [ra], $1;" for j in range(most))
     ld = "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [xs+{4 * j}];\n@q add.f32 s, s, a;"
@@ -128,7 +129,7 @@ mov.u32 nr, %cluster_nctarank;
 mov.u32 base, xs;
 mov.u32 tid, %tid.x;
 setp.eq.u32 p, tid, 0;
-barrier.cluster.wait.aligned;
+{"barrier.cluster.wait.aligned;" if open_wait else ""}
 shl.b32 t, rk, 2;
 add.u32 t, base, t;
 {st}
@@ -141,9 +142,8 @@ mov.f32 $0, s;
 
 
 _CLUSTER_MOST = 8  # the portable cluster size limit
-_CLUSTER_SUM = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST))
-# the same after the f exchange, which has completed the start's phase already (no opening wait)
-_CLUSTER_SUM_NOWAIT = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST).replace("barrier.cluster.wait.aligned;\n", "", 1))
+_CLUSTER_SUM = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST, open_wait=True))
+_CLUSTER_SUM_NOWAIT = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST, open_wait=False))  # after the f exchange
 _FX_MOST = 256  # K at most, for the f exchange's shared array
 _FX_PUT = tl.constexpr("""{
 .reg .b32 nr, t, ra;
@@ -564,7 +564,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         return min(c, triton.next_power_of_2(R))
 
     # fused with a cluster: each block computes K / NV rows of f (preloaded whole) and the cluster shares them
-    fsplit = cl and fused and K % NV == 0 and (K // NV) & (K // NV - 1) == 0 and K == BK and K <= _FX_MOST \
+    fsplit = cl and fused and K % NV == 0 and (K // NV) & (K // NV - 1) == 0 and K <= _FX_MOST \
         and os.environ.get("KIMI_LOCAL_KDA_FSPLIT", "1") != "0"
     _CLUSTER_PENDING[0] = NV if cl else 0  # _on_load gives a CLUSTER kernel loaded by this launch its cluster width
     try:
