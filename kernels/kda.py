@@ -106,45 +106,16 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
     _x8_put(out8, H * V, i_h * (V // 16), V // 16, y, BVF // 16)
 
 
-def _cluster_sum_asm(most: int, open_wait: bool) -> str:
-    """PTX: the sum of one fp32 per CTA over this CTA's thread-block cluster (up to `most` CTAs), through
-    distributed shared memory. Thread 0 of every CTA stores its value into slot `rank` of every CTA's array; a
-    cluster barrier (release / acquire) orders those stores before every CTA reads its own slots, summed in rank
-    order (so every CTA of the cluster gets the same bits). The barrier.cluster.wait at the top completes the
-    phase that _cluster_arrive opened at the kernel's start (open_wait; without it a caller completed that phase
-    already): every CTA of the cluster has started, so its shared memory exists. No remote access follows the
-    second barrier, so a CTA may exit right after it. Predicated, not branched (labels would repeat where the asm
-    is inlined twice)."""
-    st = "\n".join(f"setp.gt.and.u32 q, nr, {j}, p;\n@q mapa.shared::cluster.u32 ra, t, {j};\n"
-                   f"@q st.shared::cluster.f32 [ra], $1;" for j in range(most))
-    ld = "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [xs+{4 * j}];\n@q add.f32 s, s, a;"
-                   for j in range(1, most))
-    return f"""{{
-.reg .b32 rk, nr, base, ra, t, tid;
-.reg .pred p, q;
-.reg .f32 s, a;
-.shared .align 4 .f32 xs[{most}];
-mov.u32 rk, %cluster_ctarank;
-mov.u32 nr, %cluster_nctarank;
-mov.u32 base, xs;
-mov.u32 tid, %tid.x;
-setp.eq.u32 p, tid, 0;
-{"barrier.cluster.wait.aligned;" if open_wait else ""}
-shl.b32 t, rk, 2;
-add.u32 t, base, t;
-{st}
-barrier.cluster.arrive.release.aligned;
-barrier.cluster.wait.acquire.aligned;
-ld.shared.f32 s, [xs];
-{ld}
-mov.f32 $0, s;
-}}"""
-
-
+# ---- thread-block cluster primitives (sm_90, inline PTX; kernel item 5) ----
+# Barrier phases: _cluster_arrive at the kernel's start opens one; _cluster_wait completes it (every CTA of the
+# cluster has started, so its shared memory exists) before the first remote store. Each exchange after that is
+# puts -> _cluster_arrive_release -> independent work -> _cluster_wait_acquire -> reads of the own fx array: the
+# release waits for no global store issued after it, and the work between the two halves hides the barrier. No
+# remote access follows the last wait, so a CTA may exit right after it. Predicated, never branched (labels would
+# repeat where an asm statement is inlined twice). Every thread runs each of them (.aligned).
 _CLUSTER_MOST = 8  # the portable cluster size limit
-_CLUSTER_SUM = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST, open_wait=True))
-_CLUSTER_SUM_NOWAIT = tl.constexpr(_cluster_sum_asm(_CLUSTER_MOST, open_wait=False))  # after the f exchange
-_FX_MOST = 256  # K at most, for the f exchange's shared array
+_FX_N = 256  # K at most: fx[0, K) holds the f exchange, fx[256 + rank] the norm's partial sums (_fx_alloc)
+_FX_MOST = tl.constexpr(_FX_N)
 _FX_PUT = tl.constexpr("""{
 .reg .b32 nr, t, ra;
 .reg .pred q;
@@ -153,56 +124,220 @@ mad.lo.u32 t, $2, 4, $1;
 """ + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q mapa.shared::cluster.u32 ra, t, {j};\n@q st.shared::cluster.f32 [ra], $3;"
                 for j in range(_CLUSTER_MOST)) + """
 mov.u32 $0, 0;
-}""")  # _fx_put's: val ($3) at element idx ($2) of the fx array ($1) of every CTA of the cluster
+}""")  # val ($3) at element idx ($2) of the fx array ($1) of every CTA of the cluster
+_FX_PUT_RANK = tl.constexpr("""{
+.reg .b32 nr, tid, t, ra;
+.reg .pred p, q;
+mov.u32 nr, %cluster_nctarank;
+mov.u32 tid, %tid.x;
+setp.eq.u32 p, tid, 0;
+mov.u32 t, %cluster_ctarank;
+mad.lo.u32 t, t, 4, $1;
+""" + "\n".join(f"setp.gt.and.u32 q, nr, {j}, p;\n@q mapa.shared::cluster.u32 ra, t, {j};\n"
+                f"@q st.shared::cluster.f32 [ra], $2;" for j in range(_CLUSTER_MOST)) + """
+mov.u32 $0, 0;
+}""")  # thread 0: val ($2) at element rank of the array at shared address $1, in every CTA
+_FX_SUM = tl.constexpr("""{
+.reg .b32 nr, t;
+.reg .pred q;
+.reg .f32 s, a;
+mov.u32 nr, %cluster_nctarank;
+mov.u32 t, $1;
+ld.shared.f32 s, [t];
+""" + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [t+{4 * j}];\n@q add.f32 s, s, a;"
+                for j in range(1, _CLUSTER_MOST)) + """
+mov.f32 $0, s;
+}""")  # elements 0 .. nctarank - 1 of the own array at shared address $1, summed in rank order
+
+
+_NBAR_PUT = tl.constexpr("""{
+.reg .b32 nr, tid, t, bar, ra, rb;
+.reg .pred p, q;
+mov.u32 tid, %tid.x;
+setp.eq.u32 p, tid, 0;
+mov.u32 nr, %cluster_nctarank;
+mov.u32 t, %cluster_ctarank;
+add.u32 t, t, 256;
+mad.lo.u32 t, t, 4, $1;
+sub.u32 bar, $1, 16;
+""" + "\n".join(f"""setp.gt.and.u32 q, nr, {j}, p;
+@q mapa.shared::cluster.u32 ra, t, {j};
+@q mapa.shared::cluster.u32 rb, bar, {j};
+@q st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [ra], $2, [rb];""" for j in range(_CLUSTER_MOST)) + """
+mov.u32 $0, 0;
+}""")  # _nbar_put's: thread 0, x ($2) to fx[256 + rank] of every CTA ($1: fx), completing its mbarrier
+_NBAR_WAIT_SUM = tl.constexpr("""{
+.reg .b32 nr, t, bar;
+.reg .pred P1, q;
+.reg .f32 s, a;
+sub.u32 bar, $1, 16;
+NBAR_WAIT:
+mbarrier.try_wait.parity.shared::cta.b64 P1, [bar], 0;
+@!P1 bra NBAR_WAIT;
+mov.u32 nr, %cluster_nctarank;
+add.u32 t, $1, 1024;
+ld.shared.f32 s, [t];
+""" + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [t+{4 * j}];\n@q add.f32 s, s, a;"
+                 for j in range(1, _CLUSTER_MOST)) + """
+mov.f32 $0, s;
+}""")  # _nbar_wait_sum's: wait for the mbarrier at fx - 16 ($1: fx), sum fx[256 ..] in rank order
+
+
+_NBAR_INIT = tl.constexpr("""{
+.reg .b32 nr, tid, bar, tx;
+.reg .b64 st;
+.reg .pred p, q;
+mov.u32 tid, %tid.x;
+setp.eq.u32 p, tid, 0;
+setp.ne.and.u32 q, $2, 0, p;
+sub.u32 bar, $1, 16;
+mov.u32 nr, %cluster_nctarank;
+shl.b32 tx, nr, 2;
+@p mbarrier.init.shared::cta.b64 [bar], 1;
+@p mbarrier.arrive.expect_tx.shared::cta.b64 st, [bar], tx;
+add.u32 bar, bar, 8;
+@q mbarrier.init.shared::cta.b64 [bar], 1;
+@q mbarrier.arrive.expect_tx.shared::cta.b64 st, [bar], $2;
+@p fence.mbarrier_init.release.cluster;
+mov.u32 $0, 0;
+}""")  # _nbar_init's: $1 fx, $2 the f mbarrier's bytes (0: left alone)
+_FX_BCAST = tl.constexpr("""{
+.reg .b32 nr, tid, nt, i, t, bar, ra, rb, a;
+.reg .pred p, q;
+mov.u32 tid, %tid.x;
+mov.u32 nt, %ntid.x;
+mov.u32 nr, %cluster_nctarank;
+sub.u32 bar, $1, 8;
+""" + "\n".join(f"""mad.lo.u32 i, nt, {r}, tid;
+setp.lt.u32 p, i, $3;
+add.u32 t, i, $2;
+mad.lo.u32 t, t, 4, $1;
+@p ld.shared.b32 a, [t];
+""" + "\n".join(f"""setp.gt.and.u32 q, nr, {j}, p;
+@q mapa.shared::cluster.u32 ra, t, {j};
+@q mapa.shared::cluster.u32 rb, bar, {j};
+@q st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [ra], a, [rb];""" for j in range(_CLUSTER_MOST))
+                  for r in range(4)) + """
+mov.u32 $0, 0;
+}""")  # _fx_bcast's: $1 fx, $2 off, $3 n
 
 
 @triton.jit
 def _cluster_arrive():
-    """Every thread arrives (relaxed) on the cluster barrier; _cluster_sum's first wait completes the phase."""
+    """Every thread arrives (relaxed) on the cluster barrier: opens the phase _cluster_wait completes."""
     tl.inline_asm_elementwise("barrier.cluster.arrive.relaxed.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
 @triton.jit
-def _cluster_sum(x, OPEN: tl.constexpr):
-    """x (an fp32 scalar, the same in every thread of a CTA) summed over the CTAs of this CTA's cluster. OPEN: the
-    phase _cluster_arrive opened is still open (no _fx_put / _cluster_sync since)."""
-    if OPEN:
-        return tl.inline_asm_elementwise(_CLUSTER_SUM, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
-    else:
-        return tl.inline_asm_elementwise(_CLUSTER_SUM_NOWAIT, "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+def _cluster_wait():
+    """Completes the phase _cluster_arrive opened (no memory ordering)."""
+    tl.inline_asm_elementwise("barrier.cluster.wait.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _cluster_arrive_release():
+    """Arrive with release semantics: this thread's earlier stores (the remote puts) are visible to every CTA of the
+    cluster once it has passed _cluster_wait_acquire."""
+    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _cluster_wait_acquire():
+    tl.inline_asm_elementwise("barrier.cluster.wait.acquire.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
 def _fx_alloc():
-    """The shared address (int32) of a per-CTA array of _FX_MOST fp32 (the f exchange's). A .shared variable is
-    static storage whatever block declares it, so later asm statements can use its address."""
-    return tl.inline_asm_elementwise(".shared .align 16 .f32 fx[256];\nmov.u32 $0, fx;", "=r", [], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+    """The shared address (int32) of this CTA's fx array (_FX_MOST + 8 fp32), 16 bytes past the norm exchange's
+    mbarrier (_nbar_*). A .shared variable is static storage whatever block declares it, so the later asm
+    statements use its address."""
+    return tl.inline_asm_elementwise(".shared .align 16 .b8 fxb[1072];\nmov.u32 $0, fxb;\nadd.u32 $0, $0, 16;", "=r",
+                                     [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _nbar_init(fx, ftx):
+    """Thread 0 initializes the exchanges' mbarriers for one arrival each and arrives on them expecting their bytes:
+    the norm's (fx - 16) 4 from every CTA of the cluster (_nbar_put), the f split's (fx - 8) ftx (4 K; 0: not
+    used); then fences the inits for the cluster. Before _cluster_arrive: a peer's first st.async to them comes
+    after its _cluster_wait."""
+    return tl.inline_asm_elementwise(_NBAR_INIT, "=r,r,r", [fx, ftx], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fx_put_local(fx, idx, val):
+    """val (fp32 tensor) at elements idx of this CTA's own fx array (replicated elements: the same value twice)."""
+    return tl.inline_asm_elementwise("{\n.reg .b32 t;\nmad.lo.u32 t, $2, 4, $1;\nst.shared.f32 [t], $3;\n"
+                                     "mov.u32 $0, 0;\n}", "=r,r,r,f", [fx, idx, val], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
+def _fx_bcast(fx, off, n):
+    """Threads 0 .. n - 1 (n <= 4 x the CTA's threads) each send element off + tid of the own fx array (written by
+    _fx_put_local, then a CTA barrier) to the same element of every cluster CTA's fx by st.async, completing 4
+    bytes of that CTA's f mbarrier (fx - 8): every element once, so the bytes add up to 4 K per CTA."""
+    return tl.inline_asm_elementwise(_FX_BCAST, "=r,r,r,r", [fx, off, n], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fbar_wait(fx):
+    """Waits until every block's _fx_bcast has landed in this CTA's fx (the f mbarrier's phase 0)."""
+    return tl.inline_asm_elementwise("""{
+.reg .b32 bar;
+.reg .pred P1;
+sub.u32 bar, $1, 8;
+FBAR_WAIT:
+mbarrier.try_wait.parity.shared::cta.b64 P1, [bar], 0;
+@!P1 bra FBAR_WAIT;
+mov.u32 $0, 0;
+}""", "=r,r", [fx], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _nbar_put(fx, x):
+    """Thread 0 sends x (an fp32 scalar) to element 256 + rank of every cluster CTA's fx with st.async, which
+    completes 4 bytes of that CTA's mbarrier transaction: no fence, no cluster barrier."""
+    return tl.inline_asm_elementwise(_NBAR_PUT, "=r,r,r", [fx, x], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _nbar_wait_sum(fx):
+    """Waits until every CTA's _nbar_put has landed here (the mbarrier's phase 0), then sums fx[256 ..] in rank
+    order (the same bits in every CTA)."""
+    return tl.inline_asm_elementwise(_NBAR_WAIT_SUM, "=f,r", [fx], dtype=tl.float32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _fx_put(fx, idx, val):
-    """Completes the phase _cluster_arrive opened (every CTA of the cluster has started), then stores val (fp32) at
-    element idx of every cluster CTA's fx array (replicated elements store the same value twice: harmless). Call
-    _cluster_sync before reading fx."""
-    tl.inline_asm_elementwise("barrier.cluster.wait.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    """val (fp32 tensor) at elements idx (int32, same shape) of every cluster CTA's fx array (replicated elements
+    store the same value twice: harmless)."""
     return tl.inline_asm_elementwise(_FX_PUT, "=r,r,r,f", [fx, idx, val], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _cluster_sync():
-    """A full cluster barrier (release / acquire): every CTA's _fx_put stores are visible after it."""
-    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;"
-                              "\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+def _fx_put_rank(slots, x):
+    """x (an fp32 scalar, the same in every thread) at element `rank` of the fp32 array at shared address `slots`
+    in every CTA of the cluster (thread 0 stores)."""
+    return tl.inline_asm_elementwise(_FX_PUT_RANK, "=r,r,f", [slots, x], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _fx_get(fx, idx):
-    """Element idx (int32 tensor) of this CTA's fx array (fp32)."""
+    """Elements idx (int32 tensor) of this CTA's fx array (fp32)."""
     return tl.inline_asm_elementwise("{\n.reg .b32 t;\nmad.lo.u32 t, $2, 4, $1;\nld.shared.f32 $0, [t];\n}",
                                      "=f,r,r", [fx, idx], dtype=tl.float32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _fx_sum(slots):
+    """The sum of the cluster-size fp32 at shared address `slots` of this CTA, in rank order (so every CTA of the
+    cluster gets the same bits)."""
+    return tl.inline_asm_elementwise(_FX_SUM, "=f,r", [slots], dtype=tl.float32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -240,7 +375,7 @@ def kda_decode_step_kernel(
     scale, eps,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BVF: tl.constexpr, NV: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, X8: tl.constexpr, CLUSTER: tl.constexpr, FSPLIT: tl.constexpr,
+    PDL: tl.constexpr, X8: tl.constexpr, CLUSTER: tl.constexpr, FSPLIT: tl.constexpr, NBAR: tl.constexpr,
     FUSED: tl.constexpr, RF: tl.constexpr, RG: tl.constexpr, RCF: tl.constexpr, RCG: tl.constexpr,
 ):
     """Grid (NV, H): one program per (V block, head), the K axis whole in every program; with NV > 1 the
@@ -285,15 +420,19 @@ def kda_decode_step_kernel(
 
     5. CLUSTER (sm_90, launched by kda_decode_step(cluster=...)): the NV blocks of a head are one thread-block
        cluster (their CUfunction's required cluster width is set to NV when it loads). The output norm's sum of
-       o^2 goes through distributed shared memory (_cluster_sum: NV remote 4-byte stores, one cluster barrier),
-       and every block normalizes and stores its own BV columns (x8 groups included); block 0 stores the q / k
-       tails after the barrier. That replaces the arrival's path (ws_o stores, release fence, atomic, the last
-       block's L2 read of the head's o, its serial norm) with one barrier whose release waits for no global
-       store: the state, output and tails are all stored after it.
+       o^2 goes through distributed shared memory (_fx_put_rank: NV remote 4-byte stores; one cluster barrier;
+       _fx_sum), and every block normalizes and stores its own BV columns (x8 groups included); block 0 stores
+       the q / k tails after the exchange. That replaces the arrival's path (ws_o stores, release fence, atomic,
+       the last block's L2 read of the head's o, its serial norm). NBAR (the default): the partial sums go by
+       st.async into every CTA's slots and complete its mbarrier (_nbar_put / _nbar_wait_sum), with no fence and
+       no cluster barrier (a barrier.cluster.arrive.release is a MEMBAR.ALL.GPU in SASS); the state and v tails
+       are stored before the wait. KIMI_LOCAL_KDA_NBAR=0: a cluster barrier (_fx_put_rank, split arrive / wait).
        FSPLIT (FUSED with a cluster, K % NV == 0): each block computes only its K / NV rows of the head's f, whose
-       f_b rows (K / NV x RF) are all loaded before the wait, and puts them into every block's shared array
-       (_fx_put, then _cluster_sync); without it every block computed all K rows, with 3 of 4 f_b chunks loaded
-       from L2 after the wait. KIMI_LOCAL_KDA_FSPLIT=0 turns it off (A/B).
+       f_b rows (K / NV x RF) are all loaded before the wait, and shares them: NBAR, into the own fx, a CTA
+       barrier, then each value once to every block by st.async on its f mbarrier (_fx_put_local, _fx_bcast,
+       _fbar_wait); else _fx_put and a cluster barrier. The q / k / v conv and the L2 norms' sums run before the
+       wait, then _fx_get. Without it every block computed all K rows, with 3 of 4 f_b chunks loaded from L2
+       after the wait. KIMI_LOCAL_KDA_FSPLIT=0 turns it off (A/B).
 
     Bytes: state read + written once (2 MiB + 2 MiB per layer at H=32, K=V=128) plus ~70 KiB of
     projections, taps and tails; the instruction count per state element stays ~4 FMA-class ops (decay,
@@ -317,12 +456,14 @@ def kda_decode_step_kernel(
 
     # ---- before the grid-dependency wait: data no recent kernel writes ----
     if CLUSTER:
+        fx = _fx_alloc()  # [264] fp32 in shared memory: f exchange at [0, K), the norm's partials at [256, 264)
+        if NBAR:  # the f split's mbarrier expects 4 bytes for each of the K values of f
+            _nbar_init(fx, tl.full([], 4 * K if FSPLIT else 0, tl.int32))
         _cluster_arrive()
     if FSPLIT:  # this block's K / NV rows of the head's f (KC = K // NV, one chunk of RCF = RF)
         KC: tl.constexpr = K // NV
         o_c = i_v * KC + tl.arange(0, KC)
         ch_c = i_h * K + o_c
-        fx = _fx_alloc()
     p_s = state + i_h * K * V + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     if EVEN:
@@ -353,10 +494,17 @@ def kda_decode_step_kernel(
     x_k = tl.load(k_raw + ch_k, mask=m_k, other=0)
     x_v = tl.load(v_raw + ch_v, mask=m_v, other=0)
     if FUSED:  # f and z from fg_a (the previous GEMV's output): every K value of f, this block's BV of z
-        if FSPLIT:  # this block's KC rows of f, shared with the cluster through distributed shared memory
-            _fx_put(fx, o_c, _lr_rows(f_b, ch_c, o_c < K, fg_a, b_fw0, RF, RCF))
-            _cluster_sync()
-            b_f = _fx_get(fx, o_k) + b_dtb  # [BK]
+        if FSPLIT:  # this block's KC rows of f into every block's fx; the conv runs before the barrier's wait
+            b_fc = _lr_rows(f_b, ch_c, o_c < K, fg_a, b_fw0, RF, RCF)  # [KC]
+            if NBAR:  # into the own fx, then each value once to every block by st.async (its f mbarrier)
+                _fx_put_local(fx, o_c, b_fc)
+                tl.debug_barrier()
+                _cluster_wait()
+                _fx_bcast(fx, tl.full([], KC, tl.int32) * i_v, tl.full([], KC, tl.int32))
+            else:
+                _cluster_wait()
+                _fx_put(fx, o_c, b_fc)
+                _cluster_arrive_release()
         else:
             b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
         b_z = _lr_rows(g_b, ch_v, m_v, fg_a + RF, b_gw0, RG, RCG)  # [BV]
@@ -371,13 +519,21 @@ def kda_decode_step_kernel(
     b_q = _conv_silu(x_q, tq0, tq1, tq2, wq0, wq1, wq2, wqx, W)
     b_k = _conv_silu(x_k, tk0, tk1, tk2, wk0, wk1, wk2, wkx, W)
     b_v = _conv_silu(x_v, tv0, tv1, tv2, wv0, wv1, wv2, wvx, W)
+    if FSPLIT:  # the norms' sums do not need f: before the wait, then every K value of f from the own fx
+        b_qq, b_kk, b_qk = tl.reduce((b_q * b_q, b_k * b_k, b_q * b_k), 0, _add3)  # scalars
+        if NBAR:
+            _fbar_wait(fx)
+        else:
+            _cluster_wait_acquire()
+        b_f = _fx_get(fx, o_k) + b_dtb  # [BK]
     b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))  # softplus without overflow
     b_sp = tl.where(b_f > 20.0, b_f, b_sp)
     b_s = b_s * tl.exp(b_a * b_sp)[:, None]  # S_d: decay the key axis
 
     # ---- the two independent reduction rounds over K ----
     b_sk, b_sq = tl.reduce((b_s * b_k[:, None], b_s * b_q[:, None]), 0, _add2)  # [BV] S_d^T k, S_d^T q
-    b_qq, b_kk, b_qk = tl.reduce((b_q * b_q, b_k * b_k, b_q * b_k), 0, _add3)  # scalars
+    if not FSPLIT:
+        b_qq, b_kk, b_qk = tl.reduce((b_q * b_q, b_k * b_k, b_q * b_k), 0, _add3)  # scalars
     b_rq = tl.rsqrt(b_qq + 1e-6) * scale
     b_rk = tl.rsqrt(b_kk + 1e-6)
     b_u = b_beta * (b_v - b_rk * b_sk)  # [BV] beta * (v - S_d^T k^)
@@ -401,14 +557,27 @@ def kda_decode_step_kernel(
     elif CLUSTER:
         # the head's NV blocks are one thread-block cluster: the norm's sum of o^2 is summed through distributed
         # shared memory (one cluster barrier), and every block normalizes its own columns; no workspace, no
-        # arrival. Everything is stored after the exchange, so its release does not wait for any global store.
-        b_y = b_o * tl.rsqrt(_cluster_sum(tl.sum(b_o * b_o, 0), not FSPLIT) / V + eps) * b_wf * tl.sigmoid(b_zf)
+        # arrival. Nothing global is stored before the release; the state and v tails are stored between the
+        # barrier's arrive and its wait, so their stores overlap it.
+        if not FSPLIT:
+            _cluster_wait()  # the start's phase: every block of the cluster has started
+        if NBAR:  # st.async into the peers' slots, completing their mbarriers: no fence, no cluster barrier
+            _nbar_put(fx, tl.sum(b_o * b_o, 0))
+            tl.store(p_s, b_s)
+            _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
+            b_ss = _nbar_wait_sum(fx)
+        else:
+            _fx_put_rank(fx + 4 * _FX_MOST, tl.sum(b_o * b_o, 0))
+            _cluster_arrive_release()
+            tl.store(p_s, b_s)
+            _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
+            _cluster_wait_acquire()
+            b_ss = _fx_sum(fx + 4 * _FX_MOST)
+        b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_wf * tl.sigmoid(b_zf)
         tl.store(out + ch_v, b_y.to(out.dtype.element_ty))
         if X8:
             _x8_put(out8, H * V, (i_h * V + i_v * BV) // 16, BV // 16, b_y.to(out.dtype.element_ty).to(tl.float32),
                     BV // 16)
-        tl.store(p_s, b_s)
-        _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
         if i_v == 0:  # every block of the head read the old q / k tails before its arrival at the barrier
             _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
             _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
@@ -452,13 +621,12 @@ def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runt
 
 
 def cluster_enabled(device) -> bool:
-    """The step may run a head's V blocks as one thread-block cluster: sm_90 (Hopper, where it was verified and
-    measured; clusters need sm_90+), not interpreting, Triton's load hook present, and KIMI_LOCAL_KDA_CLUSTER is not
-    "0"."""
+    """The step may run a head's V blocks as one thread-block cluster: sm_90+, not interpreting, Triton's load
+    hook present, and KIMI_LOCAL_KDA_CLUSTER is not "0"."""
     if _INTERP or os.environ.get("KIMI_LOCAL_KDA_CLUSTER", "1") == "0":
         return False
     dev = torch.device(device)
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
         return False
     try:
         from triton import knobs
@@ -564,7 +732,8 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         return min(c, triton.next_power_of_2(R))
 
     # fused with a cluster: each block computes K / NV rows of f (preloaded whole) and the cluster shares them
-    fsplit = cl and fused and K % NV == 0 and (K // NV) & (K // NV - 1) == 0 and K <= _FX_MOST \
+    fsplit = cl and fused and K % NV == 0 and (K // NV) & (K // NV - 1) == 0 and K <= _FX_N \
+        and K // NV <= 4 * 32 * num_warps \
         and os.environ.get("KIMI_LOCAL_KDA_FSPLIT", "1") != "0"
     _CLUSTER_PENDING[0] = NV if cl else 0  # _on_load gives a CLUSTER kernel loaded by this launch its cluster width
     try:
@@ -572,7 +741,8 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
             q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state,
             out, out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
             H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=even, PDL=pdl, X8=out8 is not None, CLUSTER=cl,
-            FSPLIT=fsplit, FUSED=fused, RF=RF, RG=RG, RCF=triton.next_power_of_2(RF) if fsplit else chunk(RF, BK),
+            FSPLIT=fsplit, NBAR=cl and os.environ.get("KIMI_LOCAL_KDA_NBAR", "1") != "0", FUSED=fused, RF=RF, RG=RG,
+            RCF=triton.next_power_of_2(RF) if fsplit else chunk(RF, BK),
             RCG=chunk(RG, BV), num_warps=num_warps,
             **({"launch_pdl": True} if pdl else {}))
     finally:

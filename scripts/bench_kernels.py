@@ -612,15 +612,21 @@ def bench_kda_parts(ctx):
     out, o8 = torch.empty(P, device="cuda", dtype=bf), torch.empty(qm.x8_words(P), dtype=torch.int32, device="cuda")
     nbytes = 2 * H * K * V * 4
 
-    def step(i, fused, x8):
+    def step(i, fused, x8, cl):
         kw = dict(fg_a=fg, f_b=f_b[i], g_b=g_b[i]) if fused else {}
         kda.kda_decode_step(q, k, v, None if fused else f, beta, None if fused else z, conv_w[i], tails[i], a, dt_bias,
-                            norm_w, states[i], out, 1e-5, out8=o8 if x8 else None, BV=32, num_warps=4, **kw)
+                            norm_w, states[i], out, 1e-5, out8=o8 if x8 else None, BV=32, num_warps=4, cluster=cl, **kw)
 
     with pdl.active(True):
-        for fused, x8 in ((False, False), (False, True), (True, False), (True, True)):
-            ms = ctx.time(lambda: [step(i, fused, x8) for i in range(L)], graph=True, calls=L)
-            ctx.row("kda_parts", f"step BV=32 w4 pdl cluster, {'fused gates' if fused else 'unfused'}"
+        # nbar "1": the norm's partial sums by st.async into mbarrier-counted slots (default); "0": a cluster barrier
+        for fused, x8, cl, nbar in ((False, False, False, "1"), (False, False, True, "0"), (False, False, True, "1"),
+                                    (False, True, True, "1"), (True, False, True, "1"), (True, True, False, "1"),
+                                    (True, True, True, "0"), (True, True, True, "1")):
+            os.environ["KIMI_LOCAL_KDA_NBAR"] = nbar  # read at launch: the graph captures the choice
+            ms = ctx.time(lambda: [step(i, fused, x8, cl) for i in range(L)], graph=True, calls=L)
+            os.environ.pop("KIMI_LOCAL_KDA_NBAR")
+            ctx.row("kda_parts", f"step BV=32 w4 pdl {'cluster' if cl else 'arrival'}"
+                    + (" barrier norm" if cl and nbar == "0" else "") + f", {'fused gates' if fused else 'unfused'}"
                     + (", x8 out" if x8 else ""), ms, nbytes=nbytes)
 
 

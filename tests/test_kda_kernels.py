@@ -608,6 +608,15 @@ def test_decode_step_cluster_equals_arrival(V, BV, num_warps, fused, pdl, x8, gr
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_step_cluster_barrier_exchange(fused, monkeypatch):
+    # KIMI_LOCAL_KDA_NBAR=0: both exchanges through cluster barriers instead of st.async + mbarriers
+    monkeypatch.setenv("KIMI_LOCAL_KDA_NBAR", "0")
+    d = _cluster_pair(32, 128, 128, 50, 32, 4, True, True, fused, True, seed=5)
+    assert d < 1e-2
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("T", [1, 2, 3, 100, 8192])
 def test_causal_conv_prefill_real_shapes(T):
     gen = torch.Generator().manual_seed(T)
