@@ -611,6 +611,7 @@ def kda_decode_step_kernel(
 
 
 _CLUSTER_PENDING = [0]  # the cluster width of the kda_decode_step_kernel launch in progress (0: none)
+_CLUSTER_FUNCS: dict = {}  # CUfunction handle -> the cluster width _on_load gave it
 
 
 def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runtime.kernel_load_end_hook
@@ -618,6 +619,17 @@ def _on_load(module, function, name, metadata_group, hash):  # triton.knobs.runt
     BV are constexprs), so its cluster width is set once, here, before its first launch."""
     if _CLUSTER_PENDING[0] and name == "kda_decode_step_kernel":
         _carveout.set_cluster_width(function, _CLUSTER_PENDING[0])
+        _CLUSTER_FUNCS[function] = _CLUSTER_PENDING[0]
+
+
+def _install_load_hook() -> bool:
+    """Register _on_load with Triton (idempotent); False where Triton has no load hook (< 3.4)."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover (Triton < 3.4)
+        return False
+    knobs.runtime.kernel_load_end_hook.add(_on_load)
+    return True
 
 
 def cluster_enabled(device) -> bool:
@@ -628,12 +640,7 @@ def cluster_enabled(device) -> bool:
     dev = torch.device(device)
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9:
         return False
-    try:
-        from triton import knobs
-    except ImportError:  # pragma: no cover (Triton < 3.4)
-        return False
-    knobs.runtime.kernel_load_end_hook.add(_on_load)  # idempotent
-    return True
+    return _install_load_hook()
 
 
 def _workspace(device, H: int, V: int):
@@ -720,7 +727,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
     NV = triton.cdiv(V, BV)
     even = (K == BK) and (V % BV == 0)
     cl = (cluster_enabled(state.device) if cluster is None else cluster) and even and 2 <= NV <= _CLUSTER_MOST \
-        and (out8 is None or BV % X8_GROUP == 0) and not _INTERP
+        and (out8 is None or BV % X8_GROUP == 0) and not _INTERP and _install_load_hook()  # cluster=True too
     ws_o, ws_cnt = workspace if workspace is not None else _workspace(state.device, H, V)
     assert ws_o.numel() >= (2 if fused else 1) * H * V
     if out8 is not None:
@@ -737,7 +744,7 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
         and os.environ.get("KIMI_LOCAL_KDA_FSPLIT", "1") != "0"
     _CLUSTER_PENDING[0] = NV if cl else 0  # _on_load gives a CLUSTER kernel loaded by this launch its cluster width
     try:
-        kda_decode_step_kernel[(NV, H)](
+        kern = kda_decode_step_kernel[(NV, H)](
             q_raw, k_raw, v_raw, f, beta_logit, z, fg_a, f_b, g_b, wq, wk, wv, tq, tk, tv, a, dt_bias, norm_w, state,
             out, out if out8 is None else out8, ws_o, ws_cnt, ws_o[H * V:] if fused else ws_o, scale, eps,
             H=H, K=K, V=V, W=W, BK=BK, BV=BV, BVF=BVF, NV=NV, EVEN=even, PDL=pdl, X8=out8 is not None, CLUSTER=cl,
@@ -747,6 +754,9 @@ def kda_decode_step(q_raw, k_raw, v_raw, f, beta_logit, z, conv_w, conv_tail, a,
             **({"launch_pdl": True} if pdl else {}))
     finally:
         _CLUSTER_PENDING[0] = 0
+    fn = getattr(kern, "function", None)
+    if cl and fn is not None and _CLUSTER_FUNCS.get(fn) != NV:  # a silent non-cluster launch computes garbage
+        raise RuntimeError(f"kda_decode_step: the cluster kernel (width {NV}) was loaded without its cluster width")
     return out
 
 

@@ -5,6 +5,7 @@ CUDA-graph replay, and kda_prefill through fla-core's chunk_kda when fla is impo
 its low-rank gates fused (fg_a, f_b, g_b) is checked against the unfused step fed with torch's f and z.
 """
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -171,12 +172,13 @@ def test_cluster_launch_plumbing(monkeypatch):
             return FakeLib.rc
 
     monkeypatch.setattr(carveout, "_LIB", FakeLib())
+    monkeypatch.setattr(kda, "_CLUSTER_FUNCS", {})
     kda._on_load(None, 77, "kda_decode_step_kernel", None, None)  # not inside a clustered launch
     monkeypatch.setattr(kda, "_CLUSTER_PENDING", [4])
     kda._on_load(None, 77, "other_kernel", None, None)  # another kernel loaded meanwhile
     assert calls == []
     kda._on_load(None, 77, "kda_decode_step_kernel", None, None)
-    assert calls == [(77, 11, 4), (77, 12, 1), (77, 13, 1)]
+    assert calls == [(77, 11, 4), (77, 12, 1), (77, 13, 1)] and kda._CLUSTER_FUNCS == {77: 4}
     FakeLib.rc = 1
     with pytest.raises(RuntimeError, match="cluster 4 x 1 x 1"):
         kda._on_load(None, 78, "kda_decode_step_kernel", None, None)
@@ -184,6 +186,38 @@ def test_cluster_launch_plumbing(monkeypatch):
     assert not kda.cluster_enabled("cpu")
     monkeypatch.setenv("KIMI_LOCAL_KDA_CLUSTER", "0")
     assert not kda.cluster_enabled("cuda")
+
+
+def test_decode_step_cluster_launch_registers_hook_and_checks_width(monkeypatch):
+    """cluster=True installs the load hook itself: a caller need not have asked cluster_enabled first (session 26's
+    bench_kernels did not, so its cluster kernels loaded without a cluster width and ran as clusters of one CTA:
+    garbage norms, and an illegal-instruction fault in the st.async exchange). A cluster kernel whose load did not
+    record its width raises instead of computing garbage."""
+    from triton import knobs
+    assert kda._install_load_hook()
+    assert kda._on_load in knobs.runtime.kernel_load_end_hook.calls
+    launched, hooks = [], []
+
+    class FakeKernel:  # kda_decode_step_kernel[grid](...) -> the launched kernel's handle
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, kw["CLUSTER"], kda._CLUSTER_PENDING[0])) or \
+                types.SimpleNamespace(function=123)
+
+    monkeypatch.setattr(kda, "kda_decode_step_kernel", FakeKernel())
+    monkeypatch.setattr(kda, "_INTERP", False)
+    monkeypatch.setattr(kda, "_CLUSTER_FUNCS", {})
+    monkeypatch.setattr(kda, "_install_load_hook", lambda: hooks.append(1) or True)
+    gen = torch.Generator().manual_seed(3)
+    conv_w, tails, a, dt_bias, norm_w = _layer(3, 8, 12, 4, gen)
+    S, out, tok = torch.randn(3, 8, 12, generator=gen), torch.empty(3 * 12), _token(3, 8, 12, gen)
+    step = lambda: kda.kda_decode_step(*tok, conv_w, tails, a, dt_bias, norm_w, S, out, 1e-5, BV=4,  # noqa: E731
+                                       cluster=True, pdl=False)
+    with pytest.raises(RuntimeError, match="without its cluster width"):
+        step()
+    assert hooks == [1] and launched == [((3, 3), True, 3)] and kda._CLUSTER_PENDING[0] == 0
+    kda._CLUSTER_FUNCS[123] = 3  # what _on_load records when the kernel loads inside the launch
+    step()
+    assert len(launched) == 2
 
 
 def test_decode_step_cluster_request_falls_back():
