@@ -2,8 +2,9 @@
 
 Shapes and types are the Q4_K_M recipe's: fused MoE (8 experts Q4_K/Q4_K/Q5_K + Q8_0 shared), the KDA
 q/k/v/f/g/beta GEMV [12288+, 2304] Q8_0, an o-projection [2304, 4096] Q8_0 and lm_head [163840, 2304]
-Q6_K. Each kernel runs `--reps` times over different weight copies (cold in L2 for ncu's default cache
-control anyway). Usage on the device:
+Q6_K; `--only kda` the KDA decode step as the engine runs it (fused gates, x8 output) and unfused (#4's row), each
+with the cluster exchange on sm_90. Each kernel runs `--reps` times over different weight copies (cold in L2 for
+ncu's default cache control anyway). Usage on the device:
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
         python3 scripts/ncu_decode_kernels.py
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernels import rand_packed  # noqa: E402
-from kimi_local.kernels import moe  # noqa: E402
+from kimi_local.kernels import kda, moe  # noqa: E402
 from kimi_local.kernels import quant_matmul as qm  # noqa: E402
 
 
@@ -48,8 +49,28 @@ def main():
         xi = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for r in range(a.reps + 1):
             qm.qgemv(xi, ws[r % 2], q, N)
+    if "kda" in only:
+        run_kda(a.reps)
     torch.cuda.synchronize()
     print("done")
+
+
+def run_kda(reps: int, dev: str = "cuda"):
+    """The KDA step at the model's shapes (H = 32, K = V = 128, conv 4, ranks 128): fused (the engine's) and unfused."""
+    H, K, V, W, R = 32, 128, 128, 4, 128
+    P, bf = H * K, torch.bfloat16
+    conv_w = [torch.randn(P, W, device=dev) * 0.3 for _ in range(3)]
+    tails = [torch.randn(P, W - 1, device=dev).to(bf) for _ in range(3)]
+    a, dt_bias, norm_w = -torch.rand(H, device=dev) - 0.1, torch.randn(P, device=dev), torch.rand(V, device=dev)
+    q, k, v, f, z = (torch.randn(P, device=dev).to(bf) for _ in range(5))
+    beta, fg = torch.randn(H, device=dev).to(bf), torch.randn(2 * R, device=dev).to(bf)
+    f_b, g_b = ((torch.randn(P, R, device=dev) * R**-0.5).to(bf) for _ in range(2))
+    out, o8 = torch.empty(P, device=dev, dtype=bf), torch.empty(qm.x8_words(P), dtype=torch.int32, device=dev)
+    states = [torch.randn(H, K, V, device=dev) * 0.05 for _ in range(2)]
+    for r in range(reps + 1):
+        kda.kda_decode_step(q, k, v, None, beta, None, conv_w, tails, a, dt_bias, norm_w, states[r % 2], out, 1e-5,
+                            out8=o8, fg_a=fg, f_b=f_b, g_b=g_b)
+        kda.kda_decode_step(q, k, v, f, beta, z, conv_w, tails, a, dt_bias, norm_w, states[r % 2], out, 1e-5)
 
 
 if __name__ == "__main__":
