@@ -107,12 +107,14 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
 
 
 # ---- thread-block cluster primitives (sm_90, inline PTX; kernel item 5) ----
-# Barrier phases: _cluster_arrive at the kernel's start opens one; _cluster_wait completes it (every CTA of the
-# cluster has started, so its shared memory exists) before the first remote store. Each exchange after that is
-# puts -> _cluster_arrive_release -> independent work -> _cluster_wait_acquire -> reads of the own fx array: the
-# release waits for no global store issued after it, and the work between the two halves hides the barrier. No
-# remote access follows the last wait, so a CTA may exit right after it. Predicated, never branched (labels would
-# repeat where an asm statement is inlined twice). Every thread runs each of them (.aligned).
+# At the kernel's start every thread arrives (relaxed) on the cluster barrier (_cluster_bar); before its first remote
+# store it waits for that phase: every CTA of the cluster has started and initialised its mbarriers (_nbar_init), so
+# its shared memory exists. NBAR (the default): each exchange then goes by st.async into the peers' fx arrays, each
+# store completing bytes of the receiver's mbarrier, and each CTA waits on its own mbarriers. NBAR off: puts ->
+# arrive.release -> independent work -> wait.acquire -> reads of the own fx array (the release waits for no global
+# store issued after it, and the work between the halves hides the barrier). No remote access follows a CTA's last
+# wait, so it may exit right after it. The asm is predicated; its only loops (the mbarrier waits) sit inside { }
+# scopes, whose labels stay local where a statement is inlined twice. Every thread runs each of them (.aligned).
 _CLUSTER_MOST = 8  # the portable cluster size limit
 _FX_N = 256  # K at most: fx[0, K) holds the f exchange, fx[256 + rank] the norm's partial sums (_fx_alloc)
 _FX_MOST = tl.constexpr(_FX_N)
@@ -223,31 +225,12 @@ mov.u32 $0, 0;
 
 
 @triton.jit
-def _cluster_arrive():
-    """Every thread arrives (relaxed) on the cluster barrier: opens the phase _cluster_wait completes."""
-    tl.inline_asm_elementwise("barrier.cluster.arrive.relaxed.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _cluster_wait():
-    """Completes the phase _cluster_arrive opened (no memory ordering)."""
-    tl.inline_asm_elementwise("barrier.cluster.wait.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _cluster_arrive_release():
-    """Arrive with release semantics: this thread's earlier stores (the remote puts) are visible to every CTA of the
-    cluster once it has passed _cluster_wait_acquire."""
-    tl.inline_asm_elementwise("barrier.cluster.arrive.release.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _cluster_wait_acquire():
-    tl.inline_asm_elementwise("barrier.cluster.wait.acquire.aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def _cluster_bar(op: tl.constexpr):
+    """One cluster-barrier instruction, run by every thread (.aligned). The kernel uses four:
+    barrier.cluster.arrive.relaxed (opens a phase, no memory ordering), barrier.cluster.wait (completes it),
+    barrier.cluster.arrive.release (this thread's earlier stores, the remote puts, become visible to every CTA of the
+    cluster that has passed the phase's barrier.cluster.wait.acquire) and barrier.cluster.wait.acquire."""
+    tl.inline_asm_elementwise(op + ".aligned;\nmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -263,8 +246,8 @@ def _fx_alloc():
 def _nbar_init(fx, ftx):
     """Thread 0 initializes the exchanges' mbarriers for one arrival each and arrives on them expecting their bytes:
     the norm's (fx - 16) 4 from every CTA of the cluster (_nbar_put), the f split's (fx - 8) ftx (4 K; 0: not
-    used); then fences the inits for the cluster. Before _cluster_arrive: a peer's first st.async to them comes
-    after its _cluster_wait."""
+    used); then fences the inits for the cluster. Before the start's cluster arrive: a peer's first st.async to
+    them comes after its wait for that phase."""
     return tl.inline_asm_elementwise(_NBAR_INIT, "=r,r,r", [fx, ftx], dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -459,7 +442,7 @@ def kda_decode_step_kernel(
         fx = _fx_alloc()  # [264] fp32 in shared memory: f exchange at [0, K), the norm's partials at [256, 264)
         if NBAR:  # the f split's mbarrier expects 4 bytes for each of the K values of f
             _nbar_init(fx, tl.full([], 4 * K if FSPLIT else 0, tl.int32))
-        _cluster_arrive()
+        _cluster_bar("barrier.cluster.arrive.relaxed")
     if FSPLIT:  # this block's K / NV rows of the head's f (KC = K // NV, one chunk of RCF = RF)
         KC: tl.constexpr = K // NV
         o_c = i_v * KC + tl.arange(0, KC)
@@ -499,12 +482,12 @@ def kda_decode_step_kernel(
             if NBAR:  # into the own fx, then each value once to every block by st.async (its f mbarrier)
                 _fx_put_local(fx, o_c, b_fc)
                 tl.debug_barrier()
-                _cluster_wait()
+                _cluster_bar("barrier.cluster.wait")
                 _fx_bcast(fx, tl.full([], KC, tl.int32) * i_v, tl.full([], KC, tl.int32))
             else:
-                _cluster_wait()
+                _cluster_bar("barrier.cluster.wait")
                 _fx_put(fx, o_c, b_fc)
-                _cluster_arrive_release()
+                _cluster_bar("barrier.cluster.arrive.release")
         else:
             b_f = _lr_rows(f_b, ch_k, m_k, fg_a, b_fw0, RF, RCF) + b_dtb  # [BK]
         b_z = _lr_rows(g_b, ch_v, m_v, fg_a + RF, b_gw0, RG, RCG)  # [BV]
@@ -524,7 +507,7 @@ def kda_decode_step_kernel(
         if NBAR:
             _fbar_wait(fx)
         else:
-            _cluster_wait_acquire()
+            _cluster_bar("barrier.cluster.wait.acquire")
         b_f = _fx_get(fx, o_k) + b_dtb  # [BK]
     b_sp = tl.maximum(b_f, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(b_f)))  # softplus without overflow
     b_sp = tl.where(b_f > 20.0, b_f, b_sp)
@@ -560,7 +543,7 @@ def kda_decode_step_kernel(
         # arrival. Nothing global is stored before the release; the state and v tails are stored between the
         # barrier's arrive and its wait, so their stores overlap it.
         if not FSPLIT:
-            _cluster_wait()  # the start's phase: every block of the cluster has started
+            _cluster_bar("barrier.cluster.wait")  # the start's phase: every block of the cluster has started
         if NBAR:  # st.async into the peers' slots, completing their mbarriers: no fence, no cluster barrier
             _nbar_put(fx, tl.sum(b_o * b_o, 0))
             tl.store(p_s, b_s)
@@ -568,10 +551,10 @@ def kda_decode_step_kernel(
             b_ss = _nbar_wait_sum(fx)
         else:
             _fx_put_rank(fx + 4 * _FX_MOST, tl.sum(b_o * b_o, 0))
-            _cluster_arrive_release()
+            _cluster_bar("barrier.cluster.arrive.release")
             tl.store(p_s, b_s)
             _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
-            _cluster_wait_acquire()
+            _cluster_bar("barrier.cluster.wait.acquire")
             b_ss = _fx_sum(fx + 4 * _FX_MOST)
         b_y = b_o * tl.rsqrt(b_ss / V + eps) * b_wf * tl.sigmoid(b_zf)
         tl.store(out + ch_v, b_y.to(out.dtype.element_ty))
