@@ -17,9 +17,10 @@ BV=16 / 1 warp 1440 -> 3880 (255 registers, 3 spilled; the K x 128 MACs of f_h r
 head), BV=16 / 4 warps 712 -> 1736, BV=128 / 8 warps 2776 -> 2520. Timed in the whole decode step (H200,
 session 8): FUSED_DEFAULTS below. The step's critical-path time per layer went 3.95 -> 5.5 us, and the
 removed f / z GEMV had taken 4.45 us.
-On sm_90 a head's V blocks run as one thread-block cluster (kernel item 5, session 25, H200, PDL, graph over 64
-layers): the unfused step 3.02 us against 3.74 with the arrival counter (fla 5.16); the engine's step followed by its
-o-projection 9.84 against 10.08 us; decode +1.0-1.1 % at 4K and 128K.
+On sm_90 a head's V blocks run as one thread-block cluster that exchanges through distributed shared memory (kernel
+item 5; sessions 25-26, H200, PDL, graph over 64 layers, one run): the unfused step 2.91 us against 3.73 with the
+arrival counter (fla 5.14); the engine's step 4.48 against 5.68 us, followed by its o-projection 8.76 against
+9.96 us; decode +1.7 % at 4K.
 """
 from __future__ import annotations
 
@@ -118,6 +119,10 @@ def _head_x8(out8, y, i_h, H: tl.constexpr, V: tl.constexpr, BVF: tl.constexpr):
 _CLUSTER_MOST = 8  # the portable cluster size limit
 _FX_N = 256  # K at most: fx[0, K) holds the f exchange, fx[256 + rank] the norm's partial sums (_fx_alloc)
 _FX_MOST = tl.constexpr(_FX_N)
+# PTX: s (holding slot 0) plus slots 1 .. nr - 1 of the fp32 array at shared address t, in rank order (so every CTA
+# of the cluster gets the same bits); registers nr, t, q, s, a are the including statement's
+_RANK_SUM = "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [t+{4 * j}];\n@q add.f32 s, s, a;"
+                      for j in range(1, _CLUSTER_MOST))
 _FX_PUT = tl.constexpr("""{
 .reg .b32 nr, t, ra;
 .reg .pred q;
@@ -146,8 +151,7 @@ _FX_SUM = tl.constexpr("""{
 mov.u32 nr, %cluster_nctarank;
 mov.u32 t, $1;
 ld.shared.f32 s, [t];
-""" + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [t+{4 * j}];\n@q add.f32 s, s, a;"
-                for j in range(1, _CLUSTER_MOST)) + """
+""" + _RANK_SUM + """
 mov.f32 $0, s;
 }""")  # elements 0 .. nctarank - 1 of the own array at shared address $1, summed in rank order
 
@@ -179,8 +183,7 @@ mbarrier.try_wait.parity.shared::cta.b64 P1, [bar], 0;
 mov.u32 nr, %cluster_nctarank;
 add.u32 t, $1, 1024;
 ld.shared.f32 s, [t];
-""" + "\n".join(f"setp.gt.u32 q, nr, {j};\n@q ld.shared.f32 a, [t+{4 * j}];\n@q add.f32 s, s, a;"
-                 for j in range(1, _CLUSTER_MOST)) + """
+""" + _RANK_SUM + """
 mov.f32 $0, s;
 }""")  # _nbar_wait_sum's: wait for the mbarrier at fx - 16 ($1: fx), sum fx[256 ..] in rank order
 
@@ -539,9 +542,9 @@ def kda_decode_step_kernel(
         _store_taps(tv, x_v, tv1, tv2, ch_v, m_v, W)
     elif CLUSTER:
         # the head's NV blocks are one thread-block cluster: the norm's sum of o^2 is summed through distributed
-        # shared memory (one cluster barrier), and every block normalizes its own columns; no workspace, no
-        # arrival. Nothing global is stored before the release; the state and v tails are stored between the
-        # barrier's arrive and its wait, so their stores overlap it.
+        # shared memory, and every block normalizes its own columns; no workspace, no arrival. The state and v
+        # tails are stored between this block's put and its wait for the others' partials (NBAR off: between the
+        # barrier's release and its wait, so the release waits for none of them), so their stores overlap it.
         if not FSPLIT:
             _cluster_bar("barrier.cluster.wait")  # the start's phase: every block of the cluster has started
         if NBAR:  # st.async into the peers' slots, completing their mbarriers: no fence, no cluster barrier
@@ -561,7 +564,7 @@ def kda_decode_step_kernel(
         if X8:
             _x8_put(out8, H * V, (i_h * V + i_v * BV) // 16, BV // 16, b_y.to(out.dtype.element_ty).to(tl.float32),
                     BV // 16)
-        if i_v == 0:  # every block of the head read the old q / k tails before its arrival at the barrier
+        if i_v == 0:  # every block of the head read the old q / k tails before its partial reached this block
             _store_taps(tq, x_q, tq1, tq2, ch_k, m_k, W)
             _store_taps(tk, x_k, tk1, tk2, ch_k, m_k, W)
     else:
